@@ -1,0 +1,1 @@
+"""admrt.evaluation: the ADM evaluator metrics (FID, sFID, IS, precision/recall)."""

@@ -1,0 +1,87 @@
+"""Build and install admrt.
+
+The card's top-level folders are subpackages of the single import root `admrt`
+(engine/ -> admrt.engine, ...). The C++ sampling core (engine/csrc) is built by CMake against
+the torch that is already installed, as the pybind11 module `admrt.engine._core`.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str, source_dir: Path):
+        super().__init__(name, sources=[])
+        self.source_dir = str(source_dir)
+
+
+class CMakeBuild(build_ext):
+    """Configures and builds CMakeLists.txt; the module lands where setuptools expects it."""
+
+    def build_extension(self, ext: CMakeExtension) -> None:
+        import pybind11
+        import torch
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / ext.name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cfg = "Debug" if self.debug else "Release"
+        args = [
+            f"-DCMAKE_BUILD_TYPE={cfg}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path};{pybind11.get_cmake_dir()}",
+            f"-DADMRT_EXT_SUFFIX={Path(self.get_ext_filename(ext.name)).name.split('.', 1)[1]}",
+        ]
+        gen = ["-G", "Ninja"] if _has_ninja() else []
+        subprocess.run(["cmake", ext.source_dir, *gen, *args], cwd=build_dir, check=True)
+        jobs = str(os.cpu_count() or 2)
+        subprocess.run(["cmake", "--build", ".", "--config", cfg, "-j", jobs], cwd=build_dir, check=True)
+
+
+def _has_ninja() -> bool:
+    try:
+        subprocess.run(["ninja", "--version"], check=True, capture_output=True)
+        return True
+    except (OSError, subprocess.CalledProcessError):
+        return False
+
+
+setup(
+    name="admrt",
+    version="0.1.0",
+    description="Compiled, GPU-fast sampling engine for ADM (guided diffusion) models",
+    python_requires=">=3.10",
+    packages=[
+        "admrt",
+        "admrt.models",
+        "admrt.evaluation",
+        "admrt.engine",
+        "admrt.kernels",
+        "admrt.export",
+        "admrt.training",
+    ],
+    package_dir={
+        "admrt": "admrt",
+        "admrt.engine": "engine",
+        "admrt.kernels": "kernels",
+        "admrt.export": "export",
+        "admrt.training": "training",
+    },
+    package_data={"admrt": ["bundled/*.safetensors", "bundled/*.json"]},
+    ext_modules=[CMakeExtension("admrt.engine._core", ROOT)],
+    cmdclass={"build_ext": CMakeBuild},
+    install_requires=["torch>=2.6", "numpy", "safetensors", "tqdm", "pillow"],
+    extras_require={
+        "test": ["pytest", "guided-diffusion-sdk==1.0.0", "scipy", "triton>=3.6,<3.8; platform_system=='Linux'"],
+        "export": ["onnx", "onnxscript", "onnxruntime"],
+    },
+    entry_points={"console_scripts": ["admrt=admrt.cli:main"]},
+    zip_safe=False,
+)
