@@ -1,0 +1,581 @@
+"""Trainers for ADM's three networks: the diffusion UNet, the noisy classifier, the upsampler.
+
+One loop (`Trainer`) with a task object per network:
+- `DiffusionTask`: x_t = q_sample(x_0, t, eps); the hybrid loss (training/losses.py), learned-
+  range sigma; class labels fed when the model is class-conditional (guided-diffusion's
+  TrainLoop + training_losses).
+- `UpsamplerTask`: the same on the high-res image, conditioned on its area-downsampled low-res
+  version, which the SuperResModel upsamples bilinearly and concatenates (super_res_train.py).
+- `ClassifierTask`: cross-entropy of p(y | x_t, t) on inputs noised at a sampled t, with random
+  resized crops and flips (classifier_train.py).
+
+Determinism and distribution. Everything random about a step except dropout (the data order,
+t, the noise, the augmentations) is drawn on the CPU from a generator seeded by (seed, step)
+for the whole *global* batch; each rank takes its slice, each microbatch its sub-slice. Hence
+(a) resuming at step k replays exactly the batches of an uninterrupted run (dropout's RNG
+state is checkpointed too), and (b) 1 process, N DDP processes and any gradient accumulation
+see the same global batch and, up to float rounding, the same gradient: the loss of each
+microbatch is sum(per-sample loss * importance weight) / global_batch * world_size, and DDP
+averages over ranks. Multi-GPU: launch with `torchrun --nproc_per_node N` (NCCL on CUDA, gloo
+on CPU); no MPI.
+
+Precision: fp32; fp16 = autocast + dynamic loss scaling (torch.amp.GradScaler; a step whose
+gradients overflow is skipped, EMA included, as the reference's MixedPrecisionTrainer); bf16 =
+autocast. The master weights and the optimizer state stay fp32.
+
+Checkpoints (in `out_dir`, every file written atomically): model_{step}.safetensors and
+ema_{rate}_{step}.safetensors (admrt.save_model: weights + preset JSON), and
+state_{step}.safetensors (AdamW moments, loss scaler, timestep-sampler history, RNG states;
+tensors only, scalars in the JSON metadata; no pickles). The state file is written last and
+marks a complete checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import admrt
+from admrt.config import Preset
+from admrt.diffusion import build_tables, model_timesteps, q_sample
+
+from .ema import EMA
+from .losses import classifier_losses, diffusion_losses, make_sampler
+
+TASKS = ("diffusion", "classifier", "upsampler")
+DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+_KIND_OF_TASK = {"diffusion": "unet", "classifier": "classifier", "upsampler": "superres"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run.
+
+    batch_size: the global batch of one optimizer step (all ranks, all microbatches).
+    microbatch: per-rank microbatch (0: batch_size / world_size, no accumulation).
+    ema_rates: EMA rates kept beside the model (the paper: 0.9999; none for the classifier).
+    dtype: "fp32" | "fp16" (autocast + dynamic loss scaling) | "bf16" (autocast).
+    schedule_sampler: "uniform" | "loss-second-moment" (diffusion and upsampler).
+    anneal_lr: decay the learning rate linearly to 0 at `steps` (the reference's classifier).
+    random_flip / random_crop: horizontal flips (p = 0.5) / random resized crops (80-100% of
+        the side) applied to the batch. noised: the classifier sees x_t at a sampled t (True)
+        or clean images at t = 0.
+    """
+
+    task: str
+    steps: int
+    batch_size: int = 64
+    microbatch: int = 0
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    ema_rates: tuple[float, ...] = (0.9999,)
+    dtype: str = "fp32"
+    schedule_sampler: str = "uniform"
+    anneal_lr: bool = False
+    grad_clip: float = 0.0
+    random_flip: bool = True
+    random_crop: bool = False
+    noised: bool = True
+    fused_kernels: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def check(ok, name, expected):
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected {expected}")
+
+        check(self.task in TASKS, "task", f"one of {TASKS}")
+        check(self.steps > 0, "steps", "a positive int")
+        check(self.batch_size > 0, "batch_size", "a positive int")
+        check(self.microbatch >= 0, "microbatch", "0 (no accumulation) or a positive int")
+        check(self.lr > 0, "lr", "a positive float")
+        check(self.weight_decay >= 0, "weight_decay", "a float >= 0")
+        check(self.dtype in DTYPES, "dtype", f"one of {tuple(DTYPES)}")
+        check(self.grad_clip >= 0, "grad_clip", "a float >= 0 (0: no clipping)")
+        object.__setattr__(self, "ema_rates", tuple(float(r) for r in self.ema_rates))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks: per-sample losses of one microbatch
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    """A (micro)batch and its randomness. x: (B, C, H, W) in [-1, 1]; y: (B,) int64;
+    t: (B,) int64 step indices; weights: (B,) importance weights; noise: like x."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    t: torch.Tensor
+    weights: torch.Tensor
+    noise: torch.Tensor
+    flip: torch.Tensor   # (B,) bool
+    crop: torch.Tensor   # (B, 3): crop fraction, x offset, y offset in [-1, 1]
+
+    def slice(self, start: int, stop: int) -> "Batch":
+        return Batch(**{k: v[start:stop] for k, v in self.__dict__.items()})
+
+    def to(self, device) -> "Batch":
+        return Batch(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
+
+
+def augment(x: torch.Tensor, flip: torch.Tensor | None, crop: torch.Tensor | None) -> torch.Tensor:
+    """Horizontal flips where `flip`, then resized crops: crop[:, 0] = side fraction, crop[:, 1:]
+    = where the crop's center sits within the free range, in [-1, 1] (bilinear resampling)."""
+    if flip is not None:
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    if crop is not None:
+        frac = crop[:, 0]
+        theta = torch.zeros(x.shape[0], 2, 3, device=x.device, dtype=torch.float32)
+        theta[:, 0, 0] = frac
+        theta[:, 1, 1] = frac
+        theta[:, 0, 2] = crop[:, 1] * (1 - frac)
+        theta[:, 1, 2] = crop[:, 2] * (1 - frac)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return x
+
+
+class DiffusionTask:
+    """Hybrid loss of the ADM UNet (and, with `low_res`, of the upsampler)."""
+
+    uses_timesteps = True
+    metrics = ("loss", "mse", "vb")
+
+    def __init__(self, config, diffusion):
+        self.tables = build_tables(diffusion)
+        self.class_cond = config.num_classes is not None
+
+    def conditioning(self, x: torch.Tensor, model) -> dict:
+        return {}
+
+    def losses(self, model: nn.Module, b: Batch, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+        x0 = augment(b.x, b.flip if cfg.random_flip else None, b.crop if cfg.random_crop else None)
+        x_t = q_sample(self.tables, x0, b.t, b.noise)
+        kwargs = self.conditioning(x0, model)
+        if self.class_cond:
+            kwargs["y"] = b.y
+        out = model(x_t, model_timesteps(self.tables, b.t), **kwargs)
+        return diffusion_losses(self.tables, out, x0, x_t, b.t, b.noise)
+
+
+class UpsamplerTask(DiffusionTask):
+    """The low-res input is the area-downsampled high-res image (the model upsamples it
+    bilinearly and concatenates it to x_t)."""
+
+    def __init__(self, config, diffusion):
+        super().__init__(config, diffusion)
+        self.low_res_size = config.low_res_size
+
+    def conditioning(self, x: torch.Tensor, model) -> dict:
+        return {"low_res": F.interpolate(x, size=(self.low_res_size, self.low_res_size), mode="area")}
+
+
+class ClassifierTask:
+    """Cross-entropy of the noisy classifier p(y | x_t, t)."""
+
+    uses_timesteps = True
+    metrics = ("loss", "acc@1")
+
+    def __init__(self, config, diffusion):
+        self.tables = build_tables(diffusion)
+
+    def losses(self, model: nn.Module, b: Batch, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+        x = augment(b.x, b.flip if cfg.random_flip else None, b.crop if cfg.random_crop else None)
+        if cfg.noised:
+            x = q_sample(self.tables, x, b.t, b.noise)
+            ts = model_timesteps(self.tables, b.t)
+        else:
+            ts = torch.zeros_like(b.t)
+        return classifier_losses(model(x, ts), b.y)
+
+
+_TASKS = {"diffusion": DiffusionTask, "upsampler": UpsamplerTask, "classifier": ClassifierTask}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data order: a stateless stream of global batches
+# ---------------------------------------------------------------------------------------------
+
+def _generator(seed: int, stream: int, index: int) -> torch.Generator:
+    """A CPU generator for (seed, stream, index): distinct streams never share a seed."""
+    return torch.Generator().manual_seed(((seed & 0xFFFFFFFF) << 32) ^ (stream << 28) ^ (index & 0x0FFFFFFF))
+
+
+class BatchIndices:
+    """Indices of the global batch of each step: the data set is walked in a random order per
+    epoch (permutation seeded by (seed, epoch)), batches running across epoch boundaries."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if n <= 0:
+            raise ValueError("the data set is empty")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+            self._perms[epoch] = torch.randperm(self.n, generator=_generator(self.seed, 1, epoch))
+        return self._perms[epoch]
+
+    def __call__(self, step: int) -> torch.Tensor:
+        pos = torch.arange(step * self.batch_size, (step + 1) * self.batch_size)
+        epochs = pos // self.n
+        out = torch.empty_like(pos)
+        for e in epochs.unique().tolist():
+            m = epochs == e
+            out[m] = self._perm(e)[pos[m] % self.n]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+def dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the process group that torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK); NCCL on
+    CUDA, gloo on CPU. Without torchrun: rank 0 of 1 and no process group."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+class Trainer:
+    """Trains `model` (from admrt.create_model / load_model) on `dataset` (items (x, y), or an
+    in-memory data set with `.images` and `.labels` tensors, which is indexed on the device).
+
+        trainer = Trainer(model, FashionMNIST("train", 16), TrainConfig("diffusion", steps=1000))
+        trainer.train(log=print)
+    """
+
+    def __init__(self, model: nn.Module, dataset, config: TrainConfig, *, out_dir=None,
+                 device=None, num_workers: int = 0):
+        preset: Preset | None = getattr(model, "preset", None)
+        if preset is None:
+            raise ValueError("model: expected a model from admrt.create_model/load_model (it has no .preset)")
+        if preset.model.kind != _KIND_OF_TASK[config.task]:
+            raise ValueError(f"task={config.task!r} trains a {_KIND_OF_TASK[config.task]!r} model; "
+                             f"preset {preset.name!r} is a {preset.model.kind!r}")
+        self.config, self.preset = config, preset
+        self.rank, self.world = dist_info()
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        local = config.batch_size // self.world
+        if config.batch_size % self.world:
+            raise ValueError(f"batch_size={config.batch_size}: expected a multiple of the world size {self.world}")
+        self.local_batch = local
+        self.micro = config.microbatch or local
+        if local % self.micro:
+            raise ValueError(f"microbatch={config.microbatch}: expected a divisor of the per-rank batch {local}")
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+
+        self.model = model.to(self.device).train()
+        if config.fused_kernels:
+            if not hasattr(model, "set_fused_kernels"):
+                raise ValueError("fused_kernels=True: this model has no set_fused_kernels()")
+            model.set_fused_kernels(True)
+        self.task = _TASKS[config.task](preset.model, preset.diffusion)
+        self.sampler = make_sampler(config.schedule_sampler, self.task.tables.num_timesteps)
+        self.ema = EMA(model, config.ema_rates)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.dtype == "fp16")
+        self.ddp = None
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.ddp = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.step = 0
+
+        self.dataset = dataset
+        self.in_memory = hasattr(dataset, "images") and hasattr(dataset, "labels")
+        if self.in_memory:
+            self._images = dataset.images.to(self.device)
+            self._labels = dataset.labels.to(self.device)
+        self.indices = BatchIndices(len(dataset), config.batch_size, config.seed)
+        self.num_workers = num_workers
+        c = preset.model
+        self.sample_shape = (c.in_channels, c.image_size, c.image_size)
+
+    # -- batches ---------------------------------------------------------------------------
+    def global_randomness(self, step: int) -> dict[str, torch.Tensor]:
+        """t, weights, noise, flips and crops of the whole global batch of `step` (CPU)."""
+        g = _generator(self.config.seed, 2, step)
+        b = self.config.batch_size
+        t, w = self.sampler.sample(b, g)
+        noise = torch.randn((b, *self.sample_shape), generator=g)
+        flip = torch.rand(b, generator=g) < 0.5
+        u = torch.rand(b, 3, generator=g)
+        crop = torch.stack([0.8 + 0.2 * u[:, 0], 2 * u[:, 1] - 1, 2 * u[:, 2] - 1], dim=1)
+        return {"t": t, "weights": w, "noise": noise, "flip": flip, "crop": crop}
+
+    def local_batch_for(self, step: int) -> Batch:
+        """This rank's part of the global batch of `step`, on the device."""
+        lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch
+        idx = self.indices(step)[lo:hi]
+        r = {k: v[lo:hi] for k, v in self.global_randomness(step).items()}
+        if self.in_memory:
+            idx_d = idx.to(self.device)
+            x, y = self._images[idx_d], self._labels[idx_d]
+        else:
+            items = [self.dataset[int(i)] for i in idx]
+            x = torch.stack([it[0] for it in items])
+            y = torch.stack([torch.as_tensor(it[1], dtype=torch.int64) for it in items])
+        return Batch(x=x, y=y, **r).to(self.device)
+
+    # -- one optimizer step ------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        if self.config.anneal_lr:
+            return self.config.lr * (1.0 - step / self.config.steps)
+        return self.config.lr
+
+    def run_step(self) -> dict[str, float]:
+        """One optimizer step on the global batch of `self.step`; returns the global means."""
+        cfg = self.config
+        batch = self.local_batch_for(self.step)
+        net = self.ddp or self.model
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        self.opt.zero_grad(set_to_none=True)
+        autocast_dtype = DTYPES[cfg.dtype]
+        sums = {k: torch.zeros((), device=self.device) for k in self.task.metrics}
+        losses_all = []
+        n_micro = self.local_batch // self.micro
+        for m in range(n_micro):
+            mb = batch.slice(m * self.micro, (m + 1) * self.micro)
+            sync = self.ddp is None or m == n_micro - 1
+            with (nullcontext() if sync else self.ddp.no_sync()):
+                with torch.autocast(self.device.type, dtype=autocast_dtype or torch.float32,
+                                    enabled=autocast_dtype is not None):
+                    terms = self.task.losses(net, mb, cfg)
+                # sum over the global batch / B, times world (DDP averages over ranks)
+                loss = (terms["loss"] * mb.weights).sum() * (self.world / cfg.batch_size)
+                self.scaler.scale(loss).backward()
+            for k in sums:
+                if k in terms:
+                    sums[k] += terms[k].detach().float().sum()
+            losses_all.append(terms["loss"].detach().float())
+        local_losses = torch.cat(losses_all)
+
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        grad_norm = None
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.opt)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        skipped = scale_before is not None and self.scaler.get_scale() < scale_before
+        if not skipped:
+            self.ema.update(self.model)
+
+        # Global metrics and the importance sampler's loss history (identical on every rank).
+        t_global = self.global_randomness(self.step)["t"] if self.sampler.name != "uniform" else None
+        stacked = torch.stack([sums[k] for k in self.task.metrics])
+        if self.world > 1:
+            dist.all_reduce(stacked)
+            if t_global is not None:
+                gathered = [torch.empty_like(local_losses) for _ in range(self.world)]
+                dist.all_gather(gathered, local_losses)
+                local_losses = torch.cat(gathered)
+        if t_global is not None:
+            self.sampler.update(t_global, local_losses.cpu())
+        out = {k: float(v) / cfg.batch_size for k, v in zip(self.task.metrics, stacked.tolist())}
+        if "vb" in out and "vb" not in terms:
+            del out["vb"]
+        out["lr"] = self.lr_at(self.step)
+        if scale_before is not None:
+            out["loss_scale"] = scale_before
+            out["skipped"] = float(skipped)
+        if grad_norm is not None:
+            out["grad_norm"] = grad_norm
+        self.step += 1
+        return out
+
+    def train(self, steps: int | None = None, *, log: Callable[[int, dict], None] | None = None,
+              save_every: int = 0, callbacks: list[tuple[int, Callable[["Trainer"], None]]] = ()) -> dict:
+        """Run until `self.step == steps` (default: config.steps). `log(step, metrics)` after each
+        step; a checkpoint every `save_every` steps and at the end (when out_dir is set);
+        `callbacks`: (every, fn(trainer)) pairs, e.g. sample grids."""
+        steps = self.config.steps if steps is None else steps
+        metrics = {}
+        while self.step < steps:
+            metrics = self.run_step()
+            if log is not None:
+                log(self.step, metrics)
+            if self.out_dir is not None and save_every and self.step % save_every == 0:
+                self.save()
+            for every, fn in callbacks:
+                if every and self.step % every == 0:
+                    fn(self)
+        if self.out_dir is not None and (not save_every or self.step % save_every):
+            self.save()
+        return metrics
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _rng_states(self) -> dict[str, torch.Tensor]:
+        states = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.world > 1:
+            gathered: list = [None] * self.world
+            dist.all_gather_object(gathered, {k: v.tolist() for k, v in states.items()})
+            return {f"rng/{k}/{r}": torch.tensor(s[k], dtype=torch.uint8)
+                    for r, s in enumerate(gathered) for k in s}
+        return {f"rng/{k}/0": v for k, v in states.items()}
+
+    def save(self, out_dir=None) -> Path | None:
+        """Write model, EMA and training state for the current step (rank 0 writes; every
+        rank must call, for the RNG states)."""
+        out = Path(out_dir or self.out_dir)
+        rng = self._rng_states()
+        if self.rank != 0:
+            return None
+        out.mkdir(parents=True, exist_ok=True)
+        tag = f"{self.step:06d}"
+        meta = {"step": self.step, "train_config": self.config.to_json(), "world_size": self.world}
+        admrt.save_model(self.model, out / f"model_{tag}.safetensors", preset=self.preset,
+                         extra_metadata=meta)
+        for rate, m in self.ema.models.items():
+            admrt.save_model(m, out / f"ema_{EMA.name(rate)}_{tag}.safetensors", preset=self.preset,
+                             extra_metadata={**meta, "ema_rate": rate})
+        tensors, opt_meta = _flatten_optimizer(self.opt.state_dict())
+        tensors.update(rng)
+        tensors.update({f"sampler/{k}": v for k, v in self.sampler.state_dict().items()})
+        state_meta = {**meta, "optimizer": opt_meta, "scaler": self.scaler.state_dict(),
+                      "model_file": f"model_{tag}.safetensors"}
+        path = out / f"state_{tag}.safetensors"
+        _atomic_save_tensors(tensors, path, {k: json.dumps(v) if not isinstance(v, str) else v
+                                             for k, v in state_meta.items()})
+        return path
+
+    def resume(self, path) -> int:
+        """Restore model, EMA, optimizer, loss scaler, sampler, step and RNG states from a
+        checkpoint: a state_*.safetensors file or a folder (its latest complete checkpoint)."""
+        from safetensors import safe_open
+
+        state_path = latest_checkpoint(path)
+        folder = state_path.parent
+        with safe_open(str(state_path), framework="pt", device="cpu") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        step = int(meta["step"])
+        tag = f"{step:06d}"
+        saved = json.loads(meta["train_config"])
+        if saved.get("task") != self.config.task:
+            raise ValueError(f"resume={str(state_path)!r}: a {saved.get('task')!r} run; this is {self.config.task!r}")
+        _load_weights(self.model, folder / f"model_{tag}.safetensors")
+        for rate, m in self.ema.models.items():
+            p = folder / f"ema_{EMA.name(rate)}_{tag}.safetensors"
+            if p.exists():
+                _load_weights(m, p)
+            else:  # a rate that run did not keep starts from the model
+                m.load_state_dict(self.model.state_dict())
+        self.opt.load_state_dict(_unflatten_optimizer(tensors, json.loads(meta["optimizer"]), self.device))
+        self.scaler.load_state_dict(json.loads(meta["scaler"]))
+        self.sampler.load_state_dict({k[len("sampler/"):]: v for k, v in tensors.items()
+                                      if k.startswith("sampler/")})
+        saved_world = int(meta.get("world_size", 1))
+        if saved_world == self.world and f"rng/cpu/{self.rank}" in tensors:
+            torch.set_rng_state(tensors[f"rng/cpu/{self.rank}"])
+            if self.device.type == "cuda" and f"rng/cuda/{self.rank}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"rng/cuda/{self.rank}"], self.device)
+        self.step = step
+        return step
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint helpers
+# ---------------------------------------------------------------------------------------------
+
+_STATE_RE = re.compile(r"^state_(\d+)\.safetensors$")
+
+
+def latest_checkpoint(path) -> Path:
+    """The state file at `path`, or the one of the highest step in folder `path`."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise FileNotFoundError(f"resume={str(path)!r}: no such checkpoint file or folder")
+    found = sorted((int(m.group(1)), q) for q in p.iterdir() if (m := _STATE_RE.match(q.name)))
+    if not found:
+        raise FileNotFoundError(f"resume={str(path)!r}: no state_*.safetensors checkpoint in this folder")
+    return found[-1][1]
+
+
+def _load_weights(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim/{idx}/{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}/{k}"] = v
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict, device) -> dict:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("optim/"):
+            _, idx, k = key.split("/", 2)
+            state.setdefault(int(idx), {})[k] = v if k == "step" else v.to(device)
+    for key, v in meta.get("scalars", {}).items():
+        idx, k = key.split("/", 1)
+        state.setdefault(int(idx), {})[k] = v
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _atomic_save_tensors(tensors: dict, path: Path, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def timer() -> Callable[[], float]:
+    start = time.perf_counter()
+    return lambda: time.perf_counter() - start
