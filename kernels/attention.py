@@ -2,9 +2,16 @@
 
 Two channel orders, both in guided-diffusion's unet.py:
 - legacy (QKVAttentionLegacy): per head [q|k|v], i.e. qkv.reshape(B*H, 3*C, T);
-- new (QKVAttention): [q of all heads | k of all heads | v of all heads].
+- new (QKVAttention, also the classifier's AttentionPool2d with T = HW + 1):
+  [q of all heads | k of all heads | v of all heads].
 Both scale q and k by C**-1/4 each (so the logits carry 1/sqrt(C)) and take the softmax in fp32.
 Output is (B, H*C, T), the layout proj_out expects.
+
+The fused path is flash attention (Dao et al. 2022; the Triton tutorial's online softmax in the
+log2 domain) with loads strided straight out of the qkv tensor: no reshapes, no T x T matrix.
+Forward keeps the row log-sum-exp for the backward; the backward writes dq, dk, dv into one
+(B, 3*H*C, T) tensor in the same channel order as qkv (two kernels: dk/dv per key block, dq
+per query block; no atomics).
 """
 from __future__ import annotations
 
@@ -36,3 +43,250 @@ def qkv_attention_reference(qkv: torch.Tensor, num_heads: int, *, legacy_order: 
     weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
     out = torch.einsum("bts,bcs->bct", weight, v)  # (B*H, C, T)
     return out.reshape(bs, -1, length)
+
+
+try:  # Triton is optional: without it only the reference runs.
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    HAS_TRITON = False
+
+_LOG2E = 1.4426950408889634
+
+
+def check_qkv_args(qkv: torch.Tensor, num_heads: int) -> int:
+    if qkv.dim() != 3:
+        raise ValueError(f"qkv.shape={tuple(qkv.shape)}: expected (B, 3*H*C, T)")
+    if num_heads < 1 or qkv.shape[1] % (3 * num_heads) != 0:
+        raise ValueError(f"qkv width={qkv.shape[1]}, num_heads={num_heads}: expected width a multiple of 3*num_heads")
+    return qkv.shape[1] // (3 * num_heads)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _mm(a, b, acc, PREC: tl.constexpr):
+        """a @ b (+ acc) in fp32. PREC 0: tensor-core inputs as given; 1: fp32 in IEEE precision
+        (fp32 inputs: no tf32); 2: operands upcast to fp32 first (bf16 under the Triton
+        interpreter, whose bf16 dot is wrong in triton 3.7)."""
+        if PREC == 2:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        elif PREC == 1:
+            return tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _head_offsets(bh, H, CH, T, LEGACY: tl.constexpr):
+        """Element offsets of q, k, v of (batch, head) = divmod(bh, H) inside qkv, and of o in out."""
+        b = bh // H
+        h = bh % H
+        base = b.to(tl.int64) * (3 * H * CH * T)
+        if LEGACY:
+            q = base + h * (3 * CH * T)
+            k = q + CH * T
+            v = k + CH * T
+        else:
+            q = base + h * (CH * T)
+            k = q + H * CH * T
+            v = k + H * CH * T
+        o = b.to(tl.int64) * (H * CH * T) + h * (CH * T)
+        return q, k, v, o
+
+    @triton.jit
+    def _attn_fwd_kernel(QKV, O, LSE, T, H, CH, qk_scale,
+                         LEGACY: tl.constexpr, PREC: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        q_off, k_off, v_off, o_off = _head_offsets(bh, H, CH, T, LEGACY)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rd = tl.arange(0, BLOCK_D)
+        dmask = rd < CH
+        mmask = rm < T
+        # q tile (BLOCK_M, D): element (t, c) sits at c * T + t
+        q = tl.load(QKV + q_off + rd[None, :] * T + rm[:, None], mask=mmask[:, None] & dmask[None, :], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(0, T, BLOCK_N):
+            rn = start_n + tl.arange(0, BLOCK_N)
+            nmask = rn < T
+            kt = tl.load(QKV + k_off + rd[:, None] * T + rn[None, :], mask=dmask[:, None] & nmask[None, :], other=0.0)
+            s = _mm(q, kt, None, PREC)
+            s = tl.where(nmask[None, :], s * qk_scale, float("-inf"))   # log2 domain
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(QKV + v_off + rd[None, :] * T + rn[:, None], mask=nmask[:, None] & dmask[None, :], other=0.0)
+            acc = _mm(p.to(v.dtype), v, acc * alpha[:, None], PREC)
+            m_i = m_new
+        acc = acc / l_i[:, None]
+        tl.store(O + o_off + rd[None, :] * T + rm[:, None], acc.to(O.dtype.element_ty),
+                 mask=mmask[:, None] & dmask[None, :])
+        tl.store(LSE + bh * T + rm, m_i + tl.log2(l_i), mask=mmask)
+
+    @triton.jit
+    def _attn_bwd_dkdv_kernel(QKV, DO, LSE, DELTA, DQKV, T, H, CH, qk_scale, sm_scale,
+                              LEGACY: tl.constexpr, PREC: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid_n = tl.program_id(0)
+        bh = tl.program_id(1)
+        q_off, k_off, v_off, o_off = _head_offsets(bh, H, CH, T, LEGACY)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rd = tl.arange(0, BLOCK_D)
+        dmask = rd < CH
+        nmask = rn < T
+        kv_mask = nmask[:, None] & dmask[None, :]
+        k = tl.load(QKV + k_off + rd[None, :] * T + rn[:, None], mask=kv_mask, other=0.0)   # (N, D)
+        v = tl.load(QKV + v_off + rd[None, :] * T + rn[:, None], mask=kv_mask, other=0.0)   # (N, D)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for start_m in range(0, T, BLOCK_M):
+            rm = start_m + tl.arange(0, BLOCK_M)
+            mmask = rm < T
+            qt = tl.load(QKV + q_off + rd[:, None] * T + rm[None, :], mask=dmask[:, None] & mmask[None, :], other=0.0)  # (D, M)
+            do = tl.load(DO + o_off + rd[None, :] * T + rm[:, None], mask=mmask[:, None] & dmask[None, :], other=0.0)   # (M, D)
+            lse = tl.load(LSE + bh * T + rm, mask=mmask, other=0.0)
+            delta = tl.load(DELTA + bh * T + rm, mask=mmask, other=0.0)
+            st = _mm(k, qt, None, PREC)
+            pt = tl.where(nmask[:, None] & mmask[None, :], tl.exp2(st * qk_scale - lse[None, :]), 0.0)  # P^T (N, M)
+            dv = _mm(pt.to(do.dtype), do, dv, PREC)
+            dpt = _mm(v, tl.trans(do), None, PREC)
+            dst = pt * (dpt - delta[None, :])
+            dk = _mm(dst.to(qt.dtype), tl.trans(qt), dk, PREC)
+        dk = dk * sm_scale
+        tl.store(DQKV + k_off + rd[None, :] * T + rn[:, None], dk.to(DQKV.dtype.element_ty), mask=kv_mask)
+        tl.store(DQKV + v_off + rd[None, :] * T + rn[:, None], dv.to(DQKV.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def _attn_bwd_dq_kernel(QKV, DO, LSE, DELTA, DQKV, T, H, CH, qk_scale, sm_scale,
+                            LEGACY: tl.constexpr, PREC: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        q_off, k_off, v_off, o_off = _head_offsets(bh, H, CH, T, LEGACY)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rd = tl.arange(0, BLOCK_D)
+        dmask = rd < CH
+        mmask = rm < T
+        qm = mmask[:, None] & dmask[None, :]
+        q = tl.load(QKV + q_off + rd[None, :] * T + rm[:, None], mask=qm, other=0.0)   # (M, D)
+        do = tl.load(DO + o_off + rd[None, :] * T + rm[:, None], mask=qm, other=0.0)   # (M, D)
+        lse = tl.load(LSE + bh * T + rm, mask=mmask, other=0.0)
+        delta = tl.load(DELTA + bh * T + rm, mask=mmask, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(0, T, BLOCK_N):
+            rn = start_n + tl.arange(0, BLOCK_N)
+            nmask = rn < T
+            tmask = dmask[:, None] & nmask[None, :]
+            kt = tl.load(QKV + k_off + rd[:, None] * T + rn[None, :], mask=tmask, other=0.0)   # (D, N)
+            vt = tl.load(QKV + v_off + rd[:, None] * T + rn[None, :], mask=tmask, other=0.0)   # (D, N)
+            s = _mm(q, kt, None, PREC)
+            dp = _mm(do, vt, None, PREC)
+            p = tl.where(mmask[:, None] & nmask[None, :], tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+            ds = p * (dp - delta[:, None])
+            dq = _mm(ds.to(kt.dtype), tl.trans(kt), dq, PREC)
+        dq = dq * sm_scale
+        tl.store(DQKV + q_off + rd[None, :] * T + rm[:, None], dq.to(DQKV.dtype.element_ty), mask=qm)
+
+    INTERPRET = not isinstance(_attn_fwd_kernel, triton.runtime.jit.JITFunction)
+else:
+    INTERPRET = False
+
+
+def _prec(dtype: torch.dtype) -> int:
+    if dtype == torch.float32:
+        return 1
+    return 2 if (INTERPRET and dtype == torch.bfloat16) else 0
+
+
+def _attn_blocks(ch: int, T: int, dtype: torch.dtype, kind: str):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim ch; kind in fwd | dkdv | dq."""
+    bd = max(16, triton.next_power_of_2(ch))
+    small_t = max(16, triton.next_power_of_2(T))
+    if INTERPRET:
+        return min(32, small_t), min(32, small_t), 4, 1
+    wide = bd > 128 or dtype == torch.float32
+    if kind == "fwd":
+        bm, bn, w, st = (64, 32, 8, 2) if wide else (128, 64, 8 if bd > 64 else 4, 3)
+    elif kind == "dkdv":
+        bm, bn, w, st = (32, 32, 8, 1) if wide else (32, 128 if bd <= 64 else 64, 4 if bd <= 64 else 8, 2)
+    else:
+        bm, bn, w, st = (32, 32, 8, 1) if wide else (128 if bd <= 64 else 64, 32, 4 if bd <= 64 else 8, 2)
+    return min(bm, small_t), min(bn, small_t), w, st
+
+
+if HAS_TRITON:
+
+    @triton_op("admrt::qkv_attention_fwd", mutates_args=())
+    def _qkv_attention_fwd(qkv: torch.Tensor, num_heads: int, legacy_order: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        B, width, T = qkv.shape
+        ch = width // (3 * num_heads)
+        out = qkv.new_empty((B, num_heads * ch, T))
+        lse = torch.empty((B * num_heads, T), device=qkv.device, dtype=torch.float32)
+        bm, bn, w, st = _attn_blocks(ch, T, qkv.dtype, "fwd")
+        grid = (triton.cdiv(T, bm), B * num_heads)
+        wrap_triton(_attn_fwd_kernel)[grid](
+            qkv, out, lse, T, num_heads, ch, _LOG2E / math.sqrt(ch),
+            LEGACY=legacy_order, PREC=_prec(qkv.dtype),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(ch)),
+            num_warps=w, num_stages=st)
+        return out, lse
+
+    @_qkv_attention_fwd.register_fake
+    def _(qkv, num_heads, legacy_order):
+        B, width, T = qkv.shape
+        ch = width // (3 * num_heads)
+        return qkv.new_empty((B, num_heads * ch, T)), qkv.new_empty((B * num_heads, T), dtype=torch.float32)
+
+    @triton_op("admrt::qkv_attention_bwd", mutates_args=())
+    def _qkv_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor,
+                           lse: torch.Tensor, num_heads: int, legacy_order: bool) -> torch.Tensor:
+        B, width, T = qkv.shape
+        ch = width // (3 * num_heads)
+        dout = dout.contiguous()
+        # delta_i = sum_c dO_ic O_ic (the softmax backward's row term), (B*H, T) fp32
+        delta = (dout.float() * out.float()).reshape(B * num_heads, ch, T).sum(1)
+        dqkv = torch.empty_like(qkv)
+        bd = max(16, triton.next_power_of_2(ch))
+        common = dict(LEGACY=legacy_order, PREC=_prec(qkv.dtype), BLOCK_D=bd)
+        args = (qkv, dout, lse, delta, dqkv, T, num_heads, ch, _LOG2E / math.sqrt(ch), 1 / math.sqrt(ch))
+        bm, bn, w, st = _attn_blocks(ch, T, qkv.dtype, "dkdv")
+        wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(T, bn), B * num_heads)](
+            *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, **common)
+        bm, bn, w, st = _attn_blocks(ch, T, qkv.dtype, "dq")
+        wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(T, bm), B * num_heads)](
+            *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, **common)
+        return dqkv
+
+    @_qkv_attention_bwd.register_fake
+    def _(dout, qkv, out, lse, num_heads, legacy_order):
+        return torch.empty_like(qkv)
+
+    def _attn_setup_context(ctx, inputs, output):
+        qkv, num_heads, legacy_order = inputs
+        out, lse = output
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.num_heads = num_heads
+        ctx.legacy_order = legacy_order
+        ctx.mark_non_differentiable(lse)
+
+    def _attn_backward(ctx, dout, _dlse):
+        qkv, out, lse = ctx.saved_tensors
+        return torch.ops.admrt.qkv_attention_bwd(dout, qkv, out, lse, ctx.num_heads, ctx.legacy_order), None, None
+
+    _qkv_attention_fwd.register_autograd(_attn_backward, setup_context=_attn_setup_context)
+
+
+def qkv_attention_fused(qkv: torch.Tensor, num_heads: int, *, legacy_order: bool) -> torch.Tensor:
+    """Fused Triton path of `qkv_attention_reference` (same arguments, same result)."""
+    if not HAS_TRITON:
+        raise RuntimeError("qkv_attention_fused: triton is not installed")
+    check_qkv_args(qkv, num_heads)
+    out, _ = torch.ops.admrt.qkv_attention_fwd(qkv.contiguous(), num_heads, bool(legacy_order))
+    return out

@@ -1,14 +1,40 @@
-"""Group norm with optional AdaGN modulation and SiLU: y = act(GN(x) * gamma + beta) or
-y = act(GN(x) * gamma + beta) * (1 + scale) + shift ... folded as described below.
+"""Group norm with optional AdaGN modulation and SiLU, as one fused op.
+
+    y = act(GN(x) * gamma + beta)                                  (plain)
+    y = act((GN(x) * gamma + beta) * (1 + scale) + shift)          (AdaGN)
 
 Matches guided-diffusion's GroupNorm32 (statistics and affine in fp32, then cast back)
 followed by SiLU, and the AdaGN of ResBlock._forward with use_scale_shift_norm
-(paper, Sec. 3: AdaGN(h, y) = y_s GroupNorm(h) + y_b, with y_s = 1 + scale).
+(paper, Sec. 3: AdaGN(h, y) = y_s GroupNorm(h) + y_b, with y_s = 1 + scale, y_b = shift).
+
+Layout: x is (B, C, *spatial), NCHW-contiguous or channels_last; the kernels see it as
+(B, C, L) with strides (sb, sc, sl), so both layouts run without copies.
+
+Fused forward (two launches):
+  1. `_gn_stats_kernel`: grid (B, channel blocks, L splits). Per-channel partial sums of
+     (x - K) and (x - K)^2 in fp32, K = the group's first element (a shift that keeps the
+     one-pass variance free of cancellation).
+  2. `_gn_fwd_kernel`: same grid, walks its tiles in reverse so it starts on what is still in
+     L2. Folds the split and group reductions, mean/rstd, gamma/beta and scale/shift into one
+     per-(b, c) affine y = act(a * x + d).
+Backward (two launches): `_gn_bwd_reduce_kernel` gives per-(b, c) sums S1 = sum dz and
+S2 = sum dz * xhat (dz = dL/d(pre-activation)); `_gn_bwd_dx_kernel` turns them into
+dx = rstd * (A dz - mean_g(A dz) - xhat * mean_g(A dz xhat)), A = gamma * (1 + scale), and
+writes per-(b, c) dscale = gamma S2 + beta S1, dshift = S1 and the per-sample parts of
+dgamma = (1 + scale) S2, dbeta = (1 + scale) S1.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+try:  # Triton is optional: without it only the reference runs.
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    HAS_TRITON = False
 
 ACTIVATIONS = ("none", "silu")
 
@@ -25,10 +51,7 @@ def group_norm_act_reference(
     act: str = "silu",
 ) -> torch.Tensor:
     """Torch reference: GN in fp32, affine, optional AdaGN, optional SiLU, cast to x.dtype."""
-    if act not in ACTIVATIONS:
-        raise ValueError(f"act={act!r}: expected one of {ACTIVATIONS}")
-    if (scale is None) != (shift is None):
-        raise ValueError("scale and shift: expected both or neither (AdaGN)")
+    check_group_norm_args(x, weight, bias, num_groups, scale, shift, act)
     h = F.group_norm(x.float(), num_groups, weight.float(), bias.float(), eps)
     if scale is not None:
         view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
@@ -36,3 +59,378 @@ def group_norm_act_reference(
     if act == "silu":
         h = F.silu(h)
     return h.to(x.dtype)
+
+
+def check_group_norm_args(x, weight, bias, num_groups, scale, shift, act) -> None:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act={act!r}: expected one of {ACTIVATIONS}")
+    if (scale is None) != (shift is None):
+        raise ValueError("scale and shift: expected both or neither (AdaGN)")
+    if x.dim() < 2:
+        raise ValueError(f"x.shape={tuple(x.shape)}: expected (B, C, *spatial)")
+    c = x.shape[1]
+    if c % num_groups != 0:
+        raise ValueError(f"num_groups={num_groups}: expected a divisor of the channel count {c}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.shape != (c,):
+            raise ValueError(f"{name}.shape={tuple(t.shape)}: expected ({c},)")
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is not None and t.numel() != x.shape[0] * c:
+            raise ValueError(f"{name}.shape={tuple(t.shape)}: expected ({x.shape[0]}, {c}) (per sample, per channel)")
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _gn_stats_kernel(X, PSUM, PSQ, C, L, sxb, sxc, sxl, CPG, CPP, TILES, SPLIT,
+                         BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+        b = tl.program_id(0)
+        cb = tl.program_id(1)
+        s = tl.program_id(2)
+        rc = tl.arange(0, BLOCK_C)
+        c = cb * CPP + rc
+        cmask = (rc < CPP) & (c < C)
+        xb = X + b.to(tl.int64) * sxb
+        # K: the group's first element, a shift against cancellation in E[x^2] - E[x]^2
+        k = tl.load(xb + (c // CPG) * CPG * sxc, mask=cmask, other=0.0).to(tl.float32)
+        acc_s = tl.zeros([BLOCK_C, BLOCK_L], dtype=tl.float32)
+        acc_q = tl.zeros([BLOCK_C, BLOCK_L], dtype=tl.float32)
+        for i in range(TILES):
+            rl = (s * TILES + i) * BLOCK_L + tl.arange(0, BLOCK_L)
+            m = cmask[:, None] & (rl < L)[None, :]
+            xv = tl.load(xb + c[:, None] * sxc + rl[None, :] * sxl, mask=m, other=0.0).to(tl.float32)
+            dv = tl.where(m, xv - k[:, None], 0.0)
+            acc_s += dv
+            acc_q += dv * dv
+        out = (b * C + c) * SPLIT + s
+        tl.store(PSUM + out, tl.sum(acc_s, 1), mask=cmask)
+        tl.store(PSQ + out, tl.sum(acc_q, 1), mask=cmask)
+
+    @triton.jit
+    def _gn_group_stats(X, PSUM, PSQ, b, c, cmask, C, sxb, sxc, CPG, SPLIT, inv_n, eps,
+                        BLOCK_S: tl.constexpr):
+        """Per-lane (channel) group mean and rstd from the per-channel partial sums."""
+        g = c // CPG
+        k = tl.load(X + b.to(tl.int64) * sxb + g * CPG * sxc, mask=cmask, other=0.0).to(tl.float32)
+        rs = tl.arange(0, BLOCK_S)
+        pm = cmask[:, None] & (rs < SPLIT)[None, :]
+        poff = (b * C + c)[:, None] * SPLIT + rs[None, :]
+        csum = tl.sum(tl.load(PSUM + poff, mask=pm, other=0.0), 1)
+        csq = tl.sum(tl.load(PSQ + poff, mask=pm, other=0.0), 1)
+        same = (g[:, None] == g[None, :]) & cmask[None, :]
+        gsum = tl.sum(tl.where(same, csum[None, :], 0.0), 1)
+        gsq = tl.sum(tl.where(same, csq[None, :], 0.0), 1)
+        md = gsum * inv_n
+        var = tl.maximum(gsq * inv_n - md * md, 0.0)
+        return k + md, 1.0 / tl.sqrt(var + eps)
+
+    @triton.jit
+    def _gn_fwd_kernel(X, Y, PSUM, PSQ, W, BIAS, SCALE, SHIFT, MEAN, RSTD,
+                       C, L, G, sxb, sxc, sxl, syb, syc, syl, CPG, CPP, TILES, SPLIT, inv_n, eps,
+                       HAS_ADA: tl.constexpr, SILU: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr):
+        # reverse order over the whole grid: start where the stats pass ended (L2-resident)
+        b = tl.num_programs(0) - 1 - tl.program_id(0)
+        cb = tl.num_programs(1) - 1 - tl.program_id(1)
+        s = tl.num_programs(2) - 1 - tl.program_id(2)
+        rc = tl.arange(0, BLOCK_C)
+        c = cb * CPP + rc
+        cmask = (rc < CPP) & (c < C)
+        mean, rstd = _gn_group_stats(X, PSUM, PSQ, b, c, cmask, C, sxb, sxc, CPG, SPLIT, inv_n, eps,
+                                     BLOCK_S)
+        first = cmask & (c % CPG == 0) & (s == 0)
+        tl.store(MEAN + b * G + c // CPG, mean, mask=first)
+        tl.store(RSTD + b * G + c // CPG, rstd, mask=first)
+        w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+        bb = tl.load(BIAS + c, mask=cmask, other=0.0).to(tl.float32)
+        a = rstd * w
+        d = bb - mean * a
+        if HAS_ADA:
+            sc = 1.0 + tl.load(SCALE + b * C + c, mask=cmask, other=0.0).to(tl.float32)
+            sh = tl.load(SHIFT + b * C + c, mask=cmask, other=0.0).to(tl.float32)
+            a = a * sc
+            d = d * sc + sh
+        xb = X + b.to(tl.int64) * sxb
+        yb = Y + b.to(tl.int64) * syb
+        for i in range(TILES):
+            rl = (s * TILES + (TILES - 1 - i)) * BLOCK_L + tl.arange(0, BLOCK_L)
+            m = cmask[:, None] & (rl < L)[None, :]
+            xv = tl.load(xb + c[:, None] * sxc + rl[None, :] * sxl, mask=m, other=0.0).to(tl.float32)
+            z = xv * a[:, None] + d[:, None]
+            if SILU:
+                z = z / (1.0 + tl.exp(-z))
+            tl.store(yb + c[:, None] * syc + rl[None, :] * syl, z.to(Y.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _gn_dz(xv, dyv, a, d, SILU: tl.constexpr):
+        if SILU:
+            z = xv * a[:, None] + d[:, None]
+            sig = 1.0 / (1.0 + tl.exp(-z))
+            return dyv * (sig * (1.0 + z * (1.0 - sig)))
+        else:
+            return dyv
+
+    @triton.jit
+    def _gn_affine(W, BIAS, SCALE, SHIFT, b, c, cmask, C, mean, rstd, HAS_ADA: tl.constexpr):
+        """Returns (a, d, A, w, beta, 1 + scale): z = a x + d, A = gamma (1 + scale)."""
+        w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+        bb = tl.load(BIAS + c, mask=cmask, other=0.0).to(tl.float32)
+        a = rstd * w
+        d = bb - mean * a
+        sc = tl.full(w.shape, 1.0, tl.float32)
+        if HAS_ADA:
+            sc = 1.0 + tl.load(SCALE + b * C + c, mask=cmask, other=0.0).to(tl.float32)
+            sh = tl.load(SHIFT + b * C + c, mask=cmask, other=0.0).to(tl.float32)
+            a = a * sc
+            d = d * sc + sh
+        return a, d, w * sc, w, bb, sc
+
+    @triton.jit
+    def _gn_bwd_reduce_kernel(X, DY, MEAN, RSTD, W, BIAS, SCALE, SHIFT, PS1, PS2,
+                              C, L, G, sxb, sxc, sxl, sdb, sdc, sdl, CPG, CPP, TILES, SPLIT,
+                              HAS_ADA: tl.constexpr, SILU: tl.constexpr,
+                              BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+        b = tl.program_id(0)
+        cb = tl.program_id(1)
+        s = tl.program_id(2)
+        rc = tl.arange(0, BLOCK_C)
+        c = cb * CPP + rc
+        cmask = (rc < CPP) & (c < C)
+        mean = tl.load(MEAN + b * G + c // CPG, mask=cmask, other=0.0)
+        rstd = tl.load(RSTD + b * G + c // CPG, mask=cmask, other=0.0)
+        a, d, A, w, bb, sc = _gn_affine(W, BIAS, SCALE, SHIFT, b, c, cmask, C, mean, rstd, HAS_ADA)
+        xb = X + b.to(tl.int64) * sxb
+        db = DY + b.to(tl.int64) * sdb
+        acc1 = tl.zeros([BLOCK_C, BLOCK_L], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_C, BLOCK_L], dtype=tl.float32)
+        for i in range(TILES):
+            rl = (s * TILES + i) * BLOCK_L + tl.arange(0, BLOCK_L)
+            m = cmask[:, None] & (rl < L)[None, :]
+            xv = tl.load(xb + c[:, None] * sxc + rl[None, :] * sxl, mask=m, other=0.0).to(tl.float32)
+            dyv = tl.load(db + c[:, None] * sdc + rl[None, :] * sdl, mask=m, other=0.0).to(tl.float32)
+            dz = tl.where(m, _gn_dz(xv, dyv, a, d, SILU), 0.0)
+            xh = (xv - mean[:, None]) * rstd[:, None]
+            acc1 += dz
+            acc2 += dz * xh
+        out = (b * C + c) * SPLIT + s
+        tl.store(PS1 + out, tl.sum(acc1, 1), mask=cmask)
+        tl.store(PS2 + out, tl.sum(acc2, 1), mask=cmask)
+
+    @triton.jit
+    def _gn_bwd_dx_kernel(X, DY, DX, MEAN, RSTD, W, BIAS, SCALE, SHIFT, PS1, PS2,
+                          DSCALE, DSHIFT, DWP, DBP,
+                          C, L, G, sxb, sxc, sxl, sdb, sdc, sdl, sob, soc, sol,
+                          CPG, CPP, TILES, SPLIT, inv_n,
+                          HAS_ADA: tl.constexpr, SILU: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr):
+        b = tl.num_programs(0) - 1 - tl.program_id(0)
+        cb = tl.num_programs(1) - 1 - tl.program_id(1)
+        s = tl.num_programs(2) - 1 - tl.program_id(2)
+        rc = tl.arange(0, BLOCK_C)
+        c = cb * CPP + rc
+        cmask = (rc < CPP) & (c < C)
+        g = c // CPG
+        mean = tl.load(MEAN + b * G + g, mask=cmask, other=0.0)
+        rstd = tl.load(RSTD + b * G + g, mask=cmask, other=0.0)
+        a, d, A, w, bb, sc = _gn_affine(W, BIAS, SCALE, SHIFT, b, c, cmask, C, mean, rstd, HAS_ADA)
+        rs = tl.arange(0, BLOCK_S)
+        pm = cmask[:, None] & (rs < SPLIT)[None, :]
+        poff = (b * C + c)[:, None] * SPLIT + rs[None, :]
+        s1 = tl.sum(tl.load(PS1 + poff, mask=pm, other=0.0), 1)   # sum_l dz
+        s2 = tl.sum(tl.load(PS2 + poff, mask=pm, other=0.0), 1)   # sum_l dz * xhat
+        same = (g[:, None] == g[None, :]) & cmask[None, :]
+        m1 = tl.sum(tl.where(same, (A * s1)[None, :], 0.0), 1) * inv_n   # mean_g(dxhat)
+        m2 = tl.sum(tl.where(same, (A * s2)[None, :], 0.0), 1) * inv_n   # mean_g(dxhat * xhat)
+        first = cmask & (s == 0)
+        tl.store(DWP + b * C + c, sc * s2, mask=first)
+        tl.store(DBP + b * C + c, sc * s1, mask=first)
+        if HAS_ADA:
+            tl.store(DSCALE + b * C + c, w * s2 + bb * s1, mask=first)
+            tl.store(DSHIFT + b * C + c, s1, mask=first)
+        xb = X + b.to(tl.int64) * sxb
+        db = DY + b.to(tl.int64) * sdb
+        ob = DX + b.to(tl.int64) * sob
+        for i in range(TILES):
+            rl = (s * TILES + (TILES - 1 - i)) * BLOCK_L + tl.arange(0, BLOCK_L)
+            m = cmask[:, None] & (rl < L)[None, :]
+            xv = tl.load(xb + c[:, None] * sxc + rl[None, :] * sxl, mask=m, other=0.0).to(tl.float32)
+            dyv = tl.load(db + c[:, None] * sdc + rl[None, :] * sdl, mask=m, other=0.0).to(tl.float32)
+            dz = _gn_dz(xv, dyv, a, d, SILU)
+            xh = (xv - mean[:, None]) * rstd[:, None]
+            dx = rstd[:, None] * (A[:, None] * dz - m1[:, None] - xh * m2[:, None])
+            tl.store(ob + c[:, None] * soc + rl[None, :] * sol, dx.to(DX.dtype.element_ty), mask=m)
+
+    INTERPRET = not isinstance(_gn_stats_kernel, triton.runtime.jit.JITFunction)
+else:
+    INTERPRET = False
+
+
+def _bcl_strides(t: torch.Tensor):
+    """Strides (sb, sc, sl) of t viewed as (B, C, L), or None if the spatial dims don't flatten."""
+    if t.dim() == 2:
+        return t.stride(0), t.stride(1), 1
+    sp_sizes, sp_strides = t.shape[2:], t.stride()[2:]
+    expect = sp_strides[-1]
+    for size, stride in zip(reversed(sp_sizes), reversed(sp_strides)):
+        if size != 1 and stride != expect:
+            return None
+        expect = expect * size
+    return t.stride(0), t.stride(1), sp_strides[-1]
+
+
+def _as_bcl(t: torch.Tensor):
+    st = _bcl_strides(t)
+    if st is None:
+        t = t.contiguous()
+        st = _bcl_strides(t)
+    return t, st
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def _plan(B: int, C: int, L: int, num_groups: int, channels_last: bool, device: torch.device):
+    """Tile shapes and the split of L: (BLOCK_C, BLOCK_L, CPP, n_cblocks, TILES, SPLIT, BLOCK_S)."""
+    cpg = C // num_groups
+    if channels_last:   # contiguous along C: several whole groups per program for long rows
+        gpp = max(1, min(num_groups, 64 // cpg))
+        tile = 2048
+        cpp = gpp * cpg
+        block_c = triton.next_power_of_2(cpp)
+        block_l = max(16, min(triton.next_power_of_2(L), max(16, tile // block_c)))
+    else:               # contiguous along L: whole groups per program, rows as long as L allows
+        tile = 4096
+        block_l = max(16, min(triton.next_power_of_2(L), max(64, tile // triton.next_power_of_2(cpg))))
+        gpp = max(1, min(num_groups, (tile // block_l) // cpg))
+        cpp = gpp * cpg
+        block_c = triton.next_power_of_2(cpp)
+    n_cb = triton.cdiv(num_groups, gpp)
+    n_tiles = triton.cdiv(L, block_l)
+    want = max(1, triton.cdiv(4 * _num_sms(device), B * n_cb))
+    split = min(n_tiles, want, 64)
+    tiles = triton.cdiv(n_tiles, split)
+    split = triton.cdiv(n_tiles, tiles)
+    return block_c, block_l, cpp, n_cb, tiles, split, max(2, triton.next_power_of_2(split))
+
+
+if HAS_TRITON:
+
+    @triton_op("admrt::group_norm_act_fwd", mutates_args=())
+    def _group_norm_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                            scale: torch.Tensor | None, shift: torch.Tensor | None,
+                            num_groups: int, eps: float, silu: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, C = x.shape[0], x.shape[1]
+        L = x.numel() // max(1, B * C)
+        sxb, sxc, sxl = _bcl_strides(x)
+        y = torch.empty_like(x)
+        syb, syc, syl = _bcl_strides(y)
+        mean = torch.empty((B, num_groups), device=x.device, dtype=torch.float32)
+        rstd = torch.empty_like(mean)
+        bc, bl, cpp, n_cb, tiles, split, bs = _plan(B, C, L, num_groups, sxc == 1 and C > 1, x.device)
+        psum = torch.empty((B, C, split), device=x.device, dtype=torch.float32)
+        psq = torch.empty_like(psum)
+        grid = (B, n_cb, split)
+        cpg = C // num_groups
+        wrap_triton(_gn_stats_kernel)[grid](x, psum, psq, C, L, sxb, sxc, sxl, cpg, cpp, tiles, split,
+                                            BLOCK_C=bc, BLOCK_L=bl, num_warps=4)
+        has_ada = scale is not None
+        wrap_triton(_gn_fwd_kernel)[grid](
+            x, y, psum, psq, weight, bias, scale if has_ada else weight, shift if has_ada else bias,
+            mean, rstd, C, L, num_groups, sxb, sxc, sxl, syb, syc, syl, cpg, cpp, tiles, split,
+            1.0 / (cpg * L), eps, HAS_ADA=has_ada, SILU=silu, BLOCK_C=bc, BLOCK_L=bl, BLOCK_S=bs,
+            num_warps=4)
+        return y, mean, rstd
+
+    @_group_norm_act_fwd.register_fake
+    def _(x, weight, bias, scale, shift, num_groups, eps, silu):
+        B = x.shape[0]
+        stats = x.new_empty((B, num_groups), dtype=torch.float32)
+        return torch.empty_like(x), stats, torch.empty_like(stats)
+
+    @triton_op("admrt::group_norm_act_bwd", mutates_args=())
+    def _group_norm_act_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                            bias: torch.Tensor, scale: torch.Tensor | None,
+                            shift: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
+                            silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor, torch.Tensor]:
+        """Returns dx, dweight, dbias, dscale, dshift (the last two empty without AdaGN)."""
+        B, C = x.shape[0], x.shape[1]
+        G = mean.shape[1]
+        L = x.numel() // max(1, B * C)
+        sxb, sxc, sxl = _bcl_strides(x)
+        sdb, sdc, sdl = _bcl_strides(dy)
+        dx = torch.empty_like(x)
+        sob, soc, sol = _bcl_strides(dx)
+        bc, bl, cpp, n_cb, tiles, split, bs = _plan(B, C, L, G, sxc == 1 and C > 1, x.device)
+        ps1 = torch.empty((B, C, split), device=x.device, dtype=torch.float32)
+        ps2 = torch.empty_like(ps1)
+        has_ada = scale is not None
+        sc_arg = scale if has_ada else weight
+        sh_arg = shift if has_ada else bias
+        grid = (B, n_cb, split)
+        cpg = C // G
+        wrap_triton(_gn_bwd_reduce_kernel)[grid](
+            x, dy, mean, rstd, weight, bias, sc_arg, sh_arg, ps1, ps2, C, L, G,
+            sxb, sxc, sxl, sdb, sdc, sdl, cpg, cpp, tiles, split,
+            HAS_ADA=has_ada, SILU=silu, BLOCK_C=bc, BLOCK_L=bl, num_warps=4)
+        dwp = torch.empty((B, C), device=x.device, dtype=torch.float32)
+        dbp = torch.empty_like(dwp)
+        dscale = torch.empty((B, C) if has_ada else (0,), device=x.device, dtype=torch.float32)
+        dshift = torch.empty_like(dscale)
+        wrap_triton(_gn_bwd_dx_kernel)[grid](
+            x, dy, dx, mean, rstd, weight, bias, sc_arg, sh_arg, ps1, ps2,
+            dscale if has_ada else dwp, dshift if has_ada else dbp, dwp, dbp, C, L, G,
+            sxb, sxc, sxl, sdb, sdc, sdl, sob, soc, sol, cpg, cpp, tiles, split, 1.0 / (cpg * L),
+            HAS_ADA=has_ada, SILU=silu, BLOCK_C=bc, BLOCK_L=bl, BLOCK_S=bs, num_warps=4)
+        return dx, dwp.sum(0).to(weight.dtype), dbp.sum(0).to(bias.dtype), dscale, dshift
+
+    @_group_norm_act_bwd.register_fake
+    def _(dy, x, weight, bias, scale, shift, mean, rstd, silu):
+        B, C = x.shape[0], x.shape[1]
+        ada = (B, C) if scale is not None else (0,)
+        return (torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias),
+                x.new_empty(ada, dtype=torch.float32), x.new_empty(ada, dtype=torch.float32))
+
+    def _gn_setup_context(ctx, inputs, output):
+        x, weight, bias, scale, shift, num_groups, eps, silu = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+        ctx.silu = silu
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def _gn_backward(ctx, dy, _dmean, _drstd):
+        x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+        dx, dw, db, dscale, dshift = torch.ops.admrt.group_norm_act_bwd(
+            dy, x, weight, bias, scale, shift, mean, rstd, ctx.silu)
+        if scale is not None:
+            dscale = dscale.reshape(scale.shape).to(scale.dtype)
+            dshift = dshift.reshape(shift.shape).to(shift.dtype)
+        else:
+            dscale = dshift = None
+        return dx, dw, db, dscale, dshift, None, None, None
+
+    _group_norm_act_fwd.register_autograd(_gn_backward, setup_context=_gn_setup_context)
+
+
+def group_norm_act_fused(x, weight, bias, *, num_groups=32, eps=1e-5, scale=None, shift=None,
+                         act="silu") -> torch.Tensor:
+    """Fused Triton path of `group_norm_act_reference` (same arguments, same result)."""
+    if not HAS_TRITON:
+        raise RuntimeError("group_norm_act_fused: triton is not installed")
+    check_group_norm_args(x, weight, bias, num_groups, scale, shift, act)
+    C = x.shape[1]
+    if weight is None:
+        weight = torch.ones(C, device=x.device, dtype=torch.float32)
+    if bias is None:
+        bias = torch.zeros(C, device=x.device, dtype=torch.float32)
+    x, _ = _as_bcl(x)
+    if scale is not None:
+        scale = scale.reshape(x.shape[0], C).contiguous()
+        shift = shift.reshape(x.shape[0], C).contiguous()
+    y, _, _ = torch.ops.admrt.group_norm_act_fwd(x, weight.contiguous(), bias.contiguous(), scale,
+                                                 shift, num_groups, float(eps), act == "silu")
+    return y
