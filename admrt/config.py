@@ -144,7 +144,7 @@ class Preset:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     description: str = ""
     checkpoint: str | None = None  # file name of the released checkpoint, if any
-    params_m: float | None = None  # published parameter count, millions (for tests)
+    params_m: float | None = None  # parameter count of the released network, millions
 
     def to_json(self) -> str:
         return json.dumps(

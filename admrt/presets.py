@@ -28,7 +28,7 @@ def _upsampler(large: int, small: int, attention, num_head_channels: int) -> Mod
     return ModelConfig(
         kind="superres", image_size=large, low_res_size=small, model_channels=192, out_channels=6,
         num_res_blocks=2, attention_resolutions=attention,
-        channel_mult=default_channel_mult(large), num_classes=1000, num_heads=4,
+        channel_mult=(1, 1, 2, 2, 4, 4), num_classes=1000, num_heads=4,  # script_util's sr_create_model
         num_head_channels=num_head_channels, use_scale_shift_norm=True, resblock_updown=True,
     )
 
@@ -52,21 +52,21 @@ _RELEASED = [
     Preset("imagenet256-uncond", _adm(256, 256, num_classes=None),
            LINEAR, "ImageNet 256x256 unconditional ADM", "256x256_diffusion_uncond.pt", 552.8),
     Preset("imagenet512-cond", _adm(512, 256),
-           LINEAR, "ImageNet 512x512 class-conditional ADM", "512x512_diffusion.pt", 559.4),
+           LINEAR, "ImageNet 512x512 class-conditional ADM", "512x512_diffusion.pt", 559.0),
     Preset("upsample64-256", _upsampler(256, 64, (32, 16, 8), -1),
-           LINEAR, "ImageNet 64->256 upsampler (ADM-U)", "64_256_upsampler.pt", 312.2),
+           LINEAR, "ImageNet 64->256 upsampler (ADM-U)", "64_256_upsampler.pt", 311.8),
     Preset("upsample128-512", _upsampler(512, 128, (32, 16), 64),
-           LINEAR, "ImageNet 128->512 upsampler (ADM-U)", "128_512_upsampler.pt", 312.4),
+           LINEAR, "ImageNet 128->512 upsampler (ADM-U)", "128_512_upsampler.pt", 308.8),
     Preset("lsun256", _adm(256, 256, num_classes=None, dropout=0.1),
            LINEAR, "LSUN bedroom/cat/horse 256x256 ADM", "lsun_bedroom.pt", 552.8),
     Preset("imagenet64-classifier", _classifier(64, depth=4),
-           LINEAR, "ImageNet 64x64 noisy classifier", "64x64_classifier.pt", None),
+           LINEAR, "ImageNet 64x64 noisy classifier", "64x64_classifier.pt", 65.4),
     Preset("imagenet128-classifier", _classifier(128),
-           LINEAR, "ImageNet 128x128 noisy classifier", "128x128_classifier.pt", None),
+           LINEAR, "ImageNet 128x128 noisy classifier", "128x128_classifier.pt", 42.6),
     Preset("imagenet256-classifier", _classifier(256),
-           LINEAR, "ImageNet 256x256 noisy classifier", "256x256_classifier.pt", None),
+           LINEAR, "ImageNet 256x256 noisy classifier", "256x256_classifier.pt", 54.1),
     Preset("imagenet512-classifier", _classifier(512),
-           LINEAR, "ImageNet 512x512 noisy classifier", "512x512_classifier.pt", None),
+           LINEAR, "ImageNet 512x512 noisy classifier", "512x512_classifier.pt", 54.4),
 ]
 
 # Bundled Fashion-MNIST stack (trained by admrt.training; weights in admrt/bundled/):

@@ -1,0 +1,166 @@
+"""Creating models from presets, and loading/saving weights.
+
+Two formats:
+- guided-diffusion's released `.pt` state dicts: they do not record their config, so a preset
+  must be given (`load_model("256x256_diffusion.pt", preset="imagenet256-cond")`);
+- ours: `.safetensors` with the preset JSON in its metadata (no pickles).
+Loading builds the network on the meta device and assigns the (memory-mapped) tensors in, so
+weights are not held twice. Every key and shape is checked first: a wrong preset or a damaged
+file is an error naming the first mismatches, never a silent partial load.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .config import DiffusionConfig, ModelConfig, Preset
+from .models import build_model
+from .presets import PRESETS, get_preset
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+METADATA_KEY = "admrt_preset"
+
+
+def _as_preset(spec) -> Preset:
+    if isinstance(spec, Preset):
+        return spec
+    if isinstance(spec, ModelConfig):
+        return Preset("custom", spec, DiffusionConfig())
+    if isinstance(spec, str):
+        return get_preset(spec)
+    raise TypeError(f"preset={spec!r}: expected a preset name, a Preset or a ModelConfig")
+
+
+def _finish(model: nn.Module, preset: Preset, device, dtype) -> nn.Module:
+    model.preset = preset
+    model.eval()
+    if device is not None:
+        model.to(device)
+    if dtype is not None:
+        model.set_dtype(dtype)
+    return model
+
+
+def create_model(preset, *, device=None, dtype=None) -> nn.Module:
+    """A randomly initialised network for a preset name, Preset or ModelConfig."""
+    p = _as_preset(preset)
+    return _finish(build_model(p.model), p, device, dtype)
+
+
+def bundled_path(name: str) -> Path:
+    return BUNDLED_DIR / f"{name}.safetensors"
+
+
+def load_model(path, preset=None, *, device=None, dtype=None) -> nn.Module:
+    """Load weights into the network of their preset.
+
+    path: a `.pt` released checkpoint (preset required), an admrt `.safetensors` file (its
+        config is in the metadata; a preset given too must agree), or the name of a bundled
+        model (e.g. "fashion16-cond").
+    device, dtype: where to put the model and its body precision (fp32|fp16|bf16).
+    """
+    p = Path(path)
+    if not p.exists() and isinstance(path, str) and bundled_path(path).exists():
+        p = bundled_path(path)
+    if not p.exists():
+        hint = f" (bundled models: {sorted(q.stem for q in BUNDLED_DIR.glob('*.safetensors'))})"
+        raise FileNotFoundError(f"path={str(path)!r}: no such checkpoint file{hint}")
+    if p.suffix == ".safetensors":
+        state, stored = _read_safetensors(p)
+        if preset is None:
+            if stored is None:
+                raise ValueError(f"path={str(p)!r}: the file records no admrt config; pass preset=...")
+            chosen = stored
+        else:
+            chosen = _as_preset(preset)
+            if stored is not None and stored.model != chosen.model:
+                raise ValueError(f"preset={chosen.name!r} does not match the config stored in {p.name} "
+                                 f"({stored.name!r}); pass preset=None to use the stored one")
+    else:
+        if preset is None:
+            raise ValueError(f"preset=None: {p.name} is a guided-diffusion checkpoint that does not record "
+                             f"its config; pass one of {sorted(PRESETS)}")
+        chosen = _as_preset(preset)
+        state = _read_torch(p)
+    with torch.device("meta"):
+        model = build_model(chosen.model)
+    assign_state_dict(model, state, source=p.name, preset_name=chosen.name)
+    return _finish(model, chosen, device, dtype)
+
+
+def assign_state_dict(model: nn.Module, state: dict, *, source: str = "state dict",
+                      preset_name: str = "?") -> None:
+    """Check keys and shapes, then assign the tensors (in the model's parameter dtypes)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items()
+             if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (first: {missing[:5]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (first: {unexpected[:5]})")
+        if wrong:
+            shown = ", ".join(f"{k}: file {a} vs model {b}" for k, a, b in wrong[:5])
+            parts.append(f"{len(wrong)} shape mismatches (first: {shown})")
+        raise ValueError(f"{source} does not fit preset {preset_name!r}: " + "; ".join(parts))
+    cast = {k: (state[k] if state[k].dtype == v.dtype else state[k].to(v.dtype)) for k, v in expected.items()}
+    model.load_state_dict(cast, strict=True, assign=True)
+
+
+def _read_torch(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # zip/pickle errors of a truncated or foreign file
+        raise ValueError(f"path={str(path)!r}: cannot read the checkpoint (truncated or not a torch "
+                         f"state dict?): {exc}") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"path={str(path)!r}: expected a state dict of tensors")
+    return state
+
+
+def _read_safetensors(path: Path) -> tuple[dict, Preset | None]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise ValueError(f"path={str(path)!r}: cannot read the safetensors file (truncated or "
+                         f"corrupted?): {exc}") from exc
+    stored = Preset.from_json(meta[METADATA_KEY]) if METADATA_KEY in meta else None
+    return state, stored
+
+
+def save_model(model: nn.Module, path, *, preset: Preset | None = None, extra_metadata: dict | None = None) -> Path:
+    """Write the weights (fp32) and the preset JSON to a .safetensors file, atomically."""
+    from safetensors.torch import save_file
+
+    preset = preset or getattr(model, "preset", None)
+    if preset is None:
+        raise ValueError("preset=None: the model has no .preset; pass preset=...")
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"path={str(path)!r}: expected a .safetensors file name")
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    meta = {METADATA_KEY: preset.to_json(), "format": "admrt"}
+    for k, v in (extra_metadata or {}).items():
+        meta[k] = v if isinstance(v, str) else json.dumps(v)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -1,0 +1,78 @@
+"""The oracle: guided-diffusion's own modules (PyPI guided-diffusion-sdk), built from our configs.
+
+`reference_model(config)` constructs guided_diffusion.unet's UNetModel / SuperResModel /
+EncoderUNetModel with the same hyper-parameters as an admrt ModelConfig.
+RELEASED_FLAGS holds the flags of guided-diffusion's README for each released checkpoint,
+passed through its script_util, to check that our presets are those models.
+"""
+import warnings
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+from guided_diffusion import script_util, unet  # noqa: E402
+
+
+def reference_model(config, use_fp16=False):
+    c = config
+    kwargs = dict(
+        image_size=c.image_size, in_channels=c.in_channels, model_channels=c.model_channels,
+        out_channels=c.out_channels, num_res_blocks=c.num_res_blocks,
+        attention_resolutions=tuple(c.image_size // r for r in c.attention_resolutions),
+        dropout=c.dropout, channel_mult=c.channel_mult, conv_resample=c.conv_resample,
+        use_fp16=use_fp16, num_heads=c.num_heads, num_head_channels=c.num_head_channels,
+        num_heads_upsample=c.num_heads_upsample, use_scale_shift_norm=c.use_scale_shift_norm,
+        resblock_updown=c.resblock_updown, use_new_attention_order=c.use_new_attention_order,
+    )
+    if c.kind == "classifier":
+        return unet.EncoderUNetModel(pool=c.pool, **kwargs)
+    cls = unet.SuperResModel if c.kind == "superres" else unet.UNetModel
+    return cls(num_classes=c.num_classes, **kwargs)
+
+
+_ADM = dict(attention_resolutions="32,16,8", learn_sigma=True, resblock_updown=True,
+            use_scale_shift_norm=True, use_fp16=False, use_checkpoint=False, channel_mult="",
+            num_heads_upsample=-1, dropout=0.0, use_new_attention_order=False)
+
+
+def _unet(**flags):
+    args = {**_ADM, **flags}
+    return lambda: script_util.create_model(**args)
+
+
+def _sr(**flags):
+    args = dict(learn_sigma=True, class_cond=True, use_checkpoint=False, num_heads_upsample=-1,
+                use_scale_shift_norm=True, dropout=0.0, resblock_updown=True, use_fp16=False, **flags)
+    return lambda: script_util.sr_create_model(**args)
+
+
+def _clf(image_size, depth=2):
+    return lambda: script_util.create_classifier(
+        image_size=image_size, classifier_use_fp16=False, classifier_width=128, classifier_depth=depth,
+        classifier_attention_resolutions="32,16,8", classifier_use_scale_shift_norm=True,
+        classifier_resblock_updown=True, classifier_pool="attention")
+
+
+# README flags of each released checkpoint, by our preset name.
+RELEASED_FLAGS = {
+    "imagenet64-cond": _unet(image_size=64, num_channels=192, num_res_blocks=3, num_heads=4,
+                             num_head_channels=64, class_cond=True, dropout=0.1,
+                             use_new_attention_order=True),
+    "imagenet128-cond": _unet(image_size=128, num_channels=256, num_res_blocks=2, num_heads=4,
+                              num_head_channels=-1, class_cond=True),
+    "imagenet256-cond": _unet(image_size=256, num_channels=256, num_res_blocks=2, num_heads=4,
+                              num_head_channels=64, class_cond=True),
+    "imagenet256-uncond": _unet(image_size=256, num_channels=256, num_res_blocks=2, num_heads=4,
+                                num_head_channels=64, class_cond=False),
+    "imagenet512-cond": _unet(image_size=512, num_channels=256, num_res_blocks=2, num_heads=4,
+                              num_head_channels=64, class_cond=True),
+    "lsun256": _unet(image_size=256, num_channels=256, num_res_blocks=2, num_heads=4,
+                     num_head_channels=64, class_cond=False, dropout=0.1),
+    "upsample64-256": _sr(large_size=256, small_size=64, num_channels=192, num_res_blocks=2,
+                          num_heads=4, num_head_channels=-1, attention_resolutions="32,16,8"),
+    "upsample128-512": _sr(large_size=512, small_size=128, num_channels=192, num_res_blocks=2,
+                           num_heads=4, num_head_channels=64, attention_resolutions="32,16"),
+    "imagenet64-classifier": _clf(64, depth=4),
+    "imagenet128-classifier": _clf(128),
+    "imagenet256-classifier": _clf(256),
+    "imagenet512-classifier": _clf(512),
+}
