@@ -40,7 +40,8 @@ def qkv_attention_reference(qkv: torch.Tensor, num_heads: int, *, legacy_order: 
     ch = q.shape[1]
     scale = 1 / math.sqrt(math.sqrt(ch))
     weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)  # (B*H, T, T)
-    weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
+    ct = torch.promote_types(weight.dtype, torch.float32)  # fp32 softmax; fp64 stays fp64
+    weight = torch.softmax(weight.to(ct), dim=-1).type(weight.dtype)
     out = torch.einsum("bts,bcs->bct", weight, v)  # (B*H, C, T)
     return out.reshape(bs, -1, length)
 

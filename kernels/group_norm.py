@@ -52,10 +52,11 @@ def group_norm_act_reference(
 ) -> torch.Tensor:
     """Torch reference: GN in fp32, affine, optional AdaGN, optional SiLU, cast to x.dtype."""
     check_group_norm_args(x, weight, bias, num_groups, scale, shift, act)
-    h = F.group_norm(x.float(), num_groups, weight.float(), bias.float(), eps)
+    ct = torch.promote_types(x.dtype, torch.float32)  # fp32 as the reference; fp64 stays fp64
+    h = F.group_norm(x.to(ct), num_groups, weight.to(ct), bias.to(ct), eps)
     if scale is not None:
         view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
-        h = h * (1 + scale.float().reshape(view)) + shift.float().reshape(view)
+        h = h * (1 + scale.to(ct).reshape(view)) + shift.to(ct).reshape(view)
     if act == "silu":
         h = F.silu(h)
     return h.to(x.dtype)
