@@ -213,6 +213,8 @@ def _attn_blocks(ch: int, T: int, dtype: torch.dtype, kind: str):
         return min(32, small_t), min(32, small_t), 4, 1
     wide = bd > 128 or dtype == torch.float32
     if kind == "fwd":
+        if bd > 128 and dtype == torch.float32:   # keep q, k, v tiles inside shared memory
+            return min(32, small_t), min(32, small_t), 8, 1
         bm, bn, w, st = (64, 32, 8, 2) if wide else (128, 64, 8 if bd > 64 else 4, 3)
     elif kind == "dkdv":
         bm, bn, w, st = (32, 32, 8, 1) if wide else (32, 128 if bd <= 64 else 64, 4 if bd <= 64 else 8, 2)
