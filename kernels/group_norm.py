@@ -14,8 +14,8 @@ Fused forward (two launches):
   1. `_gn_stats_kernel`: grid (B, channel blocks, L splits). Per-channel partial sums of
      (x - K) and (x - K)^2 in fp32, K = the group's first element (a shift that keeps the
      one-pass variance free of cancellation).
-  2. `_gn_fwd_kernel`: same grid, walks its tiles in reverse so it starts on what is still in
-     L2. Folds the split and group reductions, mean/rstd, gamma/beta and scale/shift into one
+  2. `_gn_fwd_kernel`: same grid (after one small sum over the splits), walks its tiles in
+     reverse so it starts on what is still in L2. Folds the group reduction, mean/rstd, gamma/beta and scale/shift into one
      per-(b, c) affine y = act(a * x + d).
 Backward (two launches): `_gn_bwd_reduce_kernel` gives per-(b, c) sums S1 = sum dz and
 S2 = sum dz * xhat (dz = dL/d(pre-activation)); `_gn_bwd_dx_kernel` turns them into
@@ -24,6 +24,8 @@ writes per-(b, c) dscale = gamma S2 + beta S1, dshift = S1 and the per-sample pa
 dgamma = (1 + scale) S2, dbeta = (1 + scale) S1.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -287,14 +289,16 @@ def _as_bcl(t: torch.Tensor):
     return t, st
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 2
 
 
+@functools.lru_cache(maxsize=1024)
 def _plan(B: int, C: int, L: int, num_groups: int, channels_last: bool, device: torch.device):
-    """Tile shapes and the split of L: (BLOCK_C, BLOCK_L, CPP, n_cblocks, TILES, SPLIT, BLOCK_S)."""
+    """Tile shapes and the split of L: (BLOCK_C, BLOCK_L, CPP, n_cblocks, TILES, SPLIT)."""
     cpg = C // num_groups
     if channels_last:   # contiguous along C: several whole groups per program for long rows
         gpp = max(1, min(num_groups, 64 // cpg))
@@ -310,11 +314,11 @@ def _plan(B: int, C: int, L: int, num_groups: int, channels_last: bool, device: 
         block_c = triton.next_power_of_2(cpp)
     n_cb = triton.cdiv(num_groups, gpp)
     n_tiles = triton.cdiv(L, block_l)
-    want = max(1, triton.cdiv(4 * _num_sms(device), B * n_cb))
-    split = min(n_tiles, want, 64)
+    want = max(1, triton.cdiv(16 * _num_sms(device), B * n_cb))   # enough loads in flight
+    split = min(n_tiles, want, 1024)
     tiles = triton.cdiv(n_tiles, split)
     split = triton.cdiv(n_tiles, tiles)
-    return block_c, block_l, cpp, n_cb, tiles, split, max(2, triton.next_power_of_2(split))
+    return block_c, block_l, cpp, n_cb, tiles, split
 
 
 if HAS_TRITON:
@@ -331,7 +335,7 @@ if HAS_TRITON:
         syb, syc, syl = _bcl_strides(y)
         mean = torch.empty((B, num_groups), device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
-        bc, bl, cpp, n_cb, tiles, split, bs = _plan(B, C, L, num_groups, sxc == 1 and C > 1, x.device)
+        bc, bl, cpp, n_cb, tiles, split = _plan(B, C, L, num_groups, sxc == 1 and C > 1, x.device)
         psum = torch.empty((B, C, split), device=x.device, dtype=torch.float32)
         psq = torch.empty_like(psum)
         grid = (B, n_cb, split)
@@ -339,10 +343,12 @@ if HAS_TRITON:
         wrap_triton(_gn_stats_kernel)[grid](x, psum, psq, C, L, sxb, sxc, sxl, cpg, cpp, tiles, split,
                                             BLOCK_C=bc, BLOCK_L=bl, num_warps=4)
         has_ada = scale is not None
+        # fold the split here (one small reduction) so each apply program reads one value per channel
+        psum, psq = psum.sum(2), psq.sum(2)
         wrap_triton(_gn_fwd_kernel)[grid](
             x, y, psum, psq, weight, bias, scale if has_ada else weight, shift if has_ada else bias,
-            mean, rstd, C, L, num_groups, sxb, sxc, sxl, syb, syc, syl, cpg, cpp, tiles, split,
-            1.0 / (cpg * L), eps, HAS_ADA=has_ada, SILU=silu, BLOCK_C=bc, BLOCK_L=bl, BLOCK_S=bs,
+            mean, rstd, C, L, num_groups, sxb, sxc, sxl, syb, syc, syl, cpg, cpp, tiles, 1,
+            1.0 / (cpg * L), eps, HAS_ADA=has_ada, SILU=silu, BLOCK_C=bc, BLOCK_L=bl, BLOCK_S=2,
             num_warps=4)
         return y, mean, rstd
 
@@ -366,7 +372,7 @@ if HAS_TRITON:
         sdb, sdc, sdl = _bcl_strides(dy)
         dx = torch.empty_like(x)
         sob, soc, sol = _bcl_strides(dx)
-        bc, bl, cpp, n_cb, tiles, split, bs = _plan(B, C, L, G, sxc == 1 and C > 1, x.device)
+        bc, bl, cpp, n_cb, tiles, split = _plan(B, C, L, G, sxc == 1 and C > 1, x.device)
         ps1 = torch.empty((B, C, split), device=x.device, dtype=torch.float32)
         ps2 = torch.empty_like(ps1)
         has_ada = scale is not None
@@ -382,11 +388,12 @@ if HAS_TRITON:
         dbp = torch.empty_like(dwp)
         dscale = torch.empty((B, C) if has_ada else (0,), device=x.device, dtype=torch.float32)
         dshift = torch.empty_like(dscale)
+        ps1, ps2 = ps1.sum(2), ps2.sum(2)
         wrap_triton(_gn_bwd_dx_kernel)[grid](
             x, dy, dx, mean, rstd, weight, bias, sc_arg, sh_arg, ps1, ps2,
             dscale if has_ada else dwp, dshift if has_ada else dbp, dwp, dbp, C, L, G,
-            sxb, sxc, sxl, sdb, sdc, sdl, sob, soc, sol, cpg, cpp, tiles, split, 1.0 / (cpg * L),
-            HAS_ADA=has_ada, SILU=silu, BLOCK_C=bc, BLOCK_L=bl, BLOCK_S=bs, num_warps=4)
+            sxb, sxc, sxl, sdb, sdc, sdl, sob, soc, sol, cpg, cpp, tiles, 1, 1.0 / (cpg * L),
+            HAS_ADA=has_ada, SILU=silu, BLOCK_C=bc, BLOCK_L=bl, BLOCK_S=2, num_warps=4)
         return dx, dwp.sum(0).to(weight.dtype), dbp.sum(0).to(bias.dtype), dscale, dshift
 
     @_group_norm_act_bwd.register_fake
