@@ -1,7 +1,7 @@
 """The oracle: guided-diffusion's own modules (PyPI guided-diffusion-sdk), built from our configs.
 
-`reference_model(config)` constructs guided_diffusion.unet's UNetModel / SuperResModel /
-EncoderUNetModel with the same hyper-parameters as an admrt ModelConfig.
+`reference_model(config)` (admrt.reference) constructs guided_diffusion.unet's networks with
+the hyper-parameters of an admrt ModelConfig.
 RELEASED_FLAGS holds the flags of guided-diffusion's README for each released checkpoint,
 passed through its script_util, to check that our presets are those models.
 """
@@ -9,24 +9,9 @@ import warnings
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-from guided_diffusion import script_util, unet  # noqa: E402
+from guided_diffusion import script_util  # noqa: E402
 
-
-def reference_model(config, use_fp16=False):
-    c = config
-    kwargs = dict(
-        image_size=c.image_size, in_channels=c.in_channels, model_channels=c.model_channels,
-        out_channels=c.out_channels, num_res_blocks=c.num_res_blocks,
-        attention_resolutions=tuple(c.image_size // r for r in c.attention_resolutions),
-        dropout=c.dropout, channel_mult=c.channel_mult, conv_resample=c.conv_resample,
-        use_fp16=use_fp16, num_heads=c.num_heads, num_head_channels=c.num_head_channels,
-        num_heads_upsample=c.num_heads_upsample, use_scale_shift_norm=c.use_scale_shift_norm,
-        resblock_updown=c.resblock_updown, use_new_attention_order=c.use_new_attention_order,
-    )
-    if c.kind == "classifier":
-        return unet.EncoderUNetModel(pool=c.pool, **kwargs)
-    cls = unet.SuperResModel if c.kind == "superres" else unet.UNetModel
-    return cls(num_classes=c.num_classes, **kwargs)
+from admrt.reference import reference_model  # noqa: E402,F401
 
 
 _ADM = dict(attention_resolutions="32,16,8", learn_sigma=True, resblock_updown=True,

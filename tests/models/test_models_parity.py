@@ -5,7 +5,7 @@ import torch
 import admrt
 from admrt.checkpoint import assign_state_dict
 from admrt.config import ModelConfig
-from gd_reference import reference_model
+from admrt.reference import reference_model, set_reference_dtype
 
 
 def _cfg(kind="unet", **kw):
@@ -87,11 +87,7 @@ def test_low_precision_within_twice_reference_error(name, dtype):
     x, t, kw = _inputs(config)
     with torch.no_grad():
         exact = ref(x, t, **kw)
-        ref.dtype = dtype  # the reference's own mixed precision: body convs in dtype
-        for part in [ref.input_blocks, ref.middle_block] + ([ref.output_blocks] if hasattr(ref, "output_blocks") else []):
-            for m in part.modules():
-                if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)):
-                    m.to(dtype)
+        set_reference_dtype(ref, dtype)  # the reference's own mixed precision: body convs in dtype
         ref_err = _rel(ref(x, t, **kw), exact)
         ours.set_dtype(dtype)
         got = ours(x, t, **kw)

@@ -1,0 +1,81 @@
+"""guided-diffusion (PyPI guided-diffusion-sdk, import name `guided_diffusion`) as an oracle.
+
+Builds the reference's own modules from admrt configs, and runs its own sampling loops, so that
+tests and benchmarks can put admrt side by side with it: same weights, same noise.
+Nothing here is used for sampling with admrt itself.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig, Preset
+
+
+def _gd():
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            from guided_diffusion import script_util, unet
+    except ImportError as exc:
+        raise ImportError("the reference needs guided-diffusion-sdk: pip install guided-diffusion-sdk") from exc
+    return script_util, unet
+
+
+def reference_model(config: ModelConfig, use_fp16: bool = False) -> torch.nn.Module:
+    """guided_diffusion.unet's UNetModel / SuperResModel / EncoderUNetModel for an admrt config."""
+    _, unet = _gd()
+    c = config
+    kwargs = dict(
+        image_size=c.image_size, in_channels=c.in_channels, model_channels=c.model_channels,
+        out_channels=c.out_channels, num_res_blocks=c.num_res_blocks,
+        attention_resolutions=tuple(c.image_size // r for r in c.attention_resolutions),
+        dropout=c.dropout, channel_mult=c.channel_mult, conv_resample=c.conv_resample,
+        use_fp16=use_fp16, num_heads=c.num_heads, num_head_channels=c.num_head_channels,
+        num_heads_upsample=c.num_heads_upsample, use_scale_shift_norm=c.use_scale_shift_norm,
+        resblock_updown=c.resblock_updown, use_new_attention_order=c.use_new_attention_order,
+    )
+    if c.kind == "classifier":
+        return unet.EncoderUNetModel(pool=c.pool, **kwargs)
+    cls = unet.SuperResModel if c.kind == "superres" else unet.UNetModel
+    return cls(num_classes=c.num_classes, **kwargs)
+
+
+def set_reference_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The reference's mixed precision (its convert_to_fp16: the body's convolutions), for any dtype."""
+    model.dtype = dtype
+    parts = [model.input_blocks, model.middle_block] + (
+        [model.output_blocks] if hasattr(model, "output_blocks") else [])
+    for part in parts:
+        for layer in part.modules():
+            if isinstance(layer, (torch.nn.Conv1d, torch.nn.Conv2d)):
+                layer.to(dtype)
+
+
+def reference_sample(model, classifier, preset: Preset, steps: str, guidance: float, y, shape, device,
+                     seed: int) -> torch.Tensor:
+    """The reference's ddim_sample_loop ("ddimN") or p_sample_loop with classifier_sample.py's
+    cond_fn and model_fn; global torch seed `seed`. Returns uint8 (N, H, W, C)."""
+    script_util, _ = _gd()
+    d = preset.diffusion
+    diffusion = script_util.create_gaussian_diffusion(
+        steps=d.steps, learn_sigma=preset.model.learn_sigma, noise_schedule=d.noise_schedule,
+        timestep_respacing=steps)
+
+    def cond_fn(x, t, y=None):
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            log_probs = F.log_softmax(classifier(x_in, t), dim=-1)
+            selected = log_probs[range(len(log_probs)), y.view(-1)]
+            return torch.autograd.grad(selected.sum(), x_in)[0] * guidance
+
+    def model_fn(x, t, y=None):
+        return model(x, t, y if preset.model.class_cond else None)
+
+    loop = diffusion.ddim_sample_loop if steps.startswith("ddim") else diffusion.p_sample_loop
+    torch.manual_seed(seed)
+    sample = loop(model_fn, shape, clip_denoised=True, model_kwargs={"y": y} if y is not None else {},
+                  cond_fn=cond_fn if (classifier is not None and guidance) else None, device=device)
+    return ((sample + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
