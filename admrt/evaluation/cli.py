@@ -1,0 +1,184 @@
+"""`admrt eval`: the ADM evaluator's metrics, and `admrt eval sweep`: the guidance trade-off.
+
+    admrt eval REF.npz SAMPLES.npz [--features fashion|inception --inception-weights PT] [--json OUT]
+    admrt eval sweep [--model fashion16-cond --classifier fashion16-classifier]
+                     [--scales 0 0.5 1 2 4 8] [--samplers ddim25 250] [--num-samples 1000] [--out DIR]
+
+Batches are .npz files in guided-diffusion's format (arr_0 uint8 NHWC). `REF` may carry
+precomputed mu/sigma/mu_s/sigma_s (the paper's reference batches do), or be
+`fashion-test[:SIZE]` for Fashion-MNIST's test split through admrt's data pipeline at SIZE pixels
+(default 16). Figures made with the default feature network (`--features fashion`, bundled) are
+not comparable with Inception-v3 figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+
+import numpy as np
+
+FASHION_REF = "fashion-test"
+
+
+def _add_feature_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("features and metrics")
+    g.add_argument("--features", choices=("fashion", "inception"), default="fashion",
+                   help="feature network: the bundled Fashion-MNIST CNN (default), or Inception-v3 with FID "
+                        "weights (--inception-weights)")
+    g.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help="local pytorch-fid pt_inception-2015-12-05-6726825d.pth (never downloaded)")
+    g.add_argument("--feature-weights", default=None, metavar="PATH",
+                   help="another Fashion feature network file (default: the bundled one)")
+    g.add_argument("--eval-batch-size", type=int, default=64, help="images per feature-network batch")
+    g.add_argument("--device", default="cpu", help="torch device for features and sampling (default cpu)")
+    g.add_argument("--cache-dir", default=None,
+                   help="reference statistics cache (default $XDG_CACHE_HOME/admrt/eval or ~/.cache/admrt/eval)")
+    g.add_argument("--no-cache", action="store_true", help="neither read nor write cached reference statistics")
+    g.add_argument("--k", type=int, default=3, help="nearest neighbours of precision/recall (default 3)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.split("\n\n")[0]
+    parser.epilog = "Run `admrt eval sweep --help` for the sweep's options."
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    _add_feature_options(parser)
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    # The operands decide between the two forms: `REF SAMPLES` or `sweep ...`.
+    parser.add_argument("operands", nargs=argparse.REMAINDER, metavar="REF SAMPLES | sweep ...",
+                        help="reference batch (.npz or fashion-test[:SIZE]) and sample batch (.npz)")
+
+
+def _metrics_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="admrt eval", description=__doc__.split("\n\n")[0])
+    _add_feature_options(p)
+    p.add_argument("--json", default=None, metavar="PATH")
+    p.add_argument("ref", help="reference batch .npz, or fashion-test[:SIZE]")
+    p.add_argument("sample", help="sample batch .npz (arr_0 uint8 NHWC)")
+    return p
+
+
+def sweep_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="admrt eval sweep", description=(
+        "Sample a model with its noisy classifier over guidance scales and samplers, compute FID, sFID, IS, "
+        "precision and recall of each run against a reference set, and write a report (markdown table, "
+        "plot, sample grids)."))
+    g = p.add_argument_group("models and sampling")
+    g.add_argument("--model", default="fashion16-cond", help="diffusion model: file or bundled name")
+    g.add_argument("--classifier", default="fashion16-classifier", help="noisy classifier: file or bundled name")
+    g.add_argument("--upsampler", default=None, help="optional upsampler (cascade); evaluated at its size")
+    g.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 4.0, 8.0])
+    g.add_argument("--samplers", nargs="+", default=["ddim25", "250"],
+                   help='steps per run: "ddimN" (DDIM) or "N" (DDPM on N respaced steps); default ddim25 250')
+    g.add_argument("--num-samples", type=int, default=1000, help="samples per run (default 1000)")
+    g.add_argument("--batch-size", type=int, default=100, help="sampling batch size")
+    g.add_argument("--seed", type=int, default=0, help="first per-sample seed (the same in every run)")
+    g.add_argument("--backend", default="eager")
+    g.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    g.add_argument("--reference", default=FASHION_REF,
+                   help="reference .npz, or fashion-test (the Fashion-MNIST test split at the samples' size)")
+    g.add_argument("--out", default="docs/guidance_sweep", help="report folder (default docs/guidance_sweep)")
+    g.add_argument("--title", default="Guidance sweep: the bundled Fashion-MNIST models")
+    _add_feature_options(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    ops = list(args.operands or [])
+    if ops and ops[0] == "sweep":
+        return run_sweep_cli(sweep_parser().parse_args(ops[1:]))
+    if not ops:
+        _metrics_parser().print_usage(sys.stderr)
+        print("admrt eval: error: give REF SAMPLES, or `sweep` (see --help)", file=sys.stderr)
+        return 2
+    margs = _metrics_parser().parse_args(ops, namespace=argparse.Namespace(**{
+        k: v for k, v in vars(args).items() if k != "operands"}))
+    return run_metrics(margs)
+
+
+def _threads(args) -> None:
+    if args.threads is not None:
+        import torch
+        torch.set_num_threads(args.threads)
+
+
+def build_evaluator(args):
+    from .evaluator import Evaluator
+    from .features import load_feature_network
+    weights = args.inception_weights if args.features == "inception" else args.feature_weights
+    net = load_feature_network(args.features, weights)
+    return Evaluator(net, batch_size=args.eval_batch_size, device=args.device, cache_dir=args.cache_dir,
+                     use_cache=not args.no_cache, k=args.k)
+
+
+def resolve_reference(spec: str, default_size: int | None = None):
+    """An .npz path as is, or `fashion-test[:SIZE]` -> uint8 (N, S, S, 1) array."""
+    if spec == FASHION_REF or spec.startswith(FASHION_REF + ":"):
+        size = int(spec.split(":", 1)[1]) if ":" in spec else (default_size or 16)
+        from .train_features import fashion_uint8
+        return fashion_uint8("test", size)[0]
+    return spec
+
+
+def run_metrics(args) -> int:
+    _threads(args)
+    from .npz import array_info
+    ev = build_evaluator(args)
+    size = array_info(args.sample)[0][1] if str(args.sample).endswith(".npz") else None
+    t0 = time.time()
+    result = ev.evaluate(resolve_reference(args.ref, size), args.sample)
+    print(f"feature network: {result.feature_network}"
+          + ("  (NOT comparable with Inception-v3 figures)" if args.features == "fashion" else ""))
+    print(f"Inception Score: {result.inception_score:.4f}")
+    print(f"FID: {result.fid:.4f}")
+    print(f"sFID: {result.sfid:.4f}")
+    print(f"Precision: {result.precision:.4f}")
+    print(f"Recall: {result.recall:.4f}")
+    print(f"({result.num_samples} samples, {result.num_reference} reference images, {time.time() - t0:.1f}s)")
+    if args.json:
+        from pathlib import Path
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=1))
+    return 0
+
+
+def run_sweep_cli(args) -> int:
+    _threads(args)
+    import torch
+
+    import admrt
+    from .sweep import SweepConfig, run_sweep, write_report
+    config = SweepConfig(scales=tuple(args.scales), samplers=tuple(args.samplers), num_samples=args.num_samples,
+                         batch_size=args.batch_size, seed=args.seed)
+    model = admrt.load_model(args.model, device=args.device)
+    clf = admrt.load_model(args.classifier, device=args.device) if args.classifier else None
+    up = admrt.load_model(args.upsampler, device=args.device) if args.upsampler else None
+    engine = admrt.Engine(model, classifier=clf, upsampler=up, backend=args.backend, dtype=args.dtype,
+                          device=args.device)
+    size = (up or model).config.image_size
+    ev = build_evaluator(args)
+    t0 = time.time()
+    ref = ev.reference(resolve_reference(args.reference, size))
+    print(f"reference: {args.reference} at {size}x{size}, {len(ref)} images ({time.time() - t0:.0f}s)")
+    rows = run_sweep(engine, ev, ref, config, out_dir=args.out)
+    meta = {
+        "command": "admrt eval sweep " + " ".join(shlex.quote(a) for a in sys.argv[3:])
+        if sys.argv[1:3] == ["eval", "sweep"] else "admrt eval sweep (called from Python)",
+        "model": args.model, "classifier": args.classifier, "upsampler": args.upsampler,
+        "reference": f"{args.reference} ({len(ref)} images at {size}x{size})",
+        "feature network": f"{ev.network.name} (sha256 {ev.network.fingerprint[:16]})",
+        "samples per run": config.num_samples, "seeds": f"{config.seed}..{config.seed + config.num_samples - 1}",
+        "labels": "0..9 cycling", "backend": args.backend, "dtype": args.dtype, "device": args.device,
+        "torch threads": torch.get_num_threads(), "admrt": admrt.__version__,
+        "total seconds": round(time.time() - t0),
+    }
+    if args.features == "fashion":
+        meta["description"] = (
+            "Metrics use admrt's bundled Fashion-MNIST feature CNN (admrt/bundled/fashion_features.safetensors), "
+            "not Inception-v3: the numbers rank these runs against each other and are NOT comparable with "
+            "the paper's Inception-based FID/IS/precision/recall.")
+    path = write_report(rows, args.out, meta, title=args.title)
+    print(f"wrote {path}")
+    return 0
