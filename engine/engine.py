@@ -1,0 +1,325 @@
+"""The Engine: guided ADM sampling (ADM-G) and the two-stage cascade (ADM-G -> ADM-U) of
+Dhariwal & Nichol (2021), on the C++ core.
+
+Python only prepares: coefficient tables (admrt.diffusion), the backends' callables, labels,
+guidance scales and seeds per sample, and batches. Every step of the reverse process runs in
+`admrt.engine._core.sample` (engine/csrc/sampler.cpp).
+
+    eng = admrt.Engine(model, classifier=clf, dtype="fp16")
+    out = eng.sample(classes=[1, 2, 3], steps="ddim25", guidance=1.0, seeds=[7, 8, 9])
+    out.images  # uint8 (N, H, W, C);  out.labels  # int64 (N,)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from admrt.config import DiffusionConfig
+from admrt.diffusion import DiffusionTables, build_tables
+
+from . import _core
+from .backends import ModelInfo, classifier_grad, make_denoiser
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+VARIANCES = ("learned_range", "fixed_small", "fixed_large")
+NOISE_MODES = ("seeded", "reference")
+_SEED_MOD = 2 ** 64
+_UPSAMPLER_DRAW = 2 ** 63 + 1  # the upsampler stage's seed is noise_seed(seed, this)
+
+Progress = Union[bool, Callable[[int, int], None], None]
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    """images: uint8 (N, H, W, C), final stage; labels: int64 (N,) or None (unconditional, no
+    guidance); seeds: the per-sample seeds (seeded noise); base_images: uint8 low-res stage of a
+    cascade, else None; samples: float32 (N, C, H, W) x_0 of the final stage, before
+    quantisation (only with sample(keep_float=True))."""
+
+    images: np.ndarray
+    labels: Optional[np.ndarray]
+    seeds: np.ndarray
+    base_images: Optional[np.ndarray] = None
+    samples: Optional[np.ndarray] = None
+
+
+@dataclass(frozen=True)
+class _Stage:
+    module: nn.Module
+    info: ModelInfo
+    diffusion: DiffusionConfig
+    denoiser: Callable
+
+
+def _parse_steps(steps: Union[str, int, Sequence[int]]) -> tuple[str, Union[str, tuple[int, ...]]]:
+    """(method, respacing): "ddimN" -> DDIM, anything else ("250", "10,10,5", 25) -> DDPM."""
+    if isinstance(steps, str):
+        return ("ddim" if steps.strip().startswith("ddim") else "ddpm"), steps.strip()
+    if isinstance(steps, (int, np.integer)):
+        return "ddpm", (int(steps),)
+    return "ddpm", tuple(int(s) for s in steps)
+
+
+class Engine:
+    """Samples from an ADM model, optionally guided by a noisy classifier and followed by an
+    upsampler.
+
+    model: admrt UNet (admrt.create_model / load_model) or a guided-diffusion UNetModel.
+    classifier: noisy classifier (EncoderUNet) for guidance, or None.
+    upsampler: SuperRes model conditioned on the base model's uint8 output, or None.
+    backend: "eager", "compile", or one registered by admrt.export.
+    dtype: "fp32" | "fp16" | "bf16": applied with model.set_dtype (body convolutions low
+        precision; norms, embeddings and heads fp32). Changes the given modules in place.
+    diffusion / upsampler_diffusion: the processes the models were trained with; by default
+        their presets' (an admrt model records it), else an error asks for it.
+    device: where to sample; default: the model's device.
+    """
+
+    def __init__(self, model: nn.Module, classifier: Optional[nn.Module] = None,
+                 upsampler: Optional[nn.Module] = None, backend: str = "eager", dtype: str = "fp32", *,
+                 diffusion: Optional[DiffusionConfig] = None,
+                 upsampler_diffusion: Optional[DiffusionConfig] = None,
+                 device: Union[str, torch.device, None] = None):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        self.backend, self.dtype = backend, dtype
+        self.device = torch.device(device) if device is not None else _module_device(model)
+        for m in (model, classifier, upsampler):
+            if m is not None:
+                m.to(self.device).eval()
+                _set_dtype(m, DTYPES[dtype])
+
+        self.base = self._stage(model, "model", diffusion, expect=("unet",))
+        self.upsampler = None
+        if upsampler is not None:
+            self.upsampler = self._stage(upsampler, "upsampler", upsampler_diffusion, expect=("superres",))
+            low = self.upsampler.info.low_res_size
+            if low is not None and low != self.base.info.image_size:
+                raise ValueError(f"upsampler: conditioned on {low}x{low} images, but the model samples "
+                                 f"{self.base.info.image_size}x{self.base.info.image_size}")
+            if self.upsampler.info.in_channels != self.base.info.in_channels:
+                raise ValueError(f"upsampler: in_channels={self.upsampler.info.in_channels} differs from the "
+                                 f"model's {self.base.info.in_channels}")
+        self.classifier = classifier
+        self.classifier_info = None
+        self._grad = None
+        if classifier is not None:
+            self.classifier_info = ModelInfo.of(classifier, "classifier")
+            if self.classifier_info.kind != "classifier":
+                raise ValueError(f"classifier: expected a noisy classifier (EncoderUNet), got a "
+                                 f"{self.classifier_info.kind!r} model")
+            self._grad = classifier_grad(classifier)
+
+    def _stage(self, module, role, diffusion, expect) -> _Stage:
+        info = ModelInfo.of(module, role)
+        if info.kind not in expect:
+            raise ValueError(f"{role}: expected a model of kind {expect}, got {info.kind!r}")
+        if diffusion is None:
+            preset = getattr(module, "preset", None)
+            if preset is None:
+                raise ValueError(f"{role}: it records no preset, so its diffusion process is unknown; pass "
+                                 f"{'diffusion' if role == 'model' else 'upsampler_diffusion'}=DiffusionConfig(...)")
+            diffusion = preset.diffusion
+        return _Stage(module, info, diffusion, make_denoiser(module, info, self.backend))
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        """Labels the run accepts: the classifier's classes if guided, else the model's."""
+        if self.classifier_info is not None:
+            return self.classifier_info.out_channels
+        return self.base.info.num_classes
+
+    def steps_per_batch(self, steps: Union[str, int] = "ddim25", upsampler_steps: Union[str, int, None] = None) -> int:
+        """Network evaluations of one batch (both stages of a cascade): for progress bars."""
+        n = len(build_tables(self.base.diffusion, _parse_steps(steps)[1]).timestep_map)
+        if self.upsampler is not None:
+            up = steps if upsampler_steps is None else upsampler_steps
+            n += len(build_tables(self.upsampler.diffusion, _parse_steps(up)[1]).timestep_map)
+        return n
+
+    def sample(self, classes: Optional[Sequence[int]] = None, steps: Union[str, int] = "ddim25",
+               guidance: Union[float, Sequence[float], None] = None,
+               seeds: Union[int, Sequence[int], None] = None, batch_size: int = 16, *,
+               num: Optional[int] = None, eta: float = 0.0, clip_denoised: bool = True,
+               noise: str = "seeded", variance: Optional[str] = None, method: Optional[str] = None,
+               upsampler_steps: Union[str, int, None] = None, check_finite: bool = True,
+               keep_float: bool = False, progress: Progress = False) -> SampleResult:
+        """Sample len(classes) images (or `num`).
+
+        classes: one label per image; None: `num` images with labels 0, 1, ..., cycling over the
+            classes (class-conditional or guided), or unlabelled (unconditional, unguided).
+        steps: "ddimN" (DDIM), or "N" / "a,b,c" / N (DDPM on the respaced process).
+        guidance: classifier scale, one for all or one per image; None: 1.0 with a classifier,
+            0 without. Non-zero needs a classifier.
+        seeds: one per image, or an int s for s, s+1, ...; None: 0, 1, .... In "seeded" noise an
+            image depends only on its seed (and class, scale, steps), not on the batch. In
+            "reference" noise one generator draws as guided-diffusion does: seeded with the first
+            seed, or the global torch generator when seeds is None.
+        variance: "learned_range" | "fixed_small" | "fixed_large"; None: learned_range for a
+            learned-sigma model, else fixed_large (the reference's defaults).
+        method: "ddpm" | "ddim" to override what `steps` implies.
+        upsampler_steps: the cascade's second stage (default: `steps`).
+        check_finite: raise as soon as a model output or the gradient is NaN/Inf.
+        keep_float: also return the float x_0 (result.samples).
+        progress: True for a tqdm bar, or a callable(done, total) over all steps of the run.
+        """
+        labels, n = self._labels(classes, num)
+        scales = self._guidance(guidance, n)
+        if noise not in NOISE_MODES:
+            raise ValueError(f"noise={noise!r}: expected one of {NOISE_MODES}")
+        seed_arr = _seeds(seeds, n)
+        if batch_size <= 0:
+            raise ValueError(f"batch_size={batch_size}: expected a positive int")
+        if eta < 0:
+            raise ValueError(f"eta={eta}: expected eta >= 0")
+        base_plan = self._plan(self.base, steps, method, variance)
+        up_plan = None
+        if self.upsampler is not None:
+            up_plan = self._plan(self.upsampler, steps if upsampler_steps is None else upsampler_steps, method,
+                                 None)
+        generator = None
+        if noise == "reference" and seeds is not None:
+            generator = torch.Generator(self.device).manual_seed(int(seed_arr[0]))
+
+        total = math.ceil(n / batch_size) * (base_plan[1].num_timesteps + (up_plan[1].num_timesteps if up_plan else 0))
+        bar, on_step = _progress(progress, total)
+        images, base_images, floats = [], [], []
+        try:
+            for start in range(0, n, batch_size):
+                idx = slice(start, min(start + batch_size, n))
+                y = None if labels is None else torch.as_tensor(labels[idx], device=self.device)
+                b_seeds = [int(s) for s in seed_arr[idx]]
+                g = torch.tensor(scales[idx], dtype=torch.float32, device=self.device)
+                x = self._run(self.base, base_plan, y, None, g if self._grad is not None else None,
+                              b_seeds, noise, generator, eta, clip_denoised, check_finite, on_step)
+                img = _core.to_uint8_nhwc(x)
+                if self.upsampler is not None:
+                    base_images.append(img.cpu().numpy())
+                    # ADM-U is conditioned on the saved low-res samples (uint8 -> [-1, 1]).
+                    low_res = img.permute(0, 3, 1, 2).float() / 127.5 - 1
+                    up_seeds = [_core.noise_seed(s, _UPSAMPLER_DRAW) for s in b_seeds]
+                    x = self._run(self.upsampler, up_plan, y, low_res, None, up_seeds, noise, generator, eta,
+                                  clip_denoised, check_finite, on_step)
+                    img = _core.to_uint8_nhwc(x)
+                images.append(img.cpu().numpy())
+                if keep_float:
+                    floats.append(x.cpu().numpy())
+        finally:
+            if bar is not None:
+                bar.close()
+        return SampleResult(
+            images=np.concatenate(images), labels=labels, seeds=seed_arr,
+            base_images=np.concatenate(base_images) if base_images else None,
+            samples=np.concatenate(floats) if floats else None)
+
+    # -----------------------------------------------------------------------------------------
+
+    def _labels(self, classes, num) -> tuple[Optional[np.ndarray], int]:
+        k = self.num_classes
+        if classes is None:
+            if num is None or num <= 0:
+                raise ValueError(f"num={num!r}: give classes=[...] or a positive num")
+            return (None if k is None else np.arange(num, dtype=np.int64) % k), int(num)
+        labels = np.asarray(classes, dtype=np.int64).reshape(-1)
+        if num is not None and num != labels.size:
+            raise ValueError(f"num={num}: differs from len(classes)={labels.size}")
+        if labels.size == 0:
+            raise ValueError("classes=[]: expected at least one class")
+        if k is None:
+            raise ValueError("classes: the model is unconditional and there is no classifier; pass num= instead")
+        bad = labels[(labels < 0) | (labels >= k)]
+        if bad.size:
+            raise ValueError(f"classes: {bad[:5].tolist()} out of range; expected ids in [0, {k})")
+        return labels, int(labels.size)
+
+    def _guidance(self, guidance, n) -> np.ndarray:
+        if guidance is None:
+            guidance = 1.0 if self._grad is not None else 0.0
+        scales = np.broadcast_to(np.asarray(guidance, dtype=np.float64), (n,)) if np.ndim(guidance) == 0 \
+            else np.asarray(guidance, dtype=np.float64)
+        if scales.shape != (n,):
+            raise ValueError(f"guidance: expected one scale or {n} (one per image), got {scales.size}")
+        if not np.isfinite(scales).all():
+            raise ValueError(f"guidance={guidance!r}: expected finite scales")
+        if self._grad is None and np.any(scales != 0):
+            raise ValueError(f"guidance={guidance!r} needs a classifier: pass Engine(..., classifier=...) "
+                             "or guidance=0")
+        return scales
+
+    def _plan(self, stage: _Stage, steps, method, variance) -> tuple[str, DiffusionTables, object, str]:
+        implied, respacing = _parse_steps(steps)
+        method = method or implied
+        if method not in ("ddpm", "ddim"):
+            raise ValueError(f"method={method!r}: expected 'ddpm' or 'ddim'")
+        tables = build_tables(stage.diffusion, respacing)
+        if variance is None:
+            variance = "learned_range" if stage.info.learn_sigma else "fixed_large"
+        if variance not in VARIANCES:
+            raise ValueError(f"variance={variance!r}: expected one of {VARIANCES}")
+        if variance == "learned_range" and not stage.info.learn_sigma:
+            raise ValueError(f"variance='learned_range': the model outputs {stage.info.out_channels} channels, "
+                             f"not 2*{stage.info.in_channels} (eps and variance values)")
+        schedule = _core.Schedule(tables.tensors(), tables.original_num_steps, tables.rescale_timesteps)
+        return method, tables, schedule, variance
+
+    def _run(self, stage, plan, y, low_res, scales, seeds, noise, generator, eta, clip_denoised, check_finite,
+             on_step) -> torch.Tensor:
+        method, _, schedule, variance = plan
+        info = stage.info
+        shape = [len(seeds), info.in_channels, info.image_size, info.image_size]
+        return _core.sample(stage.denoiser, self._grad if scales is not None else None, schedule, shape,
+                            method=method, variance=variance, eta=float(eta), clip_denoised=clip_denoised,
+                            check_finite=check_finite, noise=noise, y=y, low_res=low_res, guidance=scales,
+                            seeds=seeds if noise == "seeded" else [], generator=generator, device=self.device,
+                            progress=on_step)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _set_dtype(module: nn.Module, dtype: torch.dtype) -> None:
+    if hasattr(module, "set_dtype"):
+        module.set_dtype(dtype)
+    elif dtype != torch.float32:
+        raise ValueError(f"dtype: {type(module).__name__} has no set_dtype(); only 'fp32' is available for it")
+
+
+def _seeds(seeds, n) -> np.ndarray:
+    """Per-image seeds as uint64 (Python ints reduced mod 2**64)."""
+    if seeds is None:
+        base = [0]
+    elif np.ndim(seeds) == 0:
+        base = [int(seeds)]
+    else:
+        base = None
+    if base is not None:
+        return np.asarray([(base[0] + i) % _SEED_MOD for i in range(n)], dtype=np.uint64)
+    arr = [int(s) % _SEED_MOD for s in seeds]
+    if len(arr) != n:
+        raise ValueError(f"seeds: expected {n} (one per image) or one int, got {len(arr)}")
+    return np.asarray(arr, dtype=np.uint64)
+
+
+def _progress(progress: Progress, total: int):
+    if progress is None or progress is False:
+        return None, None
+    if callable(progress) and progress is not True:
+        done = [0]
+
+        def step(_k, _n):
+            done[0] += 1
+            progress(done[0], total)
+        return None, step
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, unit="step", desc="sampling")
+    return bar, lambda _k, _n: bar.update(1)

@@ -1,0 +1,152 @@
+"""Engine API: seeded noise, cascade, per-sample settings, and clear errors on bad input."""
+import numpy as np
+import pytest
+import torch
+
+import admrt
+from admrt.config import DiffusionConfig, ModelConfig
+from admrt.diffusion import build_tables
+from admrt.engine import _core
+
+
+def _random(preset):
+    torch.manual_seed(0)
+    model = admrt.create_model(preset)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def cond():
+    return _random("tiny-cond")
+
+
+@pytest.fixture(scope="module")
+def clf():
+    return _random("tiny-classifier")
+
+
+def _schedule(respacing):
+    tb = build_tables(DiffusionConfig(), respacing)
+    return _core.Schedule(tb.tensors(), tb.original_num_steps, tb.rescale_timesteps)
+
+
+def _zero_model(x, t, y, low_res):
+    return torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+
+
+@pytest.mark.parametrize("method,steps", [("ddpm", "10"), ("ddim", "ddim10")])
+def test_seeded_noise_is_batch_invariant_exactly(method, steps):
+    """With a fixed network the sample is a function of the noise only: same seed, same bits,
+    whatever the batch size and position."""
+    sched = _schedule(steps)
+    run = lambda seeds: _core.sample(_zero_model, None, sched, [len(seeds), 3, 8, 8], method=method, eta=1.0,
+                                     seeds=seeds)
+    big = run([5, 6, 7, 8])
+    small = run([8, 5])
+    single = run([6])
+    assert torch.equal(big[3], small[0]) and torch.equal(big[0], small[1]) and torch.equal(big[1], single[0])
+    assert not torch.equal(big[0], big[1])
+    assert _core.noise_seed(5, 1) != _core.noise_seed(5, 2) != _core.noise_seed(6, 1)
+
+
+def test_engine_same_seed_same_image_any_batch(cond, clf):
+    eng = admrt.Engine(cond, classifier=clf)
+    kw = dict(steps="ddim5", guidance=[0.0, 2.0, 1.0], keep_float=True)
+    a = eng.sample(classes=[1, 4, 9], seeds=[11, 12, 13], batch_size=3, **kw)
+    b = eng.sample(classes=[9, 4, 1], seeds=[13, 12, 11], batch_size=2, guidance=[1.0, 2.0, 0.0],
+                   steps="ddim5", keep_float=True)
+    np.testing.assert_allclose(a.samples, b.samples[::-1], atol=1e-4)
+    assert np.abs(a.images.astype(int) - b.images[::-1].astype(int)).max() <= 1
+    assert a.labels.tolist() == [1, 4, 9] and a.seeds.tolist() == [11, 12, 13]
+    c = eng.sample(classes=[1, 4, 9], seeds=[21, 12, 13], **kw)
+    assert not np.allclose(a.samples[0], c.samples[0]) and np.allclose(a.samples[1:], c.samples[1:], atol=1e-4)
+
+
+def test_guidance_changes_the_sample(cond, clf):
+    eng = admrt.Engine(cond, classifier=clf)
+    out = eng.sample(classes=[2, 2], seeds=[3, 3], guidance=[0.0, 10.0], steps="ddim5", keep_float=True)
+    assert not np.allclose(out.samples[0], out.samples[1], atol=1e-3)
+
+
+def test_cascade_base_then_upsampler(clf):
+    torch.manual_seed(0)
+    base_cfg = ModelConfig(kind="unet", image_size=8, model_channels=32, out_channels=6, num_res_blocks=1,
+                           attention_resolutions=(4,), channel_mult=(1, 2), num_classes=10, num_head_channels=16)
+    base = admrt.create_model(base_cfg)
+    up = _random("tiny-upsample")
+    eng = admrt.Engine(base, upsampler=up)
+    calls = []
+    out = eng.sample(classes=[0, 3, 5], steps="ddim4", upsampler_steps="ddim3", batch_size=2,
+                     progress=lambda done, total: calls.append((done, total)))
+    assert out.base_images.shape == (3, 8, 8, 3) and out.images.shape == (3, 16, 16, 3)
+    assert out.images.dtype == np.uint8 and out.labels.tolist() == [0, 3, 5]
+    assert calls[-1] == (14, 14) and len(calls) == 14  # 2 batches x (4 + 3) steps
+    with pytest.raises(ValueError, match="conditioned on 8x8 images"):
+        admrt.Engine(_random("tiny-cond"), upsampler=up)
+
+
+def test_fixed_variance_and_ddpm_run(clf):
+    uncond = _random("tiny-uncond")
+    out = admrt.Engine(uncond, classifier=clf).sample(classes=[1], steps="5", guidance=1.0)
+    assert out.images.shape == (1, 16, 16, 3)
+    out = admrt.Engine(uncond).sample(num=2, steps="ddim3")
+    assert out.labels is None and out.images.shape == (2, 16, 16, 3)
+    with pytest.raises(ValueError, match="variance='learned_range'"):
+        admrt.Engine(uncond).sample(num=1, variance="learned_range")
+
+
+def test_bad_inputs_give_clear_errors(cond, clf):
+    eng = admrt.Engine(cond)
+    with pytest.raises(ValueError, match="steps='fast'"):
+        eng.sample(classes=[1], steps="fast")
+    with pytest.raises(ValueError, match="steps='ddim999'"):
+        eng.sample(classes=[1], steps="ddim999")
+    with pytest.raises(ValueError, match="needs a classifier"):
+        eng.sample(classes=[1], guidance=2.0)
+    with pytest.raises(ValueError, match=r"out of range; expected ids in \[0, 10\)"):
+        eng.sample(classes=[1, 10])
+    with pytest.raises(ValueError, match="seeds: expected 2"):
+        eng.sample(classes=[1, 2], seeds=[1, 2, 3])
+    with pytest.raises(ValueError, match="noise='fancy'"):
+        eng.sample(classes=[1], noise="fancy")
+    with pytest.raises(ValueError, match="dtype='fp8'"):
+        admrt.Engine(cond, dtype="fp8")
+    with pytest.raises(ValueError, match="backend='tensorrt'"):
+        admrt.Engine(cond, backend="tensorrt")
+    with pytest.raises(ValueError, match="expected a noisy classifier"):
+        admrt.Engine(cond, classifier=cond)
+    with pytest.raises(ValueError, match="guidance: expected one scale or 2"):
+        admrt.Engine(cond, classifier=clf).sample(classes=[1, 2], guidance=[1.0, 2.0, 3.0])
+
+
+def test_nan_from_the_model_is_reported():
+    model = _random("tiny-cond")
+    with torch.no_grad():
+        model.out[-1].bias.fill_(float("nan"))
+    with pytest.raises(RuntimeError, match=r"model output contains NaN or Inf at step index 2 \(timestep t=668\)"):
+        admrt.Engine(model).sample(classes=[1], steps="ddim3")
+
+
+def test_core_checks_its_inputs():
+    sched = _schedule("ddim3")
+    with pytest.raises(ValueError, match="needs a classifier"):
+        _core.sample(_zero_model, None, sched, [1, 3, 8, 8], guidance=torch.ones(1), y=torch.zeros(1, dtype=torch.long),
+                     seeds=[1])
+    with pytest.raises(ValueError, match="seeds: expected 2"):
+        _core.sample(_zero_model, None, sched, [2, 3, 8, 8], seeds=[1])
+    with pytest.raises(RuntimeError, match=r"model output: expected shape \(1, 6, 8, 8\)"):
+        _core.sample(lambda x, t, y, lr: x, None, sched, [1, 3, 8, 8], seeds=[1])
+    with pytest.raises(ValueError, match="method='plms'"):
+        _core.sample(_zero_model, None, sched, [1, 3, 8, 8], seeds=[1], method="plms")
+    with pytest.raises(ValueError, match="missing table 'log_betas'"):
+        tables = build_tables(DiffusionConfig(), "ddim3").tensors()
+        del tables["log_betas"]
+        _core.Schedule(tables, 1000)
+
+
+def test_lazy_engine_export():
+    assert admrt.Engine is admrt.engine.Engine
