@@ -75,7 +75,9 @@ class FeatureNetwork(nn.Module):
             batch = np.asarray(batch)
             if batch.dtype != np.uint8 or batch.ndim != 4:
                 raise ValueError(f"images: expected uint8 (N, H, W, C), got {batch.dtype} {batch.shape}")
-            x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
+            if not batch.flags.writeable or not batch.flags.c_contiguous:  # streamed from an .npz
+                batch = np.array(batch, copy=True, order="C")
+            x = torch.from_numpy(batch).to(device)
             p, s, l = self(x)
             pools.append(p.float().cpu().numpy())
             spatials.append(s.float().cpu().numpy())
