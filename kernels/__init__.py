@@ -9,6 +9,8 @@ Dispatch, per call:
   tensor is on CUDA, or on CPU while the Triton interpreter is active (TRITON_INTERPRET=1 set
   before this package is imported). Otherwise the torch reference runs and a warning is
   logged once per op and reason: never a silent fallback.
+- fused="auto" (the models' default): the fused op where it can run, else the reference with
+  no warning (on a CPU without the interpreter the reference is the documented path).
 - fused="require": the fused op or a RuntimeError.
 - fused=False: the torch reference.
 """
@@ -52,11 +54,13 @@ def fused_available(t: torch.Tensor) -> bool:
 def _use_fused(op: str, t: torch.Tensor, fused) -> bool:
     if fused is False:
         return False
-    if fused is not True and fused != "require":
-        raise ValueError(f"fused={fused!r}: expected True, False or 'require'")
+    if fused is not True and fused not in ("auto", "require"):
+        raise ValueError(f"fused={fused!r}: expected True, False, 'auto' or 'require'")
     reason = _unavailable_reason(t)
     if reason is None:
         return True
+    if fused == "auto":
+        return False
     if fused == "require":
         raise RuntimeError(f"{op}: fused kernel required (fused='require') but {reason}")
     if (op, reason) not in _warned:

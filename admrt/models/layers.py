@@ -50,9 +50,11 @@ def zero_module(module: nn.Module) -> nn.Module:
 
 
 class FusedOpsMixin:
-    """A block that calls admrt.kernels; `fused` picks the fused kernels where available."""
+    """A block that calls admrt.kernels. `fused`: "auto" (fused kernels where they can run, i.e.
+    on CUDA; the torch reference elsewhere), True (fused, warn once when it cannot run),
+    "require" (fused or an error), False (the torch reference)."""
 
-    fused: bool = True
+    fused: bool | str = "auto"
 
     def norm_act(self, norm: nn.GroupNorm, x: torch.Tensor, act: str = "silu",
                  scale: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:

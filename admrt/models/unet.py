@@ -87,11 +87,14 @@ class ADMBase(nn.Module):
                     m.to(self.dtype)
         return self
 
-    def set_fused_kernels(self, enabled: bool) -> "ADMBase":
-        """Use the fused Triton kernels (GroupNorm/AdaGN/SiLU, attention) where available."""
+    def set_fused_kernels(self, enabled: bool | str) -> "ADMBase":
+        """Fused Triton kernels (GroupNorm/AdaGN/SiLU, attention): True | False | "auto" (default:
+        fused on CUDA, torch reference elsewhere) | "require" (see admrt.kernels)."""
+        if enabled not in (True, False, "auto", "require"):
+            raise ValueError(f"enabled={enabled!r}: expected True, False, 'auto' or 'require'")
         for m in self.modules():
             if isinstance(m, FusedOpsMixin):
-                m.fused = bool(enabled)
+                m.fused = enabled
         return self
 
     # -- input checks ---------------------------------------------------------------------

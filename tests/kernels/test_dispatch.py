@@ -29,6 +29,16 @@ def test_cpu_falls_back_to_reference_with_one_warning(caplog):
 
 
 @pytest.mark.skipif(K.INTERPRET or torch.cuda.is_available(), reason="CPU-only dispatch check")
+def test_auto_is_the_reference_on_cpu_without_a_warning(caplog):
+    x, w, b = _gn_args()
+    K._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="admrt.kernels"):
+        y = K.group_norm_act(x, w, b, fused="auto")
+    torch.testing.assert_close(y, K.group_norm_act_reference(x, w, b), rtol=0, atol=0)
+    assert not [r for r in caplog.records if r.name == "admrt.kernels"]
+
+
+@pytest.mark.skipif(K.INTERPRET or torch.cuda.is_available(), reason="CPU-only dispatch check")
 def test_require_raises_without_device():
     x, w, b = _gn_args()
     with pytest.raises(RuntimeError, match="fused kernel required"):
