@@ -61,8 +61,11 @@ def _load(spec: str, preset: str | None, role: str, device: str):
         return admrt.load_model(spec, preset=preset, device=device)
     if spec in admrt.PRESETS:
         print(f"admrt sample: {role} {spec!r}: no weights found (no file, not bundled); using RANDOM weights "
-              "of that preset: the images will be noise", file=sys.stderr)
-        return admrt.create_model(spec, device=device)
+              "of that preset (initialised from seed 0): the images will be noise", file=sys.stderr)
+        import torch
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the same random model on every run, so a resumed run matches
+            return admrt.create_model(spec, device=device)
     raise SystemExit(f"admrt sample: --{role}={spec!r}: not a file, a bundled model or a preset name")
 
 
