@@ -42,12 +42,16 @@ def tiny():
             "clf": (clf, _oracle_twin(clf))}
 
 
-def _reference_samples(ref_model, ref_clf, learn_sigma, steps, y, scale, shape):
+VAR_TYPES = {"learned_range": gd.ModelVarType.LEARNED_RANGE, "fixed_large": gd.ModelVarType.FIXED_LARGE,
+             "fixed_small": gd.ModelVarType.FIXED_SMALL}
+
+
+def _reference_samples(ref_model, ref_clf, variance, steps, y, scale, shape):
     ddim = steps.startswith("ddim")
     diffusion = respace.SpacedDiffusion(
         respace.space_timesteps(1000, steps), betas=gd.get_named_beta_schedule("linear", 1000),
         model_mean_type=gd.ModelMeanType.EPSILON,
-        model_var_type=gd.ModelVarType.LEARNED_RANGE if learn_sigma else gd.ModelVarType.FIXED_LARGE,
+        model_var_type=VAR_TYPES[variance],
         loss_type=gd.LossType.MSE)
 
     def cond_fn(x, t, y=None):  # guided-diffusion's scripts/classifier_sample.py
@@ -66,22 +70,24 @@ def _reference_samples(ref_model, ref_clf, learn_sigma, steps, y, scale, shape):
                 cond_fn=cond_fn if scale else None)
 
 
-@pytest.mark.parametrize("kind,steps,scale", [
-    ("cond", "25", 0.0), ("cond", "25", 3.0), ("cond", "ddim10", 0.0), ("cond", "ddim10", 3.0),
-    ("uncond", "25", 3.0), ("uncond", "ddim10", 0.0),
+@pytest.mark.parametrize("kind,steps,scale,variance", [
+    ("cond", "25", 0.0, "learned_range"), ("cond", "25", 3.0, "learned_range"),
+    ("cond", "ddim10", 0.0, "learned_range"), ("cond", "ddim10", 3.0, "learned_range"),
+    ("uncond", "25", 3.0, "fixed_large"), ("uncond", "ddim10", 0.0, "fixed_large"),
+    ("uncond", "10", 0.0, "fixed_small"),
 ])
-def test_loop_matches_guided_diffusion(tiny, kind, steps, scale):
+def test_loop_matches_guided_diffusion(tiny, kind, steps, scale, variance):
     model, ref_model = tiny[kind]
     clf, ref_clf = tiny["clf"]
     y = torch.tensor([3, 7])
     shape = (2, 3, 16, 16)
-    expected = _reference_samples(ref_model, ref_clf, model.config.learn_sigma, steps, y, scale, shape)
+    expected = _reference_samples(ref_model, ref_clf, variance, steps, y, scale, shape)
 
     eng = admrt.Engine(model, classifier=clf if scale else None)
     torch.manual_seed(SEED)  # reference noise from the global generator, seeded as the oracle was
     labelled = kind == "cond" or scale != 0
     out = eng.sample(classes=y.tolist() if labelled else None, num=2, steps=steps, guidance=scale,
-                     noise="reference", batch_size=2, keep_float=True)
+                     noise="reference", batch_size=2, keep_float=True, variance=variance)
     diff = (torch.from_numpy(out.samples) - expected).abs().max().item()
     assert diff <= TOL, f"{kind} {steps} guidance={scale}: max abs diff {diff}"
     expected_u8 = ((expected + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
@@ -94,7 +100,7 @@ def test_reference_seed_uses_own_generator(tiny):
     """noise='reference' with a seed: a generator seeded like torch.manual_seed(seed)."""
     model, ref_model = tiny["cond"]
     y = torch.tensor([1, 2])
-    expected = _reference_samples(ref_model, None, True, "ddim10", y, 0.0, (2, 3, 16, 16))
+    expected = _reference_samples(ref_model, None, "learned_range", "ddim10", y, 0.0, (2, 3, 16, 16))
     out = admrt.Engine(model).sample(classes=[1, 2], steps="ddim10", noise="reference", seeds=SEED)
     expected_u8 = ((expected + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
     assert (torch.from_numpy(out.images).int() - expected_u8.int()).abs().max() <= 1
