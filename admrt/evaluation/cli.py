@@ -42,7 +42,7 @@ def _add_feature_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.split("\n\n")[0]
+    parser.description = __doc__
     parser.epilog = "Run `admrt eval sweep --help` for the sweep's options."
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     _add_feature_options(parser)

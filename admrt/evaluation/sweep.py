@@ -217,14 +217,15 @@ def _plot_pil(series, scales, samplers, path: Path) -> Path:
         if hi == lo:
             hi = lo + 1
 
-        def px(x, lo=lo, hi=hi, x0=x0, x1=x1, y0=y0, y1=y1):
+        inset = 12  # keep points off the frame
+
+        def px(x, x0=x0, x1=x1):
             i = scales.index(x)
-            return x0 + (x1 - x0) * (i / max(1, len(scales) - 1))
+            return x0 + inset + (x1 - x0 - 2 * inset) * (i / max(1, len(scales) - 1))
 
         def py(v, lo=lo, hi=hi, y0=y0, y1=y1):
-            return y1 - (y1 - y0) * (v - lo) / (hi - lo)
+            return y1 - inset - (y1 - y0 - 2 * inset) * (v - lo) / (hi - lo)
 
-        d.rectangle([x0, y0, x1, y1], outline=(80, 80, 80))
         d.text(((x0 + x1) / 2, 8), name, fill="black", font=font, anchor="mt")
         for t in ticks:
             yy = py(t)
@@ -235,6 +236,7 @@ def _plot_pil(series, scales, samplers, path: Path) -> Path:
             d.line([xx, y1, xx, y1 + 4], fill=(80, 80, 80))
             d.text((xx, y1 + 7), f"{x:g}", fill="black", font=font, anchor="mt")
         d.text(((x0 + x1) / 2, y1 + 26), "guidance scale", fill="black", font=font, anchor="mt")
+        d.rectangle([x0, y0, x1, y1], outline=(80, 80, 80))
         for i, s in enumerate(samplers):
             color = _COLORS[i % len(_COLORS)]
             pts = [(px(x), py(v)) for x, v in by_sampler[s]]
