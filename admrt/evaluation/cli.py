@@ -47,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     _add_feature_options(parser)
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--pr-reference-size", type=int, default=None,
+                        help="precision/recall against a fixed random subset of the reference (default: all)")
     # The operands decide between the two forms: `REF SAMPLES` or `sweep ...`.
     parser.add_argument("operands", nargs=argparse.REMAINDER, metavar="REF SAMPLES | sweep ...",
                         help="reference batch (.npz or fashion-test[:SIZE]) and sample batch (.npz)")
@@ -56,6 +58,8 @@ def _metrics_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="admrt eval", description=__doc__.split("\n\n")[0])
     _add_feature_options(p)
     p.add_argument("--json", default=None, metavar="PATH")
+    p.add_argument("--pr-reference-size", type=int, default=None,
+                   help="precision/recall against a fixed random subset of the reference (default: all)")
     p.add_argument("ref", help="reference batch .npz, or fashion-test[:SIZE]")
     p.add_argument("sample", help="sample batch .npz (arr_0 uint8 NHWC)")
     return p
@@ -73,7 +77,11 @@ def sweep_parser() -> argparse.ArgumentParser:
     g.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 4.0, 8.0])
     g.add_argument("--samplers", nargs="+", default=["ddim25", "250"],
                    help='steps per run: "ddimN" (DDIM) or "N" (DDPM on N respaced steps); default ddim25 250')
-    g.add_argument("--num-samples", type=int, default=1000, help="samples per run (default 1000)")
+    g.add_argument("--num-samples", type=int, nargs="+", default=[1000],
+                   help="samples per run: one count, or one per sampler (default 1000)")
+    g.add_argument("--pr-reference-size", type=int, default=None,
+                   help="precision/recall against a fixed random subset of the reference of this size "
+                        "(default: as many as the run's samples; 0: the whole reference)")
     g.add_argument("--batch-size", type=int, default=100, help="sampling batch size")
     g.add_argument("--seed", type=int, default=0, help="first per-sample seed (the same in every run)")
     g.add_argument("--backend", default="eager")
@@ -111,7 +119,7 @@ def build_evaluator(args):
     weights = args.inception_weights if args.features == "inception" else args.feature_weights
     net = load_feature_network(args.features, weights)
     return Evaluator(net, batch_size=args.eval_batch_size, device=args.device, cache_dir=args.cache_dir,
-                     use_cache=not args.no_cache, k=args.k)
+                     use_cache=not args.no_cache, k=args.k, pr_reference_size=args.pr_reference_size or None)
 
 
 def resolve_reference(spec: str, default_size: int | None = None):
@@ -149,9 +157,9 @@ def run_sweep_cli(args) -> int:
     import torch
 
     import admrt
-    from .sweep import SweepConfig, run_sweep, write_report
-    config = SweepConfig(scales=tuple(args.scales), samplers=tuple(args.samplers), num_samples=args.num_samples,
-                         batch_size=args.batch_size, seed=args.seed)
+    from .sweep import SweepConfig, run_sweep, sampler_label, write_report
+    config = SweepConfig(scales=tuple(args.scales), samplers=tuple(args.samplers),
+                         num_samples=tuple(args.num_samples), batch_size=args.batch_size, seed=args.seed)
     model = admrt.load_model(args.model, device=args.device)
     clf = admrt.load_model(args.classifier, device=args.device) if args.classifier else None
     up = admrt.load_model(args.upsampler, device=args.device) if args.upsampler else None
@@ -162,14 +170,28 @@ def run_sweep_cli(args) -> int:
     t0 = time.time()
     ref = ev.reference(resolve_reference(args.reference, size))
     print(f"reference: {args.reference} at {size}x{size}, {len(ref)} images ({time.time() - t0:.0f}s)")
-    rows = run_sweep(engine, ev, ref, config, out_dir=args.out)
+    if args.pr_reference_size is None:
+        rows = []
+        for i, steps in enumerate(config.samplers):   # P/R reference matched to each sampler's count
+            ev.pr_reference_size = config.samples_for(i) if config.samples_for(i) < len(ref) else None
+            sub = SweepConfig(config.scales, (steps,), (config.samples_for(i),), config.batch_size, config.seed,
+                              config.grid_per_class)
+            rows += run_sweep(engine, ev, ref, sub, out_dir=args.out)
+    else:
+        ev.pr_reference_size = args.pr_reference_size or None
+        rows = run_sweep(engine, ev, ref, config, out_dir=args.out)
     meta = {
         "command": "admrt eval sweep " + " ".join(shlex.quote(a) for a in sys.argv[3:])
         if sys.argv[1:3] == ["eval", "sweep"] else "admrt eval sweep (called from Python)",
         "model": args.model, "classifier": args.classifier, "upsampler": args.upsampler,
         "reference": f"{args.reference} ({len(ref)} images at {size}x{size})",
         "feature network": f"{ev.network.name} (sha256 {ev.network.fingerprint[:16]})",
-        "samples per run": config.num_samples, "seeds": f"{config.seed}..{config.seed + config.num_samples - 1}",
+        "samples per run": ", ".join(f"{sampler_label(s)}: {config.samples_for(i)}"
+                                     for i, s in enumerate(config.samplers)),
+        "seeds": f"{config.seed}, {config.seed + 1}, ... (the same in every run of a sampler)",
+        "precision/recall reference": ("a fixed random subset (seed 0) of the reference, as large as the "
+                                       "run's sample set" if args.pr_reference_size is None else
+                                       f"{args.pr_reference_size or 'all'} reference images"),
         "labels": "0..9 cycling", "backend": args.backend, "dtype": args.dtype, "device": args.device,
         "torch threads": torch.get_num_threads(), "admrt": admrt.__version__,
         "total seconds": round(time.time() - t0),

@@ -6,7 +6,9 @@
 
 As guided-diffusion's evaluations/evaluator.py main(): IS on the samples' logits; FID on pool
 features; sFID on spatial features; precision/recall (k=3) between the pool features of the
-reference and of the samples. A reference batch that carries `mu`, `sigma`, `mu_s`, `sigma_s`
+reference and of the samples (optionally of a fixed random subset of the reference of
+`pr_reference_size` images, e.g. as many as there are samples: the k-NN radii of a set shrink
+as it grows, so very unequal sizes skew precision down and recall up). A reference batch that carries `mu`, `sigma`, `mu_s`, `sigma_s`
 supplies its FID/sFID statistics (as the reference's read_statistics); its images are still
 needed for precision/recall.
 
@@ -73,7 +75,7 @@ class Evaluator:
 
     def __init__(self, network: FeatureNetwork, batch_size: int = 64, device: str = "cpu",
                  cache_dir: str | os.PathLike | None = None, use_cache: bool = True, k: int = 3,
-                 is_splits: int = 10, fid_method: str = "eigh"):
+                 is_splits: int = 10, fid_method: str = "eigh", pr_reference_size: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: expected >= 1")
         if k < 1:
@@ -86,6 +88,9 @@ class Evaluator:
         self.k = k
         self.is_splits = is_splits
         self.fid_method = fid_method
+        if pr_reference_size is not None and pr_reference_size <= k:
+            raise ValueError(f"pr_reference_size={pr_reference_size}: expected None (all) or > k={k}")
+        self.pr_reference_size = pr_reference_size
 
     # -- features --------------------------------------------------------------------------
     def _batches(self, source):
@@ -153,8 +158,13 @@ class Evaluator:
         """All metrics of sample features against reference statistics."""
         pool = FIDStatistics.from_features(sample.pool)
         spatial = FIDStatistics.from_features(sample.spatial)
-        precision, recall = precision_recall(ref.features, sample.pool, k=ref.k, device=self.device,
-                                             ref_radii=ref.radii)
+        ref_features, ref_radii = ref.features, ref.radii
+        if self.pr_reference_size is not None and self.pr_reference_size < len(ref):
+            # A fixed random subset (seed 0) of the reference, with radii within the subset.
+            idx = np.sort(np.random.default_rng(0).choice(len(ref), self.pr_reference_size, replace=False))
+            ref_features, ref_radii = ref_features[idx], None
+        precision, recall = precision_recall(ref_features, sample.pool, k=ref.k, device=self.device,
+                                             ref_radii=ref_radii)
         return EvalResult(
             inception_score=inception_score(sample.logits, min(self.is_splits, len(sample))),
             fid=frechet_distance(pool, ref.pool, method=self.fid_method),

@@ -25,7 +25,7 @@ from .evaluator import EvalResult, Evaluator, ReferenceStatistics
 class SweepConfig:
     scales: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
     samplers: tuple[str, ...] = ("ddim25", "250")
-    num_samples: int = 1000
+    num_samples: tuple[int, ...] = (1000,)   # per sampler, or one for all
     batch_size: int = 100
     seed: int = 0
     grid_per_class: int = 8          # columns of each sample grid (rows: the classes)
@@ -35,8 +35,15 @@ class SweepConfig:
             raise ValueError(f"scales={self.scales}: expected non-negative guidance scales")
         if not self.samplers:
             raise ValueError("samplers=(): expected at least one, e.g. ('ddim25', '250')")
-        if self.num_samples < 20:
-            raise ValueError(f"num_samples={self.num_samples}: expected >= 20 (IS uses 10 splits)")
+        if len(self.num_samples) not in (1, len(self.samplers)):
+            raise ValueError(f"num_samples={self.num_samples}: expected one count, or one per sampler "
+                             f"({len(self.samplers)})")
+        if min(self.num_samples) < 20:
+            raise ValueError(f"num_samples={self.num_samples}: expected >= 20 each (IS uses 10 splits)")
+
+    def samples_for(self, i: int) -> int:
+        """Samples per run of the i-th sampler."""
+        return self.num_samples[i if len(self.num_samples) > 1 else 0]
 
 
 @dataclass(frozen=True)
@@ -65,10 +72,11 @@ def run_sweep(engine, evaluator: Evaluator, reference: ReferenceStatistics, conf
     evaluate against `reference`. Writes each run's samples (.npz) and grid into out_dir."""
     out = Path(out_dir) if out_dir is not None else None
     num_classes = engine.num_classes or 1
-    labels = np.arange(config.num_samples, dtype=np.int64) % num_classes
-    seeds = config.seed + np.arange(config.num_samples, dtype=np.int64)
     rows = []
-    for steps in config.samplers:
+    for i, steps in enumerate(config.samplers):
+        n = config.samples_for(i)
+        labels = np.arange(n, dtype=np.int64) % num_classes
+        seeds = config.seed + np.arange(n, dtype=np.int64)
         for scale in config.scales:
             t0 = time.time()
             res = engine.sample(classes=labels, steps=steps, guidance=float(scale), seeds=seeds,
@@ -85,7 +93,7 @@ def run_sweep(engine, evaluator: Evaluator, reference: ReferenceStatistics, conf
             rows.append(SweepRow(str(steps), float(scale), result, round(seconds, 1), grid_name))
             log(f"{sampler_label(steps):>9} scale {scale:>4g}: FID {result.fid:.3f} sFID {result.sfid:.3f} "
                 f"IS {result.inception_score:.3f} P {result.precision:.3f} R {result.recall:.3f} "
-                f"(sampled {config.num_samples} in {seconds:.0f}s)")
+                f"(sampled {n} in {seconds:.0f}s)")
     return rows
 
 

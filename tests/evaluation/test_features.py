@@ -43,7 +43,7 @@ def test_fashion_net_save_load_round_trip(tmp_path):
             assert torch.equal(a, b)
 
 
-def test_inception_forward_shapes_random_weights():
+def test_inception_forward_shapes_random_weights(one_thread):
     torch.manual_seed(0)
     net = InceptionV3FID().eval()
     assert len(net.state_dict()) == 566           # 94 conv+BN blocks x 6 tensors + fc.weight, fc.bias
@@ -72,7 +72,7 @@ def test_inception_weight_file_layout(tmp_path):
 
 
 @pytest.mark.skipif(not BUNDLED_FASHION_FEATURES.exists(), reason="bundled feature network not built yet")
-def test_bundled_fashion_net_separates_real_from_noise():
+def test_bundled_fashion_net_separates_real_from_noise(one_thread):
     import json
     from admrt.evaluation.evaluator import Evaluator
     from admrt.evaluation.train_features import fashion_uint8

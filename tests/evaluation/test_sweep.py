@@ -13,15 +13,6 @@ from admrt.evaluation.features import FashionFeatureNet, FashionNetConfig
 from admrt.evaluation.sweep import SweepConfig, plot_tradeoff, run_sweep, save_grid, write_report
 
 
-@pytest.fixture
-def one_thread():
-    # Small CPU convolutions run far faster on one thread when the cores are shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class FakeEngine:
     """Engine stand-in: the image of a seed is fixed noise whose contrast grows with guidance."""
 
@@ -49,7 +40,7 @@ def test_sweep_writes_a_report(tmp_path):
     ev = _evaluator(tmp_path)
     ref_images = np.random.default_rng(0).integers(0, 256, (40, 16, 16, 1), dtype=np.uint8)
     ref = ev.reference(ref_images)
-    config = SweepConfig(scales=(0.0, 4.0), samplers=("ddim2", "3"), num_samples=20, batch_size=10)
+    config = SweepConfig(scales=(0.0, 4.0), samplers=("ddim2", "3"), num_samples=(20, 30), batch_size=10)
     out = tmp_path / "report"
     engine = FakeEngine()
     rows = run_sweep(engine, ev, ref, config, out_dir=out, log=lambda s: None)
@@ -58,7 +49,7 @@ def test_sweep_writes_a_report(tmp_path):
     for r in rows:
         assert np.isfinite([r.result.fid, r.result.sfid, r.result.inception_score]).all()
         assert 0 <= r.result.precision <= 1 and 0 <= r.result.recall <= 1
-        assert r.result.num_samples == 20 and r.result.num_reference == 40
+        assert r.result.num_samples == (20 if r.sampler == "ddim2" else 30) and r.result.num_reference == 40
         assert (out / r.grid).is_file()
     assert rows[0].result.fid != rows[1].result.fid
     a = np.load(out / "samples" / "ddim2_g0.npz")
@@ -76,7 +67,7 @@ def test_sweep_with_a_real_engine(one_thread, tmp_path):
     engine = admrt.Engine(admrt.create_model("tiny-cond"), classifier=admrt.create_model("tiny-classifier"))
     ev = _evaluator(tmp_path)
     ref = ev.reference(np.random.default_rng(0).integers(0, 256, (30, 16, 16, 3), dtype=np.uint8))
-    config = SweepConfig(scales=(0.0, 8.0), samplers=("ddim2",), num_samples=20, batch_size=20)
+    config = SweepConfig(scales=(0.0, 8.0), samplers=("ddim2",), num_samples=(20,), batch_size=20)
     rows = run_sweep(engine, ev, ref, config, out_dir=tmp_path / "r", log=lambda s: None)
     a = np.load(tmp_path / "r" / "samples" / "ddim2_g0.npz")
     b = np.load(tmp_path / "r" / "samples" / "ddim2_g8.npz")
@@ -120,3 +111,48 @@ def test_eval_cli_metrics(tmp_path, capsys):
     with pytest.raises(SystemExit):
         admrt_main(["eval", "sweep", "--help"])
     assert "--scales" in capsys.readouterr().out
+
+
+def test_sweep_config_errors():
+    with pytest.raises(ValueError, match="one per sampler"):
+        SweepConfig(samplers=("ddim25", "250"), num_samples=(100, 100, 100))
+    with pytest.raises(ValueError, match=">= 20"):
+        SweepConfig(num_samples=(10,))
+    with pytest.raises(ValueError, match="non-negative"):
+        SweepConfig(scales=(-1.0,))
+
+
+def test_eval_sweep_cli_end_to_end(one_thread, tmp_path, capsys):
+    torch.manual_seed(0)
+    admrt.save_model(admrt.create_model("tiny-cond"), tmp_path / "m.safetensors")
+    admrt.save_model(admrt.create_model("tiny-classifier"), tmp_path / "c.safetensors")
+    net = FashionFeatureNet(FashionNetConfig(stages=((4,), (8,), (8,), (16,)), input_size=16))
+    net.save(tmp_path / "net.safetensors")
+    ref = npz.save_batch(tmp_path / "ref.npz",
+                         np.random.default_rng(0).integers(0, 256, (40, 16, 16, 3), dtype=np.uint8))
+    out = tmp_path / "out"
+    argv = ["eval", "sweep", "--model", str(tmp_path / "m.safetensors"), "--classifier", str(tmp_path / "c.safetensors"),
+            "--reference", str(ref), "--feature-weights", str(tmp_path / "net.safetensors"),
+            "--cache-dir", str(tmp_path / "cache"), "--scales", "0", "2", "--samplers", "ddim2",
+            "--num-samples", "20", "--batch-size", "20", "--out", str(out), "--title", "Tiny sweep"]
+    assert admrt_main(argv) == 0
+    text = (out / "report.md").read_text()
+    assert text.startswith("# Tiny sweep") and "| DDIM-2 | 2 |" in text and "NOT comparable" in text
+    assert "as large as the run's sample set" in text
+    assert {p.name for p in out.iterdir()} >= {"report.md", "results.json", "tradeoff.png", "grid_ddim2_g0.png",
+                                               "grid_ddim2_g2.png", "samples"}
+
+
+def test_pr_reference_subset(tmp_path):
+    ev = _evaluator(tmp_path)
+    rng = np.random.default_rng(0)
+    ref_images = rng.integers(0, 256, (60, 16, 16, 1), dtype=np.uint8)
+    sam = rng.integers(0, 256, (20, 16, 16, 1), dtype=np.uint8)
+    full = ev.evaluate(ref_images, sam)
+    ev.pr_reference_size = 20
+    sub = ev.evaluate(ref_images, sam)
+    assert sub.fid == full.fid and sub.num_reference == 60           # FID still uses every image
+    assert (sub.precision, sub.recall) != (full.precision, full.recall)
+    assert ev.evaluate(ref_images, sam) == sub                       # the subset is fixed
+    with pytest.raises(ValueError, match="pr_reference_size"):
+        Evaluator(ev.network, pr_reference_size=3)
