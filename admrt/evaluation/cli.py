@@ -90,6 +90,9 @@ def sweep_parser() -> argparse.ArgumentParser:
                    help="reference .npz, or fashion-test (the Fashion-MNIST test split at the samples' size)")
     g.add_argument("--out", default="docs/guidance_sweep", help="report folder (default docs/guidance_sweep)")
     g.add_argument("--title", default="Guidance sweep: the bundled Fashion-MNIST models")
+    g.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="sample nothing: merge the reports of earlier sweeps (e.g. one process per sampler) "
+                        "into --out")
     _add_feature_options(p)
     return p
 
@@ -152,7 +155,34 @@ def run_metrics(args) -> int:
     return 0
 
 
+def merge_reports(dirs, out, title) -> int:
+    import shutil
+    from pathlib import Path
+
+    from .sweep import load_rows, write_report
+    rows, metas = [], []
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for d in map(Path, dirs):
+        r, m = load_rows(d / "results.json")
+        rows += r
+        metas.append(m)
+        for row in r:
+            if row.grid and (d / row.grid).resolve() != (out / row.grid).resolve():
+                shutil.copyfile(d / row.grid, out / row.grid)
+    meta = {"command": "\n".join(m.get("command", "") for m in metas)
+            + "\nadmrt eval sweep --merge " + " ".join(map(str, dirs)) + f" --out {out}"}
+    for key in dict.fromkeys(k for m in metas for k in m if k != "command"):
+        values = list(dict.fromkeys(str(m[key]) for m in metas if key in m))
+        meta[key] = values[0] if len(values) == 1 else "; ".join(values)
+    path = write_report(rows, out, meta, title=title)
+    print(f"wrote {path}")
+    return 0
+
+
 def run_sweep_cli(args) -> int:
+    if args.merge:
+        return merge_reports(args.merge, args.out, args.title)
     _threads(args)
     import torch
 

@@ -97,6 +97,15 @@ def run_sweep(engine, evaluator: Evaluator, reference: ReferenceStatistics, conf
     return rows
 
 
+def load_rows(results_json: str | os.PathLike) -> tuple[list[SweepRow], dict]:
+    """The rows and meta of a results.json written by `write_report`."""
+    data = json.loads(Path(results_json).read_text())
+    fields = EvalResult.__dataclass_fields__
+    rows = [SweepRow(r["sampler"], float(r["scale"]), EvalResult(**{k: r[k] for k in fields}),
+                     float(r["seconds"]), r.get("grid", "")) for r in data["rows"]]
+    return rows, data.get("meta", {})
+
+
 # ----------------------------------------------------------------------------------------------
 # Report
 

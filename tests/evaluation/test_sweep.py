@@ -156,3 +156,21 @@ def test_pr_reference_subset(tmp_path):
     assert ev.evaluate(ref_images, sam) == sub                       # the subset is fixed
     with pytest.raises(ValueError, match="pr_reference_size"):
         Evaluator(ev.network, pr_reference_size=3)
+
+
+def test_merge_reports(tmp_path):
+    from admrt.evaluation.evaluator import EvalResult
+    from admrt.evaluation.sweep import SweepRow, load_rows
+    for i, s in enumerate(("ddim25", "250")):
+        d = tmp_path / s
+        rows = [SweepRow(s, g, EvalResult(1.0, 2.0 + g, 3.0, 0.5, 0.4, 20, 40, "x"), 1.0, f"grid_{s}_{g:g}.png")
+                for g in (0.0, 1.0)]
+        for r in rows:
+            save_grid(d / r.grid, np.zeros((10, 4, 4, 1), np.uint8), np.arange(10), 10, 1)
+        write_report(rows, d, {"command": f"admrt eval sweep --samplers {s}", "model": "m", "samples per run": str(i)})
+    assert admrt_main(["eval", "sweep", "--merge", str(tmp_path / "ddim25"), str(tmp_path / "250"),
+                       "--out", str(tmp_path / "all")]) == 0
+    rows, meta = load_rows(tmp_path / "all" / "results.json")
+    assert [(r.sampler, r.scale) for r in rows] == [("ddim25", 0.0), ("ddim25", 1.0), ("250", 0.0), ("250", 1.0)]
+    assert meta["model"] == "m" and meta["samples per run"] == "0; 1" and "--samplers 250" in meta["command"]
+    assert all((tmp_path / "all" / r.grid).is_file() for r in rows)
