@@ -18,6 +18,7 @@ $XDG_CACHE_HOME/admrt/eval or ~/.cache/admrt/eval), written atomically.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -113,23 +114,29 @@ class Evaluator:
 
     def reference(self, source) -> ReferenceStatistics:
         """Statistics of a reference set (path or array), from the cache when present."""
+        given = None if isinstance(source, np.ndarray) else npz.load_statistics(source)
         path = None
         if self.use_cache and self.network.fingerprint:
-            path = self.cache_path(npz.content_hash(source))
+            key = npz.content_hash(source)
+            if given is not None:  # the file's own statistics are part of what is cached
+                h = hashlib.sha256(key.encode())
+                for st in given:
+                    h.update(st.mu.tobytes())
+                    h.update(st.sigma.tobytes())
+                key = h.hexdigest()
+            path = self.cache_path(key)
             cached = self._read_cache(path)
             if cached is not None:
                 return cached
         acts = self.activations(source)
         pool, spatial = FIDStatistics.from_features(acts.pool), FIDStatistics.from_features(acts.spatial)
-        if not isinstance(source, np.ndarray):
-            given = npz.load_statistics(source)
-            if given is not None:
-                if given[0].mu.shape != pool.mu.shape or given[1].mu.shape != spatial.mu.shape:
-                    raise ValueError(
-                        f"{source}: its precomputed statistics have dimensions {given[0].mu.shape[0]} / "
-                        f"{given[1].mu.shape[0]}, the feature network {self.network.name!r} gives "
-                        f"{pool.mu.shape[0]} / {spatial.mu.shape[0]}; they come from another network")
-                pool, spatial = given
+        if given is not None:
+            if given[0].mu.shape != pool.mu.shape or given[1].mu.shape != spatial.mu.shape:
+                raise ValueError(
+                    f"{source}: its precomputed statistics have dimensions {given[0].mu.shape[0]} / "
+                    f"{given[1].mu.shape[0]}, the feature network {self.network.name!r} gives "
+                    f"{pool.mu.shape[0]} / {spatial.mu.shape[0]}; they come from another network")
+            pool, spatial = given
         ref = ReferenceStatistics(pool, spatial, acts.pool.astype(np.float32),
                                   manifold_radii(acts.pool, self.k, device=self.device), self.k)
         if path is not None:

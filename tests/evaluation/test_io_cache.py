@@ -100,13 +100,17 @@ def test_evaluate_identical_sets(tmp_path):
 
 def test_precomputed_reference_statistics_are_used(tmp_path):
     net = _tiny_net()
-    ev = Evaluator(net, use_cache=False)
+    ev = Evaluator(net, cache_dir=tmp_path / "cache")
     imgs = _images(30)
     acts = ev.activations(imgs)
     d, ds = acts.pool.shape[1], acts.spatial.shape[1]
     given = (FIDStatistics(np.full(d, 7.0), np.eye(d)), FIDStatistics(np.zeros(ds), np.eye(ds)))
     path = npz.save_batch(tmp_path / "ref.npz", imgs, stats=given)
     assert np.array_equal(ev.reference(path).pool.mu, given[0].mu)
+    assert np.array_equal(ev.reference(path).pool.mu, given[0].mu)           # cached with them
+    # The same images without statistics are another cache entry, with their own statistics.
+    assert np.allclose(ev.reference(imgs).pool.mu, acts.pool.astype(np.float64).mean(0))
+    assert len(list((tmp_path / "cache").iterdir())) == 2
     bad = npz.save_batch(tmp_path / "bad.npz", imgs, stats=(FIDStatistics(np.zeros(2048), np.eye(2048)), given[1]))
     with pytest.raises(ValueError, match="another network"):
         ev.reference(bad)
