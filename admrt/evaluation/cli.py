@@ -159,7 +159,7 @@ def merge_reports(dirs, out, title) -> int:
     import shutil
     from pathlib import Path
 
-    from .sweep import load_rows, write_report
+    from .sweep import load_rows, save_grid, write_report
     rows, metas = [], []
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -168,7 +168,14 @@ def merge_reports(dirs, out, title) -> int:
         rows += r
         metas.append(m)
         for row in r:
-            if row.grid and (d / row.grid).resolve() != (out / row.grid).resolve():
+            if not row.grid or (d / row.grid).resolve() == (out / row.grid).resolve():
+                continue
+            samples = d / "samples" / (row.grid[len("grid_"):-len(".png")] + ".npz")
+            if samples.is_file():  # re-render from the saved samples (current grid layout)
+                with np.load(samples) as z:
+                    images, labels = z["arr_0"], z["arr_1"] if "arr_1" in z else None
+                save_grid(out / row.grid, images, labels, int(labels.max()) + 1 if labels is not None else 1, 8)
+            else:
                 shutil.copyfile(d / row.grid, out / row.grid)
     meta = {"command": "\n".join(m.get("command", "") for m in metas)
             + "\nadmrt eval sweep --merge " + " ".join(map(str, dirs)) + f" --out {out}"}

@@ -143,10 +143,12 @@ def write_report(rows: Sequence[SweepRow], out_dir: str | os.PathLike, meta: dic
 
 
 def save_grid(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None, num_classes: int,
-              per_class: int, scale: int = 2, pad: int = 1) -> Path:
-    """A grid of uint8 NHWC images: one row per class, `per_class` columns, nearest upscale."""
+              per_class: int, scale: int | None = None, pad: int = 1) -> Path:
+    """A grid of uint8 NHWC images: one row per class, `per_class` columns, nearest upscale
+    (default: to tiles of at least 64 pixels)."""
     from PIL import Image
     n, h, w, c = images.shape
+    scale = scale or max(1, 64 // max(h, w))
     if labels is None:
         labels = np.zeros(n, dtype=np.int64)
         num_classes = 1
