@@ -96,20 +96,26 @@ def fashion_to_size(images: torch.Tensor, image_size: int) -> torch.Tensor:
 class FashionMNIST(Dataset):
     """Fashion-MNIST at `image_size` (1 channel, [-1, 1]) with labels, held in memory.
 
-    `.images` float32 (N, 1, S, S) and `.labels` int64 (N,) are exposed so trainers can
+    channels=3 repeats the gray image (for RGB models). `.images` float32 (N, C, S, S) and `.labels` int64 (N,) are exposed so trainers can
     index whole batches without a DataLoader."""
 
     num_classes = 10
     channels = 1
 
-    def __init__(self, split: str = "train", image_size: int = 16, root=None, limit: int | None = None):
+    def __init__(self, split: str = "train", image_size: int = 16, root=None, limit: int | None = None,
+                 channels: int = 1):
         if image_size <= 0:
             raise ValueError(f"image_size={image_size}: expected a positive int")
+        if channels not in (1, 3):
+            raise ValueError(f"channels={channels}: expected 1, or 3 (the gray image repeated)")
         images, labels = load_fashion_mnist(split, root)
         if limit is not None:
             images, labels = images[:limit], labels[:limit]
         self.image_size = image_size
         self.images = fashion_to_size(torch.from_numpy(images), image_size)
+        if channels == 3:
+            self.images = self.images.repeat(1, 3, 1, 1)
+        self.channels = channels
         self.labels = torch.from_numpy(labels)
 
     def __len__(self) -> int:
@@ -208,7 +214,5 @@ def make_dataset(data: str, image_size: int, *, channels: int = 1, split: str = 
                  class_cond: bool = True, random_crop: bool = False, limit: int | None = None):
     """`data` = "fashion-mnist" (Debian's files) or a folder of images."""
     if data in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
-        if channels != 1:
-            raise ValueError(f"data='fashion-mnist' has 1 channel; the model expects in_channels={channels}")
-        return FashionMNIST(split, image_size, limit=limit)
+        return FashionMNIST(split, image_size, limit=limit, channels=channels)
     return ImageFolder(data, image_size, channels=channels, class_cond=class_cond, random_crop=random_crop)

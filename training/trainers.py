@@ -299,10 +299,10 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
 
         self.model = model.to(self.device).train()
-        if config.fused_kernels:
-            if not hasattr(model, "set_fused_kernels"):
-                raise ValueError("fused_kernels=True: this model has no set_fused_kernels()")
-            model.set_fused_kernels(True)
+        if hasattr(model, "set_fused_kernels"):
+            model.set_fused_kernels(config.fused_kernels)
+        elif config.fused_kernels:
+            raise ValueError("fused_kernels=True: this model has no set_fused_kernels()")
         self.task = _TASKS[config.task](preset.model, preset.diffusion)
         self.sampler = make_sampler(config.schedule_sampler, self.task.tables.num_timesteps)
         self.ema = EMA(model, config.ema_rates)
@@ -358,7 +358,8 @@ class Trainer:
         return self.config.lr
 
     def run_step(self) -> dict[str, float]:
-        """One optimizer step on the global batch of `self.step`; returns the global means."""
+        """One optimizer step on the global batch of `self.step`; returns the global means
+        (loss terms as 0-dim tensors on the device, lr and loss scale as floats)."""
         cfg = self.config
         batch = self.local_batch_for(self.step)
         net = self.ddp or self.model
@@ -407,7 +408,8 @@ class Trainer:
                 local_losses = torch.cat(gathered)
         if t_global is not None:
             self.sampler.update(t_global, local_losses.cpu())
-        out = {k: float(v) / cfg.batch_size for k, v in zip(self.task.metrics, stacked.tolist())}
+        # 0-dim device tensors: no host sync here (the logger converts them when it writes).
+        out = {k: v / cfg.batch_size for k, v in zip(self.task.metrics, stacked.detach())}
         if "vb" in out and "vb" not in terms:
             del out["vb"]
         out["lr"] = self.lr_at(self.step)
@@ -420,9 +422,11 @@ class Trainer:
         return out
 
     def train(self, steps: int | None = None, *, log: Callable[[int, dict], None] | None = None,
-              save_every: int = 0, callbacks: list[tuple[int, Callable[["Trainer"], None]]] = ()) -> dict:
+              save_every: int = 0, callbacks: list[tuple[int, Callable[["Trainer"], None]]] = (),
+              save_at_end: bool = True) -> dict:
         """Run until `self.step == steps` (default: config.steps). `log(step, metrics)` after each
-        step; a checkpoint every `save_every` steps and at the end (when out_dir is set);
+        step; a checkpoint every `save_every` steps and, if `save_at_end`, at the end (when
+        out_dir is set);
         `callbacks`: (every, fn(trainer)) pairs, e.g. sample grids."""
         steps = self.config.steps if steps is None else steps
         metrics = {}
@@ -435,7 +439,7 @@ class Trainer:
             for every, fn in callbacks:
                 if every and self.step % every == 0:
                     fn(self)
-        if self.out_dir is not None and (not save_every or self.step % save_every):
+        if save_at_end and self.out_dir is not None and (not save_every or self.step % save_every):
             self.save()
         return metrics
 
@@ -579,3 +583,38 @@ def _atomic_save_tensors(tensors: dict, path: Path, metadata: dict) -> None:
 def timer() -> Callable[[], float]:
     start = time.perf_counter()
     return lambda: time.perf_counter() - start
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, config: TrainConfig, preset: Preset | None = None, *,
+             device=None, batch_size: int = 500, seed: int = 1234) -> dict[str, float]:
+    """Mean loss terms of `model` on `dataset` (e.g. the test split) at uniformly drawn t with
+    fixed noise, no augmentation; for a classifier also the accuracy at t = 0, T/4, T/2."""
+    preset = preset or model.preset
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    cfg = TrainConfig(**{**asdict(config), "random_flip": False, "random_crop": False})
+    task = _TASKS[cfg.task](preset.model, preset.diffusion)
+    was_training = model.training
+    model.eval()
+    n = len(dataset)
+    g = torch.Generator().manual_seed(seed)
+    sums: dict[str, float] = {}
+    fixed_t = {0: 0, 4: task.tables.num_timesteps // 4, 2: task.tables.num_timesteps // 2}
+    for lo in range(0, n, batch_size):
+        items = [dataset[i] for i in range(lo, min(n, lo + batch_size))]
+        x = torch.stack([it[0] for it in items])
+        y = torch.stack([torch.as_tensor(it[1]) for it in items])
+        b = len(items)
+        t = torch.randint(0, task.tables.num_timesteps, (b,), generator=g)
+        batch = Batch(x=x, y=y, t=t, weights=torch.ones(b), noise=torch.randn(x.shape, generator=g),
+                      flip=torch.zeros(b, dtype=torch.bool), crop=torch.zeros(b, 3)).to(device)
+        for k, v in task.losses(model, batch, cfg).items():
+            sums[k] = sums.get(k, 0.0) + float(v.sum())
+        if cfg.task == "classifier":
+            for name, tv in fixed_t.items():
+                bt = Batch(**{**batch.__dict__, "t": torch.full_like(batch.t, tv)})
+                acc = task.losses(model, bt, cfg)["acc@1"]
+                key = "acc@1_t0" if name == 0 else f"acc@1_tT/{name}"
+                sums[key] = sums.get(key, 0.0) + float(acc.sum())
+    model.train(was_training)
+    return {k: round(v / n, 5) for k, v in sums.items()}
