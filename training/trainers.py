@@ -32,13 +32,12 @@ marks a complete checkpoint.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -494,7 +493,8 @@ class Trainer:
         tag = f"{step:06d}"
         saved = json.loads(meta["train_config"])
         if saved.get("task") != self.config.task:
-            raise ValueError(f"resume={str(state_path)!r}: a {saved.get('task')!r} run; this is {self.config.task!r}")
+            raise ValueError(f"resume={str(state_path)!r}: a {saved.get('task')!r} run, "
+                             f"this trainer has task={self.config.task!r}")
         _load_weights(self.model, folder / f"model_{tag}.safetensors")
         for rate, m in self.ema.models.items():
             p = folder / f"ema_{EMA.name(rate)}_{tag}.safetensors"
@@ -574,6 +574,7 @@ def _atomic_save_tensors(tensors: dict, path: Path, metadata: dict) -> None:
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -1,0 +1,34 @@
+"""`admrt train` end to end on a few real Fashion-MNIST images (tiny preset, 3 steps, CPU)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import admrt
+from admrt.training import cli
+from admrt.training import data as D
+
+HAVE_FMNIST = all((Path(D.FASHION_MNIST_ROOT) / f).exists() for pair in D._FILES.values() for f in pair)
+
+
+@pytest.mark.skipif(not HAVE_FMNIST, reason="Debian's dataset-fashion-mnist is not installed")
+def test_train_cli_writes_log_checkpoints_and_export(tmp_path):
+    out = tmp_path / "run"
+    export = tmp_path / "final.safetensors"
+    argv = ["classifier", "--preset", "tiny-classifier", "--steps", "3", "--batch-size", "8",
+            "--limit", "64", "--eval-images", "16", "--log-every", "1", "--save-every", "2",
+            "--device", "cpu", "--out", str(out), "--export", str(export)]
+    assert cli.main(argv) == 0
+    rows = (out / "log.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("step,time_s,loss,acc@1") and len(rows) == 4
+    names = {p.name for p in out.iterdir()}
+    assert {"model_000002.safetensors", "state_000002.safetensors", "model_000003.safetensors",
+            "state_000003.safetensors", "summary.txt"} <= names
+    m = admrt.load_model(export)
+    assert m.preset.name == "tiny-classifier"
+    # resume continues from the last checkpoint to the new --steps
+    argv2 = [a if a != "3" else "4" for a in argv] + ["--resume", str(out)]
+    assert cli.main(argv2) == 0
+    assert (out / "state_000004.safetensors").exists()
+    assert len((out / "log.csv").read_text().strip().splitlines()) == 5
