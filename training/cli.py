@@ -141,8 +141,8 @@ def run(args: argparse.Namespace) -> int:
             admrt.save_model(final_model, args.export, preset=preset,
                              extra_metadata={"train_config": cfg.to_json(), "steps": trainer.step,
                                              "summary": repr(summary)})
-        for fn in callbacks:
-            fn[1](trainer)
+        for _, fn in callbacks:
+            fn(trainer)
     return 0
 
 
@@ -215,39 +215,42 @@ class _Logger:
 
 
 class _SampleGrid:
-    """Writes grid_{step}.png from the EMA model with admrt.Engine (DDIM 25 steps, one image per
-    class). If the engine cannot run here, says so once and stops trying."""
+    """Writes grid_{step}.png: one column per class, two rows, sampled from (a copy of) the EMA
+    model with admrt.Engine (DDIM 25 steps, seeds 0..2K-1). Base UNets only: an upsampler needs
+    a base stage. If the engine cannot run here, says so once and stops trying."""
 
-    def __init__(self, out: Path):
-        self.out, self.disabled = out, False
+    def __init__(self, out: Path, steps: str = "ddim25"):
+        self.out, self.steps, self.disabled = out, steps, False
 
     def __call__(self, trainer) -> None:
         if self.disabled:
             return
-        model = next(iter(trainer.ema.models.values()), trainer.model)
-        if model.config.kind != "unet":
-            if not getattr(self, "_said", False):
-                print("note: sample grids are written for the base UNet only", file=sys.stderr)
-                self._said = True
+        import copy
+
+        import numpy as np
+        from PIL import Image
+
+        source = next(iter(trainer.ema.models.values()), trainer.model)
+        if source.config.kind != "unet":
+            print("note: sample grids are written for the base UNet only", file=sys.stderr)
+            self.disabled = True
             return
         try:
-            import numpy as np
-            from PIL import Image
-
             from admrt import Engine
 
-            n = model.config.num_classes or 10
-            eng = Engine(model, backend="eager", dtype="fp32")
-            res = eng.sample(classes=list(range(n)) * 2, steps="ddim25", seeds=list(range(2 * n)))
-            imgs = np.asarray(getattr(res, "images", res[0] if isinstance(res, tuple) else res))
-            grid = np.concatenate([np.concatenate(list(imgs[r * n:(r + 1) * n]), axis=1) for r in range(2)])
-            Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(
-                self.out / f"grid_{trainer.step:06d}.png")
+            model = copy.deepcopy(source).eval()  # the engine may change its layout and dtype
+            k = model.config.num_classes or 8
+            # labels cycle 0..K-1: column c of the grid is class c
+            res = Engine(model, backend="eager", dtype="fp32").sample(
+                num=2 * k, steps=self.steps, seeds=list(range(2 * k)))
         except Exception as exc:  # the engine is another part of admrt; training goes on without grids
             print(f"note: sample grids disabled ({type(exc).__name__}: {exc})", file=sys.stderr)
             self.disabled = True
-        finally:
-            model.train(False)
+            return
+        imgs = np.asarray(res.images)  # (2K, H, W, C) uint8
+        grid = np.concatenate([np.concatenate(list(imgs[r * k:(r + 1) * k]), axis=1) for r in range(2)])
+        Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(
+            self.out / f"grid_{trainer.step:06d}.png")
 
 
 def main(argv=None) -> int:

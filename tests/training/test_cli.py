@@ -32,3 +32,16 @@ def test_train_cli_writes_log_checkpoints_and_export(tmp_path):
     assert cli.main(argv2) == 0
     assert (out / "state_000004.safetensors").exists()
     assert len((out / "log.csv").read_text().strip().splitlines()) == 5
+
+
+@pytest.mark.skipif(not HAVE_FMNIST, reason="Debian's dataset-fashion-mnist is not installed")
+def test_train_cli_diffusion_sample_grid(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "run"
+    argv = ["diffusion", "--preset", "tiny-cond", "--steps", "2", "--batch-size", "4", "--limit", "16",
+            "--eval-images", "8", "--ema", "0.9", "--sample-every", "2", "--device", "cpu", "--out", str(out)]
+    assert cli.main(argv) == 0
+    grids = sorted(out.glob("grid_*.png"))
+    assert grids, "no sample grid written"
+    assert Image.open(grids[0]).size == (16 * 10, 16 * 2)  # tiny-cond: 10 classes, 16x16
