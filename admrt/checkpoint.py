@@ -11,13 +11,12 @@ file is an error naming the first mismatches, never a silent partial load.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from .io import atomic_write
 from .config import DiffusionConfig, ModelConfig, Preset
 from .models import build_model
 from .presets import PRESETS, get_preset
@@ -154,13 +153,4 @@ def save_model(model: nn.Module, path, *, preset: Preset | None = None, extra_me
     meta = {METADATA_KEY: preset.to_json(), "format": "admrt"}
     for k, v in (extra_metadata or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))

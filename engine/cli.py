@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from admrt.io import atomic_write
 
 DEFAULT_STACK = ("fashion16-cond", "fashion16-classifier", "fashion-upsample16-32")
 RUN_KEYS = ("model", "classifier", "upsampler", "steps", "upsampler_steps", "guidance", "classes", "num",
@@ -79,18 +79,6 @@ def _models(args, device):
     return model, clf, up
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _save_npz(path: Path, images: np.ndarray, labels: np.ndarray | None) -> None:
     def write(tmp):
         with open(tmp, "wb") as f:
@@ -98,7 +86,7 @@ def _save_npz(path: Path, images: np.ndarray, labels: np.ndarray | None) -> None
                 np.savez(f, images)
             else:
                 np.savez(f, images, labels)
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def save_grid(path: Path, images: np.ndarray, max_images: int = 64) -> None:
@@ -114,7 +102,7 @@ def save_grid(path: Path, images: np.ndarray, max_images: int = 64) -> None:
         r, q = divmod(i, cols)
         grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = im
     pil = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    _atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -152,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"admrt sample: {out} holds a run with other arguments ({', '.join(changed)}); "
                              "use another --out or delete it")
     else:
-        _atomic_write(manifest, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+        atomic_write(manifest, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
 
     n_shards = math.ceil(args.num / shard_size)
     shard_paths = [out / "shards" / f"shard_{s:05d}.npz" for s in range(n_shards)]
