@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -570,15 +569,10 @@ def _unflatten_optimizer(tensors: dict, meta: dict, device) -> dict:
 def _atomic_save_tensors(tensors: dict, path: Path, metadata: dict) -> None:
     from safetensors.torch import save_file
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from admrt.io import atomic_write
+
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                                             metadata=metadata))
 
 
 def timer() -> Callable[[], float]:
