@@ -19,6 +19,9 @@ import numpy as np
 from admrt.io import atomic_write
 
 DEFAULT_STACK = ("fashion16-cond", "fashion16-classifier", "fashion-upsample16-32")
+# The bundled upsampler is short-trained: DDIM-25 leaves speckle, DDPM-100 gives clean images
+# (training/RECIPES.md), so the default stack samples its second stage with DDPM-100.
+DEFAULT_STACK_UPSAMPLER_STEPS = "100"
 RUN_KEYS = ("model", "classifier", "upsampler", "steps", "upsampler_steps", "guidance", "classes", "num",
             "seed", "eta", "noise", "dtype", "shard_size")
 
@@ -34,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upsampler", default=None, help="upsampler (preset name or path); 'none' for one stage")
     p.add_argument("--upsampler-preset", default=None)
     p.add_argument("--steps", default="ddim25", help="ddimN (DDIM) or N / a,b,c (DDPM respaced); default ddim25")
-    p.add_argument("--upsampler-steps", default=None, help="steps of the upsampler stage (default: --steps)")
+    p.add_argument("--upsampler-steps", default=None, help="steps of the upsampler stage (default: --steps; "
+                        f"{DEFAULT_STACK_UPSAMPLER_STEPS} (DDPM) for the bundled stack)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier scale (default 1.0 with a classifier, 0 without)")
     p.add_argument("--classes", default=None,
@@ -89,8 +93,9 @@ def _save_npz(path: Path, images: np.ndarray, labels: np.ndarray | None) -> None
     atomic_write(path, write)
 
 
-def save_grid(path: Path, images: np.ndarray, max_images: int = 64) -> None:
-    """A square-ish PNG grid of the first `max_images` uint8 NHWC images."""
+def save_grid(path: Path, images: np.ndarray, max_images: int = 64, min_side: int = 512) -> None:
+    """A square-ish PNG grid of the first `max_images` uint8 NHWC images, enlarged by an integer
+    factor (nearest neighbour) to at least `min_side` pixels so small images can be seen."""
     from PIL import Image
 
     imgs = images[:max_images]
@@ -102,6 +107,9 @@ def save_grid(path: Path, images: np.ndarray, max_images: int = 64) -> None:
         r, q = divmod(i, cols)
         grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = im
     pil = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    factor = max(1, min_side // max(pil.size))
+    if factor > 1:
+        pil = pil.resize((pil.size[0] * factor, pil.size[1] * factor), Image.NEAREST)
     atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
 
 
@@ -118,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
     (out / "shards").mkdir(parents=True, exist_ok=True)
 
     model, clf, up = _models(args, device)
+    if up is not None and args.upsampler_steps is None and args.model is None and args.upsampler is None:
+        args.upsampler_steps = DEFAULT_STACK_UPSAMPLER_STEPS
     engine = Engine(model, classifier=clf, upsampler=up, backend=args.backend, dtype=args.dtype, device=device)
     k = engine.num_classes
     if args.classes:

@@ -21,7 +21,9 @@ def test_sample_writes_npz_and_grid_and_resumes(tmp_path, capsys):
         images, labels = f["arr_0"], f["arr_1"]
     assert images.dtype == np.uint8 and images.shape == (5, 16, 16, 3)
     assert labels.tolist() == [3, 8, 3, 8, 3]
-    assert Image.open(out / "grid.png").size == (3 * 18 + 2, 2 * 18 + 2)
+    side = 3 * 18 + 2  # 3x2 cells of 16 px + 2 px borders, enlarged by an integer factor to >= 512 px
+    factor = 512 // side
+    assert Image.open(out / "grid.png").size == (side * factor, (2 * 18 + 2) * factor)
     shards = sorted((out / "shards").glob("shard_*.npz"))
     assert [p.name for p in shards] == ["shard_00000.npz", "shard_00001.npz", "shard_00002.npz"]
     assert not list(out.rglob("*.tmp"))
