@@ -55,14 +55,17 @@ def set_reference_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def reference_sample(model, classifier, preset: Preset, steps: str, guidance: float, y, shape, device,
-                     seed: int) -> torch.Tensor:
+                     seed: int | None, variance: str | None = None) -> torch.Tensor:
     """The reference's ddim_sample_loop ("ddimN") or p_sample_loop with classifier_sample.py's
-    cond_fn and model_fn; global torch seed `seed`. Returns the float sample (N, C, H, W) in [-1, 1]."""
+    cond_fn and model_fn, after torch.manual_seed(seed) (seed None: the global generator as it is).
+    variance: "learned_range" | "fixed_large" | "fixed_small"; None: learned_range for a
+    learned-sigma model, else fixed_large. Returns the float sample (N, C, H, W) in [-1, 1]."""
     script_util, _ = _gd()
     d = preset.diffusion
+    variance = variance or ("learned_range" if preset.model.learn_sigma else "fixed_large")
     diffusion = script_util.create_gaussian_diffusion(
-        steps=d.steps, learn_sigma=preset.model.learn_sigma, noise_schedule=d.noise_schedule,
-        timestep_respacing=steps)
+        steps=d.steps, learn_sigma=variance == "learned_range", sigma_small=variance == "fixed_small",
+        noise_schedule=d.noise_schedule, timestep_respacing=steps)
 
     def cond_fn(x, t, y=None):
         with torch.enable_grad():
@@ -71,11 +74,14 @@ def reference_sample(model, classifier, preset: Preset, steps: str, guidance: fl
             selected = log_probs[range(len(log_probs)), y.view(-1)]
             return torch.autograd.grad(selected.sum(), x_in)[0] * guidance
 
+    class_cond = getattr(model, "num_classes", None) is not None
+
     def model_fn(x, t, y=None):
-        return model(x, t, y if preset.model.class_cond else None)
+        return model(x, t, y if class_cond else None)
 
     loop = diffusion.ddim_sample_loop if steps.startswith("ddim") else diffusion.p_sample_loop
-    torch.manual_seed(seed)
+    if seed is not None:
+        torch.manual_seed(seed)
     return loop(model_fn, shape, clip_denoised=True, model_kwargs={"y": y} if y is not None else {},
                 cond_fn=cond_fn if (classifier is not None and guidance) else None, device=device)
 

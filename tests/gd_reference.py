@@ -11,7 +11,28 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 from guided_diffusion import script_util  # noqa: E402
 
-from admrt.reference import reference_model  # noqa: E402,F401
+import torch  # noqa: E402
+
+import admrt  # noqa: E402
+from admrt.reference import reference_model  # noqa: E402
+
+
+def random_model(preset):
+    """A tiny admrt model with no zero-initialised layer left (so every path shows in outputs)."""
+    torch.manual_seed(0)
+    model = admrt.create_model(preset)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+def oracle_twin(model):
+    """guided-diffusion's network with the same weights as an admrt model."""
+    ref = reference_model(model.config)
+    ref.load_state_dict(model.state_dict())
+    return ref.eval()
 
 
 _ADM = dict(attention_resolutions="32,16,8", learn_sigma=True, resblock_updown=True,

@@ -7,26 +7,17 @@ import admrt
 from admrt.config import DiffusionConfig, ModelConfig
 from admrt.diffusion import build_tables
 from admrt.engine import _core
-
-
-def _random(preset):
-    torch.manual_seed(0)
-    model = admrt.create_model(preset)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.05)
-    return model.eval()
+from gd_reference import random_model
 
 
 @pytest.fixture(scope="module")
 def cond():
-    return _random("tiny-cond")
+    return random_model("tiny-cond")
 
 
 @pytest.fixture(scope="module")
 def clf():
-    return _random("tiny-classifier")
+    return random_model("tiny-classifier")
 
 
 def _schedule(respacing):
@@ -77,7 +68,7 @@ def test_cascade_base_then_upsampler(clf):
     base_cfg = ModelConfig(kind="unet", image_size=8, model_channels=32, out_channels=6, num_res_blocks=1,
                            attention_resolutions=(4,), channel_mult=(1, 2), num_classes=10, num_head_channels=16)
     base = admrt.create_model(base_cfg)
-    up = _random("tiny-upsample")
+    up = random_model("tiny-upsample")
     eng = admrt.Engine(base, upsampler=up)
     calls = []
     out = eng.sample(classes=[0, 3, 5], steps="ddim4", upsampler_steps="ddim3", batch_size=2,
@@ -86,11 +77,11 @@ def test_cascade_base_then_upsampler(clf):
     assert out.images.dtype == np.uint8 and out.labels.tolist() == [0, 3, 5]
     assert calls[-1] == (14, 14) and len(calls) == 14  # 2 batches x (4 + 3) steps
     with pytest.raises(ValueError, match="conditioned on 8x8 images"):
-        admrt.Engine(_random("tiny-cond"), upsampler=up)
+        admrt.Engine(random_model("tiny-cond"), upsampler=up)
 
 
 def test_fixed_variance_and_ddpm_run(clf):
-    uncond = _random("tiny-uncond")
+    uncond = random_model("tiny-uncond")
     out = admrt.Engine(uncond, classifier=clf).sample(classes=[1], steps="5", guidance=1.0)
     assert out.images.shape == (1, 16, 16, 3)
     out = admrt.Engine(uncond).sample(num=2, steps="ddim3")
@@ -124,7 +115,7 @@ def test_bad_inputs_give_clear_errors(cond, clf):
 
 
 def test_nan_from_the_model_is_reported():
-    model = _random("tiny-cond")
+    model = random_model("tiny-cond")
     with torch.no_grad():
         model.out[-1].bias.fill_(float("nan"))
     with pytest.raises(RuntimeError, match=r"model output contains NaN or Inf at step index 2 \(timestep t=668\)"):

@@ -4,19 +4,13 @@ import pytest
 import torch
 
 import admrt
-from admrt.reference import reference_model, reference_sample
+from admrt.reference import reference_sample
+from gd_reference import oracle_twin, random_model
 
 
 def _random_pair(name):
-    torch.manual_seed(0)
-    ours = admrt.create_model(name)
-    with torch.no_grad():
-        for p in ours.parameters():
-            if not p.any():
-                p.normal_(0, 0.05)
-    ref = reference_model(ours.config)
-    ref.load_state_dict(ours.state_dict())
-    return ours.cuda().eval(), ref.cuda().eval()
+    ours = random_model(name)
+    return ours.cuda(), oracle_twin(ours).cuda()
 
 
 @pytest.mark.gpu

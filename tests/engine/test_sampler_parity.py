@@ -1,73 +1,31 @@
 """The C++ sampler against guided-diffusion's loops: same random weights, reference noise.
 
 The oracle runs guided_diffusion's SpacedDiffusion.p_sample_loop / ddim_sample_loop with its own
-modules (tests/gd_reference.py) and the classifier_sample.py cond_fn; admrt runs Engine.sample.
+modules (admrt.reference, tests/gd_reference.py) and the classifier_sample.py cond_fn; admrt runs Engine.sample.
 Both start from torch.manual_seed(SEED), so they draw the same noise in the same order.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 import admrt
 from admrt.config import DiffusionConfig
-from gd_reference import reference_model
-from guided_diffusion import gaussian_diffusion as gd
-from guided_diffusion import respace
+from admrt.reference import reference_sample
+from gd_reference import oracle_twin, random_model
 
 SEED = 1234
 TOL = 1e-4
 
 
-def _randomized(preset):
-    """A tiny admrt model with every parameter random (the zero-initialised heads too)."""
-    torch.manual_seed(0)
-    model = admrt.create_model(preset)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.05)
-    return model.eval()
-
-
-def _oracle_twin(model):
-    ref = reference_model(model.config)
-    ref.load_state_dict(model.state_dict())
-    return ref.eval()
-
-
 @pytest.fixture(scope="module")
 def tiny():
-    cond, uncond, clf = _randomized("tiny-cond"), _randomized("tiny-uncond"), _randomized("tiny-classifier")
-    return {"cond": (cond, _oracle_twin(cond)), "uncond": (uncond, _oracle_twin(uncond)),
-            "clf": (clf, _oracle_twin(clf))}
-
-
-VAR_TYPES = {"learned_range": gd.ModelVarType.LEARNED_RANGE, "fixed_large": gd.ModelVarType.FIXED_LARGE,
-             "fixed_small": gd.ModelVarType.FIXED_SMALL}
+    cond, uncond, clf = random_model("tiny-cond"), random_model("tiny-uncond"), random_model("tiny-classifier")
+    return {"cond": (cond, oracle_twin(cond)), "uncond": (uncond, oracle_twin(uncond)),
+            "clf": (clf, oracle_twin(clf))}
 
 
 def _reference_samples(ref_model, ref_clf, variance, steps, y, scale, shape):
-    ddim = steps.startswith("ddim")
-    diffusion = respace.SpacedDiffusion(
-        respace.space_timesteps(1000, steps), betas=gd.get_named_beta_schedule("linear", 1000),
-        model_mean_type=gd.ModelMeanType.EPSILON,
-        model_var_type=VAR_TYPES[variance],
-        loss_type=gd.LossType.MSE)
-
-    def cond_fn(x, t, y=None):  # guided-diffusion's scripts/classifier_sample.py
-        with torch.enable_grad():
-            x_in = x.detach().requires_grad_(True)
-            log_probs = F.log_softmax(ref_clf(x_in, t), dim=-1)
-            selected = log_probs[range(len(log_probs)), y.view(-1)]
-            return torch.autograd.grad(selected.sum(), x_in)[0] * scale
-
-    def model_fn(x, t, y=None):
-        return ref_model(x, t, y if ref_model.num_classes is not None else None)
-
-    loop = diffusion.ddim_sample_loop if ddim else diffusion.p_sample_loop
-    torch.manual_seed(SEED)
-    return loop(model_fn, shape, clip_denoised=True, model_kwargs={"y": y}, device=torch.device("cpu"),
-                cond_fn=cond_fn if scale else None)
+    return reference_sample(ref_model, ref_clf, admrt.get_preset("tiny-cond"), steps, scale, y, shape,
+                            torch.device("cpu"), seed=SEED, variance=variance)
 
 
 @pytest.mark.parametrize("kind,steps,scale,variance", [
