@@ -6,13 +6,12 @@ statistics `mu`, `sigma` (pool features) and `mu_s`, `sigma_s` (spatial features
 
 `iter_batches` streams `arr_0` from the zip member without loading it whole, as the
 reference's StreamingNpzArrayReader does, so 50000 ImageNet-256 samples fit in memory.
-Writes are atomic (a temporary file in the same folder, then os.replace).
+Writes are atomic (admrt.io.atomic_write).
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,23 +19,18 @@ from typing import Iterator
 
 import numpy as np
 
+from admrt.io import atomic_write
+
 from .metrics import FIDStatistics
 
 
 def atomic_savez(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
     """np.savez to `path` via a temporary file and os.replace (readers never see a partial file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 def save_batch(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None = None,
