@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import admrt
+from admrt.diffusion import space_timesteps
 from admrt.reference import reference_model, reference_sample, set_reference_dtype, to_uint8_nhwc
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -55,25 +56,28 @@ def measure(args) -> dict:
     clf = admrt.create_model(cpreset) if cpreset else None
     with torch.no_grad():  # random weights everywhere (the zero-initialised output convs too)
         for m in (model, clf):
-            for p in (m.parameters() if m is not None else []):
-                p.copy_(torch.randn_like(p) * (0.5 / max(1, p[0].numel()) ** 0.5) if p.dim() > 1 else p)
+            if m is None:
+                continue
+            for p in m.parameters():
+                if p.dim() > 1:  # matrices and kernels: N(0, 0.25 / fan_in); norms and biases as built
+                    p.copy_(torch.randn_like(p) * (0.5 / p[0].numel() ** 0.5))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     clf_state = {k: v.clone() for k, v in clf.state_dict().items()} if clf is not None else None
 
     n, size, ch = args.batch, preset.model.image_size, preset.model.in_channels
-    classes = [i % 1000 for i in range(n)] if (preset.model.class_cond or clf is not None) else None
+    num_classes = cpreset.model.out_channels if cpreset is not None else preset.model.num_classes
+    classes = [i % num_classes for i in range(n)] if num_classes else None
     y = torch.tensor(classes, device=device) if classes is not None else None
     results = {"config": vars(args), "rows": []}
+    steps = len(space_timesteps(preset.diffusion.steps, args.steps))  # sampling steps per batch
 
     def record(name, median, times, mem):
-        steps = admrt_steps
         row = {"impl": name, "median_s": median, "times_s": times, "images_per_s": n / median,
                "ms_per_step": 1e3 * median / steps, "peak_mem_gib": mem}
         results["rows"].append(row)
         print(f"{name:28s} {n / median:9.2f} img/s  {1e3 * median:9.1f} ms/batch  "
               f"{1e3 * median / steps:7.2f} ms/step  peak {mem:6.2f} GiB", flush=True)
 
-    admrt_steps = int(args.steps[4:]) if args.steps.startswith("ddim") else sum(int(s) for s in args.steps.split(","))
 
     outputs = {}
     if not args.skip_reference:
