@@ -39,10 +39,27 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path};{pybind11.get_cmake_dir()}",
             f"-DADMRT_EXT_SUFFIX={Path(self.get_ext_filename(ext.name)).name.split('.', 1)[1]}",
         ]
+        args += _cuda_args(torch)
         gen = ["-G", "Ninja"] if _has_ninja() else []
         subprocess.run(["cmake", ext.source_dir, *gen, *args], cwd=build_dir, check=True)
         jobs = str(os.cpu_count() or 2)
         subprocess.run(["cmake", "--build", ".", "--config", cfg, "-j", jobs], cwd=build_dir, check=True)
+
+
+def _cuda_args(torch) -> list[str]:
+    """ADMRT_WITH_CUDA=ON for a CUDA build of torch with nvcc at hand (the seeded-noise kernel and
+    graph capture), targeting the architectures torch itself was built for; OFF otherwise."""
+    if torch.version.cuda is None:
+        return ["-DADMRT_WITH_CUDA=OFF"]
+    from torch.utils.cpp_extension import CUDA_HOME
+    nvcc = Path(CUDA_HOME or "", "bin", "nvcc")
+    if not nvcc.exists():
+        print(f"admrt: torch is a CUDA build but nvcc was not found (CUDA_HOME={CUDA_HOME}); building the "
+              "core without CUDA: sampling on CUDA will be refused", file=sys.stderr)
+        return ["-DADMRT_WITH_CUDA=OFF"]
+    archs = sorted({a.split("_")[1] for a in torch.cuda.get_arch_list() if a.startswith("sm_")}, key=int)
+    archs = os.environ.get("ADMRT_CUDA_ARCHITECTURES", ";".join(archs) or "90")
+    return ["-DADMRT_WITH_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCMAKE_CUDA_ARCHITECTURES={archs}"]
 
 
 def _has_ninja() -> bool:

@@ -1,9 +1,11 @@
 """The Engine: guided ADM sampling (ADM-G) and the two-stage cascade (ADM-G -> ADM-U) of
 Dhariwal & Nichol (2021), on the C++ core.
 
-Python only prepares: coefficient tables (admrt.diffusion), the backends' callables, labels,
-guidance scales and seeds per sample, and batches. Every step of the reverse process runs in
-`admrt.engine._core.sample` (engine/csrc/sampler.cpp).
+Python only prepares: coefficient tables (admrt.diffusion), the two units (Denoiser,
+ClassifierGradient) through a backend, labels validated once, guidance scales and seeds per
+sample, and fixed-size batches (the last one padded). Every step of the reverse process runs in
+a C++ `Sampler` context (engine/csrc/sampler.cpp), which on CUDA captures one whole step as a
+CUDA graph and replays it.
 
     eng = admrt.Engine(model, classifier=clf, dtype="fp16")
     out = eng.sample(classes=[1, 2, 3], steps="ddim25", guidance=1.0, seeds=[7, 8, 9])
@@ -11,6 +13,7 @@ guidance scales and seeds per sample, and batches. Every step of the reverse pro
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
@@ -23,13 +26,17 @@ from admrt.config import DiffusionConfig
 from admrt.diffusion import DiffusionTables, build_tables
 
 from . import _core
-from .backends import ModelInfo, classifier_grad, make_denoiser
+from .backends import get_backend
+from .modules import ClassifierGradient, Denoiser, ModelInfo
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-VARIANCES = ("learned_range", "fixed_small", "fixed_large")
-NOISE_MODES = ("seeded", "reference")
+log = logging.getLogger(__name__)
+
+METHODS = {"ddpm": _core.Method.DDPM, "ddim": _core.Method.DDIM}
+VARIANCES = {"learned_range": _core.Variance.LEARNED_RANGE, "fixed_small": _core.Variance.FIXED_SMALL,
+             "fixed_large": _core.Variance.FIXED_LARGE}
+NOISE_MODES = {"seeded": _core.NoiseMode.SEEDED, "reference": _core.NoiseMode.REFERENCE}
 _SEED_MOD = 2 ** 64
-_UPSAMPLER_DRAW = 2 ** 63 + 1  # the upsampler stage's seed is noise_seed(seed, this)
+_UPSAMPLER_STREAM = 2 ** 63 + 1  # the upsampler stage's seed is derive_seed(seed, this)
 
 Progress = Union[bool, Callable[[int, int], None], None]
 
@@ -50,10 +57,20 @@ class SampleResult:
 
 @dataclass(frozen=True)
 class _Stage:
-    module: nn.Module
+    role: str
     info: ModelInfo
     diffusion: DiffusionConfig
+    unit: Denoiser
     denoiser: Callable
+
+
+@dataclass(frozen=True)
+class _Plan:
+    method: str
+    tables: DiffusionTables
+    schedule: object  # _core.Schedule
+    variance: str
+    respacing: object
 
 
 def _parse_steps(steps: Union[str, int, Sequence[int]]) -> tuple[str, Union[str, tuple[int, ...]]]:
@@ -65,18 +82,28 @@ def _parse_steps(steps: Union[str, int, Sequence[int]]) -> tuple[str, Union[str,
     return "ddpm", tuple(int(s) for s in steps)
 
 
+def _choice(table: dict, value, name: str):
+    """One parser for the core's enums: the string a user gave -> the bound enum value."""
+    if value not in table:
+        raise ValueError(f"{name}={value!r}: expected one of {tuple(table)}")
+    return table[value]
+
+
 class Engine:
     """Samples from an ADM model, optionally guided by a noisy classifier and followed by an
     upsampler.
 
     model: admrt UNet (admrt.create_model / load_model) or a guided-diffusion UNetModel.
-    classifier: noisy classifier (EncoderUNet) for guidance, or None.
+    classifier: noisy classifier (EncoderUNet, admrt's or guided-diffusion's) for guidance, or None.
     upsampler: SuperRes model conditioned on the base model's uint8 output, or None.
-    backend: "eager", "compile", or one registered by admrt.export.
-    dtype: "fp32" | "fp16" | "bf16": applied with model.set_dtype (body convolutions low
-        precision; norms, embeddings and heads fp32). Changes the given modules in place.
-        A model the caller put in channels_last memory format gets channels_last inputs (measured
-        slower on an H100 for ADM-64, bench/results/README.md, so it is not the default).
+    backend: "eager", "compile" (torch.compile, fullgraph), or one registered by admrt.export.
+    dtype: "fp32" | "fp16" | "bf16" for the networks' body convolutions (norms, embeddings and
+        heads stay fp32). Applied to inference copies (admrt.engine.Denoiser /
+        ClassifierGradient): the given modules are not changed.
+    channels_last: run the networks in NHWC; None: as the models' weights are.
+    cuda_graphs: on CUDA with seeded noise, capture one whole step as a CUDA graph once per
+        batch shape and replay it (the default); False runs every step uncaptured. Reference
+        noise (guided-diffusion's draw order, torch's generator) always runs uncaptured.
     diffusion / upsampler_diffusion: the processes the models were trained with; by default
         their presets' (an admrt model records it), else an error asks for it.
     device: where to sample; default: the model's device.
@@ -86,22 +113,21 @@ class Engine:
                  upsampler: Optional[nn.Module] = None, backend: str = "eager", dtype: str = "fp32", *,
                  diffusion: Optional[DiffusionConfig] = None,
                  upsampler_diffusion: Optional[DiffusionConfig] = None,
-                 device: Union[str, torch.device, None] = None):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
+                 device: Union[str, torch.device, None] = None, cuda_graphs: bool = True,
+                 channels_last: Optional[bool] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        self.backend, self.dtype = backend, dtype
+        self.backend_name, self.dtype = backend, dtype
+        backend_impl = get_backend(backend)
         self.device = torch.device(device) if device is not None else _module_device(model)
-        for m in (model, classifier, upsampler):
-            if m is not None:
-                m.to(self.device).eval()
-                _set_dtype(m, DTYPES[dtype])
+        self.cuda_graphs = bool(cuda_graphs)
+        units = dict(dtype=dtype, channels_last=channels_last, device=self.device)
 
-        self.base = self._stage(model, "model", diffusion, expect=("unet",))
+        self.base = self._stage(model, "model", diffusion, ("unet",), backend_impl, units)
         self.upsampler = None
         if upsampler is not None:
-            self.upsampler = self._stage(upsampler, "upsampler", upsampler_diffusion, expect=("superres",))
+            self.upsampler = self._stage(upsampler, "upsampler", upsampler_diffusion, ("superres",), backend_impl,
+                                         units)
             low = self.upsampler.info.low_res_size
             if low is not None and low != self.base.info.image_size:
                 raise ValueError(f"upsampler: conditioned on {low}x{low} images, but the model samples "
@@ -109,17 +135,18 @@ class Engine:
             if self.upsampler.info.in_channels != self.base.info.in_channels:
                 raise ValueError(f"upsampler: in_channels={self.upsampler.info.in_channels} differs from the "
                                  f"model's {self.base.info.in_channels}")
-        self.classifier = classifier
         self.classifier_info = None
-        self._grad = None
+        self._gradient_unit = self._grad = None
         if classifier is not None:
             self.classifier_info = ModelInfo.of(classifier, "classifier")
             if self.classifier_info.kind != "classifier":
                 raise ValueError(f"classifier: expected a noisy classifier (EncoderUNet), got a "
                                  f"{self.classifier_info.kind!r} model")
-            self._grad = classifier_grad(classifier)
+            self._gradient_unit = ClassifierGradient(classifier, **units)
+            self._grad = backend_impl.classifier_gradient(self._gradient_unit)
+        self._contexts: dict[str, tuple[tuple, object]] = {}  # role -> (key, _core.Sampler)
 
-    def _stage(self, module, role, diffusion, expect) -> _Stage:
+    def _stage(self, module, role, diffusion, expect, backend_impl, units) -> _Stage:
         info = ModelInfo.of(module, role)
         if info.kind not in expect:
             raise ValueError(f"{role}: expected a model of kind {expect}, got {info.kind!r}")
@@ -129,7 +156,8 @@ class Engine:
                 raise ValueError(f"{role}: it records no preset, so its diffusion process is unknown; pass "
                                  f"{'diffusion' if role == 'model' else 'upsampler_diffusion'}=DiffusionConfig(...)")
             diffusion = preset.diffusion
-        return _Stage(module, info, diffusion, make_denoiser(module, info, self.backend))
+        unit = Denoiser(module, **units)
+        return _Stage(role, info, diffusion, unit, backend_impl.denoiser(unit))
 
     @property
     def num_classes(self) -> Optional[int]:
@@ -161,26 +189,28 @@ class Engine:
         guidance: classifier scale, one for all or one per image; None: 1.0 with a classifier,
             0 without. Non-zero needs a classifier.
         seeds: one per image, or an int s for s, s+1, ...; None: 0, 1, .... In "seeded" noise an
-            image depends only on its seed (and class, scale, steps), not on the batch. In
-            "reference" noise one generator draws as guided-diffusion does: seeded with the first
-            seed, or the global torch generator when seeds is None.
+            image depends only on its seed (and class, scale, steps), not on the batch or the
+            device. In "reference" noise one generator draws as guided-diffusion does: seeded
+            with the first seed, or the global torch generator when seeds is None.
+        batch_size: images per network call; every batch has min(batch_size, N) images, the
+            last one padded (and the padding dropped), so one captured step serves them all.
         variance: "learned_range" | "fixed_small" | "fixed_large"; None: learned_range for a
             learned-sigma model, else fixed_large (the reference's defaults).
         method: "ddpm" | "ddim" to override what `steps` implies.
         upsampler_steps: the cascade's second stage (default: `steps`).
-        check_finite: raise as soon as a model output or the gradient is NaN/Inf.
+        check_finite: raise if a model output, gradient or the sample is NaN/Inf, naming the
+            first bad step (a device flag per step, read once after each batch).
         keep_float: also return the float x_0 (result.samples).
         progress: True for a tqdm bar, or a callable(done, total) over all steps of the run.
         """
         labels, n = self._labels(classes, num)
         scales = self._guidance(guidance, n)
-        if noise not in NOISE_MODES:
-            raise ValueError(f"noise={noise!r}: expected one of {NOISE_MODES}")
+        noise_mode = _choice(NOISE_MODES, noise, "noise")
         seed_arr = _seeds(seeds, n)
-        if batch_size <= 0:
-            raise ValueError(f"batch_size={batch_size}: expected a positive int")
-        if eta < 0:
-            raise ValueError(f"eta={eta}: expected eta >= 0")
+        if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+            raise ValueError(f"batch_size={batch_size!r}: expected a positive int")
+        if not (eta >= 0 and math.isfinite(eta)):
+            raise ValueError(f"eta={eta}: expected a finite eta >= 0")
         base_plan = self._plan(self.base, steps, method, variance)
         up_plan = None
         if self.upsampler is not None:
@@ -189,30 +219,42 @@ class Engine:
         generator = None
         if noise == "reference" and seeds is not None:
             generator = torch.Generator(self.device).manual_seed(int(seed_arr[0]))
+        if noise == "reference" and self.cuda_graphs and self.device.type == "cuda":
+            _log_once("noise='reference' runs the steps uncaptured (guided-diffusion's draw order comes from "
+                      "torch's generator); seeded noise is captured in CUDA graphs")
+        guided = self._grad is not None and bool(np.any(scales != 0))  # decided once, on the host
+        common = dict(noise=noise_mode, eta=float(eta), clip_denoised=bool(clip_denoised),
+                      check_finite=bool(check_finite))
 
-        total = math.ceil(n / batch_size) * (base_plan[1].num_timesteps + (up_plan[1].num_timesteps if up_plan else 0))
+        bsz = min(int(batch_size), n)
+        batches = math.ceil(n / bsz)
+        total = batches * (base_plan.tables.num_timesteps + (up_plan.tables.num_timesteps if up_plan else 0))
         bar, on_step = _progress(progress, total)
         images, base_images, floats = [], [], []
         try:
-            for start in range(0, n, batch_size):
-                idx = slice(start, min(start + batch_size, n))
+            for start in range(0, n, bsz):
+                real = min(bsz, n - start)
+                idx = _padded_index(start, real, bsz)    # the last batch repeats its last image
                 y = None if labels is None else torch.as_tensor(labels[idx], device=self.device)
-                b_seeds = [int(s) for s in seed_arr[idx]]
-                g = torch.tensor(scales[idx], dtype=torch.float32, device=self.device)
-                x = self._run(self.base, base_plan, y, None, g if self._grad is not None else None,
-                              b_seeds, noise, generator, eta, clip_denoised, check_finite, on_step)
+                b_seeds = seed_arr[idx]
+                g = torch.tensor(scales[idx], dtype=torch.float32, device=self.device) if guided else None
+                ctx = self._context(self.base, base_plan, bsz, guided, common)
+                x = ctx.sample(y=y, guidance=g, seeds=_seed_tensor(b_seeds, self.device), generator=generator,
+                               progress=on_step)
                 img = _core.to_uint8_nhwc(x)
                 if self.upsampler is not None:
-                    base_images.append(img.cpu().numpy())
+                    base_images.append(img[:real].cpu().numpy())
                     # ADM-U is conditioned on the saved low-res samples (uint8 -> [-1, 1]).
                     low_res = img.permute(0, 3, 1, 2).float() / 127.5 - 1
-                    up_seeds = [_core.noise_seed(s, _UPSAMPLER_DRAW) for s in b_seeds]
-                    x = self._run(self.upsampler, up_plan, y, low_res, None, up_seeds, noise, generator, eta,
-                                  clip_denoised, check_finite, on_step)
+                    up_seeds = np.asarray([_core.derive_seed(int(s), _UPSAMPLER_STREAM) for s in b_seeds],
+                                          dtype=np.uint64)
+                    ctx = self._context(self.upsampler, up_plan, bsz, False, common)
+                    x = ctx.sample(y=y, low_res=low_res, seeds=_seed_tensor(up_seeds, self.device),
+                                   generator=generator, progress=on_step)
                     img = _core.to_uint8_nhwc(x)
-                images.append(img.cpu().numpy())
+                images.append(img[:real].cpu().numpy())
                 if keep_float:
-                    floats.append(x.cpu().numpy())
+                    floats.append(x[:real].cpu().numpy())
         finally:
             if bar is not None:
                 bar.close()
@@ -223,7 +265,33 @@ class Engine:
 
     # -----------------------------------------------------------------------------------------
 
+    def _context(self, stage: _Stage, plan: _Plan, batch: int, guided: bool, common: dict):
+        """The stage's Sampler context for this plan and batch size: kept while they stay the
+        same (its buffers and captured graph are reused), rebuilt when they change."""
+        key = (plan.method, plan.respacing, plan.variance, batch, guided, tuple(sorted(common.items())))
+        cached = self._contexts.get(stage.role)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        self._contexts.pop(stage.role, None)  # free the old buffers and graph first
+        info = stage.info
+        p = _core.default_params()
+        p.method = METHODS[plan.method]
+        p.variance = VARIANCES[plan.variance]
+        p.eta, p.clip_denoised, p.check_finite = common["eta"], common["clip_denoised"], common["check_finite"]
+        p.noise = common["noise"]
+        p.cuda_graphs = self.cuda_graphs
+        p.batch_size = batch
+        p.image_shape = [info.in_channels, info.image_size, info.image_size]
+        if info.kind == "superres":
+            low = info.low_res_size or self.base.info.image_size
+            p.low_res_shape = [info.in_channels, low, low]
+        p.device = self.device
+        ctx = _core.Sampler(stage.denoiser, self._grad if guided else None, plan.schedule, p)
+        self._contexts[stage.role] = (key, ctx)
+        return ctx
+
     def _labels(self, classes, num) -> tuple[Optional[np.ndarray], int]:
+        """Labels validated once, on the host, before sampling (nothing checks them per step)."""
         k = self.num_classes
         if classes is None:
             if num is None or num <= 0:
@@ -239,6 +307,10 @@ class Engine:
         bad = labels[(labels < 0) | (labels >= k)]
         if bad.size:
             raise ValueError(f"classes: {bad[:5].tolist()} out of range; expected ids in [0, {k})")
+        model_k = self.base.info.num_classes
+        if model_k is not None and model_k < k and labels.max() >= model_k:
+            raise ValueError(f"classes: {labels[labels >= model_k][:5].tolist()} out of range for the model; "
+                             f"expected ids in [0, {model_k})")
         return labels, int(labels.size)
 
     def _guidance(self, guidance, n) -> np.ndarray:
@@ -255,32 +327,19 @@ class Engine:
                              "or guidance=0")
         return scales
 
-    def _plan(self, stage: _Stage, steps, method, variance) -> tuple[str, DiffusionTables, object, str]:
+    def _plan(self, stage: _Stage, steps, method, variance) -> _Plan:
         implied, respacing = _parse_steps(steps)
         method = method or implied
-        if method not in ("ddpm", "ddim"):
-            raise ValueError(f"method={method!r}: expected 'ddpm' or 'ddim'")
+        _choice(METHODS, method, "method")
         tables = build_tables(stage.diffusion, respacing)
         if variance is None:
             variance = "learned_range" if stage.info.learn_sigma else "fixed_large"
-        if variance not in VARIANCES:
-            raise ValueError(f"variance={variance!r}: expected one of {VARIANCES}")
+        _choice(VARIANCES, variance, "variance")
         if variance == "learned_range" and not stage.info.learn_sigma:
             raise ValueError(f"variance='learned_range': the model outputs {stage.info.out_channels} channels, "
                              f"not 2*{stage.info.in_channels} (eps and variance values)")
         schedule = _core.Schedule(tables.tensors(), tables.original_num_steps, tables.rescale_timesteps)
-        return method, tables, schedule, variance
-
-    def _run(self, stage, plan, y, low_res, scales, seeds, noise, generator, eta, clip_denoised, check_finite,
-             on_step) -> torch.Tensor:
-        method, _, schedule, variance = plan
-        info = stage.info
-        shape = [len(seeds), info.in_channels, info.image_size, info.image_size]
-        return _core.sample(stage.denoiser, self._grad if scales is not None else None, schedule, shape,
-                            method=method, variance=variance, eta=float(eta), clip_denoised=clip_denoised,
-                            check_finite=check_finite, noise=noise, y=y, low_res=low_res, guidance=scales,
-                            seeds=seeds if noise == "seeded" else [], generator=generator, device=self.device,
-                            progress=on_step)
+        return _Plan(method, tables, schedule, variance, respacing)
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -289,11 +348,25 @@ def _module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _set_dtype(module: nn.Module, dtype: torch.dtype) -> None:
-    if hasattr(module, "set_dtype"):
-        module.set_dtype(dtype)
-    elif dtype != torch.float32:
-        raise ValueError(f"dtype: {type(module).__name__} has no set_dtype(); only 'fp32' is available for it")
+def _padded_index(start: int, real: int, size: int) -> np.ndarray:
+    """Indices of a batch of `size` starting at `start` with `real` images, the last repeated."""
+    idx = np.arange(start, start + size)
+    idx[real:] = start + real - 1
+    return idx
+
+
+def _seed_tensor(seeds: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint64 seeds as the int64 bit patterns the core takes."""
+    return torch.from_numpy(np.ascontiguousarray(seeds, dtype=np.uint64).view(np.int64)).to(device)
+
+
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        log.info(message)
 
 
 def _seeds(seeds, n) -> np.ndarray:

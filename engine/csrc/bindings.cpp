@@ -1,12 +1,17 @@
-// pybind11 entry point of admrt.engine._core: the sampler loop with Python callables behind the
-// Denoiser / ClassifierGrad interfaces (the eager and torch.compile backends). The loop itself
-// runs with the GIL released; it is taken only to call back into Python.
+// pybind11 module admrt.engine._core on top of the Python-free admrt_core library: Python
+// callables behind the Denoiser / ClassifierGrad interfaces (the eager and torch.compile
+// backends), the Sampler context, its parameters as real enums, and the seeded noise. The loop
+// runs with the GIL released; it is taken only to call back into Python (on CUDA, only while a
+// step is captured: replays run no Python).
 #include <torch/extension.h>
 
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
 
+#include "noise.h"
+#include "philox.h"
 #include "sampler.h"
 
 namespace py = pybind11;
@@ -20,82 +25,61 @@ at::Tensor as_tensor(const py::object& result, const char* what) {
   return THPVariable_Unpack(result.ptr());
 }
 
-py::object opt(const std::optional<at::Tensor>& t) { return t ? py::cast(*t) : py::none(); }
-
-// fn(x_t, t, y | None, low_res | None) -> Tensor
-class PyDenoiser final : public admrt::Denoiser {
+// Holds a Python callable; takes the GIL to call it and to let it go.
+class PyCallable {
  public:
-  explicit PyDenoiser(py::object fn) : fn_(std::move(fn)) {}
-  at::Tensor operator()(const at::Tensor& x_t, const at::Tensor& t, const std::optional<at::Tensor>& y,
+  explicit PyCallable(py::object fn) : fn_(new py::object(std::move(fn))) {}
+  ~PyCallable() {
+    py::gil_scoped_acquire gil;
+    delete fn_;
+  }
+  PyCallable(const PyCallable&) = delete;
+  PyCallable& operator=(const PyCallable&) = delete;
+
+ protected:
+  py::object* fn_;
+};
+
+// fn(x_t, t, y, low_res | None) -> Tensor
+class PyDenoiser final : public admrt::Denoiser, PyCallable {
+ public:
+  using PyCallable::PyCallable;
+  at::Tensor operator()(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& y,
                         const std::optional<at::Tensor>& low_res) override {
     py::gil_scoped_acquire gil;
-    return as_tensor(fn_(x_t, t, opt(y), opt(low_res)), "model output");
+    py::object lr = low_res ? py::cast(*low_res) : py::none();
+    return as_tensor((*fn_)(x_t, t, y, lr), "model output");
   }
-
- private:
-  py::object fn_;
 };
 
 // fn(x_t, t, y) -> grad_x log p(y | x_t)
-class PyClassifierGrad final : public admrt::ClassifierGrad {
+class PyClassifierGrad final : public admrt::ClassifierGrad, PyCallable {
  public:
-  explicit PyClassifierGrad(py::object fn) : fn_(std::move(fn)) {}
+  using PyCallable::PyCallable;
   at::Tensor operator()(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& y) override {
     py::gil_scoped_acquire gil;
-    return as_tensor(fn_(x_t, t, y), "classifier gradient");
+    return as_tensor((*fn_)(x_t, t, y), "classifier gradient");
   }
-
- private:
-  py::object fn_;
 };
 
-admrt::Method parse_method(const std::string& s) {
-  if (s == "ddpm") return admrt::Method::DDPM;
-  if (s == "ddim") return admrt::Method::DDIM;
-  throw std::invalid_argument("method='" + s + "': expected 'ddpm' or 'ddim'");
+std::unique_ptr<admrt::Sampler> make_sampler(py::object model, py::object classifier,
+                                             const admrt::Schedule& schedule, const admrt::SamplerParams& params) {
+  std::shared_ptr<admrt::ClassifierGrad> clf;
+  if (!classifier.is_none()) clf = std::make_shared<PyClassifierGrad>(std::move(classifier));
+  return std::make_unique<admrt::Sampler>(std::make_shared<PyDenoiser>(std::move(model)), std::move(clf), schedule,
+                                          params);
 }
 
-admrt::Variance parse_variance(const std::string& s) {
-  if (s == "learned_range") return admrt::Variance::LearnedRange;
-  if (s == "fixed_small") return admrt::Variance::FixedSmall;
-  if (s == "fixed_large") return admrt::Variance::FixedLarge;
-  throw std::invalid_argument("variance='" + s + "': expected 'learned_range', 'fixed_small' or 'fixed_large'");
-}
-
-admrt::NoiseMode parse_noise(const std::string& s) {
-  if (s == "seeded") return admrt::NoiseMode::Seeded;
-  if (s == "reference") return admrt::NoiseMode::Reference;
-  throw std::invalid_argument("noise='" + s + "': expected 'seeded' or 'reference'");
-}
-
-at::Tensor sample_py(py::object model, py::object classifier, const admrt::Schedule& schedule,
-                     std::vector<int64_t> shape, const std::string& method, const std::string& variance,
-                     double eta, bool clip_denoised, bool check_finite, const std::string& noise,
-                     std::optional<at::Tensor> y, std::optional<at::Tensor> low_res,
-                     std::optional<at::Tensor> guidance, std::vector<uint64_t> seeds,
-                     std::optional<at::Generator> generator, std::optional<at::Tensor> x_T,
-                     std::optional<at::Device> device, py::object progress) {
-  admrt::SamplerOptions options;
-  options.method = parse_method(method);
-  options.variance = parse_variance(variance);
-  options.eta = eta;
-  options.clip_denoised = clip_denoised;
-  options.check_finite = check_finite;
-  options.noise = parse_noise(noise);
-
-  admrt::SampleRequest request;
-  request.shape = std::move(shape);
-  request.device = device.value_or(at::Device(at::kCPU));
-  request.y = std::move(y);
-  request.low_res = std::move(low_res);
-  request.guidance = std::move(guidance);
-  request.seeds = std::move(seeds);
-  request.generator = std::move(generator);
-  request.x_T = std::move(x_T);
-
-  PyDenoiser den(std::move(model));
-  std::optional<PyClassifierGrad> clf;
-  if (!classifier.is_none()) clf.emplace(std::move(classifier));
+at::Tensor sample_py(admrt::Sampler& self, std::optional<at::Tensor> y, std::optional<at::Tensor> low_res,
+                     std::optional<at::Tensor> guidance, std::optional<at::Tensor> seeds,
+                     std::optional<at::Generator> generator, std::optional<at::Tensor> x_T, py::object progress) {
+  admrt::BatchInputs in;
+  in.y = std::move(y);
+  in.low_res = std::move(low_res);
+  in.guidance = std::move(guidance);
+  in.seeds = std::move(seeds);
+  in.generator = std::move(generator);
+  in.x_T = std::move(x_T);
   admrt::ProgressFn on_step;
   if (!progress.is_none()) {
     on_step = [&progress](int64_t done, int64_t total) {
@@ -103,40 +87,80 @@ at::Tensor sample_py(py::object model, py::object classifier, const admrt::Sched
       progress(done, total);
     };
   }
-  at::Tensor out;
-  {
-    py::gil_scoped_release nogil;
-    out = admrt::sample(den, clf ? &*clf : nullptr, schedule, options, request, on_step);
-  }
-  return out;
+  py::gil_scoped_release nogil;
+  return self.sample(in, on_step);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
-  m.doc() = "admrt C++ sampling core: guided DDPM / DDIM loops (see engine/csrc/sampler.h)";
+  m.doc() = "admrt C++ sampling core: the Sampler context for guided DDPM / DDIM (engine/csrc/sampler.h)";
   m.def("torch_version", []() { return std::string(TORCH_VERSION); },
         "The libtorch version this core was built against.");
+  m.def("built_with_cuda", []() {
+#ifdef ADMRT_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether this core has its CUDA parts (seeded-noise kernel, graph capture).");
 
-  py::class_<admrt::Schedule>(m, "Schedule",
-                              "Host copy of admrt.diffusion.DiffusionTables (float64 tables by name).")
+  py::enum_<admrt::Method>(m, "Method")
+      .value("DDPM", admrt::Method::DDPM)
+      .value("DDIM", admrt::Method::DDIM);
+  py::enum_<admrt::Variance>(m, "Variance")
+      .value("LEARNED_RANGE", admrt::Variance::LearnedRange)
+      .value("FIXED_SMALL", admrt::Variance::FixedSmall)
+      .value("FIXED_LARGE", admrt::Variance::FixedLarge);
+  py::enum_<admrt::NoiseMode>(m, "NoiseMode")
+      .value("SEEDED", admrt::NoiseMode::Seeded)
+      .value("REFERENCE", admrt::NoiseMode::Reference);
+
+  py::class_<admrt::Schedule>(m, "Schedule", "Host copy of admrt.diffusion.DiffusionTables (float64 tables by name).")
       .def(py::init(&admrt::Schedule::from_tables), py::arg("tables"), py::arg("original_num_steps"),
            py::arg("rescale_timesteps") = false)
       .def_readonly("num_steps", &admrt::Schedule::num_steps)
       .def_readonly("original_num_steps", &admrt::Schedule::original_num_steps)
       .def_readonly("timestep_map", &admrt::Schedule::timestep_map);
 
-  m.def("sample", &sample_py,
-        "Run the reverse process for one batch; returns x_0 (B, C, H, W) float32.\n"
-        "model(x_t, t, y, low_res) -> eps or [eps | v]; classifier(x_t, t, y) -> grad log p(y|x_t) or None.",
-        py::arg("model"), py::arg("classifier"), py::arg("schedule"), py::arg("shape"), py::kw_only(),
-        py::arg("method") = "ddim", py::arg("variance") = "learned_range", py::arg("eta") = 0.0,
-        py::arg("clip_denoised") = true, py::arg("check_finite") = true, py::arg("noise") = "seeded",
-        py::arg("y") = py::none(), py::arg("low_res") = py::none(), py::arg("guidance") = py::none(),
-        py::arg("seeds") = std::vector<uint64_t>{}, py::arg("generator") = py::none(),
-        py::arg("x_T") = py::none(), py::arg("device") = py::none(), py::arg("progress") = py::none());
-  m.def("to_uint8_nhwc", &admrt::to_uint8_nhwc, py::arg("x"),
-        "((x + 1) * 127.5).clamp(0, 255) as uint8, NCHW -> NHWC.");
-  m.def("noise_seed", &admrt::noise_seed, py::arg("seed"), py::arg("draw"),
-        "Generator seed of a sample's noise draw (0: x_T, k: step k) in seeded mode.");
+  py::class_<admrt::SamplerParams>(m, "SamplerParams", "What a Sampler context is built for (sampler.h).")
+      .def(py::init<>())
+      .def_readwrite("method", &admrt::SamplerParams::method)
+      .def_readwrite("variance", &admrt::SamplerParams::variance)
+      .def_readwrite("eta", &admrt::SamplerParams::eta)
+      .def_readwrite("clip_denoised", &admrt::SamplerParams::clip_denoised)
+      .def_readwrite("check_finite", &admrt::SamplerParams::check_finite)
+      .def_readwrite("noise", &admrt::SamplerParams::noise)
+      .def_readwrite("cuda_graphs", &admrt::SamplerParams::cuda_graphs)
+      .def_readwrite("batch_size", &admrt::SamplerParams::batch_size)
+      .def_readwrite("image_shape", &admrt::SamplerParams::image_shape)
+      .def_readwrite("low_res_shape", &admrt::SamplerParams::low_res_shape)
+      .def_readwrite("device", &admrt::SamplerParams::device);
+  m.def("default_params", &admrt::default_params, "SamplerParams with the defaults.");
+
+  py::class_<admrt::Sampler>(m, "Sampler",
+                             "Per-run context: fixed buffers, device tables and step counter, the captured step.\n"
+                             "model(x_t, t, y, low_res) -> eps or [eps | v]; classifier(x_t, t, y) -> "
+                             "grad log p(y|x_t), or None for no guidance.")
+      .def(py::init(&make_sampler), py::arg("model"), py::arg("classifier"), py::arg("schedule"), py::arg("params"))
+      .def("sample", &sample_py, "One batch of params.batch_size samples; returns x_0 (B, C, H, W) float32.",
+           py::kw_only(), py::arg("y") = py::none(), py::arg("low_res") = py::none(),
+           py::arg("guidance") = py::none(), py::arg("seeds") = py::none(), py::arg("generator") = py::none(),
+           py::arg("x_T") = py::none(), py::arg("progress") = py::none())
+      .def_property_readonly("params", &admrt::Sampler::params)
+      .def_property_readonly("num_steps", &admrt::Sampler::num_steps)
+      .def_property_readonly("guided", &admrt::Sampler::guided)
+      .def_property_readonly("uses_graph", &admrt::Sampler::uses_graph)
+      .def_property_readonly("captured", &admrt::Sampler::captured);
+
+  m.def("seeded_normal", &admrt::seeded_normal, py::arg("seeds"), py::arg("sample_shape"), py::arg("draw"),
+        "(B, *sample_shape) float32 normals of draw `draw` (0: x_T, k: step k) for int64 seeds (B,).");
+  m.def("philox4x32_10", [](std::array<uint32_t, 4> ctr, std::array<uint32_t, 2> key) {
+        admrt::philox::U4 c{{ctr[0], ctr[1], ctr[2], ctr[3]}};
+        admrt::philox::U4 r = admrt::philox::philox4x32_10(c, key[0], key[1]);
+        return std::array<uint32_t, 4>{r.x[0], r.x[1], r.x[2], r.x[3]};
+      }, py::arg("counter"), py::arg("key"), "Philox4x32-10 of one counter (known-answer tests).");
+  m.def("to_uint8_nhwc", &admrt::to_uint8_nhwc, py::arg("x"), "((x + 1) * 127.5).clamp(0, 255) as uint8, NCHW -> NHWC.");
+  m.def("derive_seed", &admrt::derive_seed, py::arg("seed"), py::arg("stream"),
+        "A seed derived from `seed` for another noise stream (the upsampler stage of a cascade).");
 }

@@ -1,14 +1,21 @@
-// The DDPM / DDIM loops; see sampler.h for what each piece matches in guided-diffusion.
+// The DDPM / DDIM loops over a Sampler context; see sampler.h for what each piece matches in
+// guided-diffusion.
 #include "sampler.h"
 
-#include <ATen/Context.h>
 #include <c10/core/GradMode.h>
-
-#include <mutex>
 
 #include <cmath>
 #include <sstream>
 #include <stdexcept>
+
+#include "noise.h"
+
+#ifdef ADMRT_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+#include <ATen/cuda/CUDAEvent.h>
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
 
 namespace admrt {
 namespace {
@@ -20,8 +27,7 @@ std::string cat(const Args&... args) {
   return s.str();
 }
 
-std::vector<double> host_table(const std::map<std::string, at::Tensor>& tables, const char* name,
-                               int64_t n) {
+std::vector<double> host_table(const std::map<std::string, at::Tensor>& tables, const char* name, int64_t n) {
   auto it = tables.find(name);
   if (it == tables.end()) throw std::invalid_argument(cat("tables: missing table '", name, "'"));
   at::Tensor t = it->second.detach().to(at::kCPU, at::kDouble).contiguous();
@@ -30,44 +36,60 @@ std::vector<double> host_table(const std::map<std::string, at::Tensor>& tables, 
   return std::vector<double>(t.data_ptr<double>(), t.data_ptr<double>() + t.size(0));
 }
 
-// Per-step float32 coefficients; arithmetic on them is float32, in the reference's order.
-struct Step {
-  int64_t model_t;          // original timestep fed to the network
-  float sqrt_recip_ac;      // 1/sqrt(abar_t)
-  float sqrt_recipm1_ac;    // sqrt(1/abar_t - 1)
-  float coef1, coef2;       // posterior mean coefficients of x_0 and x_t
-  float min_log, max_log;   // learned range: log beta~_t and log beta_t
-  float fixed_var, fixed_log_var;  // fixed small / large variance and its log
-  float sqrt_1m_ac;         // sqrt(1 - abar_t) (condition_score)
-  float ddim_sigma;         // eta * sqrt((1-abar_prev)/(1-abar)) * sqrt(1 - abar/abar_prev)
-  float ddim_sqrt_acp;      // sqrt(abar_prev)
-  float ddim_dir;           // sqrt(1 - abar_prev - sigma^2)
+// Columns of the per-step coefficient table. Values are float32, computed on the host in the
+// reference's order (it gathers float64 tables and casts them to float32 per step).
+enum Coef : int64_t {
+  kSqrtRecipAc,    // 1/sqrt(abar_t)
+  kSqrtRecipm1Ac,  // sqrt(1/abar_t - 1)
+  kPostCoef1,      // posterior mean coefficient of x_0
+  kPostCoef2,      // posterior mean coefficient of x_t
+  kMinLog,         // learned range: log beta~_t
+  kMaxLog,         // learned range: log beta_t
+  kFixedVar,       // fixed small / large variance Sigma_t (guidance: mu + Sigma g)
+  kNoiseStd,       // fixed variance: exp(log Sigma_t / 2); DDIM: sigma_t; 0 at the last step
+  kNonzero,        // 1, and 0 at the last step (t = 0): no noise there
+  kSqrt1mAc,       // sqrt(1 - abar_t) (condition_score)
+  kDdimSqrtAcp,    // sqrt(abar_{t-1})
+  kDdimDir,        // sqrt(1 - abar_{t-1} - sigma_t^2)
+  kNoiseGate,      // 1 when this step's noise has a non-zero coefficient, else 0 (nothing drawn)
+  kNumCoefs
 };
 
-std::vector<Step> make_steps(const Schedule& s, const SamplerOptions& o) {
-  std::vector<Step> steps(s.num_steps);
-  const float eta = static_cast<float>(o.eta);
-  for (int64_t i = 0; i < s.num_steps; ++i) {
-    Step& st = steps[i];
-    st.model_t = s.timestep_map[i];
-    st.sqrt_recip_ac = static_cast<float>(s.sqrt_recip_alphas_cumprod[i]);
-    st.sqrt_recipm1_ac = static_cast<float>(s.sqrt_recipm1_alphas_cumprod[i]);
-    st.coef1 = static_cast<float>(s.posterior_mean_coef1[i]);
-    st.coef2 = static_cast<float>(s.posterior_mean_coef2[i]);
-    st.min_log = static_cast<float>(s.posterior_log_variance_clipped[i]);
-    st.max_log = static_cast<float>(s.log_betas[i]);
-    const bool small = o.variance == Variance::FixedSmall;
-    st.fixed_var = static_cast<float>(small ? s.posterior_variance[i] : s.fixed_large_variance[i]);
-    st.fixed_log_var = static_cast<float>(small ? s.posterior_log_variance_clipped[i]
-                                                : s.fixed_large_log_variance[i]);
+// Rows in loop order: row k is step index i = N - 1 - k.
+std::vector<float> coefficient_rows(const Schedule& s, const SamplerParams& p) {
+  const int64_t n = s.num_steps;
+  std::vector<float> rows(n * kNumCoefs, 0.0f);
+  const float eta = static_cast<float>(p.eta);
+  const bool small = p.variance == Variance::FixedSmall;
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t i = n - 1 - k;
+    float* r = rows.data() + k * kNumCoefs;
+    const float nonzero = i > 0 ? 1.0f : 0.0f;
+    r[kSqrtRecipAc] = static_cast<float>(s.sqrt_recip_alphas_cumprod[i]);
+    r[kSqrtRecipm1Ac] = static_cast<float>(s.sqrt_recipm1_alphas_cumprod[i]);
+    r[kPostCoef1] = static_cast<float>(s.posterior_mean_coef1[i]);
+    r[kPostCoef2] = static_cast<float>(s.posterior_mean_coef2[i]);
+    r[kMinLog] = static_cast<float>(s.posterior_log_variance_clipped[i]);
+    r[kMaxLog] = static_cast<float>(s.log_betas[i]);
+    r[kFixedVar] = static_cast<float>(small ? s.posterior_variance[i] : s.fixed_large_variance[i]);
+    r[kNonzero] = nonzero;
     const float ab = static_cast<float>(s.alphas_cumprod[i]);
     const float abp = static_cast<float>(s.alphas_cumprod_prev[i]);
-    st.sqrt_1m_ac = std::sqrt(1.0f - ab);
-    st.ddim_sigma = eta * std::sqrt((1.0f - abp) / (1.0f - ab)) * std::sqrt(1.0f - ab / abp);
-    st.ddim_sqrt_acp = std::sqrt(abp);
-    st.ddim_dir = std::sqrt(1.0f - abp - st.ddim_sigma * st.ddim_sigma);
+    r[kSqrt1mAc] = std::sqrt(1.0f - ab);
+    const float sigma = eta * std::sqrt((1.0f - abp) / (1.0f - ab)) * std::sqrt(1.0f - ab / abp);
+    r[kDdimSqrtAcp] = std::sqrt(abp);
+    r[kDdimDir] = std::sqrt(1.0f - abp - sigma * sigma);
+    if (p.method == Method::DDIM) {
+      r[kNoiseStd] = nonzero * sigma;
+    } else {
+      const float log_var = static_cast<float>(small ? s.posterior_log_variance_clipped[i]
+                                                     : s.fixed_large_log_variance[i]);
+      r[kNoiseStd] = nonzero * std::exp(0.5f * log_var);
+    }
+    const bool learned = p.method == Method::DDPM && p.variance == Variance::LearnedRange;
+    r[kNoiseGate] = (learned ? nonzero : r[kNoiseStd]) != 0.0f ? 1.0f : 0.0f;
   }
-  return steps;
+  return rows;
 }
 
 uint64_t splitmix64(uint64_t z) {
@@ -77,63 +99,20 @@ uint64_t splitmix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
-// The noise of one batch: draw k of sample b (seeded) or the next draw of one generator.
-class Noise {
- public:
-  Noise(const SamplerOptions& o, const SampleRequest& r, at::TensorOptions opts)
-      : mode_(o.noise), shape_(r.shape), opts_(opts) {
-    if (mode_ == NoiseMode::Seeded) {
-      if (static_cast<int64_t>(r.seeds.size()) != shape_[0])
-        throw std::invalid_argument(cat("seeds: expected ", shape_[0], " (one per sample), got ", r.seeds.size()));
-      seeds_ = r.seeds;
-      at::Generator base = at::globalContext().defaultGenerator(r.device);
-      for (size_t b = 0; b < seeds_.size(); ++b) gens_.push_back(base.clone());
-    } else if (r.generator.has_value()) {
-      gens_.push_back(*r.generator);
-    }
-  }
-
-  at::Tensor draw(uint64_t k) {
-    if (mode_ == NoiseMode::Reference) {
-      // th.randn(*shape) / th.randn_like(x): the global generator unless one was given.
-      std::optional<at::Generator> g;
-      if (!gens_.empty()) g = gens_[0];
-      return at::randn(shape_, g, opts_);
-    }
-    at::Tensor out = at::empty(shape_, opts_);
-    for (size_t b = 0; b < seeds_.size(); ++b) {
-      at::Generator& g = gens_[b];
-      {
-        std::lock_guard<std::mutex> lock(g.mutex());
-        g.set_current_seed(noise_seed(seeds_[b], k));
-      }
-      out[b].normal_(0.0, 1.0, g);
-    }
-    return out;
-  }
-
- private:
-  NoiseMode mode_;
-  std::vector<int64_t> shape_;
-  at::TensorOptions opts_;
-  std::vector<uint64_t> seeds_;
-  std::vector<at::Generator> gens_;
-};
-
-void check_finite(const at::Tensor& t, const char* what, int64_t i, int64_t model_t) {
-  if (!at::isfinite(t).all().item<bool>())
-    throw std::runtime_error(cat(what, " contains NaN or Inf at step index ", i, " (timestep t=", model_t,
-                                 "); check the weights, the dtype (fp16 overflow?) and the inputs"));
-}
+std::string shape_str(at::IntArrayRef s) { return cat(s); }
 
 }  // namespace
 
-uint64_t noise_seed(uint64_t seed, uint64_t draw) {
-  return splitmix64(splitmix64(seed) ^ (draw * 0xD1B54A32D192ED03ULL));
+// ---------------------------------------------------------------------------------------------
+
+SamplerParams default_params() { return SamplerParams{}; }
+
+uint64_t derive_seed(uint64_t seed, uint64_t stream) {
+  return splitmix64(splitmix64(seed) ^ (stream * 0xD1B54A32D192ED03ULL));
 }
 
-Schedule Schedule::from_tables(const std::map<std::string, at::Tensor>& tables,
-                               int64_t original_num_steps, bool rescale_timesteps) {
+Schedule Schedule::from_tables(const std::map<std::string, at::Tensor>& tables, int64_t original_num_steps,
+                               bool rescale_timesteps) {
   Schedule s;
   s.alphas_cumprod = host_table(tables, "alphas_cumprod", -1);
   const int64_t n = static_cast<int64_t>(s.alphas_cumprod.size());
@@ -162,115 +141,292 @@ Schedule Schedule::from_tables(const std::map<std::string, at::Tensor>& tables,
   return s;
 }
 
-at::Tensor sample(Denoiser& model, ClassifierGrad* classifier, const Schedule& schedule,
-                  const SamplerOptions& options, const SampleRequest& request,
-                  const ProgressFn& progress) {
-  const auto& shape = request.shape;
-  if (shape.size() != 4 || shape[0] <= 0 || shape[1] <= 0)
-    throw std::invalid_argument(cat("shape: expected (B, C, H, W) with B, C > 0, got ", at::IntArrayRef(shape)));
+// ---------------------------------------------------------------------------------------------
+// CUDA: a side stream for the loop (capture needs a non-default stream) and the captured step.
+
+#ifdef ADMRT_WITH_CUDA
+struct Sampler::Graph {
+  explicit Graph(at::Device device) : stream(c10::cuda::getStreamFromPool(false, device.index())) {}
+  c10::cuda::CUDAStream stream;
+  std::unique_ptr<at::cuda::CUDAGraph> step;
+};
+#else
+struct Sampler::Graph {};
+#endif
+
+Sampler::Sampler(std::shared_ptr<Denoiser> model, std::shared_ptr<ClassifierGrad> classifier,
+                 const Schedule& schedule, const SamplerParams& params)
+    : model_(std::move(model)), classifier_(std::move(classifier)), params_(params) {
+  if (!model_) throw std::invalid_argument("model: expected a Denoiser, got none");
+  const auto& p = params_;
+  if (p.batch_size <= 0) throw std::invalid_argument(cat("batch_size=", p.batch_size, ": expected a positive int"));
+  if (p.image_shape.size() != 3 || p.image_shape[0] <= 0 || p.image_shape[1] <= 0 || p.image_shape[2] <= 0)
+    throw std::invalid_argument(cat("image_shape=", shape_str(p.image_shape), ": expected (C, H, W), all positive"));
+  if (!p.low_res_shape.empty() && p.low_res_shape.size() != 3)
+    throw std::invalid_argument(cat("low_res_shape=", shape_str(p.low_res_shape), ": expected (C, h, w) or empty"));
+  if (!(p.eta >= 0) || !std::isfinite(p.eta))
+    throw std::invalid_argument(cat("eta=", p.eta, ": expected a finite eta >= 0"));
   if (schedule.num_steps <= 0) throw std::invalid_argument("schedule: no steps");
-  if (options.method == Method::DDIM && options.eta < 0)
-    throw std::invalid_argument(cat("eta=", options.eta, ": expected eta >= 0"));
-  const int64_t B = shape[0], C = shape[1];
-  const auto opts = at::TensorOptions().dtype(at::kFloat).device(request.device);
+  if (!(p.device.is_cpu() || p.device.is_cuda()))
+    throw std::invalid_argument(cat("device=", p.device, ": expected cpu or cuda"));
+#ifndef ADMRT_WITH_CUDA
+  if (p.device.is_cuda())
+    throw std::invalid_argument("device=cuda: this admrt core was built without CUDA (rebuild it against a CUDA "
+                                "build of torch with nvcc on the PATH)");
+#endif
+  num_steps_ = schedule.num_steps;
+  has_noise_ = !(p.noise == NoiseMode::Seeded && p.method == Method::DDIM && p.eta == 0.0);
 
-  std::optional<at::Tensor> y, low_res;
-  if (request.y) {
-    if (request.y->dim() != 1 || request.y->size(0) != B)
-      throw std::invalid_argument(cat("y: expected shape (", B, ",), got ", request.y->sizes()));
-    y = request.y->to(request.device, at::kLong);
+  const int64_t n = num_steps_, B = p.batch_size;
+  std::vector<float> rows = coefficient_rows(schedule, p);
+  std::vector<float> t_rows(n);
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t t = schedule.timestep_map[n - 1 - k];
+    model_t_.push_back(t);
+    // _WrappedModel: the original timestep, or t * 1000 / T as float when rescaled.
+    t_rows[k] = schedule.rescale_timesteps
+                    ? static_cast<float>(t) * static_cast<float>(1000.0 / schedule.original_num_steps)
+                    : static_cast<float>(t);
   }
-  if (request.low_res) {
-    if (request.low_res->dim() != 4 || request.low_res->size(0) != B)
-      throw std::invalid_argument(cat("low_res: expected (", B, ", C, h, w), got ", request.low_res->sizes()));
-    low_res = request.low_res->to(request.device, at::kFloat);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat).device(p.device);
+  const auto i64 = at::TensorOptions().dtype(at::kLong).device(p.device);
+  coef_ = at::from_blob(rows.data(), {n, kNumCoefs}, at::kFloat).to(p.device, /*non_blocking=*/false, /*copy=*/true);
+  t_table_ = at::from_blob(t_rows.data(), {n}, at::kFloat).to(p.device, false, true);
+  step_ = at::zeros({1}, i64);
+  std::vector<int64_t> shape{B};
+  shape.insert(shape.end(), p.image_shape.begin(), p.image_shape.end());
+  x_ = at::zeros(shape, f32);
+  noise_ = at::zeros(shape, f32);
+  y_ = at::zeros({B}, i64);
+  t_ = at::zeros({B}, f32);
+  scale_ = at::zeros({B, 1, 1, 1}, f32);
+  seeds_ = at::zeros({B}, i64);
+  bad_ = at::full({3}, -1, i64);  // first non-finite step: model output, gradient; final sample
+  if (!p.low_res_shape.empty()) {
+    std::vector<int64_t> ls{B};
+    ls.insert(ls.end(), p.low_res_shape.begin(), p.low_res_shape.end());
+    low_res_ = at::zeros(ls, f32);
   }
-  // Guidance scales (B,1,1,1); guided only when some scale is non-zero.
-  at::Tensor scale;
-  bool guided = false;
-  if (request.guidance) {
-    if (request.guidance->numel() != B)
-      throw std::invalid_argument(cat("guidance: expected ", B, " scales (one per sample), got ", request.guidance->numel()));
-    scale = request.guidance->to(request.device, at::kFloat).reshape({B, 1, 1, 1});
-    guided = scale.ne(0).any().item<bool>();
+#ifdef ADMRT_WITH_CUDA
+  if (uses_graph()) graph_ = std::make_unique<Graph>(p.device);
+#endif
+}
+
+Sampler::~Sampler() = default;
+
+bool Sampler::uses_graph() const {
+  return params_.device.is_cuda() && params_.cuda_graphs && params_.noise == NoiseMode::Seeded;
+}
+
+bool Sampler::captured() const {
+#ifdef ADMRT_WITH_CUDA
+  return graph_ && graph_->step != nullptr;
+#else
+  return false;
+#endif
+}
+
+void Sampler::load_inputs(const BatchInputs& in) {
+  const int64_t B = params_.batch_size;
+  auto batch_of = [&](const std::optional<at::Tensor>& t, const char* name, at::Tensor& dst,
+                      const std::vector<int64_t>& expect) {
+    if (!t) return false;
+    std::vector<int64_t> want{B};
+    want.insert(want.end(), expect.begin(), expect.end());
+    if (t->sizes() != at::IntArrayRef(want))
+      throw std::invalid_argument(cat(name, ": expected shape ", shape_str(want), " (batch_size=", B, "), got ",
+                                      t->sizes()));
+    dst.copy_(t->reshape(dst.sizes()));
+    return true;
+  };
+  if (!batch_of(in.y, "y", y_, {})) y_.zero_();
+  if (params_.low_res_shape.empty()) {
+    if (in.low_res) throw std::invalid_argument("low_res: this context has no low_res_shape (not an upsampler)");
+  } else if (!batch_of(in.low_res, "low_res", low_res_, params_.low_res_shape)) {
+    throw std::invalid_argument(cat("low_res: expected shape (", B, ", ", shape_str(params_.low_res_shape),
+                                    ") for this upsampler, got none"));
   }
-  if (guided && classifier == nullptr)
-    throw std::invalid_argument("guidance != 0 needs a classifier: pass one, or set guidance to 0");
-  if (guided && !y) throw std::invalid_argument("guidance needs class labels y");
+  if (guided()) {
+    if (!batch_of(in.guidance, "guidance", scale_, {}))
+      throw std::invalid_argument(cat("guidance: expected ", B, " scales (one per sample) for a guided context"));
+  } else if (in.guidance) {
+    throw std::invalid_argument("guidance: this context has no classifier; pass one, or no scales");
+  }
+  if (params_.noise == NoiseMode::Seeded) {
+    if (!batch_of(in.seeds, "seeds", seeds_, {}))
+      throw std::invalid_argument(cat("seeds: expected ", B, " (one per sample) for seeded noise, got none"));
+  }
+  if (in.x_T) {
+    std::vector<int64_t> want{B};
+    want.insert(want.end(), params_.image_shape.begin(), params_.image_shape.end());
+    if (in.x_T->sizes() != at::IntArrayRef(want))
+      throw std::invalid_argument(cat("x_T: expected shape ", shape_str(want), ", got ", in.x_T->sizes()));
+  }
+}
 
-  const std::vector<Step> steps = make_steps(schedule, options);
-  Noise noise(options, request, opts);
-  at::Tensor x;
-  if (request.x_T) {
-    if (request.x_T->sizes() != at::IntArrayRef(shape))
-      throw std::invalid_argument(cat("x_T: expected shape ", at::IntArrayRef(shape), ", got ", request.x_T->sizes()));
-    x = request.x_T->to(opts);
-  } else {
-    x = noise.draw(0);
+// One step over the buffers, reading its coefficients and t by the device step counter.
+void Sampler::step(const std::optional<at::Generator>& generator) {
+  const auto& p = params_;
+  const int64_t C = p.image_shape[0];
+  at::Tensor row = coef_.index_select(0, step_);                      // (1, K)
+  auto c = [&](int64_t j) { return row.narrow(1, j, 1).view({1, 1, 1, 1}); };
+  t_.copy_(t_table_.index_select(0, step_).expand({p.batch_size}));  // (B,)
+
+  std::optional<at::Tensor> low_res;
+  if (low_res_.defined()) low_res = low_res_;
+  at::Tensor out = (*model_)(x_, t_, y_, low_res);
+  const bool learned = p.variance == Variance::LearnedRange;
+  if (out.dim() != 4 || out.size(0) != x_.size(0) || out.size(2) != x_.size(2) || out.size(3) != x_.size(3) ||
+      !(out.size(1) == 2 * C || (!learned && out.size(1) == C)))
+    throw std::runtime_error(cat("model output: expected shape (", x_.size(0), ", ", (learned ? 2 * C : C), ", ",
+                                 x_.size(2), ", ", x_.size(3), ")", (learned ? " (eps and variance values)" : ""),
+                                 ", got ", out.sizes()));
+  out = out.to(at::kFloat);
+  auto flag_bad = [&](int64_t slot, const at::Tensor& t) {
+    at::Tensor cur = bad_.narrow(0, slot, 1);
+    cur.copy_(at::where(cur.lt(0).logical_and(at::isfinite(t).all().logical_not()), step_, cur));
+  };
+  if (p.check_finite) flag_bad(0, out);
+  at::Tensor eps = out.narrow(1, 0, C);
+
+  // x_0 prediction (p_mean_variance / _predict_xstart_from_eps), clipped.
+  at::Tensor x0 = x_ * c(kSqrtRecipAc) - eps * c(kSqrtRecipm1Ac);
+  if (p.clip_denoised) x0 = x0.clamp(-1, 1);
+
+  at::Tensor g;
+  if (guided()) {
+    g = (*classifier_)(x_, t_, y_);
+    if (g.sizes() != x_.sizes())
+      throw std::runtime_error(cat("classifier gradient: expected shape ", x_.sizes(), ", got ", g.sizes()));
+    g = g.to(at::kFloat) * scale_;
+    if (p.check_finite) flag_bad(1, g);
   }
 
-  c10::NoGradGuard no_grad;
-  const int64_t n = schedule.num_steps;
-  for (int64_t k = 1; k <= n; ++k) {
-    const int64_t i = n - k;  // step index, from N-1 down to 0
-    const Step& st = steps[i];
-    at::Tensor t = at::full({B}, st.model_t, opts.dtype(at::kLong));
-    if (schedule.rescale_timesteps)
-      t = t.to(at::kFloat) * (1000.0 / static_cast<double>(schedule.original_num_steps));
-
-    at::Tensor out = model(x, t, y, low_res);
-    const bool learned = options.variance == Variance::LearnedRange;
-    if (out.dim() != 4 || out.size(0) != B || out.size(2) != shape[2] || out.size(3) != shape[3] ||
-        !(out.size(1) == 2 * C || (!learned && out.size(1) == C)))
-      throw std::runtime_error(cat("model output: expected shape (", B, ", ", (learned ? 2 * C : C), ", ", shape[2],
-                                   ", ", shape[3], ")", (learned ? " (eps and variance values)" : ""), ", got ",
-                                   out.sizes()));
-    if (options.check_finite) check_finite(out, "model output", i, st.model_t);
-    out = out.to(at::kFloat);
-    at::Tensor eps = out.narrow(1, 0, C);
-
-    // x_0 prediction (p_mean_variance / _predict_xstart_from_eps), clipped.
-    at::Tensor x0 = x * st.sqrt_recip_ac - eps * st.sqrt_recipm1_ac;
-    if (options.clip_denoised) x0 = x0.clamp(-1, 1);
-
-    at::Tensor g;
-    if (guided) {
-      g = (*classifier)(x, t, *y);
-      if (g.sizes() != x.sizes())
-        throw std::runtime_error(cat("classifier gradient: expected shape ", x.sizes(), ", got ", g.sizes()));
-      g = g.to(at::kFloat) * scale;
-      if (options.check_finite) check_finite(g, "classifier gradient", i, st.model_t);
-    }
-
-    if (options.method == Method::DDPM) {
-      // p_sample: mean of q(x_{t-1} | x_t, x_0), variance Sigma_t.
-      at::Tensor mean = x0 * st.coef1 + x * st.coef2;
-      at::Tensor noise_i = noise.draw(k);
-      if (learned) {
-        at::Tensor frac = (out.narrow(1, C, C) + 1) / 2;
-        at::Tensor log_var = frac * st.max_log + (1 - frac) * st.min_log;
-        if (guided) mean = mean + at::exp(log_var) * g;  // condition_mean: mu + Sigma g
-        x = i > 0 ? mean + at::exp(0.5 * log_var) * noise_i : mean;
-      } else {
-        if (guided) mean = mean + g * st.fixed_var;
-        x = i > 0 ? mean + noise_i * std::exp(0.5f * st.fixed_log_var) : mean;
-      }
+  // The step's noise: drawn into noise_ unless its coefficient is zero (then noise_ keeps finite
+  // values from before and is multiplied by 0).
+  if (has_noise_) {
+    if (p.noise == NoiseMode::Seeded) {
+      at::Tensor gate = row.narrow(1, kNoiseGate, 1);
+      seeded_normal_(noise_, seeds_, step_, /*draw_offset=*/1, gate);
     } else {
-      // ddim_sample (eq. 12 of Song et al.), with condition_score guidance.
-      if (guided) {
-        at::Tensor e = (x * st.sqrt_recip_ac - x0) / st.sqrt_recipm1_ac;
-        e = e - g * st.sqrt_1m_ac;
-        x0 = x * st.sqrt_recip_ac - e * st.sqrt_recipm1_ac;  // not clipped again (as the reference)
-      }
-      at::Tensor e = (x * st.sqrt_recip_ac - x0) / st.sqrt_recipm1_ac;
-      at::Tensor noise_i = noise.draw(k);  // drawn even at eta = 0 (reference order)
-      at::Tensor mean_pred = x0 * st.ddim_sqrt_acp + e * st.ddim_dir;
-      x = i > 0 && st.ddim_sigma != 0.0f ? mean_pred + noise_i * st.ddim_sigma : mean_pred;
+      noise_ = at::randn(x_.sizes(), generator, x_.options());
     }
-    if (progress) progress(k, n);
   }
-  if (options.check_finite) check_finite(x, "sample", 0, steps[0].model_t);
-  return x;
+
+  at::Tensor x_next;
+  if (p.method == Method::DDPM) {
+    // p_sample: mean of q(x_{t-1} | x_t, x_0), variance Sigma_t.
+    at::Tensor mean = x0 * c(kPostCoef1) + x_ * c(kPostCoef2);
+    if (learned) {
+      at::Tensor frac = (out.narrow(1, C, C) + 1) / 2;
+      at::Tensor log_var = frac * c(kMaxLog) + (1 - frac) * c(kMinLog);
+      if (guided()) mean = mean + at::exp(log_var) * g;  // condition_mean: mu + Sigma g
+      x_next = mean + c(kNonzero) * at::exp(0.5 * log_var) * noise_;
+    } else {
+      if (guided()) mean = mean + g * c(kFixedVar);
+      x_next = mean + noise_ * c(kNoiseStd);
+    }
+  } else {
+    // ddim_sample (eq. 12 of Song et al.), with condition_score guidance.
+    if (guided()) {
+      at::Tensor e = (x_ * c(kSqrtRecipAc) - x0) / c(kSqrtRecipm1Ac);
+      e = e - g * c(kSqrt1mAc);
+      x0 = x_ * c(kSqrtRecipAc) - e * c(kSqrtRecipm1Ac);  // not clipped again (as the reference)
+    }
+    at::Tensor e = (x_ * c(kSqrtRecipAc) - x0) / c(kSqrtRecipm1Ac);
+    x_next = x0 * c(kDdimSqrtAcp) + e * c(kDdimDir);
+    if (has_noise_) x_next = x_next + noise_ * c(kNoiseStd);
+  }
+  x_.copy_(x_next);
+  step_.add_(1);
+}
+
+void Sampler::run_step(int64_t k, const std::optional<at::Generator>& generator) {
+#ifdef ADMRT_WITH_CUDA
+  if (uses_graph()) {
+    if (graph_->step) {
+      graph_->step->replay();
+    } else if (k == 0) {
+      step(generator);  // warm-up, eager: lazy initialisation, kernel compilation, autotuning
+    } else {
+      auto g = std::make_unique<at::cuda::CUDAGraph>();
+      g->capture_begin();
+      try {
+        step(generator);
+      } catch (const std::exception& e) {
+        try {
+          g->capture_end();
+        } catch (...) {
+        }
+        throw std::runtime_error(cat("CUDA graph capture of the sampling step failed: ", e.what(),
+                                     "\nThe denoiser or classifier gradient does something a graph cannot hold (a "
+                                     "host synchronisation, a CPU tensor); sample with cuda_graphs=False to run "
+                                     "the steps uncaptured."));
+      }
+      g->capture_end();
+      graph_->step = std::move(g);
+      graph_->step->replay();
+    }
+    return;
+  }
+#endif
+  (void)k;
+  step(generator);
+}
+
+void Sampler::raise_if_not_finite() {
+  at::Tensor flags = bad_.to(at::kCPU);  // the loop's one host synchronisation
+  const int64_t* f = flags.data_ptr<int64_t>();
+  const char* what[2] = {"model output", "classifier gradient"};
+  int64_t first = -1, which = 0;
+  for (int64_t j = 0; j < 2; ++j)
+    if (f[j] >= 0 && (first < 0 || f[j] < first)) first = f[j], which = j;
+  if (first >= 0)
+    throw std::runtime_error(cat(what[which], " contains NaN or Inf at step index ", num_steps_ - 1 - first,
+                                 " (timestep t=", model_t_[first],
+                                 "); check the weights, the dtype (fp16 overflow?) and the inputs"));
+  if (f[2] >= 0)
+    throw std::runtime_error("sample contains NaN or Inf; check the weights, the dtype (fp16 overflow?) and the inputs");
+}
+
+at::Tensor Sampler::sample(const BatchInputs& inputs, const ProgressFn& progress) {
+  c10::NoGradGuard no_grad;
+  load_inputs(inputs);  // on the caller's stream, before the loop's stream takes over
+#ifdef ADMRT_WITH_CUDA
+  std::optional<c10::cuda::CUDAStreamGuard> on_side;
+  std::optional<c10::cuda::CUDAStream> caller;
+  if (uses_graph()) {  // the loop runs on the context's own stream (capture needs a non-default one)
+    caller = c10::cuda::getCurrentCUDAStream(params_.device.index());
+    at::cuda::CUDAEvent ready;
+    ready.record(*caller);
+    ready.block(graph_->stream);
+    on_side.emplace(graph_->stream);
+  }
+#endif
+  step_.zero_();
+  bad_.fill_(-1);
+  if (inputs.x_T) {
+    x_.copy_(*inputs.x_T);
+  } else if (params_.noise == NoiseMode::Seeded) {
+    seeded_normal_(x_, seeds_, step_, /*draw_offset=*/0);  // draw 0: x_T
+  } else {
+    x_.copy_(at::randn(x_.sizes(), inputs.generator, x_.options()));
+  }
+  for (int64_t k = 0; k < num_steps_; ++k) {
+    run_step(k, inputs.generator);
+    if (progress) progress(k + 1, num_steps_);
+  }
+  if (params_.check_finite) bad_.narrow(0, 2, 1).masked_fill_(at::isfinite(x_).all().logical_not(), 0);
+#ifdef ADMRT_WITH_CUDA
+  if (on_side) {
+    at::cuda::CUDAEvent done;
+    done.record(graph_->stream);
+    on_side.reset();
+    done.block(*caller);
+  }
+#endif
+  if (params_.check_finite) raise_if_not_finite();
+  return x_.clone();
 }
 
 at::Tensor to_uint8_nhwc(const at::Tensor& x) {

@@ -1,15 +1,16 @@
-// admrt C++ sampling core: the guided DDPM and DDIM loops of ADM on ATen tensors (CPU and CUDA).
+// admrt C++ sampling core: the guided DDPM and DDIM loops of ADM on ATen tensors (CPU and CUDA),
+// with no Python in it (library target admrt_core; the pybind11 module _core sits on top).
 //
 // Matches guided-diffusion's gaussian_diffusion.py: p_sample / p_sample_loop (DDPM, Ho et al.
 // 2020, with the learned-range variance of Nichol & Dhariwal 2021), ddim_sample /
 // ddim_sample_loop (Song et al. 2020, eta), condition_mean (DDPM guidance: mu + Sigma * g,
 // Dhariwal & Nichol Alg. 1) and condition_score (DDIM guidance: eps - sqrt(1 - abar) * g, Alg. 2).
 //
-// The network and the classifier gradient are reached through two abstract interfaces
-// (Denoiser, ClassifierGrad). The Python bindings wrap Python callables; a libtorch /
-// AOTInductor backend implements them in C++ and runs the whole loop with no Python.
-// Coefficient tables come from admrt.diffusion (float64) and are turned into per-step float32
-// scalars once per run (the reference gathers float64 tables and casts them to float32).
+// The ggml pattern: the networks (Denoiser, ClassifierGrad) are separate from the per-run
+// context (Sampler), which owns fixed buffers (x, labels, scales, seeds, t, noise), the per-step
+// coefficient table (N, K) and model-timestep table (N,) on the device, a device step counter,
+// and on CUDA the captured graph of one whole step (network, classifier gradient with its
+// backward, update, noise), replayed for every step with no host synchronisation.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -17,24 +18,25 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 namespace admrt {
 
-// The network: (x_t (B,C,H,W) float32, t (B,) original timesteps, y (B,) int64 or none,
-// low_res (B,C,h,w) float32 or none) -> (B,C,H,W) eps, or (B,2C,H,W) [eps | v] for learned sigma.
-// Implementations that ignore y (unconditional models) or low_res (non-SuperRes) just do so.
+// The network: (x_t (B,C,H,W) float32, t (B,) float32 model timesteps, y (B,) int64 labels (zeros
+// for an unconditional model, which ignores them), low_res (B,C,h,w) float32 or none) ->
+// (B,C,H,W) eps, or (B,2C,H,W) [eps | v] for learned sigma; float32. No host synchronisation
+// inside (it may be captured in a CUDA graph).
 class Denoiser {
  public:
   virtual ~Denoiser() = default;
-  virtual at::Tensor operator()(const at::Tensor& x_t, const at::Tensor& t,
-                                const std::optional<at::Tensor>& y,
+  virtual at::Tensor operator()(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& y,
                                 const std::optional<at::Tensor>& low_res) = 0;
 };
 
-// grad_{x_t} log p(y | x_t, t), unscaled, shape of x_t (reference: classifier_sample.cond_fn
+// grad_{x_t} log p(y | x_t, t), unscaled, float32, shape of x_t (reference: classifier_sample.cond_fn
 // without its classifier_scale; the core multiplies by each sample's guidance scale).
 class ClassifierGrad {
  public:
@@ -44,9 +46,9 @@ class ClassifierGrad {
 
 enum class Method { DDPM, DDIM };
 enum class Variance { LearnedRange, FixedSmall, FixedLarge };
-// Seeded: sample b's noise at draw k is randn from a generator seeded by mix(seed_b, k), so it
-// depends on nothing else (batch size, position, neighbours). Reference: one generator, drawn
-// in guided-diffusion's order (x_T first, then one randn_like per step, also at eta = 0).
+// Seeded: counter-based noise keyed by (seed_b, draw, element) (noise.h): an image depends only on
+// its seed. Reference: one torch generator drawn in guided-diffusion's order (x_T first, then one
+// randn_like per step, also at eta = 0 and at the last step); never graph-captured.
 enum class NoiseMode { Seeded, Reference };
 
 // Host copy of a (possibly respaced) process's tables; names as admrt.diffusion.DiffusionTables.
@@ -60,43 +62,83 @@ struct Schedule {
       posterior_mean_coef1, posterior_mean_coef2, fixed_large_variance, fixed_large_log_variance;
 
   // From the named float64 tables (DiffusionTables.tensors()); throws naming a missing table.
-  static Schedule from_tables(const std::map<std::string, at::Tensor>& tables,
-                              int64_t original_num_steps, bool rescale_timesteps);
+  static Schedule from_tables(const std::map<std::string, at::Tensor>& tables, int64_t original_num_steps,
+                              bool rescale_timesteps);
 };
 
-struct SamplerOptions {
+// Everything fixed for the life of a Sampler context (its buffers and graph depend on it).
+struct SamplerParams {
   Method method = Method::DDIM;
   Variance variance = Variance::LearnedRange;
-  double eta = 0.0;            // DDIM only: 0 deterministic, 1 ~ DDPM-like
-  bool clip_denoised = true;   // clamp the x_0 prediction to [-1, 1]
-  bool check_finite = true;    // raise as soon as the model output is NaN/Inf (one sync per step)
+  double eta = 0.0;                  // DDIM only: 0 deterministic, 1 ~ DDPM-like
+  bool clip_denoised = true;         // clamp the x_0 prediction to [-1, 1]
+  bool check_finite = true;          // device flag per step, read once after the loop
   NoiseMode noise = NoiseMode::Seeded;
-};
-
-// One batch to sample.
-struct SampleRequest {
-  std::vector<int64_t> shape;               // {B, C, H, W}
+  bool cuda_graphs = true;           // on CUDA with seeded noise: capture one step, replay it
+  int64_t batch_size = 1;            // B: every batch has this size (pad the last one)
+  std::vector<int64_t> image_shape;  // (C, H, W)
+  std::vector<int64_t> low_res_shape;  // (C, h, w) of an upsampler's conditioning, else empty
   at::Device device = at::kCPU;
-  std::optional<at::Tensor> y;              // int64 (B,): class labels (model and classifier)
-  std::optional<at::Tensor> low_res;        // SuperRes conditioning image, float32 in [-1, 1]
-  std::optional<at::Tensor> guidance;       // float32 (B,): classifier scale per sample
-  std::vector<uint64_t> seeds;              // Seeded mode: one per sample
-  std::optional<at::Generator> generator;   // Reference mode: none = the device's default generator
-  std::optional<at::Tensor> x_T;            // start from this x_T instead of drawing it
 };
 
-// Called after each step with (steps done, total) (progress bars); may throw to cancel.
+SamplerParams default_params();
+
+// The per-batch inputs; all optional tensors have batch size B.
+struct BatchInputs {
+  std::optional<at::Tensor> y;              // int64 (B,) labels; none: zeros (unconditional)
+  std::optional<at::Tensor> low_res;        // float32 (B, C, h, w) in [-1, 1] (upsampler)
+  std::optional<at::Tensor> guidance;       // float32 (B,) classifier scale per sample (guided)
+  std::optional<at::Tensor> seeds;          // int64 (B,) (uint64 bits), seeded noise
+  std::optional<at::Generator> generator;   // reference noise; none: the device's default generator
+  std::optional<at::Tensor> x_T;            // start from this instead of drawing it
+};
+
+// Called from the host loop after each step is launched, (steps launched, total); reads no
+// device value, so on CUDA it does not wait for the step. May throw to cancel.
 using ProgressFn = std::function<void(int64_t, int64_t)>;
 
-// The whole reverse process for one batch; returns x_0 (B,C,H,W) float32.
-at::Tensor sample(Denoiser& model, ClassifierGrad* classifier, const Schedule& schedule,
-                  const SamplerOptions& options, const SampleRequest& request,
-                  const ProgressFn& progress = nullptr);
+class Sampler {
+ public:
+  // classifier: guidance on (every batch computes the gradient; scales come per sample), or null.
+  Sampler(std::shared_ptr<Denoiser> model, std::shared_ptr<ClassifierGrad> classifier, const Schedule& schedule,
+          const SamplerParams& params);
+  ~Sampler();
+  Sampler(const Sampler&) = delete;
+  Sampler& operator=(const Sampler&) = delete;
+
+  // The whole reverse process for one batch; returns x_0 (B, C, H, W) float32 (a new tensor).
+  at::Tensor sample(const BatchInputs& inputs, const ProgressFn& progress = nullptr);
+
+  const SamplerParams& params() const { return params_; }
+  int64_t num_steps() const { return num_steps_; }
+  bool guided() const { return classifier_ != nullptr; }
+  bool uses_graph() const;   // whether steps are captured and replayed (CUDA, seeded, cuda_graphs)
+  bool captured() const;     // whether the graph exists (after the first batch's second step)
+
+ private:
+  void load_inputs(const BatchInputs& inputs);
+  void step(const std::optional<at::Generator>& generator);  // one step over the buffers
+  void run_step(int64_t k, const std::optional<at::Generator>& generator);
+  void raise_if_not_finite();
+
+  std::shared_ptr<Denoiser> model_;
+  std::shared_ptr<ClassifierGrad> classifier_;
+  SamplerParams params_;
+  int64_t num_steps_ = 0;
+  std::vector<int64_t> model_t_;   // host copy of the original timesteps, loop order (errors)
+  bool has_noise_ = true;          // seeded DDIM with eta = 0 draws nothing after x_T
+  at::Tensor coef_;                // (N, K) float32, row k = the k-th step of the loop
+  at::Tensor t_table_;             // (N,) float32 model timesteps, loop order
+  at::Tensor step_;                // (1,) int64: steps done in this batch
+  at::Tensor x_, y_, low_res_, scale_, seeds_, t_, noise_, bad_;
+  struct Graph;
+  std::unique_ptr<Graph> graph_;   // CUDA: side stream and captured step
+};
 
 // ((x + 1) * 127.5).clamp(0, 255) as uint8, NCHW -> NHWC (the reference's sample scripts).
 at::Tensor to_uint8_nhwc(const at::Tensor& x);
 
-// The seed of sample `seed`'s noise draw `draw` (0: x_T; k >= 1: step k) in Seeded mode.
-uint64_t noise_seed(uint64_t seed, uint64_t draw);
+// A seed derived from `seed` for stream `stream` (e.g. the upsampler stage of a cascade).
+uint64_t derive_seed(uint64_t seed, uint64_t stream);
 
 }  // namespace admrt

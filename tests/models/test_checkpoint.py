@@ -82,7 +82,7 @@ def test_bad_inputs_give_clear_errors():
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
     with pytest.raises(ValueError, match=r"x.shape=\(2, 3, 32, 32\): expected \(B, 3, 16, 16\)"):
         model(torch.randn(2, 3, 32, 32), t, y=torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match=r"class ids must lie in \[0, 10\)"):
+    with pytest.raises(IndexError):  # no host read of y inside forward; the embedding refuses it on the CPU
         model(x, t, y=torch.tensor([0, 10]))
     with pytest.raises(ValueError, match="y=None: this model is class-conditional"):
         model(x, t)

@@ -1,0 +1,84 @@
+// Seeded noise on the host, and the dispatch to the CUDA kernel (noise_cuda.cu).
+#include "noise.h"
+
+#include <ATen/Parallel.h>
+
+#include <sstream>
+#include <stdexcept>
+
+#include "philox.h"
+
+#ifdef ADMRT_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace admrt {
+namespace {
+
+void fill_cpu(float* out, const int64_t* seeds, int64_t draw, int64_t batch, int64_t per_sample) {
+  const int64_t groups = (per_sample + 3) / 4;
+  at::parallel_for(0, batch * groups, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / groups, g = i % groups;
+      float n[4];
+      philox::box_muller4(philox::bits(static_cast<uint64_t>(seeds[b]), static_cast<uint64_t>(draw),
+                                       static_cast<uint64_t>(g)), n);
+      float* dst = out + b * per_sample + 4 * g;
+      const int64_t m = std::min<int64_t>(4, per_sample - 4 * g);
+      for (int64_t j = 0; j < m; ++j) dst[j] = n[j];
+    }
+  });
+}
+
+void check(bool ok, const char* what, const std::string& msg) {
+  if (!ok) throw std::invalid_argument(std::string(what) + ": " + msg);
+}
+
+std::string sizes(const at::Tensor& t) {
+  std::ostringstream s;
+  s << t.sizes() << " " << t.scalar_type() << " on " << t.device();
+  return s.str();
+}
+
+}  // namespace
+
+void seeded_normal_(at::Tensor& out, const at::Tensor& seeds, const at::Tensor& draw, int64_t draw_offset,
+                    const std::optional<at::Tensor>& gate) {
+  check(out.scalar_type() == at::kFloat && out.dim() >= 1 && out.is_contiguous(), "out",
+        "expected a contiguous float32 (B, ...) tensor, got " + sizes(out));
+  const int64_t batch = out.size(0);
+  check(seeds.scalar_type() == at::kLong && seeds.dim() == 1 && seeds.size(0) == batch &&
+            seeds.device() == out.device() && seeds.is_contiguous(),
+        "seeds", "expected int64 (" + std::to_string(batch) + ",) on out's device, got " + sizes(seeds));
+  check(draw.scalar_type() == at::kLong && draw.numel() == 1 && draw.device() == out.device(), "draw",
+        "expected a one-element int64 tensor on out's device, got " + sizes(draw));
+  if (gate)
+    check(gate->scalar_type() == at::kFloat && gate->numel() == 1 && gate->device() == out.device(), "gate",
+          "expected a one-element float32 tensor on out's device, got " + sizes(*gate));
+  const int64_t per_sample = batch ? out.numel() / batch : 0;
+  if (out.numel() == 0) return;
+  if (out.is_cuda()) {
+#ifdef ADMRT_WITH_CUDA
+    seeded_normal_cuda(out.data_ptr<float>(), seeds.data_ptr<int64_t>(), draw.data_ptr<int64_t>(), draw_offset,
+                       gate ? gate->data_ptr<float>() : nullptr, batch, per_sample,
+                       c10::cuda::getCurrentCUDAStream(out.device().index()).stream());
+    return;
+#else
+    throw std::runtime_error("seeded noise on CUDA: this admrt core was built without CUDA (rebuild it against "
+                             "a CUDA build of torch with nvcc on the PATH)");
+#endif
+  }
+  check(out.is_cpu(), "out", "expected a CPU or CUDA tensor, got " + sizes(out));
+  if (gate && gate->item<float>() == 0.0f) return;
+  fill_cpu(out.data_ptr<float>(), seeds.data_ptr<int64_t>(), draw.item<int64_t>() + draw_offset, batch, per_sample);
+}
+
+at::Tensor seeded_normal(const at::Tensor& seeds, at::IntArrayRef sample_shape, int64_t draw) {
+  std::vector<int64_t> shape{seeds.size(0)};
+  shape.insert(shape.end(), sample_shape.begin(), sample_shape.end());
+  at::Tensor out = at::empty(shape, seeds.options().dtype(at::kFloat));
+  seeded_normal_(out, seeds.contiguous(), at::full({1}, draw, seeds.options().dtype(at::kLong)));
+  return out;
+}
+
+}  // namespace admrt
