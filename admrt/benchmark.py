@@ -3,14 +3,21 @@ the same run.
 
 Both sides get the same random weights (the released architectures, e.g. imagenet256-cond with
 imagenet256-classifier), the same labels and guidance scale; the reference runs its own
-ddim_sample_loop / p_sample_loop with classifier_sample.py's cond_fn. Warm runs only: one
-warm-up, then the median of --reps timed runs (device synchronised around the whole loop).
+ddim_sample_loop / p_sample_loop with classifier_sample.py's cond_fn. admrt runs the path users
+run by default (seeded noise) in each variant:
+
+    admrt eager            the Sampler context, every step run uncaptured (cuda_graphs=False)
+    admrt + graphs         the same, one whole step captured as a CUDA graph and replayed (CUDA only)
+    admrt compile [+ graphs]  backend="compile" (torch.compile fullgraph of both units)
+
+Each variant is first run once cold (its compile / capture / autotune time is reported apart),
+then the variants are timed alternately, A B C A B C ..., for --reps rounds: median, min and max
+(device synchronised around each whole loop). Peak memory is what a variant allocated on top of
+what was live before it was built. Images are compared with the reference in a separate,
+untimed run with reference noise (guided-diffusion's draw order, uncaptured).
 
     admrt bench --preset imagenet64-cond --classifier imagenet64-classifier \
-        --batch 32 --steps ddim25 --dtype fp16 --out bench/results
-
-Reports images/s, latency per batch and per step, peak memory, and admrt/reference ratios; also
-checks, at --dtype fp32 with reference noise, that the images agree (max |diff| in uint8 levels).
+        --batch 32 --steps ddim25 --dtype fp16 --compile --out bench/results
 """
 from __future__ import annotations
 
@@ -32,18 +39,24 @@ from admrt.reference import reference_model, reference_sample, set_reference_dty
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _time(fn, reps, device):
-    fn()  # warm-up (cuDNN autotune, Triton compile, allocator)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times, out
+def _timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def _random_weights(*modules) -> None:
+    with torch.no_grad():  # random weights everywhere (the zero-initialised output convs too)
+        for m in modules:
+            if m is None:
+                continue
+            for p in m.parameters():
+                if p.dim() > 1:  # matrices and kernels: N(0, 0.25 / fan_in); norms and biases as built
+                    p.copy_(torch.randn_like(p) * (0.5 / p[0].numel() ** 0.5))
 
 
 def measure(args) -> dict:
@@ -54,94 +67,95 @@ def measure(args) -> dict:
     cpreset = admrt.get_preset(args.classifier) if args.classifier else None
     model = admrt.create_model(preset)
     clf = admrt.create_model(cpreset) if cpreset else None
-    with torch.no_grad():  # random weights everywhere (the zero-initialised output convs too)
-        for m in (model, clf):
-            if m is None:
-                continue
-            for p in m.parameters():
-                if p.dim() > 1:  # matrices and kernels: N(0, 0.25 / fan_in); norms and biases as built
-                    p.copy_(torch.randn_like(p) * (0.5 / p[0].numel() ** 0.5))
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    clf_state = {k: v.clone() for k, v in clf.state_dict().items()} if clf is not None else None
+    _random_weights(model, clf)
+    model.to(device)
+    clf = clf.to(device) if clf is not None else None
 
     n, size, ch = args.batch, preset.model.image_size, preset.model.in_channels
     num_classes = cpreset.model.out_channels if cpreset is not None else preset.model.num_classes
+    if preset.model.num_classes:
+        num_classes = min(num_classes, preset.model.num_classes)
     classes = [i % num_classes for i in range(n)] if num_classes else None
     y = torch.tensor(classes, device=device) if classes is not None else None
-    results = {"config": vars(args), "rows": []}
+    guidance = args.guidance if clf is not None else None
     steps = len(space_timesteps(preset.diffusion.steps, args.steps))  # sampling steps per batch
+    results = {"config": {k: str(v) for k, v in vars(args).items()}, "rows": []}
 
-    def record(name, median, times, mem):
-        row = {"impl": name, "median_s": median, "times_s": times, "images_per_s": n / median,
-               "ms_per_step": 1e3 * median / steps, "peak_mem_gib": mem}
-        results["rows"].append(row)
-        print(f"{name:28s} {n / median:9.2f} img/s  {1e3 * median:9.1f} ms/batch  "
-              f"{1e3 * median / steps:7.2f} ms/step  peak {mem:6.2f} GiB", flush=True)
-
-
-    outputs = {}
+    variants = {}  # name -> callable returning uint8 images (or the reference's tensor)
     if not args.skip_reference:
         ref_model = reference_model(preset.model).to(device)
-        ref_model.load_state_dict(state)
+        ref_model.load_state_dict(model.state_dict())
         ref_clf = None
         if cpreset is not None:
             ref_clf = reference_model(cpreset.model).to(device)
-            ref_clf.load_state_dict(clf_state)
+            ref_clf.load_state_dict(clf.state_dict())
         for m in (ref_model, ref_clf):
             if m is not None:
                 m.eval()
                 set_reference_dtype(m, dtype)
-        fn = lambda: to_uint8_nhwc(reference_sample(  # noqa: E731
+        variants["guided-diffusion (reference)"] = lambda: to_uint8_nhwc(reference_sample(  # noqa: E731
             ref_model, ref_clf, preset, args.steps, args.guidance, y, (n, ch, size, size), device, seed=1))
-        _reset_peak(device)
-        med, times, outputs["reference"] = _time(fn, args.reps, device)
-        record("guided-diffusion (reference)", med, times, _peak(device))
-        del ref_model, ref_clf
-        torch.cuda.empty_cache() if device.type == "cuda" else None
-
-    variants = [("admrt eager", "eager", False), ("admrt eager + fused", "eager", True)]
+    engines = [("admrt eager", "eager", False)]
+    if device.type == "cuda":
+        engines.append(("admrt + graphs", "eager", True))
     if args.compile:
-        variants.append(("admrt compile + fused", "compile", True))
-    for name, backend, fused in variants:
-        m = admrt.create_model(preset).to(device)
-        m.load_state_dict(state)
-        c = None
-        if cpreset is not None:
-            c = admrt.create_model(cpreset).to(device)
-            c.load_state_dict(clf_state)
-        for module in (m, c):
-            if module is not None:
-                module.set_fused_kernels(fused)
-        eng = admrt.Engine(m, classifier=c, backend=backend, dtype=args.dtype)
-        fn = lambda: eng.sample(classes=classes, num=n, steps=args.steps,  # noqa: E731
-                                guidance=args.guidance if c is not None else None,
-                                seeds=1, batch_size=n, noise="reference", check_finite=False)
-        try:
-            _reset_peak(device)
-            med, times, out = _time(fn, args.reps, device)
-        except Exception as exc:  # report and go on: one failing variant must not hide the others
-            print(f"{name}: FAILED: {type(exc).__name__}: {exc}", flush=True)
-            results["rows"].append({"impl": name, "error": f"{type(exc).__name__}: {exc}"})
-            continue
-        outputs[name] = torch.as_tensor(out.images)
-        record(name, med, times, _peak(device))
-        del eng, m, c
+        engines.append(("admrt compile" + (" + graphs" if device.type == "cuda" else ""), "compile", True))
+    built = {}
+    for name, backend, graphs in engines:
+        built[name] = admrt.Engine(model, classifier=clf, backend=backend, dtype=args.dtype, cuda_graphs=graphs)
+        variants[name] = (lambda eng: lambda: eng.sample(  # noqa: E731
+            classes=classes, num=n, steps=args.steps, guidance=guidance, seeds=1, batch_size=n).images)(built[name])
 
-    ref_row = next((r for r in results["rows"] if r["impl"].startswith("guided")), None)
+    # cold run of each variant: compilation, capture, autotuning, allocator; peak memory
+    cold, peak, failed = {}, {}, {}
+    for name, fn in variants.items():
+        base = _allocated(device)
+        _reset_peak(device)
+        try:
+            cold[name], _ = _timed(fn, device)
+        except Exception as exc:  # report and go on: one failing variant must not hide the others
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            print(f"{name}: FAILED: {failed[name]}", flush=True)
+            continue
+        peak[name] = _peak(device) - base / 2 ** 30 if device.type == "cuda" else float("nan")
+    live = [k for k in variants if k not in failed]
+    times = {k: [] for k in live}
+    for _ in range(args.reps):  # alternate: A B C A B C ...
+        for name in live:
+            times[name].append(_timed(variants[name], device)[0])
+
+    for name in variants:
+        if name in failed:
+            results["rows"].append({"impl": name, "error": failed[name]})
+            continue
+        med = statistics.median(times[name])
+        row = {"impl": name, "median_s": med, "min_s": min(times[name]), "max_s": max(times[name]),
+               "times_s": times[name], "cold_s": cold[name], "cold_minus_warm_s": cold[name] - med,
+               "images_per_s": n / med, "ms_per_step": 1e3 * med / steps, "peak_mem_gib": peak[name]}
+        results["rows"].append(row)
+        print(f"{name:30s} {n / med:9.2f} img/s  {1e3 * med:9.1f} ms/batch [{1e3 * row['min_s']:.1f}, "
+              f"{1e3 * row['max_s']:.1f}]  {1e3 * med / steps:7.2f} ms/step  cold +{row['cold_minus_warm_s']:.1f} s"
+              f"  peak {peak[name]:6.2f} GiB", flush=True)
+    ref_row = next((r for r in results["rows"] if r["impl"].startswith("guided") and "median_s" in r), None)
     if ref_row:
         for row in results["rows"]:
             if "median_s" in row:
                 row["speedup_vs_reference"] = ref_row["median_s"] / row["median_s"]
-        if "reference" in outputs:
-            ref_img = outputs["reference"].cpu().int()
-            for name, img in outputs.items():
-                if name != "reference":
-                    diff = (img.cpu().int() - ref_img).abs()
-                    results.setdefault("image_diff_vs_reference", {})[name] = {
-                        "max_abs_uint8": int(diff.max()), "mean_abs_uint8": float(diff.float().mean())}
+        # image parity, untimed: the reference's noise order, uncaptured
+        ref_img = variants["guided-diffusion (reference)"]().cpu().int()
+        eng = next(iter(built.values()))
+        ours = eng.sample(classes=classes, num=n, steps=args.steps, guidance=guidance, seeds=1, batch_size=n,
+                          noise="reference").images
+        diff = (torch.as_tensor(ours).int() - ref_img).abs()
+        results["image_diff_vs_reference"] = {"max_abs_uint8": int(diff.max()),
+                                              "mean_abs_uint8": float(diff.float().mean())}
     results["env"] = _env(device)
-    print(json.dumps({k: v for k, v in results.items() if k != "rows"}, indent=1, default=str))
+    print(json.dumps({k: v for k, v in results.items() if k not in ("rows", "config")}, indent=1, default=str))
     return results
+
+
+def _allocated(device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
 def _reset_peak(device):
@@ -165,7 +179,8 @@ def _env(device) -> dict:
         except ImportError:
             pass
     else:
-        env["device"] = platform.processor() or "cpu"
+        import os
+        env["device"] = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {platform.machine()})"
     return env
 
 
@@ -176,9 +191,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", default="ddim25")
     p.add_argument("--guidance", type=float, default=1.0)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5, help="timed rounds, variants alternating (default 5)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compile", action="store_true", help="also time backend='compile'")
+    p.add_argument("--compile", action="store_true", help="also time backend='compile' (fullgraph)")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--out", type=Path, default=None, help="folder for a JSON of the results")
 

@@ -13,6 +13,13 @@ Dispatch, per call:
   no warning (on a CPU without the interpreter the reference is the documented path).
 - fused="require": the fused op or a RuntimeError.
 - fused=False: the torch reference.
+
+Tracing (kernels/_trace.py): launch choices read SymInt sizes through their example values, so
+a dynamic batch traces without guards; the fused backwards are not differentiable, so a backward
+under create_graph=True (double backward) runs through the torch reference (logged once at INFO).
+Under TRITON_INTERPRET=1, torch.export and make_fx keep the ops opaque and work, but
+torch.compile's AOTAutograd (Inductor, aot_eager) cannot decompose them: wrap_triton passes
+interpreted kernels through unwrapped, so the op bodies would run the interpreter on FakeTensors.
 """
 from __future__ import annotations
 

@@ -11,13 +11,16 @@ The fused path is flash attention (Dao et al. 2022; the Triton tutorial's online
 log2 domain) with loads strided straight out of the qkv tensor: no reshapes, no T x T matrix.
 Forward keeps the row log-sum-exp for the backward; the backward writes dq, dk, dv into one
 (B, 3*H*C, T) tensor in the same channel order as qkv (two kernels: dk/dv per key block, dq
-per query block; no atomics).
+per query block; no atomics). A backward under create_graph=True (double backward) runs
+through `qkv_attention_reference` (kernels/_trace.py).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+
+from ._trace import reference_backward, size_hint
 
 
 def split_qkv(qkv: torch.Tensor, num_heads: int, legacy_order: bool):
@@ -205,10 +208,11 @@ def _prec(dtype: torch.dtype) -> int:
     return 2 if (INTERPRET and dtype == torch.bfloat16) else 0
 
 
-def _attn_blocks(ch: int, T: int, dtype: torch.dtype, kind: str):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim ch; kind in fwd | dkdv | dq."""
+def _attn_blocks(ch: int, T, dtype: torch.dtype, kind: str):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim ch; kind in fwd | dkdv | dq.
+    T may be a SymInt: the blocks come from its example value (the kernels mask any T)."""
     bd = max(16, triton.next_power_of_2(ch))
-    small_t = max(16, triton.next_power_of_2(T))
+    small_t = max(16, triton.next_power_of_2(size_hint(T)))
     if INTERPRET:
         return min(32, small_t), min(32, small_t), 4, 1
     wide = bd > 128 or dtype == torch.float32
@@ -281,6 +285,11 @@ if HAS_TRITON:
 
     def _attn_backward(ctx, dout, _dlse):
         qkv, out, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():   # create_graph=True: the fused backward has no derivative
+            def ref(qkv):
+                return qkv_attention_reference(qkv, ctx.num_heads, legacy_order=ctx.legacy_order)
+            (dqkv,) = reference_backward("qkv_attention", ref, (qkv,), dout)
+            return dqkv, None, None
         return torch.ops.admrt.qkv_attention_bwd(dout, qkv, out, lse, ctx.num_heads, ctx.legacy_order), None, None
 
     _qkv_attention_fwd.register_autograd(_attn_backward, setup_context=_attn_setup_context)

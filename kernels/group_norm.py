@@ -21,14 +21,18 @@ Backward (two launches): `_gn_bwd_reduce_kernel` gives per-(b, c) sums S1 = sum 
 S2 = sum dz * xhat (dz = dL/d(pre-activation)); `_gn_bwd_dx_kernel` turns them into
 dx = rstd * (A dz - mean_g(A dz) - xhat * mean_g(A dz xhat)), A = gamma * (1 + scale), and
 writes per-(b, c) dscale = gamma S2 + beta S1, dshift = S1 and the per-sample parts of
-dgamma = (1 + scale) S2, dbeta = (1 + scale) S1.
+dgamma = (1 + scale) S2, dbeta = (1 + scale) S1. A backward under create_graph=True (double
+backward) runs through `group_norm_act_reference` (kernels/_trace.py).
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
+
+from ._trace import reference_backward, size_hint
 
 try:  # Triton is optional: without it only the reference runs.
     import triton
@@ -296,28 +300,33 @@ def _num_sms(device: torch.device) -> int:
     return 2
 
 
-@functools.lru_cache(maxsize=1024)
-def _plan(B: int, C: int, L: int, num_groups: int, channels_last: bool, device: torch.device):
-    """Tile shapes and the split of L: (BLOCK_C, BLOCK_L, CPP, n_cblocks, TILES, SPLIT)."""
+def _plan(B, C: int, L, num_groups: int, channels_last: bool, device: torch.device):
+    """Tile shapes and the split of L: (BLOCK_C, BLOCK_L, CPP, n_cblocks, TILES, SPLIT).
+
+    B and L may be SymInts (dynamic shapes under torch.compile / torch.export): block sizes and
+    the split come from their example values, without a guard; TILES covers the actual L. Any
+    split gives the same result up to fp32 rounding (the partial sums are summed).
+    """
+    b, l = size_hint(B), size_hint(L)
     cpg = C // num_groups
     if channels_last:   # contiguous along C: several whole groups per program for long rows
         gpp = max(1, min(num_groups, 64 // cpg))
         tile = 2048
         cpp = gpp * cpg
         block_c = triton.next_power_of_2(cpp)
-        block_l = max(16, min(triton.next_power_of_2(L), max(16, tile // block_c)))
+        block_l = max(16, min(triton.next_power_of_2(l), max(16, tile // block_c)))
     else:               # contiguous along L: whole groups per program, rows as long as L allows
         tile = 4096
-        block_l = max(16, min(triton.next_power_of_2(L), max(64, tile // triton.next_power_of_2(cpg))))
+        block_l = max(16, min(triton.next_power_of_2(l), max(64, tile // triton.next_power_of_2(cpg))))
         gpp = max(1, min(num_groups, (tile // block_l) // cpg))
         cpp = gpp * cpg
         block_c = triton.next_power_of_2(cpp)
     n_cb = triton.cdiv(num_groups, gpp)
-    n_tiles = triton.cdiv(L, block_l)
-    want = max(1, triton.cdiv(16 * _num_sms(device), B * n_cb))   # enough loads in flight
+    n_tiles = triton.cdiv(l, block_l)
+    want = max(1, triton.cdiv(16 * _num_sms(device), b * n_cb))   # enough loads in flight
     split = min(n_tiles, want, 1024)
-    tiles = triton.cdiv(n_tiles, split)
-    split = triton.cdiv(n_tiles, tiles)
+    split = triton.cdiv(n_tiles, triton.cdiv(n_tiles, split))       # no idle splits at the example L
+    tiles = triton.cdiv(triton.cdiv(L, block_l), split)             # split * tiles * BLOCK_L >= L
     return block_c, block_l, cpp, n_cb, tiles, split
 
 
@@ -329,7 +338,7 @@ if HAS_TRITON:
                             num_groups: int, eps: float, silu: bool
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, C = x.shape[0], x.shape[1]
-        L = x.numel() // max(1, B * C)
+        L = math.prod(x.shape[2:])
         sxb, sxc, sxl = _bcl_strides(x)
         y = torch.empty_like(x)
         syb, syc, syl = _bcl_strides(y)
@@ -367,7 +376,7 @@ if HAS_TRITON:
         """Returns dx, dweight, dbias, dscale, dshift (the last two empty without AdaGN)."""
         B, C = x.shape[0], x.shape[1]
         G = mean.shape[1]
-        L = x.numel() // max(1, B * C)
+        L = math.prod(x.shape[2:])
         sxb, sxc, sxl = _bcl_strides(x)
         sdb, sdc, sdl = _bcl_strides(dy)
         dx = torch.empty_like(x)
@@ -407,11 +416,19 @@ if HAS_TRITON:
         x, weight, bias, scale, shift, num_groups, eps, silu = inputs
         _, mean, rstd = output
         ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
-        ctx.silu = silu
+        ctx.num_groups, ctx.eps, ctx.silu = num_groups, eps, silu
         ctx.mark_non_differentiable(mean, rstd)
 
     def _gn_backward(ctx, dy, _dmean, _drstd):
         x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():   # create_graph=True: the fused backward has no derivative
+            act = "silu" if ctx.silu else "none"
+
+            def ref(x, weight, bias, scale, shift):
+                return group_norm_act_reference(x, weight, bias, num_groups=ctx.num_groups,
+                                                eps=ctx.eps, scale=scale, shift=shift, act=act)
+            grads = reference_backward("group_norm_act", ref, (x, weight, bias, scale, shift), dy)
+            return (*grads, None, None, None)
         dx, dw, db, dscale, dshift = torch.ops.admrt.group_norm_act_bwd(
             dy, x, weight, bias, scale, shift, mean, rstd, ctx.silu)
         if scale is not None:

@@ -46,3 +46,74 @@ def test_seeded_noise_is_batch_invariant_on_cuda():
     # the network's outputs may differ by rounding (exact equality of uint8 images failed on an
     # H100 for that reason). Other noise would differ by O(1).
     assert abs(a[2] - b[0]).max() < 1e-3 and abs(a[0] - b[1]).max() < 1e-3
+
+
+def _guided_engine(**kw):
+    model, _ = _random_pair("tiny-cond")
+    clf, _ = _random_pair("tiny-classifier")
+    return admrt.Engine(model, classifier=clf, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("steps", ["ddim10", "10"])
+def test_captured_steps_equal_the_uncaptured_loop(steps):
+    """The whole step (network, classifier gradient with its backward, update, noise) captured
+    once and replayed gives the samples of the step run eagerly, batch after batch."""
+    kw = dict(classes=[1, 2, 3, 4, 5], steps=steps, guidance=2.0, seeds=[5, 6, 7, 8, 9], batch_size=2,
+              keep_float=True, eta=0.5)
+    with torch.backends.cudnn.flags(enabled=True, deterministic=True, benchmark=False):
+        graphed = _guided_engine()
+        a = graphed.sample(**kw).samples
+        ctx = graphed._contexts["model"][1]
+        assert ctx.uses_graph and ctx.captured
+        b = _guided_engine(cuda_graphs=False).sample(**kw).samples
+    assert abs(a - b).max() <= 1e-5
+
+
+@pytest.mark.gpu
+def test_no_host_synchronisation_inside_the_steps():
+    eng = _guided_engine()
+    eng.sample(classes=[1, 2], steps="ddim5", seeds=[1, 2], batch_size=2, check_finite=False)  # capture
+    ctx = eng._contexts["model"][1]
+    y = torch.tensor([3, 4], device="cuda")
+    g = torch.ones(2, device="cuda")
+    seeds = torch.tensor([7, 8], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x = ctx.sample(y=y, guidance=g, seeds=seeds)
+        fresh = _guided_engine()  # first batch of a new context: eager warm-up step, then capture
+        fresh.sample(classes=[1, 2], steps="ddim5", seeds=[1, 2], batch_size=2, check_finite=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(x).all()
+
+
+@pytest.mark.gpu
+def test_compile_backend_with_fused_ops_and_graphs():
+    kw = dict(classes=[1, 2, 3], steps="ddim5", guidance=1.0, seeds=[1, 2, 3], keep_float=True)
+    eager = _guided_engine().sample(**kw).samples
+    compiled = _guided_engine(backend="compile").sample(**kw).samples
+    assert abs(eager - compiled).max() < 1e-3
+
+
+@pytest.mark.gpu
+def test_aoti_packages_of_both_units_with_a_dynamic_batch(tmp_path):
+    from torch.export import Dim, export
+    from admrt.engine import ClassifierGradient, Denoiser
+    model, _ = _random_pair("tiny-cond")
+    clf, _ = _random_pair("tiny-classifier")
+    den, grad = Denoiser(model), ClassifierGradient(clf)
+    batch = Dim("batch", min=1, max=32)
+    dyn = ({0: batch},) * 3
+    x, t, y = torch.randn(3, 3, 16, 16, device="cuda"), torch.tensor([1.0, 500, 900], device="cuda"), \
+        torch.tensor([1, 2, 3], device="cuda")
+    for name, unit in (("den", den), ("grad", grad.graph(x, t, y, dynamic_batch=True))):
+        ep = export(unit, (x, t, y), dynamic_shapes=dyn)
+        path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / f"{name}.pt2"))
+        loaded = torch._inductor.aoti_load_package(path)
+        for b in (1, 5):
+            xb = torch.randn(b, 3, 16, 16, device="cuda")
+            tb, yb = torch.full((b,), 300.0, device="cuda"), torch.arange(b, device="cuda")
+            want = den(xb, tb, yb) if name == "den" else grad(xb, tb, yb)
+            torch.testing.assert_close(loaded(xb, tb, yb), want, rtol=1e-3, atol=1e-4)

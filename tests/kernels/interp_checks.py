@@ -6,7 +6,12 @@ Tolerance rule (STYLE.md): the kernel's error against an fp64 reference is at mo
 error of the torch reference run in the same dtype, plus a small atol; errors are relative
 Frobenius norms ||out - ref|| / ||ref||. Prints one JSON line per case.
 
-Case tables are plain data so the pytest module can list them without importing the kernels.
+Besides the kernel-vs-reference cases: the split of L changes nothing beyond rounding; the fused
+ops under torch.export (dynamic batch), make_fx of torch.autograd.grad, and
+torch.compile(fullgraph=True); double backward through them (OTHER_CASES).
+
+Case tables are plain data, and torch is imported inside the functions, so the pytest modules
+can list the cases and reuse the helpers without importing the kernels.
 """
 from __future__ import annotations
 
@@ -105,6 +110,28 @@ def gn_case(name):
     return _compare(fused, ref, [x, w, b, sc, sh], dtype)
 
 
+def gn_split_invariance_case():
+    """The split of L (chosen from the batch and the device) changes nothing beyond fp32 rounding."""
+    import torch
+    from admrt.kernels import group_norm as G
+    torch.manual_seed(0)
+    x, w, b = torch.randn(1, 32, 64, 64), torch.randn(32), torch.randn(32)
+    sc, sh = torch.randn(1, 32), torch.randn(1, 32)
+    gy = torch.randn(x.shape)
+    results, splits, num_sms = [], [], G._num_sms
+    try:
+        for sms in (1, 64):   # the split grows with the device's SM count
+            G._num_sms = lambda device, sms=sms: sms
+            splits.append(G._plan(1, 32, 64 * 64, 2, False, x.device)[5])
+            xs = [t.clone().requires_grad_() for t in (x, w, b, sc, sh)]
+            y = G.group_norm_act_fused(*xs[:3], num_groups=2, scale=xs[3], shift=xs[4])
+            results.append([y, *torch.autograd.grad(y, xs, gy)])
+    finally:
+        G._num_sms = num_sms
+    errs = [_rel(a, b) for a, b in zip(*results)]
+    return splits[0] < splits[1] and max(errs) < 1e-5, {"splits": splits, "errs": errs}
+
+
 def attn_case(name):
     import torch
     from admrt.kernels import qkv_attention, qkv_attention_reference
@@ -121,21 +148,257 @@ def attn_case(name):
     return _compare(fused, ref, [qkv], dtype)
 
 
-def export_case():
-    """torch.export captures the fused op (the graph holds the Triton kernels)."""
+# Tracing checks (the fused ops under torch.export, make_fx, torch.compile; double backward) on
+# a small block calling both ops; test_traceable.py and test_kernels_gpu.py use the same block.
+HEADS, HEAD_DIM, TOKENS = 2, 16, 5
+
+
+def block_module():
+    """Both fused ops as the models call them: AdaGN + SiLU, attention in both channel orders."""
     import torch
-    from admrt.kernels import group_norm_act
+    from admrt.kernels import group_norm_act, qkv_attention
 
-    class M(torch.nn.Module):
-        def forward(self, x, w, b):
-            return group_norm_act(x, w, b, num_groups=4, act="silu", fused="require")
+    class Block(torch.nn.Module):
+        def forward(self, x, weight, bias, scale, shift, qkv):
+            h = group_norm_act(x, weight, bias, num_groups=4, scale=scale, shift=shift, act="silu",
+                               fused="require")
+            legacy = qkv_attention(qkv, HEADS, legacy_order=True, fused="require")
+            new = qkv_attention(qkv, HEADS, legacy_order=False, fused="require")
+            return h, legacy + new
 
-    args = (torch.randn(1, 8, 3, 3), torch.ones(8), torch.zeros(8))
-    ep = torch.export.export(M(), args)
-    text = str(ep.graph)
-    captured = "triton_kernel_wrapper" in text or "admrt.group_norm_act_fwd" in text
-    err = (ep.module()(*args) - M()(*args)).abs().max().item()
-    return captured and err < 1e-6, {"captured": captured, "err": err}
+    return Block()
+
+
+def block_inputs(batch, device="cpu", seed=0):
+    """(x, weight, bias, scale, shift, qkv) for block_module; batch is dim 0 of x, scale, shift, qkv."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 8, 3, 3, generator=g)
+    w, b = 1 + 0.3 * torch.randn(8, generator=g), 0.3 * torch.randn(8, generator=g)
+    sc, sh = 0.5 * torch.randn(batch, 8, generator=g), 0.5 * torch.randn(batch, 8, generator=g)
+    qkv = torch.randn(batch, 3 * HEADS * HEAD_DIM, TOKENS, generator=g)
+    return tuple(t.to(device) for t in (x, w, b, sc, sh, qkv))
+
+
+def block_dynamic_shapes():
+    from torch.export import Dim
+    batch = Dim("batch", min=1, max=64)
+    return ({0: batch}, None, None, {0: batch}, {0: batch}, {0: batch})
+
+
+def admrt_ops(graph) -> dict:
+    """Counts of admrt custom ops (fwd/bwd) called in an FX graph."""
+    counts = {}
+    for n in graph.nodes:
+        name = str(n.target)
+        if n.op == "call_function" and name.startswith("admrt."):
+            op = name.split(".")[1]
+            counts[op] = counts.get(op, 0) + 1
+    return counts
+
+
+def mark_batch_dynamic(inputs):
+    """torch._dynamo.mark_dynamic on the batch dim of block_inputs (a guard on it then raises)."""
+    import torch
+    for i in (0, 3, 4, 5):
+        torch._dynamo.mark_dynamic(inputs[i], 0)
+    return inputs
+
+
+def max_err(got, expected) -> float:
+    """Largest max|got - expected| / max|expected| over the tensors of two pytrees."""
+    import torch
+    got, expected = torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected)
+    assert len(got) == len(expected), (len(got), len(expected))
+    return max(((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+               for a, b in zip(got, expected))
+
+
+FWD_OPS = {"group_norm_act_fwd": 1, "qkv_attention_fwd": 2}
+BWD_OPS = {"group_norm_act_bwd": 1, "qkv_attention_bwd": 2}
+
+
+def export_dynamic_batch_case():
+    """torch.export with a dynamic batch keeps the custom ops; the program runs at other batches."""
+    import torch
+    m = block_module()
+    ep = torch.export.export(m, block_inputs(2), dynamic_shapes=block_dynamic_shapes())
+    ops = admrt_ops(ep.graph)
+    ranges = sorted((int(r.lower), int(r.upper)) for r in ep.range_constraints.values())
+    errs = {b: max_err(ep.module()(*block_inputs(b, seed=b)), m(*block_inputs(b, seed=b))) for b in (1, 3)}
+    ok = ops == FWD_OPS and (1, 64) in ranges and max(errs.values()) < 1e-6
+    return ok, {"ops": ops, "ranges": ranges, "errs": errs}
+
+
+def block_grads(m, dynamic_batch=False):
+    """A function of block_inputs returning the gradients of a loss on m's outputs."""
+    import torch
+
+    def grads(*inputs):
+        xs = [t.detach().requires_grad_() for t in inputs]
+        if dynamic_batch:
+            mark_batch_dynamic(xs)
+        h, a = m(*xs)
+        return torch.autograd.grad(h.square().sum() + a.square().sum(), xs)
+    return grads
+
+
+def compile_block(backend, device="cpu", batches=(2, 3)) -> dict:
+    """torch.compile(fullgraph=True) of block_module with the batch marked dynamic; per batch, the
+    relative error of outputs and gradients against eager. Batches after the first must not
+    recompile (torch._dynamo.config.error_on_recompile)."""
+    import torch
+    m = block_module()
+    grads = block_grads(m)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend=backend, fullgraph=True)
+    cgrads = block_grads(compiled, dynamic_batch=True)
+    errs = {}
+    for k, b in enumerate(batches):
+        inputs = mark_batch_dynamic(block_inputs(b, device, seed=b))
+        with torch._dynamo.config.patch(error_on_recompile=k > 0):
+            errs[b] = max(max_err(compiled(*inputs), m(*inputs)),     # inference graph
+                          max_err(cgrads(*inputs), grads(*inputs)))   # training graphs
+    return errs
+
+
+def make_fx_grad_case():
+    """make_fx of a function calling torch.autograd.grad holds the fused backward ops; the traced
+    graph (symbolic shapes) runs at another batch, and exports with a dynamic batch."""
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+    grads = block_grads(block_module())
+    gm = make_fx(grads, tracing_mode="symbolic")(*block_inputs(2))
+    ops = admrt_ops(gm.graph)
+    inputs = block_inputs(3, seed=3)
+    err = max_err(gm(*inputs), grads(*inputs))
+    ep = torch.export.export(gm, block_inputs(2), dynamic_shapes=block_dynamic_shapes())
+    ep_ops = admrt_ops(ep.graph)
+    ep_err = max_err(ep.module()(*inputs), grads(*inputs))
+    ok = ops == {**FWD_OPS, **BWD_OPS} and ep_ops == ops and max(err, ep_err) < 1e-6
+    return ok, {"ops": ops, "export_ops": ep_ops, "err": err, "export_err": ep_err}
+
+
+def compile_fullgraph_aot_eager_case():
+    """torch.compile(fullgraph=True), batch marked dynamic, AOTAutograd (aot_eager with graph
+    capture): no graph break, no recompile for a new batch, the ops in the forward and backward
+    graphs, results equal to eager. On a GPU, test_kernels_gpu.py runs the same with Inductor.
+
+    The custom ops stay opaque here (decompose_custom_triton_ops=False, as torch.export does):
+    under TRITON_INTERPRET=1 `wrap_triton` returns the interpreted kernel itself
+    (torch/_library/triton.py, wrap_triton: "TRITON_INTERPRET=1 makes @triton.jit return
+    InterpretedFunction"), so decomposing the op (triton.py, functional_decomp: `with mode:
+    return fn(*args, **kwargs)`) would run the interpreter on FakeTensors, which fails in
+    triton/runtime/interpreter.py (_init_args_hst -> _to_cpu: untyped_storage().data_ptr()).
+    The decomposed bodies are traced with SymInt shapes in test_traceable.py instead.
+    """
+    import torch
+    import torch._functorch.config
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    graphs = {"fw": [], "bw": []}
+
+    def keep(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind].append(gm)
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    with torch._functorch.config.patch(decompose_custom_triton_ops=False):
+        errs = compile_block(aot_autograd(fw_compiler=keep("fw"), bw_compiler=keep("bw")), batches=(2, 3, 7))
+    fw = [admrt_ops(g.graph) for g in graphs["fw"]]   # inference, training
+    bw = [admrt_ops(g.graph) for g in graphs["bw"]]
+    ok = fw == [FWD_OPS, FWD_OPS] and bw == [BWD_OPS] and max(errs.values()) < 1e-6
+    return ok, {"fw_ops": fw, "bw_ops": bw, "errs": errs}
+
+
+def compile_fullgraph_inductor_opaque_case():
+    """Inductor on CPU, the custom ops kept opaque (as in compile_fullgraph_aot_eager_case): it
+    compiles the block fullgraph with a dynamic batch and calls the ops (so the interpreter) from
+    its generated code, forward and backward; results equal eager."""
+    import torch
+    import torch._functorch.config
+    from torch._inductor.utils import run_and_get_code
+    with torch._functorch.config.patch(decompose_custom_triton_ops=False):
+        errs, code = run_and_get_code(compile_block, "inductor", "cpu", (2, 5))
+    code = "\n".join(code)
+    called = {op: f"admrt.{op}" in code for op in [*FWD_OPS, *BWD_OPS]}
+    return all(called.values()) and max(errs.values()) < 1e-6, {"called": called, "errs": errs}
+
+
+def double_backward(fn, inputs, seed=0):
+    """(first-order grads without create_graph, with it, grads of a projection of the latter)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    xs = [None if t is None else t.detach().requires_grad_() for t in inputs]
+    live = [t for t in xs if t is not None]
+    y = fn(*xs)
+    gy = torch.randn(y.shape, generator=g).to(y.device)
+    plain = torch.autograd.grad(y, live, gy, retain_graph=True)
+    first = torch.autograd.grad(y, live, gy, create_graph=True)
+    proj = sum((d * torch.randn(d.shape, generator=g).to(d.device)).sum() for d in first)
+    second = torch.autograd.grad(proj, live, allow_unused=True)
+    second = [torch.zeros_like(t) if d is None else d for d, t in zip(second, live)]
+    return plain, first, second
+
+
+def _double_backward_case(op, pairs):
+    """Double backward through the fused op equals the reference's (it runs through it), and the
+    plain backward (fused) agrees; pairs: [(fused, ref, inputs)]. Logged once at INFO per op."""
+    import logging
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("admrt.kernels")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    errs = {}
+    try:
+        for k, (fused, ref, inputs) in enumerate(pairs):
+            fp, ff, fs = double_backward(fused, inputs)
+            rp, rf, rs = double_backward(ref, inputs)
+            errs[k] = {"plain": max_err(fp, rp), "first": max_err(ff, rf), "second": max_err(fs, rs)}
+    finally:
+        logger.removeHandler(handler)
+    logged = [r.getMessage() for r in records if "double backward" in r.getMessage()]
+    ok = (len(logged) == 1 and op in logged[0]
+          and all(e["plain"] < 1e-5 and max(e["first"], e["second"]) < 1e-6 for e in errs.values()))
+    return ok, {"errs": errs, "logged": logged}
+
+
+def double_backward_gn_case():
+    from admrt.kernels import group_norm_act, group_norm_act_reference
+    kw = dict(num_groups=4, act="silu")
+
+    def fused(x, w, b, sc, sh):
+        return group_norm_act(x, w, b, scale=sc, shift=sh, fused="require", **kw)
+
+    def ref(x, w, b, sc, sh):
+        return group_norm_act_reference(x, w, b, scale=sc, shift=sh, **kw)
+    inputs = block_inputs(2)[:5]
+    plain = [inputs[0], inputs[1], inputs[2], None, None]   # no AdaGN
+    return _double_backward_case("group_norm_act", [(fused, ref, inputs), (fused, ref, plain)])
+
+
+def double_backward_attn_case():
+    from admrt.kernels import qkv_attention, qkv_attention_reference
+
+    def pair(legacy):
+        return (lambda t: qkv_attention(t, HEADS, legacy_order=legacy, fused="require"),
+                lambda t: qkv_attention_reference(t, HEADS, legacy_order=legacy))
+    qkv = block_inputs(2)[5]
+    return _double_backward_case("qkv_attention", [(*pair(True), [qkv]), (*pair(False), [qkv])])
+
+
+OTHER_CASES = {
+    "gn_split_invariance": gn_split_invariance_case,
+    "export_dynamic_batch": export_dynamic_batch_case,
+    "make_fx_grad": make_fx_grad_case,
+    "compile_fullgraph_aot_eager": compile_fullgraph_aot_eager_case,
+    "compile_fullgraph_inductor_opaque": compile_fullgraph_inductor_opaque_case,
+    "double_backward_gn": double_backward_gn_case,
+    "double_backward_attn": double_backward_attn_case,
+}
 
 
 def main(names):
@@ -151,8 +414,8 @@ def main(names):
                 ok, detail = gn_case(name)
             elif name in ATTN_CASES:
                 ok, detail = attn_case(name)
-            elif name == "export":
-                ok, detail = export_case()
+            elif name in OTHER_CASES:
+                ok, detail = OTHER_CASES[name]()
             else:
                 raise KeyError(name)
         except Exception as e:  # reported per case, not a crash of the whole run
@@ -161,4 +424,4 @@ def main(names):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or [*GN_CASES, *ATTN_CASES, "export"])
+    main(sys.argv[1:] or [*GN_CASES, *ATTN_CASES, *OTHER_CASES])

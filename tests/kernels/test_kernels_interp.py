@@ -1,4 +1,6 @@
-"""Fused kernels vs their torch references under the Triton interpreter (CPU).
+"""Fused kernels vs their torch references under the Triton interpreter (CPU), and the fused ops
+under torch.export / make_fx / torch.compile(fullgraph=True) with a dynamic batch, and double
+backward through them.
 
 The interpreter must be on before the kernels are defined, and other test folders share this
 pytest process, so the checks run in one subprocess (interp_checks.py) with TRITON_INTERPRET=1;
@@ -20,7 +22,7 @@ _spec = importlib.util.spec_from_file_location("admrt_interp_checks", HERE / "in
 checks = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(checks)  # case tables only; the kernels are imported in the subprocess
 
-CASES = [*checks.GN_CASES, *checks.ATTN_CASES, "export"]
+CASES = [*checks.GN_CASES, *checks.ATTN_CASES, *checks.OTHER_CASES]
 
 pytest.importorskip("triton", reason="the fused kernels need triton")
 
