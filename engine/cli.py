@@ -142,6 +142,9 @@ def run(args: argparse.Namespace) -> int:
     record = {key: getattr(args, key) for key in RUN_KEYS if key != "shard_size"}
     record.update(shard_size=shard_size, models=[getattr(m, "preset", None) and m.preset.name
                                                   for m in (model, clf, up)])
+    if args.noise == "seeded":  # shards drawn with another noise map must not be mixed in
+        from admrt.engine.engine import SEEDED_NOISE_FORMAT
+        record["seeded_noise"] = SEEDED_NOISE_FORMAT
     manifest = out / "run.json"
     if manifest.exists():
         previous = json.loads(manifest.read_text())

@@ -35,6 +35,8 @@ METHODS = {"ddpm": _core.Method.DDPM, "ddim": _core.Method.DDIM}
 VARIANCES = {"learned_range": _core.Variance.LEARNED_RANGE, "fixed_small": _core.Variance.FIXED_SMALL,
              "fixed_large": _core.Variance.FIXED_LARGE}
 NOISE_MODES = {"seeded": _core.NoiseMode.SEEDED, "reference": _core.NoiseMode.REFERENCE}
+# What an image's seed means (engine/csrc/philox.h); recorded by `admrt sample` in run.json.
+SEEDED_NOISE_FORMAT = "philox4x32-10 box-muller keyed (seed, draw, element)"
 _SEED_MOD = 2 ** 64
 _UPSAMPLER_STREAM = 2 ** 63 + 1  # the upsampler stage's seed is derive_seed(seed, this)
 
