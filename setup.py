@@ -47,19 +47,23 @@ class CMakeBuild(build_ext):
 
 
 def _cuda_args(torch) -> list[str]:
-    """ADMRT_WITH_CUDA=ON for a CUDA build of torch with nvcc at hand (the seeded-noise kernel and
-    graph capture), targeting the architectures torch itself was built for; OFF otherwise."""
+    """ADMRT_WITH_CUDA=ON for a CUDA build of torch (the seeded-noise kernel and graph capture).
+    torch's own CMake config then needs a full CUDA toolkit (nvcc, headers, libraries): it is
+    pointed at CUDA_HOME, and the architectures go through TORCH_CUDA_ARCH_LIST (torch's CMake
+    overrides CMAKE_CUDA_ARCHITECTURES): those torch was built for, or ADMRT_CUDA_ARCH_LIST."""
     if torch.version.cuda is None:
         return ["-DADMRT_WITH_CUDA=OFF"]
     from torch.utils.cpp_extension import CUDA_HOME
     nvcc = Path(CUDA_HOME or "", "bin", "nvcc")
-    if not nvcc.exists():
-        print(f"admrt: torch is a CUDA build but nvcc was not found (CUDA_HOME={CUDA_HOME}); building the "
-              "core without CUDA: sampling on CUDA will be refused", file=sys.stderr)
-        return ["-DADMRT_WITH_CUDA=OFF"]
-    archs = sorted({a.split("_")[1] for a in torch.cuda.get_arch_list() if a.startswith("sm_")}, key=int)
-    archs = os.environ.get("ADMRT_CUDA_ARCHITECTURES", ";".join(archs) or "90")
-    return ["-DADMRT_WITH_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCMAKE_CUDA_ARCHITECTURES={archs}"]
+    if not CUDA_HOME or not nvcc.exists():
+        raise RuntimeError(f"admrt: torch {torch.__version__} is a CUDA build, and building against it needs the "
+                           f"CUDA toolkit (nvcc, headers, libraries) of CUDA {torch.version.cuda}; none was found "
+                           f"(CUDA_HOME={CUDA_HOME}). Install it and set CUDA_HOME, or use a CPU build of torch.")
+    archs = sorted({a[3:] for a in torch.cuda.get_arch_list() if a.startswith("sm_") and a[3:].isdigit()}, key=int)
+    dotted = ";".join(f"{a[:-1]}.{a[-1]}" for a in archs) or "9.0"
+    archs = os.environ.get("ADMRT_CUDA_ARCH_LIST", dotted)
+    return ["-DADMRT_WITH_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCUDA_TOOLKIT_ROOT_DIR={CUDA_HOME}",
+            f"-DCUDAToolkit_ROOT={CUDA_HOME}", f"-DTORCH_CUDA_ARCH_LIST={archs}"]
 
 
 def _has_ninja() -> bool:

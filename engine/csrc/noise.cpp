@@ -9,6 +9,7 @@
 #include "philox.h"
 
 #ifdef ADMRT_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
 
@@ -59,6 +60,7 @@ void seeded_normal_(at::Tensor& out, const at::Tensor& seeds, const at::Tensor& 
   if (out.numel() == 0) return;
   if (out.is_cuda()) {
 #ifdef ADMRT_WITH_CUDA
+    const c10::cuda::CUDAGuard on_device(out.device());
     seeded_normal_cuda(out.data_ptr<float>(), seeds.data_ptr<int64_t>(), draw.data_ptr<int64_t>(), draw_offset,
                        gate ? gate->data_ptr<float>() : nullptr, batch, per_sample,
                        c10::cuda::getCurrentCUDAStream(out.device().index()).stream());

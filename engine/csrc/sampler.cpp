@@ -14,6 +14,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
@@ -147,9 +148,43 @@ Schedule Schedule::from_tables(const std::map<std::string, at::Tensor>& tables, 
 #ifdef ADMRT_WITH_CUDA
 struct Sampler::Graph {
   explicit Graph(at::Device device) : stream(c10::cuda::getStreamFromPool(false, device.index())) {}
+  // Nothing queued on the side stream may outlive the buffers and the graph's pool.
+  ~Graph() {
+    try {
+      stream.synchronize();
+    } catch (...) {
+    }
+  }
   c10::cuda::CUDAStream stream;
   std::unique_ptr<at::cuda::CUDAGraph> step;
+  std::string capture_error;  // set once a capture failed: not tried again
 };
+
+namespace {
+
+// Makes `caller` wait for everything queued on `side` when it goes out of scope, on every exit
+// path (an exception from a step or from the progress callback included).
+class JoinStreams {
+ public:
+  JoinStreams(c10::cuda::CUDAStream caller, c10::cuda::CUDAStream side) : caller_(caller), side_(side) {}
+  ~JoinStreams() {
+    try {
+      at::cuda::CUDAEvent done;
+      done.record(side_);
+      done.block(caller_);
+    } catch (...) {
+      try {
+        side_.synchronize();
+      } catch (...) {
+      }
+    }
+  }
+
+ private:
+  c10::cuda::CUDAStream caller_, side_;
+};
+
+}  // namespace
 #else
 struct Sampler::Graph {};
 #endif
@@ -346,27 +381,48 @@ void Sampler::run_step(int64_t k, const std::optional<at::Generator>& generator)
   if (uses_graph()) {
     if (graph_->step) {
       graph_->step->replay();
-    } else if (k == 0) {
-      step(generator);  // warm-up, eager: lazy initialisation, kernel compilation, autotuning
-    } else {
-      auto g = std::make_unique<at::cuda::CUDAGraph>();
-      g->capture_begin();
-      try {
-        step(generator);
-      } catch (const std::exception& e) {
-        try {
-          g->capture_end();
-        } catch (...) {
-        }
-        throw std::runtime_error(cat("CUDA graph capture of the sampling step failed: ", e.what(),
-                                     "\nThe denoiser or classifier gradient does something a graph cannot hold (a "
-                                     "host synchronisation, a CPU tensor); sample with cuda_graphs=False to run "
-                                     "the steps uncaptured."));
-      }
-      g->capture_end();
-      graph_->step = std::move(g);
-      graph_->step->replay();
+      return;
     }
+    if (k == 0 || !graph_->capture_error.empty()) {
+      if (!graph_->capture_error.empty())
+        throw std::runtime_error(graph_->capture_error);
+      step(generator);  // warm-up, eager: lazy initialisation, kernel compilation, autotuning
+      return;
+    }
+    const c10::DeviceIndex dev = params_.device.index();
+    const auto pool = at::cuda::graph_pool_handle();
+    auto g = std::make_unique<at::cuda::CUDAGraph>();
+    g->capture_begin(pool);
+    std::string error;
+    try {
+      step(generator);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    try {
+      g->capture_end();
+    } catch (const std::exception& e) {
+      if (error.empty()) error = e.what();
+    }
+    if (!error.empty()) {
+      // An invalidated capture makes capture_end throw before the allocator leaves the graph's
+      // pool: leave it here, or every later allocation would still be routed to it.
+      try {
+        c10::cuda::CUDACachingAllocator::endAllocateToPool(dev, pool);
+      } catch (...) {
+      }
+      try {
+        c10::cuda::CUDACachingAllocator::releasePool(dev, pool);
+      } catch (...) {
+      }
+      graph_->capture_error = cat(
+          "CUDA graph capture of the sampling step failed: ", error,
+          "\nThe denoiser or classifier gradient does something a graph cannot hold (a host synchronisation, "
+          "a copy from host memory, a CPU tensor); sample with cuda_graphs=False to run the steps uncaptured.");
+      throw std::runtime_error(graph_->capture_error);
+    }
+    graph_->step = std::move(g);
+    graph_->step->replay();
     return;
   }
 #endif
@@ -393,13 +449,17 @@ at::Tensor Sampler::sample(const BatchInputs& inputs, const ProgressFn& progress
   c10::NoGradGuard no_grad;
   load_inputs(inputs);  // on the caller's stream, before the loop's stream takes over
 #ifdef ADMRT_WITH_CUDA
+  // The loop runs on the context's own stream (capture needs a non-default one), after what the
+  // caller queued; the caller's stream waits for it on every way out (join declared first, so it
+  // runs after the guard has restored the caller's stream).
+  std::optional<JoinStreams> join;
   std::optional<c10::cuda::CUDAStreamGuard> on_side;
-  std::optional<c10::cuda::CUDAStream> caller;
-  if (uses_graph()) {  // the loop runs on the context's own stream (capture needs a non-default one)
-    caller = c10::cuda::getCurrentCUDAStream(params_.device.index());
+  if (uses_graph()) {
+    c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream(params_.device.index());
     at::cuda::CUDAEvent ready;
-    ready.record(*caller);
+    ready.record(caller);
     ready.block(graph_->stream);
+    join.emplace(caller, graph_->stream);
     on_side.emplace(graph_->stream);
   }
 #endif
@@ -418,12 +478,8 @@ at::Tensor Sampler::sample(const BatchInputs& inputs, const ProgressFn& progress
   }
   if (params_.check_finite) bad_.narrow(0, 2, 1).masked_fill_(at::isfinite(x_).all().logical_not(), 0);
 #ifdef ADMRT_WITH_CUDA
-  if (on_side) {
-    at::cuda::CUDAEvent done;
-    done.record(graph_->stream);
-    on_side.reset();
-    done.block(*caller);
-  }
+  on_side.reset();
+  join.reset();
 #endif
   if (params_.check_finite) raise_if_not_finite();
   return x_.clone();

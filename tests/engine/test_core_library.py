@@ -41,6 +41,10 @@ def program(tmp_path_factory):
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     cfg = ["cmake", str(ROOT), *gen, "-DCMAKE_BUILD_TYPE=Release", "-DADMRT_PYTHON=OFF", "-DADMRT_BUILD_EXAMPLES=ON",
            "-DADMRT_WITH_CUDA=OFF", f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
+    if torch.version.cuda is not None:  # torch's CMake config then needs the CUDA toolkit (setup.py)
+        from torch.utils.cpp_extension import CUDA_HOME
+        cfg += [f"-DCUDA_TOOLKIT_ROOT_DIR={CUDA_HOME}", f"-DCUDAToolkit_ROOT={CUDA_HOME}",
+                "-DTORCH_CUDA_ARCH_LIST=9.0"]
     for cmd in (cfg, ["cmake", "--build", ".", "--target", "analytic_sample", "-j", "2"]):
         out = subprocess.run(cmd, cwd=build, capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
