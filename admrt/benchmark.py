@@ -204,7 +204,24 @@ def main(argv=None) -> int:
     return run(p.parse_args(argv))
 
 
+def _check(args) -> None:
+    """Bad arguments: one line naming the argument, the value and what was expected."""
+    for flag, name in (("--preset", args.preset), ("--classifier", args.classifier)):
+        if name and name not in admrt.PRESETS:
+            raise SystemExit(f"admrt bench: {flag}={name!r}: unknown preset; expected one of {sorted(admrt.PRESETS)}")
+    for flag, value in (("--batch", args.batch), ("--reps", args.reps)):
+        if value <= 0:
+            raise SystemExit(f"admrt bench: {flag}={value}: expected a positive int")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise SystemExit(f"admrt bench: --device={args.device!r}: expected cpu, cuda or cuda:N") from None
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"admrt bench: --device={args.device!r}: no CUDA device on this machine")
+
+
 def run(args) -> int:
+    _check(args)
     results = measure(args)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from admrt.diffusion import DiffusionTables, build_tables
 
 from . import _core
 from .backends import get_backend
-from .modules import ClassifierGradient, Denoiser, ModelInfo
+from .modules import ClassifierGradient, Denoiser, ModelInfo, device_of
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +62,15 @@ class _Stage:
     role: str
     info: ModelInfo
     diffusion: DiffusionConfig
-    unit: Denoiser
-    denoiser: Callable
+    denoiser: Callable  # the backend's callable over the stage's Denoiser
 
 
 @dataclass(frozen=True)
 class _Plan:
-    method: str
+    method: object    # _core.Method
     tables: DiffusionTables
     schedule: object  # _core.Schedule
-    variance: str
+    variance: object  # _core.Variance
     respacing: object
 
 
@@ -121,7 +120,7 @@ class Engine:
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         self.backend_name, self.dtype = backend, dtype
         backend_impl = get_backend(backend)
-        self.device = torch.device(device) if device is not None else _module_device(model)
+        self.device = device_of(model, device)
         self.cuda_graphs = bool(cuda_graphs)
         units = dict(dtype=dtype, channels_last=channels_last, device=self.device)
 
@@ -138,14 +137,13 @@ class Engine:
                 raise ValueError(f"upsampler: in_channels={self.upsampler.info.in_channels} differs from the "
                                  f"model's {self.base.info.in_channels}")
         self.classifier_info = None
-        self._gradient_unit = self._grad = None
+        self._grad = None
         if classifier is not None:
             self.classifier_info = ModelInfo.of(classifier, "classifier")
             if self.classifier_info.kind != "classifier":
                 raise ValueError(f"classifier: expected a noisy classifier (EncoderUNet), got a "
                                  f"{self.classifier_info.kind!r} model")
-            self._gradient_unit = ClassifierGradient(classifier, **units)
-            self._grad = backend_impl.classifier_gradient(self._gradient_unit)
+            self._grad = backend_impl.classifier_gradient(ClassifierGradient(classifier, **units))
         self._contexts: dict[str, tuple[tuple, object]] = {}  # role -> (key, _core.Sampler)
 
     def _stage(self, module, role, diffusion, expect, backend_impl, units) -> _Stage:
@@ -158,8 +156,7 @@ class Engine:
                 raise ValueError(f"{role}: it records no preset, so its diffusion process is unknown; pass "
                                  f"{'diffusion' if role == 'model' else 'upsampler_diffusion'}=DiffusionConfig(...)")
             diffusion = preset.diffusion
-        unit = Denoiser(module, **units)
-        return _Stage(role, info, diffusion, unit, backend_impl.denoiser(unit))
+        return _Stage(role, info, diffusion, backend_impl.denoiser(Denoiser(module, **units)))
 
     @property
     def num_classes(self) -> Optional[int]:
@@ -277,8 +274,7 @@ class Engine:
         self._contexts.pop(stage.role, None)  # free the old buffers and graph first
         info = stage.info
         p = _core.default_params()
-        p.method = METHODS[plan.method]
-        p.variance = VARIANCES[plan.variance]
+        p.method, p.variance = plan.method, plan.variance
         p.eta, p.clip_denoised, p.check_finite = common["eta"], common["clip_denoised"], common["check_finite"]
         p.noise = common["noise"]
         p.cuda_graphs = self.cuda_graphs
@@ -332,22 +328,16 @@ class Engine:
     def _plan(self, stage: _Stage, steps, method, variance) -> _Plan:
         implied, respacing = _parse_steps(steps)
         method = method or implied
-        _choice(METHODS, method, "method")
+        method_enum = _choice(METHODS, method, "method")
         tables = build_tables(stage.diffusion, respacing)
         if variance is None:
             variance = "learned_range" if stage.info.learn_sigma else "fixed_large"
-        _choice(VARIANCES, variance, "variance")
+        variance_enum = _choice(VARIANCES, variance, "variance")
         if variance == "learned_range" and not stage.info.learn_sigma:
             raise ValueError(f"variance='learned_range': the model outputs {stage.info.out_channels} channels, "
                              f"not 2*{stage.info.in_channels} (eps and variance values)")
         schedule = _core.Schedule(tables.tensors(), tables.original_num_steps, tables.rescale_timesteps)
-        return _Plan(method, tables, schedule, variance, respacing)
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
+        return _Plan(method_enum, tables, schedule, variance_enum, respacing)
 
 
 def _padded_index(start: int, real: int, size: int) -> np.ndarray:

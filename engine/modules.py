@@ -110,7 +110,7 @@ class Denoiser(nn.Module):
         channels_last = is_channels_last(model) if channels_last is None else channels_last
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.dtype = dtype
-        self.net = inference_copy(model, device=_device_of(model, device), dtype=dtype, channels_last=channels_last)
+        self.net = inference_copy(model, device=device_of(model, device), dtype=dtype, channels_last=channels_last)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                 low_res: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -143,7 +143,7 @@ class ClassifierGradient(nn.Module):
         channels_last = is_channels_last(classifier) if channels_last is None else channels_last
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.dtype = dtype
-        self.net = inference_copy(classifier, device=_device_of(classifier, device), dtype=dtype,
+        self.net = inference_copy(classifier, device=device_of(classifier, device), dtype=dtype,
                                   channels_last=channels_last)
 
     def _grad(self, net_call, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -191,7 +191,8 @@ class _GradientGraph(nn.Module):
         return self.gm([getattr(self, f"w{i}") for i in range(self.num_weights)], x_t, t, y)
 
 
-def _device_of(module: nn.Module, device) -> torch.device:
+def device_of(module: nn.Module, device=None) -> torch.device:
+    """`device` if given, else where the module's weights are (CPU for a module without any)."""
     if device is not None:
         return torch.device(device)
     for p in module.parameters():

@@ -46,3 +46,15 @@ def test_sample_help(capsys):
     with pytest.raises(SystemExit):
         main(["sample", "--help"])
     assert "--guidance" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--preset", "nope"], "--preset='nope': unknown preset"),
+    (["--batch", "0", "--device", "cpu"], "--batch=0: expected a positive int"),
+    (["--reps", "0", "--device", "cpu"], "--reps=0: expected a positive int"),
+    (["--device", "gpu0"], "--device='gpu0': expected cpu, cuda or cuda:N"),
+])
+def test_bench_rejects_bad_arguments_in_one_line(argv, message):
+    from admrt.cli import main
+    with pytest.raises(SystemExit, match=message):
+        main(["bench", *argv])
