@@ -2,7 +2,9 @@
 
 The card's top-level folders are subpackages of the single import root `admrt`
 (engine/ -> admrt.engine, ...). The C++ sampling core (engine/csrc) is built by CMake against
-the torch that is already installed, as the pybind11 module `admrt.engine._core`.
+the torch that is already installed: the pybind11 module `admrt.engine._core`, and installed
+under admrt/engine/cpp/ the Python-free side (libadmrt, its headers, the `admrt-sample` program
+and the CMake config for `find_package(admrt)`; scripts/install.sh puts admrt-sample on PATH).
 """
 import os
 import subprocess
@@ -37,13 +39,14 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path};{pybind11.get_cmake_dir()}",
-            f"-DADMRT_EXT_SUFFIX={Path(self.get_ext_filename(ext.name)).name.split('.', 1)[1]}",
         ]
         args += _cuda_args(torch)
         gen = ["-G", "Ninja"] if _has_ninja() else []
         subprocess.run(["cmake", ext.source_dir, *gen, *args], cwd=build_dir, check=True)
         jobs = str(os.cpu_count() or 2)
         subprocess.run(["cmake", "--build", ".", "--config", cfg, "-j", jobs], cwd=build_dir, check=True)
+        subprocess.run(["cmake", "--install", ".", "--config", cfg, "--prefix", str(out_dir / "cpp")], cwd=build_dir,
+                       check=True, stdout=subprocess.DEVNULL)
 
 
 def _cuda_args(torch) -> list[str]:

@@ -1,4 +1,4 @@
-"""The `admrt` command: sample | train | eval | bench.
+"""The `admrt` command: sample | train | export | eval | bench.
 
 Each subcommand lives beside what it drives and provides `add_arguments(parser)` and
 `run(args)`; its module is imported only when that subcommand runs.
@@ -12,6 +12,7 @@ import sys
 COMMANDS = {
     "sample": ("admrt.engine.cli", "sample images with a model (default: the bundled Fashion-MNIST stack)"),
     "train": ("admrt.training.cli", "train the diffusion UNet, the noisy classifier or the upsampler"),
+    "export": ("admrt.export.cli", "export the stack for the Python-free runtime (AOTInductor packages)"),
     "eval": ("admrt.evaluation.cli", "FID, sFID, IS, precision/recall; guidance sweeps"),
     "bench": ("admrt.benchmark", "throughput and latency of the engine against the reference"),
 }

@@ -4,7 +4,9 @@
 
 "eager" runs the modules as they are; "compile" runs them through torch.compile(fullgraph=True)
 (the gradient as its make_fx graph of forward and backward, traced at the first call of each
-shape). Inductor's default mode captures no CUDA graphs of its own, so the core's whole-step
+shape). "aoti" exports each unit with a dynamic batch and compiles it with AOTInductor when the
+Engine is built (minutes on CPU; admrt.export.aoti), and the core runs the C++ units with no
+Python in the loop; a package exported once is loaded with `Engine.from_package` instead. Inductor's default mode captures no CUDA graphs of its own, so the core's whole-step
 graph holds the compiled kernels. Compiled packages (AOTInductor, ONNX Runtime, TensorRT)
 register theirs with `register_backend` from admrt.export; an unknown name is an error listing
 what is registered.
@@ -32,6 +34,16 @@ def _compile_denoiser(unit: Denoiser) -> DenoiserFn:
     return torch.compile(unit, fullgraph=True, dynamic=False)
 
 
+def _load_denoiser(path: str, device: str):
+    from . import _core
+    return _core.aoti_denoiser(path, device)
+
+
+def _load_gradient(path: str, device: str):
+    from . import _core
+    return _core.aoti_gradient(path, device)
+
+
 class _CompiledGradient:
     """ClassifierGradient.graph() compiled with fullgraph=True, one per input shape (the core
     calls it with one fixed batch per context)."""
@@ -49,9 +61,33 @@ class _CompiledGradient:
         return fn(x_t, t, y)
 
 
+AOTI_MAX_BATCH = 1024  # the batch bound of units compiled by the "aoti" backend
+
+
+def _aoti_unit(unit, load):
+    import tempfile
+    from pathlib import Path
+
+    from admrt.export.aoti import compile_unit, example_inputs
+
+    info = unit.info
+    device = next(iter(unit.parameters())).device
+    low = info.low_res_size if info.kind == "superres" else None
+    if info.kind == "superres" and low is None:
+        raise ValueError("backend='aoti': the upsampler records no low_res_size; load it with an admrt preset")
+    example = example_inputs(info, 2, device, low)
+    traced = unit.graph(*example, dynamic_batch=True) if isinstance(unit, ClassifierGradient) else unit
+    with tempfile.TemporaryDirectory(prefix="admrt-aoti-") as tmp:
+        path = Path(tmp) / "unit.pt2"
+        compile_unit(traced, example, path, AOTI_MAX_BATCH)
+        return load(str(path), str(device))
+
+
 _BACKENDS: dict[str, Backend] = {
     "eager": Backend(denoiser=lambda unit: unit, classifier_gradient=lambda unit: unit),
     "compile": Backend(denoiser=_compile_denoiser, classifier_gradient=_CompiledGradient),
+    "aoti": Backend(denoiser=lambda unit: _aoti_unit(unit, _load_denoiser),
+                    classifier_gradient=lambda unit: _aoti_unit(unit, _load_gradient)),
 }
 
 

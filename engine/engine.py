@@ -38,7 +38,7 @@ NOISE_MODES = {"seeded": _core.NoiseMode.SEEDED, "reference": _core.NoiseMode.RE
 # What an image's seed means (engine/csrc/philox.h); recorded by `admrt sample` in run.json.
 SEEDED_NOISE_FORMAT = "philox4x32-10 box-muller keyed (seed, draw, element)"
 _SEED_MOD = 2 ** 64
-_UPSAMPLER_STREAM = 2 ** 63 + 1  # the upsampler stage's seed is derive_seed(seed, this)
+_UPSAMPLER_STREAM = _core.UPSAMPLER_STREAM  # the upsampler stage's seed is derive_seed(seed, this)
 
 Progress = Union[bool, Callable[[int, int], None], None]
 
@@ -145,6 +145,13 @@ class Engine:
                                  f"{self.classifier_info.kind!r} model")
             self._grad = backend_impl.classifier_gradient(ClassifierGradient(classifier, **units))
         self._contexts: dict[str, tuple[tuple, object]] = {}  # role -> (key, _core.Sampler)
+
+    @staticmethod
+    def from_package(folder, device: Union[str, torch.device, None] = None, cuda_graphs: bool = True):
+        """An exported AOTInductor package (`admrt export aoti`) run by the C++ Context that the
+        Python-free `admrt-sample` runs (engine/package.py): same batching, cascade and seeds."""
+        from .package import PackageEngine
+        return PackageEngine(folder, device=None if device is None else str(device), cuda_graphs=cuda_graphs)
 
     def _stage(self, module, role, diffusion, expect, backend_impl, units) -> _Stage:
         info = ModelInfo.of(module, role)

@@ -10,7 +10,9 @@
 #include <stdexcept>
 #include <string>
 
+#include "admrt.h"
 #include "noise.h"
+#include "npz.h"
 #include "philox.h"
 #include "sampler.h"
 
@@ -62,12 +64,36 @@ class PyClassifierGrad final : public admrt::ClassifierGrad, PyCallable {
   }
 };
 
+// model / classifier: a C++ unit (a package's, _core.DenoiserUnit / GradientUnit), called with no
+// Python in the loop, or any Python callable.
 std::unique_ptr<admrt::Sampler> make_sampler(py::object model, py::object classifier,
                                              const admrt::Schedule& schedule, const admrt::SamplerParams& params) {
   std::shared_ptr<admrt::ClassifierGrad> clf;
-  if (!classifier.is_none()) clf = std::make_shared<PyClassifierGrad>(std::move(classifier));
-  return std::make_unique<admrt::Sampler>(std::make_shared<PyDenoiser>(std::move(model)), std::move(clf), schedule,
-                                          params);
+  if (py::isinstance<admrt::ClassifierGrad>(classifier)) clf = classifier.cast<std::shared_ptr<admrt::ClassifierGrad>>();
+  else if (!classifier.is_none()) clf = std::make_shared<PyClassifierGrad>(std::move(classifier));
+  std::shared_ptr<admrt::Denoiser> den;
+  if (py::isinstance<admrt::Denoiser>(model)) den = model.cast<std::shared_ptr<admrt::Denoiser>>();
+  else den = std::make_shared<PyDenoiser>(std::move(model));
+  return std::make_unique<admrt::Sampler>(std::move(den), std::move(clf), schedule, params);
+}
+
+py::object optional_tensor(const at::Tensor& t) { return t.defined() ? py::cast(t) : py::none(); }
+
+py::tuple context_sample(admrt::Context& self, std::vector<int64_t> classes, std::vector<double> guidance,
+                         std::vector<uint64_t> seeds, int64_t num, py::object progress) {
+  admrt::ProgressFn on_step;
+  if (!progress.is_none()) {
+    on_step = [&progress](int64_t done, int64_t total) {
+      py::gil_scoped_acquire gil;
+      progress(done, total);
+    };
+  }
+  admrt::Result r;
+  {
+    py::gil_scoped_release nogil;
+    r = self.sample(classes, guidance, seeds, on_step, num);
+  }
+  return py::make_tuple(r.images, optional_tensor(r.labels), optional_tensor(r.base_images));
 }
 
 at::Tensor sample_py(admrt::Sampler& self, std::optional<at::Tensor> y, std::optional<at::Tensor> low_res,
@@ -152,6 +178,73 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("guided", &admrt::Sampler::guided)
       .def_property_readonly("uses_graph", &admrt::Sampler::uses_graph)
       .def_property_readonly("captured", &admrt::Sampler::captured);
+
+  // Packages (admrt.h): the same objects admrt-sample uses.
+  m.attr("UPSAMPLER_STREAM") = py::int_(admrt::kUpsamplerStream);
+  m.attr("PACKAGE_FORMAT_VERSION") = py::int_(admrt::kPackageFormatVersion);
+  py::class_<admrt::Denoiser, std::shared_ptr<admrt::Denoiser>>(m, "DenoiserUnit",
+                                                                "A C++ network unit (a package's denoiser).")
+      .def("__call__", [](admrt::Denoiser& self, at::Tensor x, at::Tensor t, at::Tensor y, std::optional<at::Tensor> low) {
+        py::gil_scoped_release nogil;
+        return self(x, t, y, low);
+      }, py::arg("x_t"), py::arg("t"), py::arg("y"), py::arg("low_res") = py::none());
+  py::class_<admrt::ClassifierGrad, std::shared_ptr<admrt::ClassifierGrad>>(m, "GradientUnit",
+                                                                            "A C++ classifier-gradient unit.")
+      .def("__call__", [](admrt::ClassifierGrad& self, at::Tensor x, at::Tensor t, at::Tensor y) {
+        py::gil_scoped_release nogil;
+        return self(x, t, y);
+      }, py::arg("x_t"), py::arg("t"), py::arg("y"));
+  m.def("aoti_denoiser", [](const std::string& path, const std::string& device) {
+        return admrt::load_aoti_denoiser(path, at::Device(device));
+      }, py::arg("path"), py::arg("device"), "A denoiser .pt2 (AOTInductor) as a C++ unit.");
+  m.def("aoti_gradient", [](const std::string& path, const std::string& device) {
+        return admrt::load_aoti_gradient(path, at::Device(device));
+      }, py::arg("path"), py::arg("device"), "A classifier-gradient .pt2 (AOTInductor) as a C++ unit.");
+  py::class_<admrt::Package, std::shared_ptr<admrt::Package>>(m, "Package",
+                                                              "An exported package folder, loaded (admrt.h).")
+      .def(py::init([](const std::string& folder, const std::string& device) {
+             py::gil_scoped_release nogil;
+             return admrt::Package::load(folder, device);
+           }), py::arg("folder"), py::arg("device") = "")
+      .def("run", [](const admrt::Package& self, const std::string& role, std::vector<at::Tensor> inputs) {
+        const admrt::Stage& stage = self.stage(role);
+        py::gil_scoped_release nogil;
+        return stage.run(inputs);
+      }, py::arg("role"), py::arg("inputs"), "Run one unit ('model', 'classifier', 'upsampler') on its inputs.")
+      .def("denoiser", [](const admrt::Package& self, const std::string& role) { return self.stage(role).denoiser; })
+      .def("gradient", [](const admrt::Package& self) { return self.stage("classifier").gradient; })
+      .def("has", [](const admrt::Package& self, const std::string& role) {
+        return role == "model" || (role == "classifier" && self.classifier()) || (role == "upsampler" && self.upsampler());
+      })
+      .def("image_shape", [](const admrt::Package& self, const std::string& role) { return self.stage(role).image_shape; })
+      .def_property_readonly("folder", &admrt::Package::folder)
+      .def_property_readonly("device", [](const admrt::Package& self) { return self.device().str(); })
+      .def_property_readonly("dtype", &admrt::Package::dtype)
+      .def_property_readonly("max_batch", &admrt::Package::max_batch)
+      .def_property_readonly("default_steps", &admrt::Package::default_steps)
+      .def_property_readonly("default_upsampler_steps", &admrt::Package::default_upsampler_steps)
+      .def_property_readonly("seeded_noise", &admrt::Package::seeded_noise)
+      .def_property_readonly("num_classes", &admrt::Package::num_classes);
+  py::class_<admrt::ContextParams>(m, "ContextParams", "What a package Context is built for (admrt.h).")
+      .def(py::init<>())
+      .def_readwrite("steps", &admrt::ContextParams::steps)
+      .def_readwrite("upsampler_steps", &admrt::ContextParams::upsampler_steps)
+      .def_readwrite("batch_size", &admrt::ContextParams::batch_size)
+      .def_readwrite("dtype", &admrt::ContextParams::dtype)
+      .def_readwrite("cuda_graphs", &admrt::ContextParams::cuda_graphs)
+      .def_readwrite("eta", &admrt::ContextParams::eta)
+      .def_readwrite("clip_denoised", &admrt::ContextParams::clip_denoised)
+      .def_readwrite("check_finite", &admrt::ContextParams::check_finite);
+  py::class_<admrt::Context>(m, "Context", "Per-run state over a package: the cascade, batched (admrt.h).")
+      .def(py::init<std::shared_ptr<admrt::Package>, admrt::ContextParams>(), py::arg("package"), py::arg("params"))
+      .def_static("default_params", &admrt::Context::default_params)
+      .def("sample", &context_sample, py::arg("classes"), py::arg("guidance"), py::arg("seeds"), py::arg("num") = -1,
+           py::arg("progress") = py::none(), "-> (images uint8 NHWC, labels or None, base_images or None)")
+      .def("validate", &admrt::Context::validate, py::arg("classes"), py::arg("guidance"), py::arg("num") = -1)
+      .def("steps_per_batch", &admrt::Context::steps_per_batch)
+      .def_property_readonly("params", &admrt::Context::params);
+  m.def("write_npz", &admrt::write_npz, py::arg("path"), py::arg("arrays"), "arr_0, arr_1, ... as np.savez, atomically.");
+  m.def("read_npz", &admrt::read_npz, py::arg("path"), "arr_0, arr_1, ... of an uncompressed .npz.");
 
   m.def("seeded_normal", &admrt::seeded_normal, py::arg("seeds"), py::arg("sample_shape"), py::arg("draw"),
         "(B, *sample_shape) float32 normals of draw `draw` (0: x_T, k: step k) for int64 seeds (B,).");

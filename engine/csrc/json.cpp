@@ -1,0 +1,265 @@
+#include "json.h"
+
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+
+namespace admrt::json {
+
+namespace {
+
+class Parser {
+ public:
+  Parser(const std::string& text, const std::string& source) : s_(text), source_(source) {}
+
+  Value document() {
+    Value v = value();
+    skip_space();
+    if (i_ != s_.size()) fail("trailing characters after the JSON value");
+    return v;
+  }
+
+ private:
+  [[noreturn]] void fail(const std::string& why) const {
+    throw std::runtime_error(source_ + ": not valid JSON at byte " + std::to_string(i_) + ": " + why);
+  }
+  void skip_space() {
+    while (i_ < s_.size() && (s_[i_] == ' ' || s_[i_] == '\n' || s_[i_] == '\r' || s_[i_] == '\t')) ++i_;
+  }
+  bool take(const char* word) {
+    size_t n = std::char_traits<char>::length(word);
+    if (s_.compare(i_, n, word) == 0) {
+      i_ += n;
+      return true;
+    }
+    return false;
+  }
+  void expect(char c) {
+    skip_space();
+    if (i_ >= s_.size() || s_[i_] != c) fail(std::string("expected '") + c + "'");
+    ++i_;
+  }
+
+  Value value() {
+    skip_space();
+    if (i_ >= s_.size()) fail("unexpected end");
+    Value v;
+    char c = s_[i_];
+    if (c == '{') {
+      v.type = Value::Type::Object;
+      ++i_;
+      skip_space();
+      if (i_ < s_.size() && s_[i_] == '}') {
+        ++i_;
+        return v;
+      }
+      while (true) {
+        skip_space();
+        if (i_ >= s_.size() || s_[i_] != '"') fail("expected a string key");
+        std::string key = string();
+        expect(':');
+        v.object[key] = value();
+        skip_space();
+        if (i_ < s_.size() && s_[i_] == ',') { ++i_; continue; }
+        expect('}');
+        return v;
+      }
+    }
+    if (c == '[') {
+      v.type = Value::Type::Array;
+      ++i_;
+      skip_space();
+      if (i_ < s_.size() && s_[i_] == ']') {
+        ++i_;
+        return v;
+      }
+      while (true) {
+        v.array.push_back(value());
+        skip_space();
+        if (i_ < s_.size() && s_[i_] == ',') { ++i_; continue; }
+        expect(']');
+        return v;
+      }
+    }
+    if (c == '"') {
+      v.type = Value::Type::String;
+      v.string = string();
+      return v;
+    }
+    if (take("true")) { v.type = Value::Type::Bool; v.boolean = true; return v; }
+    if (take("false")) { v.type = Value::Type::Bool; return v; }
+    if (take("null")) return v;
+    // Python's json writes these for non-finite floats.
+    if (take("NaN")) { v.type = Value::Type::Number; v.number = NAN; return v; }
+    if (take("Infinity")) { v.type = Value::Type::Number; v.number = INFINITY; return v; }
+    if (take("-Infinity")) { v.type = Value::Type::Number; v.number = -INFINITY; return v; }
+    return number();
+  }
+
+  Value number() {
+    size_t start = i_;
+    if (i_ < s_.size() && s_[i_] == '-') ++i_;
+    bool integer = true;
+    while (i_ < s_.size()) {
+      char c = s_[i_];
+      if (c >= '0' && c <= '9') { ++i_; continue; }
+      if (c == '.' || c == 'e' || c == 'E' || c == '+' || c == '-') { integer = false; ++i_; continue; }
+      break;
+    }
+    std::string text = s_.substr(start, i_ - start);
+    if (text.empty() || text == "-") fail("expected a value");
+    char* end = nullptr;
+    Value v;
+    v.type = Value::Type::Number;
+    v.number = std::strtod(text.c_str(), &end);
+    if (end != text.c_str() + text.size()) fail("bad number '" + text + "'");
+    if (integer) {
+      errno = 0;
+      long long n = std::strtoll(text.c_str(), nullptr, 10);
+      if (errno == 0) {
+        v.is_integer = true;
+        v.integer = n;
+      }
+    }
+    return v;
+  }
+
+  std::string string() {
+    ++i_;  // opening quote
+    std::string out;
+    while (true) {
+      if (i_ >= s_.size()) fail("unterminated string");
+      char c = s_[i_++];
+      if (c == '"') return out;
+      if (c != '\\') { out.push_back(c); continue; }
+      if (i_ >= s_.size()) fail("unterminated escape");
+      char e = s_[i_++];
+      switch (e) {
+        case '"': out.push_back('"'); break;
+        case '\\': out.push_back('\\'); break;
+        case '/': out.push_back('/'); break;
+        case 'b': out.push_back('\b'); break;
+        case 'f': out.push_back('\f'); break;
+        case 'n': out.push_back('\n'); break;
+        case 'r': out.push_back('\r'); break;
+        case 't': out.push_back('\t'); break;
+        case 'u': {
+          uint32_t cp = hex4();
+          if (cp >= 0xD800 && cp < 0xDC00 && take("\\u")) cp = 0x10000 + ((cp - 0xD800) << 10) + (hex4() - 0xDC00);
+          append_utf8(out, cp);
+          break;
+        }
+        default: fail(std::string("bad escape \\") + e);
+      }
+    }
+  }
+  uint32_t hex4() {
+    if (i_ + 4 > s_.size()) fail("short \\u escape");
+    uint32_t v = 0;
+    for (int k = 0; k < 4; ++k) {
+      char c = s_[i_++];
+      v <<= 4;
+      if (c >= '0' && c <= '9') v |= c - '0';
+      else if (c >= 'a' && c <= 'f') v |= c - 'a' + 10;
+      else if (c >= 'A' && c <= 'F') v |= c - 'A' + 10;
+      else fail("bad \\u escape");
+    }
+    return v;
+  }
+  static void append_utf8(std::string& out, uint32_t cp) {
+    if (cp < 0x80) {
+      out.push_back(static_cast<char>(cp));
+    } else if (cp < 0x800) {
+      out.push_back(static_cast<char>(0xC0 | (cp >> 6)));
+      out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+    } else if (cp < 0x10000) {
+      out.push_back(static_cast<char>(0xE0 | (cp >> 12)));
+      out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
+      out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+    } else {
+      out.push_back(static_cast<char>(0xF0 | (cp >> 18)));
+      out.push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
+      out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
+      out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+    }
+  }
+
+  const std::string& s_;
+  const std::string& source_;
+  size_t i_ = 0;
+};
+
+[[noreturn]] void wrong(const std::string& what, const char* expected) {
+  throw std::runtime_error(what + ": expected " + expected);
+}
+
+}  // namespace
+
+const Value& Value::at(const std::string& key, const std::string& what) const {
+  if (type != Type::Object) wrong(what, "an object");
+  auto it = object.find(key);
+  if (it == object.end()) throw std::runtime_error(what + ": has no '" + key + "'");
+  return it->second;
+}
+double Value::as_number(const std::string& what) const {
+  if (type != Type::Number) wrong(what, "a number");
+  return number;
+}
+int64_t Value::as_int(const std::string& what) const {
+  if (type != Type::Number || !is_integer) wrong(what, "an integer");
+  return integer;
+}
+bool Value::as_bool(const std::string& what) const {
+  if (type != Type::Bool) wrong(what, "true or false");
+  return boolean;
+}
+const std::string& Value::as_string(const std::string& what) const {
+  if (type != Type::String) wrong(what, "a string");
+  return string;
+}
+const std::vector<Value>& Value::as_array(const std::string& what) const {
+  if (type != Type::Array) wrong(what, "an array");
+  return array;
+}
+const std::map<std::string, Value>& Value::as_object(const std::string& what) const {
+  if (type != Type::Object) wrong(what, "an object");
+  return object;
+}
+
+Value parse(const std::string& text, const std::string& source) { return Parser(text, source).document(); }
+
+Value parse_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error(path + ": cannot be read");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return parse(ss.str(), path);
+}
+
+std::string quote(const std::string& s) {
+  std::string out = "\"";
+  for (unsigned char c : s) {
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (c < 0x20) {
+          char buf[8];
+          std::snprintf(buf, sizeof buf, "\\u%04x", c);
+          out += buf;
+        } else {
+          out.push_back(static_cast<char>(c));
+        }
+    }
+  }
+  return out + "\"";
+}
+
+}  // namespace admrt::json

@@ -1,0 +1,226 @@
+#include "npz.h"
+
+#include <array>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+
+namespace admrt {
+namespace {
+
+uint32_t crc32(const char* data, size_t n) {
+  static const std::array<uint32_t, 256> table = [] {
+    std::array<uint32_t, 256> t{};
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+      t[i] = c;
+    }
+    return t;
+  }();
+  uint32_t c = 0xFFFFFFFFu;
+  for (size_t i = 0; i < n; ++i) c = table[(c ^ static_cast<uint8_t>(data[i])) & 0xFF] ^ (c >> 8);
+  return c ^ 0xFFFFFFFFu;
+}
+
+void put16(std::string& s, uint16_t v) {
+  s.push_back(static_cast<char>(v & 0xFF));
+  s.push_back(static_cast<char>(v >> 8));
+}
+void put32(std::string& s, uint32_t v) {
+  for (int i = 0; i < 4; ++i) s.push_back(static_cast<char>((v >> (8 * i)) & 0xFF));
+}
+uint64_t get(const std::string& s, size_t at, int bytes, const std::string& path) {
+  if (at + bytes > s.size()) throw std::runtime_error(path + ": damaged .npz (truncated)");
+  uint64_t v = 0;
+  for (int i = bytes - 1; i >= 0; --i) v = (v << 8) | static_cast<uint8_t>(s[at + i]);
+  return v;
+}
+
+const char* descr_of(at::ScalarType t) {
+  switch (t) {
+    case at::kByte: return "|u1";
+    case at::kLong: return "<i8";
+    case at::kInt: return "<i4";
+    case at::kFloat: return "<f4";
+    case at::kDouble: return "<f8";
+    default: throw std::invalid_argument(std::string("write_npz: unsupported dtype ") + c10::toString(t));
+  }
+}
+
+at::ScalarType dtype_of(const std::string& descr, const std::string& path) {
+  if (descr == "|u1") return at::kByte;
+  if (descr == "<i8") return at::kLong;
+  if (descr == "<i4") return at::kInt;
+  if (descr == "<f4") return at::kFloat;
+  if (descr == "<f8") return at::kDouble;
+  throw std::runtime_error(path + ": array dtype '" + descr + "' is not supported");
+}
+
+std::string npy_bytes(const at::Tensor& a) {
+  std::string shape = "(";
+  for (int64_t d = 0; d < a.dim(); ++d) shape += std::to_string(a.size(d)) + (a.dim() == 1 ? "," : d + 1 < a.dim() ? ", " : "");
+  shape += ")";
+  std::string header = std::string("{'descr': '") + descr_of(a.scalar_type()) +
+                       "', 'fortran_order': False, 'shape': " + shape + ", }";
+  const size_t unpadded = 10 + header.size() + 1;
+  header.append((64 - unpadded % 64) % 64, ' ');
+  header.push_back('\n');
+  std::string out("\x93NUMPY\x01\x00", 8);
+  put16(out, static_cast<uint16_t>(header.size()));
+  out += header;
+  out.append(static_cast<const char*>(a.data_ptr()), a.nbytes());
+  return out;
+}
+
+at::Tensor parse_npy(const std::string& s, size_t at, size_t size, const std::string& path) {
+  if (size < 10 || s.compare(at, 6, "\x93NUMPY") != 0) throw std::runtime_error(path + ": damaged .npz (not .npy data)");
+  const int major = static_cast<uint8_t>(s[at + 6]);
+  size_t header_len, offset;
+  if (major == 1) { header_len = get(s, at + 8, 2, path); offset = 10; }
+  else { header_len = get(s, at + 8, 4, path); offset = 12; }
+  const std::string header = s.substr(at + offset, header_len);
+  auto field = [&](const std::string& key) {
+    size_t k = header.find("'" + key + "'");
+    if (k == std::string::npos) throw std::runtime_error(path + ": damaged .npy header (no " + key + ")");
+    return header.substr(header.find(':', k) + 1);
+  };
+  std::string descr = field("descr");
+  descr = descr.substr(descr.find('\'') + 1);
+  descr = descr.substr(0, descr.find('\''));
+  if (field("fortran_order").find("True") < field("fortran_order").find(','))
+    throw std::runtime_error(path + ": Fortran-ordered arrays are not supported");
+  std::string shape_text = field("shape");
+  shape_text = shape_text.substr(shape_text.find('(') + 1, shape_text.find(')') - shape_text.find('(') - 1);
+  std::vector<int64_t> shape;
+  std::stringstream ss(shape_text);
+  std::string item;
+  while (std::getline(ss, item, ','))
+    if (item.find_first_not_of(' ') != std::string::npos) shape.push_back(std::stoll(item));
+  at::Tensor t = at::empty(shape, at::TensorOptions().dtype(dtype_of(descr, path)));
+  const size_t data_at = at + offset + header_len;
+  if (data_at + t.nbytes() > at + size) throw std::runtime_error(path + ": damaged .npz (array data truncated)");
+  std::memcpy(t.data_ptr(), s.data() + data_at, t.nbytes());
+  return t;
+}
+
+}  // namespace
+
+void write_npz(const std::string& path, const std::vector<at::Tensor>& arrays) {
+  std::string zip, central;
+  for (size_t i = 0; i < arrays.size(); ++i) {
+    const at::Tensor a = arrays[i].cpu().contiguous();
+    const std::string name = "arr_" + std::to_string(i) + ".npy";
+    const std::string data = npy_bytes(a);
+    if (data.size() >= 0xFFFFFFFFull || zip.size() >= 0xFFFFFFFFull)
+      throw std::invalid_argument(path + ": arrays of 4 GiB or more are not supported; use more, smaller shards");
+    const uint32_t crc = crc32(data.data(), data.size());
+    const uint32_t offset = static_cast<uint32_t>(zip.size());
+    auto common = [&](std::string& s) {
+      put16(s, 20);  // version needed
+      put16(s, 0);   // flags
+      put16(s, 0);   // stored
+      put16(s, 0);   // time
+      put16(s, 0x21);  // date 1980-01-01
+      put32(s, crc);
+      put32(s, static_cast<uint32_t>(data.size()));
+      put32(s, static_cast<uint32_t>(data.size()));
+      put16(s, static_cast<uint16_t>(name.size()));
+      put16(s, 0);   // extra
+    };
+    put32(zip, 0x04034b50);
+    common(zip);
+    zip += name;
+    zip += data;
+    put32(central, 0x02014b50);
+    put16(central, 20);  // version made by
+    common(central);
+    put16(central, 0);   // comment
+    put16(central, 0);   // disk
+    put16(central, 0);   // internal attributes
+    put32(central, 0);   // external attributes
+    put32(central, offset);
+    central += name;
+  }
+  const uint32_t cd_offset = static_cast<uint32_t>(zip.size());
+  zip += central;
+  put32(zip, 0x06054b50);
+  put16(zip, 0);
+  put16(zip, 0);
+  put16(zip, static_cast<uint16_t>(arrays.size()));
+  put16(zip, static_cast<uint16_t>(arrays.size()));
+  put32(zip, static_cast<uint32_t>(central.size()));
+  put32(zip, cd_offset);
+  put16(zip, 0);
+
+  namespace fs = std::filesystem;
+  const fs::path target(path);
+  if (target.has_parent_path()) fs::create_directories(target.parent_path());
+  const fs::path tmp = target.parent_path() / ("." + target.filename().string() + ".tmp");
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out.write(zip.data(), static_cast<std::streamsize>(zip.size()));
+    out.flush();
+    if (!out) {
+      out.close();
+      fs::remove(tmp);
+      throw std::runtime_error(path + ": could not be written (disk full or not writable)");
+    }
+  }
+  fs::rename(tmp, target);
+}
+
+std::vector<at::Tensor> read_npz(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error(path + ": cannot be read");
+  std::stringstream buf;
+  buf << in.rdbuf();
+  const std::string s = buf.str();
+  // End of central directory: the last 0x06054b50 signature.
+  size_t eocd = std::string::npos;
+  if (s.size() >= 22)
+    for (size_t i = s.size() - 21; i-- > 0;)
+      if (get(s, i, 4, path) == 0x06054b50) { eocd = i; break; }
+  if (eocd == std::string::npos) throw std::runtime_error(path + ": damaged .npz (not a zip file)");
+  const uint64_t count = get(s, eocd + 10, 2, path);
+  size_t at = get(s, eocd + 16, 4, path);
+  std::map<std::string, at::Tensor> by_name;
+  for (uint64_t e = 0; e < count; ++e) {
+    if (get(s, at, 4, path) != 0x02014b50) throw std::runtime_error(path + ": damaged .npz (central directory)");
+    const uint64_t method = get(s, at + 10, 2, path);
+    uint64_t size = get(s, at + 20, 4, path);
+    const size_t name_len = get(s, at + 28, 2, path), extra_len = get(s, at + 30, 2, path),
+                 comment_len = get(s, at + 32, 2, path);
+    uint64_t local = get(s, at + 42, 4, path);
+    const std::string name = s.substr(at + 46, name_len);
+    // zip64 extra field: the 64-bit sizes / offset in the order of the fields that overflowed.
+    for (size_t x = at + 46 + name_len; x + 4 <= at + 46 + name_len + extra_len;) {
+      const uint64_t id = get(s, x, 2, path), len = get(s, x + 2, 2, path);
+      if (id == 1) {
+        size_t f = x + 4;
+        if (get(s, at + 24, 4, path) == 0xFFFFFFFFu) f += 8;  // uncompressed size
+        if (size == 0xFFFFFFFFu) { size = get(s, f, 8, path); f += 8; }
+        if (local == 0xFFFFFFFFu) local = get(s, f, 8, path);
+      }
+      x += 4 + len;
+    }
+    if (method != 0) throw std::runtime_error(path + ": compressed .npz (np.savez_compressed) is not supported");
+    if (get(s, local, 4, path) != 0x04034b50) throw std::runtime_error(path + ": damaged .npz (local header)");
+    const size_t data_at = local + 30 + get(s, local + 26, 2, path) + get(s, local + 28, 2, path);
+    if (data_at + size > s.size()) throw std::runtime_error(path + ": damaged .npz (truncated)");
+    if (name.size() > 4 && name.substr(name.size() - 4) == ".npy")
+      by_name[name.substr(0, name.size() - 4)] = parse_npy(s, data_at, size, path);
+    at += 46 + name_len + extra_len + comment_len;
+  }
+  std::vector<at::Tensor> arrays;
+  for (size_t i = 0; by_name.count("arr_" + std::to_string(i)); ++i) arrays.push_back(by_name["arr_" + std::to_string(i)]);
+  if (arrays.empty()) throw std::runtime_error(path + ": holds no arr_0");
+  return arrays;
+}
+
+}  // namespace admrt

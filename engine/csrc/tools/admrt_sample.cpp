@@ -1,0 +1,250 @@
+// admrt-sample: sample from an exported package (admrt export aoti) with no Python, into the
+// same run folder as `admrt sample`: OUT/shards/shard_NNNNN.npz written atomically, a rerun with
+// the same arguments resuming from the finished shards, OUT/run.json recording the arguments, and
+// OUT/samples_NxHxWxC.npz (arr_0 uint8 NHWC, arr_1 labels) at the end.
+//
+//   admrt-sample --package stack.aoti --num 64 --batch-size 16 --seed 0 --out samples
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "admrt.h"
+#include "json.h"
+#include "npz.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+const char* kUsage =
+    "usage: admrt-sample --package DIR [options]\n"
+    "Samples images from an admrt AOTInductor package (made by `admrt export aoti`) with no Python.\n"
+    "  --package DIR        the package folder (manifest.json + .pt2 units)\n"
+    "  --num N              number of images (default 16)\n"
+    "  --classes a,b,...    labels, cycled over the images (default 0,1,2,... cycling)\n"
+    "  --batch-size B       images per network call (default 16; at most the package's bound)\n"
+    "  --shard-size S       images per shard file (default 4 batches); a rerun resumes from finished shards\n"
+    "  --seed S             image i gets seed S + i (default 0); an image depends only on its seed\n"
+    "  --steps PLAN         a step plan of the package, e.g. ddim25 or 250 (default: its first)\n"
+    "  --upsampler-steps P  the upsampler's step plan (default: the package's)\n"
+    "  --guidance G         classifier scale (default 1 with a classifier, 0 without)\n"
+    "  --eta E              DDIM eta (default 0)\n"
+    "  --device D           cpu, cuda, cuda:N (default: what the package was compiled for)\n"
+    "  --no-cuda-graphs     run CUDA steps uncaptured\n"
+    "  --out DIR            output folder (default samples)\n"
+    "  --no-progress        no progress on stderr\n";
+
+struct UsageError : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+
+int64_t to_int(const std::string& flag, const std::string& v) {
+  try {
+    size_t used = 0;
+    long long x = std::stoll(v, &used);
+    if (used == v.size()) return x;
+  } catch (const std::exception&) {
+  }
+  throw UsageError(flag + "='" + v + "': expected an integer");
+}
+
+double to_double(const std::string& flag, const std::string& v) {
+  try {
+    size_t used = 0;
+    double x = std::stod(v, &used);
+    if (used == v.size()) return x;
+  } catch (const std::exception&) {
+  }
+  throw UsageError(flag + "='" + v + "': expected a number");
+}
+
+std::string number(double x) {
+  std::ostringstream s;
+  s.precision(17);
+  s << x;
+  std::string t = s.str();
+  if (t.find_first_of(".eEn") == std::string::npos) t += ".0";  // as Python's json writes floats
+  return t;
+}
+
+bool same(const admrt::json::Value& a, const admrt::json::Value& b) {
+  using T = admrt::json::Value::Type;
+  if (a.type != b.type) return false;
+  switch (a.type) {
+    case T::Null: return true;
+    case T::Bool: return a.boolean == b.boolean;
+    case T::Number: return a.number == b.number;
+    case T::String: return a.string == b.string;
+    default: return false;  // the record holds scalars only
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::map<std::string, std::string> opt = {{"--num", "16"}, {"--batch-size", "16"}, {"--seed", "0"},
+                                            {"--eta", "0"},  {"--out", "samples"}};
+  bool progress = true, graphs = true;
+  try {
+    for (int i = 1; i < argc; ++i) {
+      const std::string a = argv[i];
+      if (a == "-h" || a == "--help") {
+        std::cout << kUsage;
+        return 0;
+      }
+      if (a == "--no-progress") { progress = false; continue; }
+      if (a == "--no-cuda-graphs") { graphs = false; continue; }
+      static const std::vector<std::string> valued = {"--package", "--num", "--classes", "--batch-size",
+                                                      "--shard-size", "--seed", "--steps", "--upsampler-steps",
+                                                      "--guidance", "--eta", "--device", "--out"};
+      std::string key = a, value;
+      const size_t eq = a.find('=');
+      if (eq != std::string::npos) {
+        key = a.substr(0, eq);
+        value = a.substr(eq + 1);
+      } else if (std::find(valued.begin(), valued.end(), a) != valued.end()) {
+        if (i + 1 >= argc) throw UsageError(a + ": expected a value");
+        value = argv[++i];
+      }
+      if (std::find(valued.begin(), valued.end(), key) == valued.end())
+        throw UsageError("unknown argument '" + a + "' (see --help)");
+      opt[key] = value;
+    }
+    if (!opt.count("--package")) throw UsageError("--package: required (a folder made by `admrt export aoti`)");
+  } catch (const UsageError& e) {
+    std::cerr << "admrt-sample: " << e.what() << "\n";
+    return 2;
+  }
+
+  try {
+    const int64_t num = to_int("--num", opt["--num"]), batch = to_int("--batch-size", opt["--batch-size"]);
+    if (num <= 0) throw UsageError("--num=" + opt["--num"] + ": expected a positive int");
+    if (batch <= 0) throw UsageError("--batch-size=" + opt["--batch-size"] + ": expected a positive int");
+    const int64_t shard = opt.count("--shard-size") ? to_int("--shard-size", opt["--shard-size"]) : 4 * batch;
+    if (shard <= 0) throw UsageError("--shard-size=" + std::to_string(shard) + ": expected a positive int");
+    const int64_t seed = to_int("--seed", opt["--seed"]);
+    std::vector<double> guidance;
+    if (opt.count("--guidance")) guidance.push_back(to_double("--guidance", opt["--guidance"]));
+
+    auto package = admrt::Package::load(opt["--package"], opt.count("--device") ? opt["--device"] : "");
+    auto params = admrt::Context::default_params();
+    params.steps = opt.count("--steps") ? opt["--steps"] : "";
+    params.upsampler_steps = opt.count("--upsampler-steps") ? opt["--upsampler-steps"] : "";
+    params.batch_size = batch;
+    params.eta = to_double("--eta", opt["--eta"]);
+    params.cuda_graphs = graphs;
+    admrt::Context ctx(package, params);
+
+    // Labels of the whole run: --classes cycled, else 0, 1, ... cycling (none: unconditional).
+    std::vector<int64_t> labels;
+    if (opt.count("--classes")) {
+      std::vector<int64_t> chosen;
+      std::stringstream ss(opt["--classes"]);
+      std::string item;
+      while (std::getline(ss, item, ',')) chosen.push_back(to_int("--classes", item));
+      if (chosen.empty()) throw UsageError("--classes='': expected comma-separated ints");
+      for (int64_t i = 0; i < num; ++i) labels.push_back(chosen[i % chosen.size()]);
+    } else if (package->num_classes()) {
+      for (int64_t i = 0; i < num; ++i) labels.push_back(i % *package->num_classes());
+    }
+    ctx.validate(labels, guidance, num);  // before anything is written
+
+    // The run record: a rerun resumes only with the same arguments (as `admrt sample --package`).
+    const fs::path out(opt["--out"]);
+    std::ostringstream rec;
+    rec << "{\n \"package\": " << admrt::json::quote(fs::weakly_canonical(opt["--package"]).string())
+        << ",\n \"steps\": " << admrt::json::quote(ctx.params().steps) << ",\n \"upsampler_steps\": "
+        << (package->upsampler() ? admrt::json::quote(ctx.params().upsampler_steps) : "null")
+        << ",\n \"guidance\": " << (guidance.empty() ? "null" : number(guidance[0]))
+        << ",\n \"classes\": " << (opt.count("--classes") ? admrt::json::quote(opt["--classes"]) : "null")
+        << ",\n \"num\": " << num << ",\n \"seed\": " << seed << ",\n \"eta\": " << number(params.eta)
+        << ",\n \"noise\": \"seeded\",\n \"shard_size\": " << shard
+        << ",\n \"seeded_noise\": " << admrt::json::quote(package->seeded_noise()) << "\n}\n";
+    const fs::path record_path = out / "run.json";
+    const admrt::json::Value record = admrt::json::parse(rec.str(), "run record");
+    if (fs::exists(record_path)) {
+      const admrt::json::Value previous = admrt::json::parse_file(record_path.string());
+      std::string changed;
+      for (const auto& [key, value] : record.object)
+        if (!previous.has(key) || !same(previous.object.at(key), value)) changed += (changed.empty() ? "" : ", ") + key;
+      for (const auto& [key, value] : previous.as_object(record_path.string()))
+        if (!record.has(key)) changed += (changed.empty() ? "" : ", ") + key;
+      if (!changed.empty())
+        throw std::invalid_argument(out.string() + " holds a run with other arguments (" + changed +
+                                    "); use another --out or delete it");
+    } else {
+      fs::create_directories(out);
+      const fs::path tmp = out / ".run.json.tmp";
+      std::ofstream(tmp) << rec.str();
+      fs::rename(tmp, record_path);
+    }
+    fs::create_directories(out / "shards");
+
+    const int64_t n_shards = (num + shard - 1) / shard;
+    std::vector<fs::path> shard_paths;
+    std::vector<int64_t> todo;
+    for (int64_t s = 0; s < n_shards; ++s) {
+      char name[32];
+      std::snprintf(name, sizeof name, "shard_%05lld.npz", static_cast<long long>(s));
+      shard_paths.push_back(out / "shards" / name);
+      if (!fs::exists(shard_paths.back())) todo.push_back(s);
+    }
+    if (static_cast<int64_t>(todo.size()) < n_shards)
+      std::cerr << "admrt-sample: resuming: " << n_shards - static_cast<int64_t>(todo.size()) << " of " << n_shards
+                << " shards already done\n";
+    int64_t total = 0, done = 0;
+    for (int64_t s : todo) {
+      const int64_t count = std::min((s + 1) * shard, num) - s * shard;
+      total += (count + batch - 1) / batch * ctx.steps_per_batch();
+    }
+    for (int64_t s : todo) {
+      const int64_t lo = s * shard, hi = std::min((s + 1) * shard, num);
+      std::vector<int64_t> shard_labels;
+      if (!labels.empty()) shard_labels.assign(labels.begin() + lo, labels.begin() + hi);
+      std::vector<uint64_t> seeds;
+      for (int64_t i = lo; i < hi; ++i) seeds.push_back(static_cast<uint64_t>(seed + i));
+      admrt::ProgressFn on_step;
+      if (progress)
+        on_step = [&](int64_t, int64_t) {
+          ++done;
+          if (done == total || done % 10 == 0)
+            std::cerr << "\radmrt-sample: " << done << "/" << total << " steps" << (done == total ? "\n" : "")
+                      << std::flush;
+        };
+      admrt::Result r = ctx.sample(shard_labels, guidance, seeds, on_step, hi - lo);
+      std::vector<at::Tensor> arrays = {r.images};
+      if (r.labels.defined()) arrays.push_back(r.labels);
+      admrt::write_npz(shard_paths[s].string(), arrays);
+    }
+
+    std::vector<at::Tensor> images, out_labels;
+    for (const auto& p : shard_paths) {
+      std::vector<at::Tensor> parts = admrt::read_npz(p.string());
+      images.push_back(parts[0]);
+      if (parts.size() > 1) out_labels.push_back(parts[1]);
+    }
+    std::vector<at::Tensor> arrays = {at::cat(images)};
+    if (!out_labels.empty()) arrays.push_back(at::cat(out_labels));
+    std::string shape;
+    for (int64_t d : arrays[0].sizes()) shape += (shape.empty() ? "" : "x") + std::to_string(d);
+    const fs::path final_path = out / ("samples_" + shape + ".npz");
+    admrt::write_npz(final_path.string(), arrays);
+    std::cerr << "admrt-sample: wrote " << final_path.string() << "\n";
+    return 0;
+  } catch (const UsageError& e) {
+    std::cerr << "admrt-sample: " << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::string msg = e.what();
+    std::cerr << "admrt-sample: " << msg.substr(0, msg.find("\nException raised from")) << "\n";
+    return 1;
+  }
+}

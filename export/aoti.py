@@ -1,0 +1,224 @@
+"""AOTInductor packages: the two units of admrt.engine (Denoiser, ClassifierGradient) exported
+with torch.export (dynamic batch) and compiled ahead of time, for the Python-free runtime
+(engine/csrc/package.h, `admrt-sample`) and `admrt.Engine.from_package`.
+
+A package is a folder:
+    denoiser.pt2         the base model, (x_t, t, y) -> [eps | v]
+    classifier_grad.pt2  grad_x log p(y | x_t): forward and backward in one graph (make_fx of
+                         ClassifierGradient, weights as explicit inputs), when a classifier is given
+    upsampler.pt2        (x_t, t, y, low_res) -> [eps | v], when an upsampler is given
+    manifest.json        format version, admrt/torch versions, device, dtype, batch bounds, each
+                         model's preset and diffusion process, and the coefficient tables of every
+                         requested step plan (built once, by admrt.diffusion)
+
+Export writes into a temporary folder beside the target, checks every unit as the C++ runtime
+loads it against eager on random inputs at two batch sizes, and only then renames the folder
+into place; an existing package is never overwritten silently.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+PACKAGE_FORMAT = "admrt-aoti"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+FILES = {"model": "denoiser.pt2", "classifier": "classifier_grad.pt2", "upsampler": "upsampler.pt2"}
+# Agreement of a loaded package with eager on random inputs: max |diff| / max(1, max |eager|).
+CHECK_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What `export_aoti` wrote and measured: per unit, the export and compile seconds and the
+    error of the loaded package against eager (max |diff| / max(1, max |eager|))."""
+
+    out: Path
+    seconds: dict
+    errors: dict
+
+
+def parse_step_plans(steps: str | Sequence[str]) -> list[str]:
+    """"ddim25,250" -> ["ddim25", "250"]: the step plans whose tables the package carries. Each is
+    "ddimN" (DDIM) or "N" (DDPM respaced to N steps); the first is the default."""
+    items = [s.strip() for s in (steps.split(",") if isinstance(steps, str) else steps)]
+    plans = []
+    for item in items:
+        count = item[4:] if item.startswith("ddim") else item
+        if not count.isdigit() or int(count) <= 0:
+            raise ValueError(f"steps={item!r}: expected 'ddimN' or 'N' with N a positive int (a package's step "
+                             "plans are comma-separated, so sectioned respacings 'a,b,c' are not available)")
+        if item not in plans:
+            plans.append(item)
+    if not plans:
+        raise ValueError(f"steps={steps!r}: expected at least one step plan such as 'ddim25'")
+    return plans
+
+
+def _schedule(diffusion, plan: str) -> dict:
+    from admrt.diffusion import build_tables
+
+    tables = build_tables(diffusion, plan)
+    return {"method": "ddim" if plan.startswith("ddim") else "ddpm",
+            "num_steps": tables.num_timesteps,
+            "original_num_steps": tables.original_num_steps,
+            "rescale_timesteps": tables.rescale_timesteps,
+            "tables": {name: t.tolist() for name, t in tables.tensors().items()}}
+
+
+def _model_entry(module: nn.Module, info, role: str, plans: list[str]) -> dict:
+    preset = getattr(module, "preset", None)
+    entry = {"file": FILES[role], "kind": info.kind, "image_size": info.image_size,
+             "in_channels": info.in_channels, "out_channels": info.out_channels,
+             "num_classes": info.num_classes, "low_res_size": info.low_res_size,
+             "preset": None if preset is None else json.loads(preset.to_json())}
+    if role != "classifier":
+        if preset is None:
+            raise ValueError(f"{role}: it records no preset, so its diffusion process is unknown; load it with "
+                             "admrt.load_model(..., preset=...)")
+        entry["variance"] = "learned_range" if info.learn_sigma else "fixed_large"
+        entry["diffusion"] = dataclasses.asdict(preset.diffusion)
+        entry["schedules"] = {plan: _schedule(preset.diffusion, plan) for plan in plans}
+    return entry
+
+
+def example_inputs(info, batch: int, device, low_res_size=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, info.in_channels, info.image_size, info.image_size, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g).float()
+    k = info.num_classes or (info.out_channels if info.kind == "classifier" else 1)
+    y = torch.randint(0, k, (batch,), generator=g)
+    args = [x, t, y]
+    if low_res_size is not None:
+        args.append(torch.rand(batch, info.in_channels, low_res_size, low_res_size, generator=g) * 2 - 1)
+    return [a.to(device) for a in args]
+
+
+def compile_unit(unit: nn.Module, example: list, path: Path, max_batch: int) -> tuple[float, float]:
+    """torch.export with a dynamic batch in [1, max_batch], then AOTInductor into `path`."""
+    from torch.export import Dim, export
+
+    batch = Dim("batch", min=1, max=max_batch)
+    t0 = time.perf_counter()
+    program = export(unit, tuple(example), dynamic_shapes=tuple({0: batch} for _ in example))
+    t1 = time.perf_counter()
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    return t1 - t0, time.perf_counter() - t1
+
+
+def export_aoti(model: nn.Module, classifier: Optional[nn.Module] = None, upsampler: Optional[nn.Module] = None,
+                *, out: str | os.PathLike, steps: str | Sequence[str] = "ddim25",
+                upsampler_steps: str | Sequence[str] | None = None, dtype: str = "fp32",
+                device: str | torch.device | None = None, max_batch: int = 64, overwrite: bool = False,
+                log=print) -> ExportReport:
+    """Export the stack (base model, optional classifier and upsampler) as an AOTInductor
+    package folder `out`, for the device the models are on (or `device`) at `dtype`.
+
+    steps / upsampler_steps: the step plans whose tables the manifest carries (the first is the
+    default; the upsampler's default to the base's). max_batch: the largest batch the package
+    takes (it is compiled for 1..max_batch).
+    """
+    from admrt import __version__
+    from admrt.engine import ClassifierGradient, Denoiser
+    from admrt.engine.engine import SEEDED_NOISE_FORMAT
+    from admrt.engine.modules import ModelInfo, device_of
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"out={str(out)!r}: exists; choose another folder or pass overwrite (--force) "
+                              "to replace it")
+    if not isinstance(max_batch, int) or max_batch < 2:
+        raise ValueError(f"max_batch={max_batch!r}: expected an int >= 2")
+    if dtype not in CHECK_TOLERANCE:
+        raise ValueError(f"dtype={dtype!r}: expected one of {tuple(CHECK_TOLERANCE)}")
+    plans = parse_step_plans(steps)
+    up_plans = plans if upsampler_steps is None else parse_step_plans(upsampler_steps)
+    device = device_of(model, device)
+
+    infos = {"model": ModelInfo.of(model, "model")}
+    if infos["model"].kind != "unet":
+        raise ValueError(f"model: expected a diffusion UNet, got a {infos['model'].kind!r} model")
+    roles = [("model", model)]
+    if classifier is not None:
+        infos["classifier"] = ModelInfo.of(classifier, "classifier")
+        if infos["classifier"].kind != "classifier":
+            raise ValueError(f"classifier: expected a noisy classifier, got a {infos['classifier'].kind!r} model")
+        roles.append(("classifier", classifier))
+    if upsampler is not None:
+        infos["upsampler"] = ModelInfo.of(upsampler, "upsampler")
+        if infos["upsampler"].kind != "superres":
+            raise ValueError(f"upsampler: expected a SuperRes model, got a {infos['upsampler'].kind!r} model")
+        if infos["upsampler"].low_res_size not in (None, infos["model"].image_size):
+            raise ValueError(f"upsampler: conditioned on {infos['upsampler'].low_res_size}px images, but the model "
+                             f"samples {infos['model'].image_size}px")
+        roles.append(("upsampler", upsampler))
+
+    manifest = {
+        "format": PACKAGE_FORMAT, "format_version": FORMAT_VERSION, "admrt_version": __version__,
+        "torch_version": torch.__version__, "device": device.type, "dtype": dtype,
+        "batch": {"min": 1, "max": max_batch}, "seeded_noise": SEEDED_NOISE_FORMAT,
+        "default_steps": plans[0], "default_upsampler_steps": up_plans[0] if upsampler is not None else None,
+        "models": {role: _model_entry(module, infos[role], role, up_plans if role == "upsampler" else plans)
+                   for role, module in roles},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the package from other users
+    seconds, errors = {}, {}
+    try:
+        units = {}
+        for role, module in roles:
+            info = infos[role]
+            low = info.low_res_size or (infos["model"].image_size if role == "upsampler" else None)
+            example = example_inputs(info, 2, device, low)
+            if role == "classifier":
+                unit = ClassifierGradient(module, dtype, device=device)
+                traced = unit.graph(*example, dynamic_batch=True)
+            else:
+                unit = Denoiser(module, dtype, device=device)
+                traced = unit
+            log(f"admrt export: {role}: exporting and compiling {FILES[role]} (batch 1..{max_batch}, {dtype}, "
+                f"{device.type}); this takes minutes")
+            seconds[role] = compile_unit(traced, example, tmp / FILES[role], max_batch)
+            units[role] = (unit, low)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        errors = check_package(tmp, units, infos, dtype, device)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return ExportReport(out, seconds, errors)
+
+
+def check_package(folder: Path, units: dict, infos: dict, dtype: str, device: torch.device) -> dict:
+    """Run every unit of the package as the C++ runtime loads it (admrt.engine._core.Package) on
+    random inputs at batch 1 and 3, against the eager unit; raise if one disagrees."""
+    from admrt.engine import _core
+
+    package = _core.Package(str(folder), str(device))
+    errors = {}
+    for role, (unit, low) in units.items():
+        worst = 0.0
+        for batch, seed in ((1, 1), (3, 2)):
+            example = example_inputs(infos[role], batch, device, low, seed)
+            got = package.run(role, example)
+            want = unit(*example)
+            scale = max(1.0, float(want.abs().max()))
+            worst = max(worst, float((got - want).abs().max()) / scale)
+        errors[role] = worst
+        if not worst <= CHECK_TOLERANCE[dtype]:
+            raise RuntimeError(f"admrt export: {role}: the compiled package differs from eager by {worst:.3g} "
+                               f"(relative), more than {CHECK_TOLERANCE[dtype]} for {dtype}; nothing was written")
+    return errors
