@@ -9,6 +9,10 @@ run by default (seeded noise) in each variant:
     admrt eager            the Sampler context, every step run uncaptured (cuda_graphs=False)
     admrt + graphs         the same, one whole step captured as a CUDA graph and replayed (CUDA only)
     admrt compile [+ graphs]  backend="compile" (torch.compile fullgraph of both units)
+    admrt aoti package [+ graphs]  an AOTInductor package of both units (admrt export aoti, with
+                           --package), run by the C++ Context through Engine.from_package
+    admrt-sample (process)  the Python-free program on the same package, as a user runs it: the
+                           whole process (start, package load, sampling, .npz written)
 
 Each variant is first run once cold (its compile / capture / autotune time is reported apart),
 then the variants are timed alternately, A B C A B C ..., for --reps rounds: median, min and max
@@ -26,7 +30,9 @@ import datetime
 import json
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -105,6 +111,25 @@ def measure(args) -> dict:
         built[name] = admrt.Engine(model, classifier=clf, backend=backend, dtype=args.dtype, cuda_graphs=graphs)
         variants[name] = (lambda eng: lambda: eng.sample(  # noqa: E731
             classes=classes, num=n, steps=args.steps, guidance=guidance, seeds=1, batch_size=n).images)(built[name])
+
+    if args.package:
+        from admrt.engine import sample_program
+        from admrt.export.aoti import export_aoti
+        folder = Path(tempfile.mkdtemp(prefix="admrt-bench-")) / "pkg"
+        t0 = time.perf_counter()
+        export_aoti(model, clf, out=folder, steps=args.steps, dtype=args.dtype, device=device,
+                    max_batch=max(2, n), log=lambda _m: None)
+        results["package_export_s"] = time.perf_counter() - t0  # export + AOT compile + check, apart
+        print(f"package: exported and compiled in {results['package_export_s']:.1f} s", flush=True)
+        pkg = admrt.Engine.from_package(folder, cuda_graphs=True)
+        suffix = " + graphs" if device.type == "cuda" else ""
+        variants["admrt aoti package" + suffix] = lambda: pkg.sample(  # noqa: E731
+            classes=classes, num=n, steps=args.steps, guidance=guidance, seeds=1, batch_size=n).images
+        runs = iter(range(10 ** 6))  # a fresh run folder each time (a rerun would only resume)
+        cmd = [sample_program, "--package", str(folder), "--num", str(n), "--batch-size", str(n), "--seed", "1",
+               "--steps", args.steps, "--no-progress"] + (["--guidance", str(guidance)] if guidance is not None else [])
+        variants["admrt-sample (process)"] = lambda: subprocess.run(  # noqa: E731
+            cmd + ["--out", str(folder.parent / f"run{next(runs)}")], check=True, capture_output=True)
 
     # cold run of each variant: compilation, capture, autotuning, allocator; peak memory
     cold, peak, failed = {}, {}, {}
@@ -194,6 +219,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=5, help="timed rounds, variants alternating (default 5)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="also time backend='compile' (fullgraph)")
+    p.add_argument("--package", action="store_true",
+                   help="also time an AOTInductor package (Engine.from_package) and the admrt-sample program on it; "
+                        "the export and compile time is reported apart")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--out", type=Path, default=None, help="folder for a JSON of the results")
 

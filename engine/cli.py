@@ -5,12 +5,18 @@ and arr_1 (labels), plus a PNG grid.
 A run is cut into shards of --shard-size images (OUT/shards/shard_00000.npz, ...), each written
 atomically (temporary file + os.replace); a rerun with the same arguments skips the finished
 shards, so an interrupted large run resumes. OUT/run.json records the arguments of the run.
+
+`--package DIR` samples from an exported AOTInductor package through the C++ Context that
+`admrt-sample` runs (the same run folder: either program resumes the other's run). Under
+`torchrun --nproc_per_node N -m admrt.cli sample ...` rank r samples the shards s with
+s % N == r on its own GPU (cuda:LOCAL_RANK), and rank 0 writes the final .npz once all are done.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -31,12 +37,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="preset name or checkpoint path (.safetensors, or a released .pt with --model-preset); "
                         f"default: the bundled stack {', '.join(DEFAULT_STACK)}")
     p.add_argument("--model-preset", default=None, help="preset of a released .pt checkpoint")
+    p.add_argument("--package", default=None,
+                   help="an exported package folder (admrt export aoti) instead of --model/--classifier/--upsampler: "
+                        "runs the C++ runtime that admrt-sample runs")
     p.add_argument("--classifier", default=None,
                    help="noisy classifier (preset name or path) for guidance; 'none' for no guidance")
     p.add_argument("--classifier-preset", default=None)
     p.add_argument("--upsampler", default=None, help="upsampler (preset name or path); 'none' for one stage")
     p.add_argument("--upsampler-preset", default=None)
-    p.add_argument("--steps", default="ddim25", help="ddimN (DDIM) or N / a,b,c (DDPM respaced); default ddim25")
+    p.add_argument("--steps", default=None, help="ddimN (DDIM) or N / a,b,c (DDPM respaced); default ddim25 "
+                                                 "(with --package: a step plan it carries, default its first)")
     p.add_argument("--upsampler-steps", default=None, help="steps of the upsampler stage (default: --steps; "
                         f"{DEFAULT_STACK_UPSAMPLER_STEPS} (DDPM) for the bundled stack)")
     p.add_argument("--guidance", type=float, default=None,
@@ -113,22 +123,92 @@ def save_grid(path: Path, images: np.ndarray, max_images: int = 64, min_side: in
     atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
 
 
+def _ranks():
+    """(rank, world size) under torchrun (RANK / WORLD_SIZE), else (0, 1)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _package_engine(args, device):
+    from .engine import Engine
+
+    given = [f"--{k.replace('_', '-')}" for k in ("model", "model_preset", "classifier", "classifier_preset",
+                                                  "upsampler", "upsampler_preset") if getattr(args, k) is not None]
+    given += ["--dtype"] * (args.dtype != "fp32") + ["--backend"] * (args.backend != "eager")
+    if given:
+        raise SystemExit(f"admrt sample: --package holds the models, their precision and backend; drop {', '.join(given)}")
+    if args.noise != "seeded":
+        raise SystemExit(f"admrt sample: --noise={args.noise}: a package draws seeded noise only")
+    try:
+        engine = Engine.from_package(args.package, device=device)
+        ctx = engine.context(args.steps, args.upsampler_steps, args.batch_size, args.eta)
+    except (ValueError, RuntimeError) as exc:
+        raise SystemExit(f"admrt sample: {exc}") from None
+    args.steps, args.upsampler_steps = ctx.params.steps, ctx.params.upsampler_steps or None
+    return engine
+
+
+def _record(args, shard_size, engine, models) -> dict:
+    """What a rerun must match to resume (written to OUT/run.json)."""
+    if args.package is not None:  # the same record as admrt-sample writes (engine/csrc/tools/admrt_sample.cpp)
+        return {"package": str(Path(args.package).resolve()), "steps": args.steps,
+                "upsampler_steps": args.upsampler_steps, "guidance": args.guidance, "classes": args.classes,
+                "num": args.num, "seed": args.seed, "eta": args.eta, "noise": "seeded", "shard_size": shard_size,
+                "seeded_noise": engine.package.seeded_noise}
+    record = {key: getattr(args, key) for key in RUN_KEYS if key != "shard_size"}
+    record.update(shard_size=shard_size, models=[getattr(m, "preset", None) and m.preset.name for m in models])
+    if args.noise == "seeded":  # shards drawn with another noise map must not be mixed in
+        from admrt.engine.engine import SEEDED_NOISE_FORMAT
+        record["seeded_noise"] = SEEDED_NOISE_FORMAT
+    return record
+
+
+def _check_record(out: Path, record: dict) -> str | None:
+    """None if OUT/run.json is absent (then written) or equal to `record`, else the error."""
+    manifest = out / "run.json"
+    if manifest.exists():
+        previous = json.loads(manifest.read_text())
+        if previous != record:
+            changed = sorted(key for key in set(record) | set(previous) if previous.get(key) != record.get(key))
+            return f"admrt sample: {out} holds a run with other arguments ({', '.join(changed)}); use another --out or delete it"
+    else:
+        atomic_write(manifest, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .engine import Engine
-
     if args.num <= 0 or args.batch_size <= 0:
         raise SystemExit(f"admrt sample: --num={args.num} and --batch-size={args.batch_size} must be positive")
+    rank, world = _ranks()
+    dist = None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if world > 1:
+        import torch.distributed as dist
+        if device.startswith("cuda") and args.device is None:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        return _run(args, device, rank, world, dist)
+    finally:
+        if dist is not None:
+            dist.destroy_process_group()
+
+
+def _run(args, device, rank, world, dist) -> int:
+    from .engine import Engine
+
     shard_size = args.shard_size or 4 * args.batch_size
     out = Path(args.out)
-    (out / "shards").mkdir(parents=True, exist_ok=True)
-
-    model, clf, up = _models(args, device)
-    if up is not None and args.upsampler_steps is None and args.model is None and args.upsampler is None:
-        args.upsampler_steps = DEFAULT_STACK_UPSAMPLER_STEPS
-    engine = Engine(model, classifier=clf, upsampler=up, backend=args.backend, dtype=args.dtype, device=device)
+    if args.package is not None:
+        engine = _package_engine(args, device)
+        models = ()
+    else:
+        args.steps = args.steps or "ddim25"
+        models = model, clf, up = _models(args, device)
+        if up is not None and args.upsampler_steps is None and args.model is None and args.upsampler is None:
+            args.upsampler_steps = DEFAULT_STACK_UPSAMPLER_STEPS
+        engine = Engine(model, classifier=clf, upsampler=up, backend=args.backend, dtype=args.dtype, device=device)
     k = engine.num_classes
     if args.classes:
         try:
@@ -139,30 +219,27 @@ def run(args: argparse.Namespace) -> int:
     else:
         labels = None if k is None else np.arange(args.num, dtype=np.int64) % k
 
-    record = {key: getattr(args, key) for key in RUN_KEYS if key != "shard_size"}
-    record.update(shard_size=shard_size, models=[getattr(m, "preset", None) and m.preset.name
-                                                  for m in (model, clf, up)])
-    if args.noise == "seeded":  # shards drawn with another noise map must not be mixed in
-        from admrt.engine.engine import SEEDED_NOISE_FORMAT
-        record["seeded_noise"] = SEEDED_NOISE_FORMAT
-    manifest = out / "run.json"
-    if manifest.exists():
-        previous = json.loads(manifest.read_text())
-        if previous != record:
-            changed = sorted(key for key in record if previous.get(key) != record[key])
-            raise SystemExit(f"admrt sample: {out} holds a run with other arguments ({', '.join(changed)}); "
-                             "use another --out or delete it")
-    else:
-        atomic_write(manifest, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    # Rank 0 checks (or writes) the run record; every rank stops on a mismatch.
+    error = None
+    if rank == 0:
+        (out / "shards").mkdir(parents=True, exist_ok=True)
+        error = _check_record(out, _record(args, shard_size, engine, models))
+    if dist is not None:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise SystemExit(error)
 
     n_shards = math.ceil(args.num / shard_size)
     shard_paths = [out / "shards" / f"shard_{s:05d}.npz" for s in range(n_shards)]
     todo = [s for s in range(n_shards) if not shard_paths[s].exists()]
-    if len(todo) < n_shards:
+    if len(todo) < n_shards and rank == 0:
         print(f"admrt sample: resuming: {n_shards - len(todo)} of {n_shards} shards already done", file=sys.stderr)
+    todo = [s for s in todo if s % world == rank]  # each rank its own shards
 
     bar = None
-    if not args.no_progress and todo:
+    if not args.no_progress and todo and rank == 0:
         from tqdm.auto import tqdm
         per_batch = engine.steps_per_batch(args.steps, args.upsampler_steps)
         n_batches = sum(math.ceil((min((s + 1) * shard_size, args.num) - s * shard_size) / args.batch_size)
@@ -180,6 +257,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+    if dist is not None:
+        dist.barrier()  # every rank's shards are written
+    if rank != 0:
+        return 0
 
     parts = [np.load(p) for p in shard_paths]
     images = np.concatenate([p["arr_0"] for p in parts])

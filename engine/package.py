@@ -37,15 +37,17 @@ class PackageEngine:
         return self.package.dtype
 
     def context(self, steps: Optional[str] = None, upsampler_steps: Optional[str] = None, batch_size: int = 16,
-                eta: float = 0.0, clip_denoised: bool = True, check_finite: bool = True):
+                eta: float = 0.0, clip_denoised: bool = True, check_finite: bool = True, keep_float: bool = False):
         """The C++ Context for these settings (kept, so buffers and captured graphs are reused)."""
-        key = (steps, upsampler_steps, int(batch_size), float(eta), bool(clip_denoised), bool(check_finite))
+        key = (steps, upsampler_steps, int(batch_size), float(eta), bool(clip_denoised), bool(check_finite),
+               bool(keep_float))
         ctx = self._contexts.get(key)
         if ctx is None:
             p = _core.Context.default_params()
             p.steps, p.upsampler_steps = steps or "", upsampler_steps or ""
             p.batch_size, p.eta = int(batch_size), float(eta)
             p.clip_denoised, p.check_finite, p.cuda_graphs = clip_denoised, check_finite, self.cuda_graphs
+            p.keep_float = bool(keep_float)
             self._contexts.clear()  # one context at a time: free the old buffers and graphs first
             ctx = self._contexts[key] = _core.Context(self.package, p)
         return ctx
@@ -56,20 +58,24 @@ class PackageEngine:
     def sample(self, classes: Optional[Sequence[int]] = None, steps: Optional[str] = None,
                guidance: Union[float, Sequence[float], None] = None, seeds: Union[int, Sequence[int], None] = None,
                batch_size: int = 16, *, num: Optional[int] = None, eta: float = 0.0, clip_denoised: bool = True,
-               upsampler_steps: Optional[str] = None, check_finite: bool = True,
-               progress: Optional[Callable[[int, int], None]] = None) -> SampleResult:
+               upsampler_steps: Optional[str] = None, check_finite: bool = True, keep_float: bool = False,
+               noise: str = "seeded", progress: Optional[Callable[[int, int], None]] = None) -> SampleResult:
         """As admrt.Engine.sample; steps / upsampler_steps: step plans the package carries
-        (default: its first)."""
+        (default: its first). Packages draw seeded noise only."""
         if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
             raise ValueError(f"batch_size={batch_size!r}: expected a positive int")
-        ctx = self.context(steps, upsampler_steps, batch_size, eta, clip_denoised, check_finite)
+        if noise != "seeded":
+            raise ValueError(f"noise={noise!r}: a package draws seeded noise only ('reference' is the Python "
+                             "Engine's parity mode)")
+        ctx = self.context(steps, upsampler_steps, batch_size, eta, clip_denoised, check_finite, keep_float)
         class_list = [] if classes is None else [int(c) for c in np.asarray(classes, dtype=np.int64).reshape(-1)]
         if classes is not None and not class_list:
             raise ValueError("classes=[]: expected at least one class")
         n = len(class_list) if class_list else (num if num is not None else 0)
         scales = [] if guidance is None else [float(g) for g in np.atleast_1d(np.asarray(guidance, dtype=np.float64))]
         seed_arr = _seeds(seeds, n) if n > 0 else np.zeros(0, dtype=np.uint64)
-        images, labels, base = ctx.sample(class_list, scales, [int(s) for s in seed_arr],
-                                          -1 if num is None else int(num), progress)
+        images, labels, base, floats = ctx.sample(class_list, scales, [int(s) for s in seed_arr],
+                                                  -1 if num is None else int(num), progress)
         return SampleResult(images=images.numpy(), labels=None if labels is None else labels.numpy(),
-                            seeds=seed_arr, base_images=None if base is None else base.numpy())
+                            seeds=seed_arr, base_images=None if base is None else base.numpy(),
+                            samples=None if floats is None else floats.numpy())

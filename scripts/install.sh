@@ -23,3 +23,8 @@ if [ "$extras" = "test" ]; then
 else
     "$PY" -m pip install -q --no-build-isolation -e .
 fi
+# admrt-sample (the Python-free C++ program, built with the core) on PATH beside the `admrt` command.
+program=$("$PY" -c "import admrt.engine as e; print(e.sample_program)")
+scripts=$("$PY" -c "import sysconfig; print(sysconfig.get_path('scripts'))")
+ln -sf "$program" "$scripts/admrt-sample"
+if command -v pyenv >/dev/null; then pyenv rehash; fi

@@ -100,12 +100,14 @@ struct ContextParams {
   double eta = 0.0;               // DDIM eta
   bool clip_denoised = true;
   bool check_finite = true;
+  bool keep_float = false;        // also return the float x_0 of the final stage (Result::samples)
 };
 
 struct Result {
   at::Tensor images;       // uint8 (N, H, W, C), the final stage
   at::Tensor labels;       // int64 (N,), undefined for an unconditional, unguided run
   at::Tensor base_images;  // uint8 low-res stage of a cascade, else undefined
+  at::Tensor samples;      // float32 (N, C, H, W) x_0 of the final stage (keep_float), else undefined
 };
 
 // Per-run state over a package: its Sampler contexts (one per stage, batch size and guidance

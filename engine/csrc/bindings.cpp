@@ -1,4 +1,4 @@
-// pybind11 module admrt.engine._core on top of the Python-free admrt_core library: Python
+// pybind11 module admrt.engine._core on top of the Python-free libadmrt: Python
 // callables behind the Denoiser / ClassifierGrad interfaces (the eager and torch.compile
 // backends), the Sampler context, its parameters as real enums, and the seeded noise. The loop
 // runs with the GIL released; it is taken only to call back into Python (on CUDA, only while a
@@ -93,7 +93,8 @@ py::tuple context_sample(admrt::Context& self, std::vector<int64_t> classes, std
     py::gil_scoped_release nogil;
     r = self.sample(classes, guidance, seeds, on_step, num);
   }
-  return py::make_tuple(r.images, optional_tensor(r.labels), optional_tensor(r.base_images));
+  return py::make_tuple(r.images, optional_tensor(r.labels), optional_tensor(r.base_images),
+                        optional_tensor(r.samples));
 }
 
 at::Tensor sample_py(admrt::Sampler& self, std::optional<at::Tensor> y, std::optional<at::Tensor> low_res,
@@ -234,12 +235,13 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("cuda_graphs", &admrt::ContextParams::cuda_graphs)
       .def_readwrite("eta", &admrt::ContextParams::eta)
       .def_readwrite("clip_denoised", &admrt::ContextParams::clip_denoised)
-      .def_readwrite("check_finite", &admrt::ContextParams::check_finite);
+      .def_readwrite("check_finite", &admrt::ContextParams::check_finite)
+      .def_readwrite("keep_float", &admrt::ContextParams::keep_float);
   py::class_<admrt::Context>(m, "Context", "Per-run state over a package: the cascade, batched (admrt.h).")
       .def(py::init<std::shared_ptr<admrt::Package>, admrt::ContextParams>(), py::arg("package"), py::arg("params"))
       .def_static("default_params", &admrt::Context::default_params)
       .def("sample", &context_sample, py::arg("classes"), py::arg("guidance"), py::arg("seeds"), py::arg("num") = -1,
-           py::arg("progress") = py::none(), "-> (images uint8 NHWC, labels or None, base_images or None)")
+           py::arg("progress") = py::none(), "-> (images uint8 NHWC, labels | None, base_images | None, samples float32 NCHW | None)")
       .def("validate", &admrt::Context::validate, py::arg("classes"), py::arg("guidance"), py::arg("num") = -1)
       .def("steps_per_batch", &admrt::Context::steps_per_batch)
       .def_property_readonly("params", &admrt::Context::params);

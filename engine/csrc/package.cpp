@@ -346,7 +346,7 @@ Result Context::sample(const std::vector<int64_t>& classes, const std::vector<do
   ProgressFn on_step;
   if (progress) on_step = [&](int64_t, int64_t) { progress(++done, total); };
 
-  std::vector<at::Tensor> images, base_images;
+  std::vector<at::Tensor> images, base_images, floats;
   for (int64_t start = 0; start < n; start += bsz) {
     const int64_t real = std::min(bsz, n - start);
     std::vector<int64_t> idx(bsz);  // the last batch repeats its last image
@@ -380,11 +380,13 @@ Result Context::sample(const std::vector<int64_t>& classes, const std::vector<do
       img = to_uint8_nhwc(x);
     }
     images.push_back(img.slice(0, 0, real).cpu());
+    if (params_.keep_float) floats.push_back(x.slice(0, 0, real).cpu());
   }
   Result r;
   r.images = at::cat(images);
   if (!labels.empty()) r.labels = at::tensor(labels, at::kLong);
   if (!base_images.empty()) r.base_images = at::cat(base_images);
+  if (!floats.empty()) r.samples = at::cat(floats);
   return r;
 }
 

@@ -1,4 +1,4 @@
-"""admrt_core is a Python-free library: a C++ program linked against it and libtorch alone
+"""libadmrt is a Python-free library: a C++ program linked against it and libtorch alone
 (engine/csrc/examples/analytic_sample.cpp) samples with a C++ Denoiser, and gives the numbers the
 same Sampler context gives when driven from Python."""
 import shutil

@@ -1,4 +1,4 @@
-// A Python-free program on the admrt_core library alone (libtorch, no libpython): a C++
+// A Python-free program on libadmrt alone (libtorch, no libpython): a C++
 // Denoiser (an analytic stand-in for a network: eps = 0.1 x, v = 0) sampled by a Sampler
 // context with seeded noise. Prints the samples, one value per line, for the test that compares
 // them with the same context driven from Python (tests/engine/test_core_library.py).

@@ -243,8 +243,8 @@ int main(int argc, char** argv) {
     std::cerr << "admrt-sample: " << e.what() << "\n";
     return 2;
   } catch (const std::exception& e) {
-    std::string msg = e.what();
-    std::cerr << "admrt-sample: " << msg.substr(0, msg.find("\nException raised from")) << "\n";
+    const std::string msg = e.what();  // one line (c10 errors append a C++ stack)
+    std::cerr << "admrt-sample: " << msg.substr(0, msg.find('\n')) << "\n";
     return 1;
   }
 }

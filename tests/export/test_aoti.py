@@ -1,0 +1,283 @@
+"""AOTInductor packages and the Python-free runtime: `admrt export aoti` -> `admrt-sample` (C++, no
+Python) and `admrt.Engine.from_package` give the images admrt.Engine gives (eager, seeded), for the
+cascade guided base -> upsampler, DDIM and DDPM, guided and unguided; bad packages and arguments
+are one clear error each, with nothing written.
+
+One package of tiny models (8px base, 8px classifier, 8->16 upsampler) is exported once per test
+session (three AOT compiles, a few minutes on 2 cores)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import admrt
+from admrt.config import ModelConfig
+from admrt.engine import _core, cmake_prefix_path, sample_program
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gd_reference import random_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = ModelConfig(kind="unet", image_size=8, model_channels=32, out_channels=6, num_res_blocks=1,
+                   attention_resolutions=(4,), channel_mult=(1, 2), num_classes=10, num_head_channels=16)
+CLASSIFIER = ModelConfig(kind="classifier", image_size=8, model_channels=32, out_channels=10, num_res_blocks=1,
+                         attention_resolutions=(4,), channel_mult=(1, 2), num_head_channels=16, pool="attention")
+STEPS, UP_STEPS = "ddim5,6", "ddim3,4"  # DDIM and DDPM plans of each stage
+MAX_BATCH = 8
+
+
+def _filled(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """(folder of the three .safetensors, the models, the exported package folder)."""
+    d = tmp_path_factory.mktemp("aoti")
+    torch.manual_seed(0)
+    models = {"base": _filled(admrt.create_model(BASE)), "clf": _filled(admrt.create_model(CLASSIFIER)),
+              "up": random_model("tiny-upsample")}
+    for name, m in models.items():
+        admrt.save_model(m, d / f"{name}.safetensors")
+    from admrt.cli import main
+    rc = main(["export", "aoti", "--model", str(d / "base.safetensors"), "--classifier", str(d / "clf.safetensors"),
+               "--upsampler", str(d / "up.safetensors"), "--steps", STEPS, "--upsampler-steps", UP_STEPS,
+               "--device", "cpu", "--max-batch", str(MAX_BATCH), "--out", str(d / "pkg")])
+    assert rc == 0
+    return d, models, d / "pkg"
+
+
+def _program(*args, env=None, cwd=None):
+    return subprocess.run([sample_program, *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=600)
+
+
+def test_manifest_records_versions_tables_and_bounds(stack):
+    _, models, pkg = stack
+    m = json.loads((pkg / "manifest.json").read_text())
+    assert (m["format"], m["format_version"], m["device"], m["dtype"]) == ("admrt-aoti", _core.PACKAGE_FORMAT_VERSION,
+                                                                          "cpu", "fp32")
+    assert m["torch_version"] == torch.__version__ and m["admrt_version"] == admrt.__version__
+    assert m["batch"] == {"min": 1, "max": MAX_BATCH}
+    assert sorted(m["models"]) == ["classifier", "model", "upsampler"]
+    assert sorted(m["models"]["model"]["schedules"]) == ["6", "ddim5"]
+    assert sorted(m["models"]["upsampler"]["schedules"]) == ["4", "ddim3"]
+    from admrt.diffusion import build_tables
+    want = build_tables(models["base"].preset.diffusion, "ddim5").tensors()
+    got = m["models"]["model"]["schedules"]["ddim5"]["tables"]
+    for name, table in want.items():  # the tables travel exactly (JSON floats round-trip)
+        assert got[name] == table.tolist(), name
+    for f in ("denoiser.pt2", "classifier_grad.pt2", "upsampler.pt2"):
+        assert (pkg / f).stat().st_size > 0
+
+
+def test_package_units_match_eager_at_other_batch_sizes(stack):
+    _, models, pkg = stack
+    from admrt.engine import ClassifierGradient, Denoiser
+    package = _core.Package(str(pkg))
+    g = torch.Generator().manual_seed(5)
+    for b in (1, 4, MAX_BATCH):
+        x, t, y = torch.randn(b, 3, 8, 8, generator=g), torch.randint(0, 1000, (b,), generator=g).float(), \
+            torch.randint(0, 10, (b,), generator=g)
+        torch.testing.assert_close(package.run("model", [x, t, y]), Denoiser(models["base"])(x, t, y),
+                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(package.run("classifier", [x, t, y]), ClassifierGradient(models["clf"])(x, t, y),
+                                   rtol=1e-4, atol=1e-7)
+        x16, low = torch.randn(b, 3, 16, 16, generator=g), torch.rand(b, 3, 8, 8, generator=g) * 2 - 1
+        torch.testing.assert_close(package.run("upsampler", [x16, t, y, low]),
+                                   Denoiser(models["up"])(x16, t, y, low), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("steps,up_steps,guidance", [("ddim5", "ddim3", 1.0), ("6", "4", 2.0), ("ddim5", "4", 0.0)])
+def test_program_and_from_package_equal_the_engine(stack, tmp_path, steps, up_steps, guidance):
+    """The C++ program's npz, and Engine.from_package's floats, against admrt.Engine (eager)."""
+    _, models, pkg = stack
+    classes, seed, num = [1, 2, 3, 9, 0], 11, 5
+    eng = admrt.Engine(models["base"], classifier=models["clf"], upsampler=models["up"])
+    want = eng.sample(classes=classes, steps=steps, upsampler_steps=up_steps, guidance=guidance, seeds=seed,
+                      batch_size=2, keep_float=True)
+
+    got = admrt.Engine.from_package(pkg).sample(classes=classes, steps=steps, upsampler_steps=up_steps,
+                                                guidance=guidance, seeds=seed, batch_size=3, keep_float=True)
+    # The compiled units differ from eager by float rounding (~2e-6 a call); through DDPM's chain
+    # with guidance 2 that grows to 1.2e-4 (measured), hence 2e-4 there and 1e-4 elsewhere.
+    assert np.abs(got.samples - want.samples).max() <= (2e-4 if steps == "6" else 1e-4)
+    assert np.abs(got.images.astype(int) - want.images.astype(int)).max() <= 1
+    assert np.abs(got.base_images.astype(int) - want.base_images.astype(int)).max() <= 1
+
+    out = tmp_path / "run"
+    res = _program("--package", pkg, "--num", num, "--classes", ",".join(map(str, classes)), "--batch-size", 2,
+                   "--shard-size", 3, "--seed", seed, "--steps", steps, "--upsampler-steps", up_steps,
+                   "--guidance", guidance, "--out", out, "--no-progress")
+    assert res.returncode == 0, res.stderr
+    npz = np.load(out / "samples_5x16x16x3.npz")
+    assert npz["arr_1"].tolist() == classes
+    assert np.abs(npz["arr_0"].astype(int) - want.images.astype(int)).max() <= 1
+    assert (npz["arr_0"] == got.images).all()  # the same C++ Context, batch-invariant noise
+
+
+def test_program_resumes_and_shares_the_run_folder_with_admrt_sample(stack, tmp_path):
+    _, _, pkg = stack
+    from admrt.cli import main
+    args = ["--package", pkg, "--num", 5, "--batch-size", 2, "--shard-size", 2, "--seed", 3, "--out", tmp_path / "r",
+            "--no-progress"]
+    assert main(["sample", *map(str, args)]) == 0
+    first = np.load(tmp_path / "r" / "samples_5x16x16x3.npz")["arr_0"]
+    (tmp_path / "r" / "shards" / "shard_00001.npz").unlink()
+    res = _program(*args)  # the C++ program resumes the Python front end's run
+    assert res.returncode == 0 and "resuming: 2 of 3 shards" in res.stderr, res.stderr
+    assert (np.load(tmp_path / "r" / "samples_5x16x16x3.npz")["arr_0"] == first).all()
+    res = _program(*args[:-3], "--seed", 4, "--out", tmp_path / "r")
+    assert res.returncode == 1 and "holds a run with other arguments (seed)" in res.stderr
+    with pytest.raises(SystemExit, match=r"other arguments \(seed\)"):
+        main(["sample", *map(str, args[:7]), "--seed", "4", "--out", str(tmp_path / "r"), "--no-progress"])
+
+
+def test_program_needs_no_python(stack, tmp_path):
+    _, _, pkg = stack
+    if shutil.which("ldd") is not None:
+        libs = subprocess.run(["ldd", sample_program], capture_output=True, text=True).stdout
+        assert "libtorch" in libs and "python" not in libs, libs
+    res = _program("--package", pkg.resolve(), "--num", 2, "--out", tmp_path / "o", "--no-progress",
+                   env={}, cwd=tmp_path)  # empty environment: no PATH, no PYTHONPATH
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "o" / "samples_2x16x16x3.npz").exists()
+
+
+def _broken(stack, tmp_path, edit):
+    pkg = tmp_path / "broken"
+    shutil.copytree(stack[2], pkg)
+    edit(pkg)
+    return pkg
+
+
+def _manifest(change):
+    def edit(pkg):
+        m = json.loads((pkg / "manifest.json").read_text())
+        change(m)
+        (pkg / "manifest.json").write_text(json.dumps(m))
+    return edit
+
+
+@pytest.mark.parametrize("case,edit,args,message", [
+    ("missing package", None, ["--package", "{tmp}/nope"], "no such package folder"),
+    ("corrupted unit", lambda p: (p / "denoiser.pt2").write_bytes(b"not a zip"), [],
+     "denoiser.pt2: cannot be loaded as an AOTInductor package"),
+    ("missing unit", lambda p: (p / "upsampler.pt2").unlink(), [], "upsampler.pt2: missing"),
+    ("not json", lambda p: (p / "manifest.json").write_text("{"), [], "not valid JSON"),
+    ("other format version", _manifest(lambda m: m.update(format_version=99)), [],
+     "format_version 99, but this admrt reads version 1"),
+    ("wrong device", None, ["--device", "cuda"], "the package {pkg} was compiled for 'cpu'"),
+    ("class out of range", None, ["--classes", "3,10"], r"classes: [10] out of range; expected ids in [0, 10)"),
+    ("batch above the bound", None, ["--batch-size", MAX_BATCH + 1], "exported for batches of 1..8"),
+    ("unknown steps", None, ["--steps", "ddim7"], "has the model's tables for 6, ddim5 only"),
+    ("guidance not finite", None, ["--guidance", "nan"], "expected finite scales"),
+])
+def test_bad_input_is_one_clear_error_and_writes_nothing(stack, tmp_path, case, edit, args, message):
+    pkg = _broken(stack, tmp_path, edit) if edit else stack[2]
+    args = [a.format(tmp=tmp_path) if isinstance(a, str) else a for a in args]
+    if "--package" not in args:
+        args = ["--package", pkg, *args]
+    out = tmp_path / "out"
+    res = _program(*args, "--num", 2, "--out", out)
+    assert res.returncode != 0
+    line = res.stderr.strip()
+    assert "\n" not in line and line.startswith("admrt-sample: "), res.stderr
+    assert message.format(pkg=pkg) in line, line
+    assert not out.exists()  # nothing written: the corrected command is not blocked
+
+
+def test_export_refuses_to_overwrite_and_checks_arguments(stack, tmp_path):
+    d, _, pkg = stack
+    from admrt.cli import main
+    before = sorted(p.name for p in pkg.iterdir())
+    with pytest.raises(SystemExit, match="exists; choose another folder or pass --force"):
+        main(["export", "aoti", "--model", str(d / "base.safetensors"), "--out", str(pkg)])
+    assert sorted(p.name for p in pkg.iterdir()) == before
+    with pytest.raises(SystemExit, match="steps='ddimx'"):
+        main(["export", "aoti", "--model", str(d / "base.safetensors"), "--steps", "ddimx", "--out",
+              str(tmp_path / "p")])
+    assert not (tmp_path / "p").exists()
+
+
+def test_python_front_end_errors_name_the_argument(stack):
+    _, _, pkg = stack
+    eng = admrt.Engine.from_package(pkg)
+    with pytest.raises(ValueError, match=r"classes: \[12\] out of range"):
+        eng.sample(classes=[12])
+    with pytest.raises(ValueError, match="batch_size=9: the package .* was exported for batches of 1..8"):
+        eng.sample(classes=[1], batch_size=9)
+    with pytest.raises(ValueError, match="device='cuda'"):
+        admrt.Engine.from_package(pkg, device="cuda")
+    with pytest.raises(RuntimeError, match="no such package folder"):
+        admrt.Engine.from_package(pkg.parent / "missing")
+
+
+def test_embedding_example_builds_with_find_package(stack, tmp_path):
+    """A downstream CMake project: find_package(admrt) and admrt::admrt (engine/examples/embed)."""
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed")
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    cfg = ["cmake", str(ROOT / "engine" / "examples" / "embed"), *gen, "-DCMAKE_BUILD_TYPE=Release",
+           f"-DCMAKE_PREFIX_PATH={cmake_prefix_path};{torch.utils.cmake_prefix_path}"]
+    for cmd in (cfg, ["cmake", "--build", ".", "-j", "2"]):
+        res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    res = subprocess.run([str(tmp_path / "embed"), str(stack[2])], capture_output=True, text=True, env={},
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "images [3, 16, 16, 3]" in res.stdout
+    want = admrt.Engine.from_package(stack[2]).sample(classes=[1, 2, 3], guidance=1.0, seeds=[7, 8, 9], batch_size=4)
+    assert f"sum {int(want.images.astype(np.int64).sum())}" in res.stdout
+
+
+def test_torchrun_ranks_share_the_shards(stack, tmp_path):
+    """`torchrun --nproc_per_node 2 -m -- admrt.cli sample ...` (gloo on CPU): each rank samples its
+    own shards, rank 0 writes the result, which equals one process's."""
+    _, _, pkg = stack
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun is not on PATH")
+    args = ["--package", str(pkg), "--num", "5", "--batch-size", "1", "--shard-size", "2", "--seed", "3",
+            "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "--",
+                          "admrt.cli", "sample", *args, "--out", str(tmp_path / "dist")], capture_output=True,
+                         text=True, env=env, timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    from admrt.cli import main
+    assert main(["sample", *args, "--out", str(tmp_path / "one")]) == 0
+    a, b = np.load(tmp_path / "dist" / "samples_5x16x16x3.npz"), np.load(tmp_path / "one" / "samples_5x16x16x3.npz")
+    assert (a["arr_0"] == b["arr_0"]).all() and (a["arr_1"] == b["arr_1"]).all()
+
+
+def test_npz_reader_and_writer_agree_with_numpy(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (3, 4, 5, 1), dtype=np.uint8)
+    labels = np.array([1, 2, 3], dtype=np.int64)
+    _core.write_npz(str(tmp_path / "a.npz"), [torch.from_numpy(images), torch.from_numpy(labels)])
+    z = np.load(tmp_path / "a.npz")
+    assert (z["arr_0"] == images).all() and (z["arr_1"] == labels).all() and z["arr_0"].dtype == np.uint8
+    np.savez(tmp_path / "b.npz", images, labels)  # numpy's own (zip64 extras) read back by the C++ reader
+    back = _core.read_npz(str(tmp_path / "b.npz"))
+    assert (back[0].numpy() == images).all() and (back[1].numpy() == labels).all()
+    (tmp_path / "c.npz").write_bytes((tmp_path / "b.npz").read_bytes()[:100])
+    with pytest.raises(RuntimeError, match="c.npz: damaged .npz"):
+        _core.read_npz(str(tmp_path / "c.npz"))
+
+
+def test_aoti_backend_compiles_the_units_in_process():
+    """Engine(model, backend="aoti"): the units exported and AOT-compiled when the Engine is built,
+    run as C++ units by the core; the same images as eager."""
+    model = random_model("tiny-uncond")
+    want = admrt.Engine(model).sample(num=3, steps="ddim3", seeds=5, keep_float=True)
+    got = admrt.Engine(model, backend="aoti").sample(num=3, steps="ddim3", seeds=5, keep_float=True)
+    assert np.abs(got.samples - want.samples).max() <= 1e-4
