@@ -54,7 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", default=None,
                    help="comma-separated labels, cycled over --num images (default 0,1,2,... cycling)")
     p.add_argument("--num", type=int, default=16, help="number of images (default 16)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per network call (default 16; with --package at most its bound)")
     p.add_argument("--shard-size", type=int, default=None,
                    help="images per shard file (default: 4 batches); a rerun resumes from finished shards")
     p.add_argument("--seed", type=int, default=0, help="image i gets seed SEED + i (default 0)")
@@ -140,6 +141,7 @@ def _package_engine(args, device):
         raise SystemExit(f"admrt sample: --noise={args.noise}: a package draws seeded noise only")
     try:
         engine = Engine.from_package(args.package, device=device)
+        args.batch_size = args.batch_size or engine.default_batch_size
         ctx = engine.context(args.steps, args.upsampler_steps, args.batch_size, args.eta)
     except (ValueError, RuntimeError) as exc:
         raise SystemExit(f"admrt sample: {exc}") from None
@@ -178,7 +180,7 @@ def _check_record(out: Path, record: dict) -> str | None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    if args.num <= 0 or args.batch_size <= 0:
+    if args.num <= 0 or (args.batch_size is not None and args.batch_size <= 0):
         raise SystemExit(f"admrt sample: --num={args.num} and --batch-size={args.batch_size} must be positive")
     rank, world = _ranks()
     dist = None
@@ -198,17 +200,18 @@ def run(args: argparse.Namespace) -> int:
 def _run(args, device, rank, world, dist) -> int:
     from .engine import Engine
 
-    shard_size = args.shard_size or 4 * args.batch_size
     out = Path(args.out)
     if args.package is not None:
         engine = _package_engine(args, device)
         models = ()
     else:
         args.steps = args.steps or "ddim25"
+        args.batch_size = args.batch_size or 16
         models = model, clf, up = _models(args, device)
         if up is not None and args.upsampler_steps is None and args.model is None and args.upsampler is None:
             args.upsampler_steps = DEFAULT_STACK_UPSAMPLER_STEPS
         engine = Engine(model, classifier=clf, upsampler=up, backend=args.backend, dtype=args.dtype, device=device)
+    shard_size = args.shard_size or 4 * args.batch_size
     k = engine.num_classes
     if args.classes:
         try:

@@ -33,6 +33,10 @@ class PackageEngine:
         return self.package.num_classes
 
     @property
+    def default_batch_size(self) -> int:
+        return min(16, self.package.max_batch)
+
+    @property
     def dtype(self) -> str:
         return self.package.dtype
 
@@ -53,15 +57,18 @@ class PackageEngine:
         return ctx
 
     def steps_per_batch(self, steps: Optional[str] = None, upsampler_steps: Optional[str] = None) -> int:
-        return self.context(steps, upsampler_steps).steps_per_batch()
+        return self.context(steps, upsampler_steps, self.default_batch_size).steps_per_batch()
 
     def sample(self, classes: Optional[Sequence[int]] = None, steps: Optional[str] = None,
                guidance: Union[float, Sequence[float], None] = None, seeds: Union[int, Sequence[int], None] = None,
-               batch_size: int = 16, *, num: Optional[int] = None, eta: float = 0.0, clip_denoised: bool = True,
+               batch_size: Optional[int] = None, *, num: Optional[int] = None, eta: float = 0.0, clip_denoised: bool = True,
                upsampler_steps: Optional[str] = None, check_finite: bool = True, keep_float: bool = False,
                noise: str = "seeded", progress: Optional[Callable[[int, int], None]] = None) -> SampleResult:
         """As admrt.Engine.sample; steps / upsampler_steps: step plans the package carries
-        (default: its first). Packages draw seeded noise only."""
+        (default: its first). batch_size: default min(16, the package's bound). Packages draw
+        seeded noise only."""
+        if batch_size is None:
+            batch_size = self.default_batch_size
         if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
             raise ValueError(f"batch_size={batch_size!r}: expected a positive int")
         if noise != "seeded":

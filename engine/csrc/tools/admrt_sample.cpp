@@ -30,7 +30,7 @@ const char* kUsage =
     "  --package DIR        the package folder (manifest.json + .pt2 units)\n"
     "  --num N              number of images (default 16)\n"
     "  --classes a,b,...    labels, cycled over the images (default 0,1,2,... cycling)\n"
-    "  --batch-size B       images per network call (default 16; at most the package's bound)\n"
+    "  --batch-size B       images per network call (default 16, or the package's bound if smaller)\n"
     "  --shard-size S       images per shard file (default 4 batches); a rerun resumes from finished shards\n"
     "  --seed S             image i gets seed S + i (default 0); an image depends only on its seed\n"
     "  --steps PLAN         a step plan of the package, e.g. ddim25 or 250 (default: its first)\n"
@@ -90,8 +90,8 @@ bool same(const admrt::json::Value& a, const admrt::json::Value& b) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::map<std::string, std::string> opt = {{"--num", "16"}, {"--batch-size", "16"}, {"--seed", "0"},
-                                            {"--eta", "0"},  {"--out", "samples"}};
+  std::map<std::string, std::string> opt = {{"--num", "16"}, {"--seed", "0"}, {"--eta", "0"},
+                                            {"--out", "samples"}};
   bool progress = true, graphs = true;
   try {
     for (int i = 1; i < argc; ++i) {
@@ -125,16 +125,19 @@ int main(int argc, char** argv) {
   }
 
   try {
-    const int64_t num = to_int("--num", opt["--num"]), batch = to_int("--batch-size", opt["--batch-size"]);
+    const int64_t num = to_int("--num", opt["--num"]);
     if (num <= 0) throw UsageError("--num=" + opt["--num"] + ": expected a positive int");
-    if (batch <= 0) throw UsageError("--batch-size=" + opt["--batch-size"] + ": expected a positive int");
-    const int64_t shard = opt.count("--shard-size") ? to_int("--shard-size", opt["--shard-size"]) : 4 * batch;
-    if (shard <= 0) throw UsageError("--shard-size=" + std::to_string(shard) + ": expected a positive int");
-    const int64_t seed = to_int("--seed", opt["--seed"]);
+    int64_t batch = opt.count("--batch-size") ? to_int("--batch-size", opt["--batch-size"]) : 0;
+    if (opt.count("--batch-size") && batch <= 0)
+      throw UsageError("--batch-size=" + opt["--batch-size"] + ": expected a positive int");
     std::vector<double> guidance;
     if (opt.count("--guidance")) guidance.push_back(to_double("--guidance", opt["--guidance"]));
+    const int64_t seed = to_int("--seed", opt["--seed"]);
 
     auto package = admrt::Package::load(opt["--package"], opt.count("--device") ? opt["--device"] : "");
+    if (batch == 0) batch = std::min<int64_t>(16, package->max_batch());
+    const int64_t shard = opt.count("--shard-size") ? to_int("--shard-size", opt["--shard-size"]) : 4 * batch;
+    if (shard <= 0) throw UsageError("--shard-size=" + std::to_string(shard) + ": expected a positive int");
     auto params = admrt::Context::default_params();
     params.steps = opt.count("--steps") ? opt["--steps"] : "";
     params.upsampler_steps = opt.count("--upsampler-steps") ? opt["--upsampler-steps"] : "";
