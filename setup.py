@@ -45,7 +45,11 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", ext.source_dir, *gen, *args], cwd=build_dir, check=True)
         jobs = str(os.cpu_count() or 2)
         subprocess.run(["cmake", "--build", ".", "--config", cfg, "-j", jobs], cwd=build_dir, check=True)
-        subprocess.run(["cmake", "--install", ".", "--config", cfg, "--prefix", str(out_dir / "cpp")], cwd=build_dir,
+        # Editable installs build in a temporary folder and link back only the module, so the C++
+        # side is installed into the source tree (engine/cpp) there; into the built package otherwise.
+        editable = getattr(self, "editable_mode", False) or self.inplace
+        prefix = ROOT / "engine" / "cpp" if editable else out_dir / "cpp"
+        subprocess.run(["cmake", "--install", ".", "--config", cfg, "--prefix", str(prefix)], cwd=build_dir,
                        check=True, stdout=subprocess.DEVNULL)
 
 
