@@ -159,22 +159,35 @@ class ClassifierGradient(nn.Module):
     def graph(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, dynamic_batch: bool = False) -> nn.Module:
         """Forward and backward as one traced graph: a module (x_t, t, y) -> gradient with no
         autograd inside, for torch.export / AOTInductor / ONNX and torch.compile(fullgraph=True).
-        dynamic_batch: trace with symbolic shapes (export with a dynamic batch dimension)."""
-        import torch.fx.experimental._config
+        dynamic_batch: trace with a symbolic batch dimension, every other dimension static
+        (export with a dynamic batch). Making only the batch symbolic keeps the trace fast: with
+        all dimensions symbolic (make_fx's "symbolic" mode) sympy spends minutes on the floor
+        divisions of attention's head split and the down-sampling."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.fx.experimental.proxy_tensor import make_fx
+        from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
         state = {**dict(self.net.named_parameters()), **dict(self.net.named_buffers())}
         names = list(state)
+        weights = [state[n] for n in names]
 
         def fn(weights, x, timesteps, labels):
             call = lambda inp, ts: torch.func.functional_call(self.net, dict(zip(names, weights)), (inp, ts))  # noqa: E731
             return self._grad(call, x, timesteps, labels)
 
-        # No duck shaping: a batch equal to another size (e.g. 3 channels) must stay its own symbol.
-        with torch.fx.experimental._config.patch(use_duck_shape=False):
-            gm = make_fx(fn, tracing_mode="symbolic" if dynamic_batch else "fake")(
-                [state[n] for n in names], x_t, t, y)
-        return _GradientGraph(gm, [state[n] for n in names])
+        if not dynamic_batch:
+            gm = make_fx(fn, tracing_mode="fake")(weights, x_t, t, y)
+            return _GradientGraph(gm, weights)
+        mode = FakeTensorMode(shape_env=ShapeEnv())
+
+        def batch_symbolic(a: torch.Tensor) -> torch.Tensor:
+            sizes = [DimDynamic.DYNAMIC] + [DimDynamic.STATIC] * (a.dim() - 1)
+            return mode.from_tensor(a, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
+
+        fake_weights = [mode.from_tensor(w, static_shapes=True) for w in weights]
+        with mode:  # make_fx takes the fake inputs' symbols (as AOTAutograd traces)
+            gm = make_fx(fn, tracing_mode="real")(fake_weights, *(batch_symbolic(a) for a in (x_t, t, y)))
+        return _GradientGraph(gm, weights)
 
 
 class _GradientGraph(nn.Module):
