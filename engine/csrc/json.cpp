@@ -1,6 +1,7 @@
 #include "json.h"
 
 #include <cerrno>
+#include <charconv>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -112,11 +113,12 @@ class Parser {
     }
     std::string text = s_.substr(start, i_ - start);
     if (text.empty() || text == "-") fail("expected a value");
-    char* end = nullptr;
     Value v;
     v.type = Value::Type::Number;
-    v.number = std::strtod(text.c_str(), &end);
-    if (end != text.c_str() + text.size()) fail("bad number '" + text + "'");
+    // from_chars: no locale (strtod would read "0.5" as 0 under a comma-decimal locale)
+    const char* first = text.c_str() + (text[0] == '+' ? 1 : 0);
+    auto [end, ec] = std::from_chars(first, text.c_str() + text.size(), v.number);
+    if (ec != std::errc() || end != text.c_str() + text.size()) fail("bad number '" + text + "'");
     if (integer) {
       errno = 0;
       long long n = std::strtoll(text.c_str(), nullptr, 10);
@@ -149,7 +151,11 @@ class Parser {
         case 't': out.push_back('\t'); break;
         case 'u': {
           uint32_t cp = hex4();
-          if (cp >= 0xD800 && cp < 0xDC00 && take("\\u")) cp = 0x10000 + ((cp - 0xD800) << 10) + (hex4() - 0xDC00);
+          if (cp >= 0xD800 && cp < 0xDC00 && take("\\u")) {
+            const uint32_t low = hex4();
+            if (low < 0xDC00 || low > 0xDFFF) fail("bad surrogate pair");
+            cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
+          }
           append_utf8(out, cp);
           break;
         }

@@ -35,8 +35,8 @@ void put16(std::string& s, uint16_t v) {
 void put32(std::string& s, uint32_t v) {
   for (int i = 0; i < 4; ++i) s.push_back(static_cast<char>((v >> (8 * i)) & 0xFF));
 }
-uint64_t get(const std::string& s, size_t at, int bytes, const std::string& path) {
-  if (at + bytes > s.size()) throw std::runtime_error(path + ": damaged .npz (truncated)");
+uint64_t get(const std::string& s, uint64_t at, int bytes, const std::string& path) {
+  if (at > s.size() || static_cast<uint64_t>(bytes) > s.size() - at) throw std::runtime_error(path + ": damaged .npz (truncated)");
   uint64_t v = 0;
   for (int i = bytes - 1; i >= 0; --i) v = (v << 8) | static_cast<uint8_t>(s[at + i]);
   return v;
@@ -117,8 +117,8 @@ void write_npz(const std::string& path, const std::vector<at::Tensor>& arrays) {
     const at::Tensor a = arrays[i].cpu().contiguous();
     const std::string name = "arr_" + std::to_string(i) + ".npy";
     const std::string data = npy_bytes(a);
-    if (data.size() >= 0xFFFFFFFFull || zip.size() >= 0xFFFFFFFFull)
-      throw std::invalid_argument(path + ": arrays of 4 GiB or more are not supported; use more, smaller shards");
+    if (zip.size() + data.size() + 1024 >= kMaxNpzBytes)
+      throw std::invalid_argument(path + ": .npz files of 4 GiB or more are not supported (no zip64 writer)");
     const uint32_t crc = crc32(data.data(), data.size());
     const uint32_t offset = static_cast<uint32_t>(zip.size());
     auto common = [&](std::string& s) {
@@ -158,21 +158,27 @@ void write_npz(const std::string& path, const std::vector<at::Tensor>& arrays) {
   put32(zip, cd_offset);
   put16(zip, 0);
 
+  write_atomic(path, zip);
+}
+
+void write_atomic(const std::string& path, const std::string& bytes) {
   namespace fs = std::filesystem;
   const fs::path target(path);
   if (target.has_parent_path()) fs::create_directories(target.parent_path());
   const fs::path tmp = target.parent_path() / ("." + target.filename().string() + ".tmp");
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out.write(zip.data(), static_cast<std::streamsize>(zip.size()));
-    out.flush();
-    if (!out) {
-      out.close();
-      fs::remove(tmp);
-      throw std::runtime_error(path + ": could not be written (disk full or not writable)");
-    }
+  std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  out.close();
+  std::error_code ec;
+  if (!out) {
+    fs::remove(tmp, ec);
+    throw std::runtime_error(path + ": could not be written (disk full or not writable)");
   }
-  fs::rename(tmp, target);
+  fs::rename(tmp, target, ec);
+  if (ec) {
+    fs::remove(tmp, ec);
+    throw std::runtime_error(path + ": could not be written: " + ec.message());
+  }
 }
 
 std::vector<at::Tensor> read_npz(const std::string& path) {
@@ -188,21 +194,23 @@ std::vector<at::Tensor> read_npz(const std::string& path) {
       if (get(s, i, 4, path) == 0x06054b50) { eocd = i; break; }
   if (eocd == std::string::npos) throw std::runtime_error(path + ": damaged .npz (not a zip file)");
   const uint64_t count = get(s, eocd + 10, 2, path);
-  size_t at = get(s, eocd + 16, 4, path);
+  uint64_t at = get(s, eocd + 16, 4, path);
+  if (at == 0xFFFFFFFFu) throw std::runtime_error(path + ": .npz of 4 GiB or more (zip64) is not supported");
   std::map<std::string, at::Tensor> by_name;
   for (uint64_t e = 0; e < count; ++e) {
     if (get(s, at, 4, path) != 0x02014b50) throw std::runtime_error(path + ": damaged .npz (central directory)");
     const uint64_t method = get(s, at + 10, 2, path);
     uint64_t size = get(s, at + 20, 4, path);
-    const size_t name_len = get(s, at + 28, 2, path), extra_len = get(s, at + 30, 2, path),
-                 comment_len = get(s, at + 32, 2, path);
+    const uint64_t name_len = get(s, at + 28, 2, path), extra_len = get(s, at + 30, 2, path),
+                   comment_len = get(s, at + 32, 2, path);
+    if (at + 46 + name_len + extra_len > s.size()) throw std::runtime_error(path + ": damaged .npz (truncated)");
     uint64_t local = get(s, at + 42, 4, path);
     const std::string name = s.substr(at + 46, name_len);
     // zip64 extra field: the 64-bit sizes / offset in the order of the fields that overflowed.
-    for (size_t x = at + 46 + name_len; x + 4 <= at + 46 + name_len + extra_len;) {
+    for (uint64_t x = at + 46 + name_len; x + 4 <= at + 46 + name_len + extra_len;) {
       const uint64_t id = get(s, x, 2, path), len = get(s, x + 2, 2, path);
       if (id == 1) {
-        size_t f = x + 4;
+        uint64_t f = x + 4;
         if (get(s, at + 24, 4, path) == 0xFFFFFFFFu) f += 8;  // uncompressed size
         if (size == 0xFFFFFFFFu) { size = get(s, f, 8, path); f += 8; }
         if (local == 0xFFFFFFFFu) local = get(s, f, 8, path);
@@ -211,8 +219,8 @@ std::vector<at::Tensor> read_npz(const std::string& path) {
     }
     if (method != 0) throw std::runtime_error(path + ": compressed .npz (np.savez_compressed) is not supported");
     if (get(s, local, 4, path) != 0x04034b50) throw std::runtime_error(path + ": damaged .npz (local header)");
-    const size_t data_at = local + 30 + get(s, local + 26, 2, path) + get(s, local + 28, 2, path);
-    if (data_at + size > s.size()) throw std::runtime_error(path + ": damaged .npz (truncated)");
+    const uint64_t data_at = local + 30 + get(s, local + 26, 2, path) + get(s, local + 28, 2, path);
+    if (data_at > s.size() || size > s.size() - data_at) throw std::runtime_error(path + ": damaged .npz (truncated)");
     if (name.size() > 4 && name.substr(name.size() - 4) == ".npy")
       by_name[name.substr(0, name.size() - 4)] = parse_npy(s, data_at, size, path);
     at += 46 + name_len + extra_len + comment_len;

@@ -4,14 +4,21 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
 namespace admrt {
 
+// The largest .npz written (no zip64 writer): 4 GiB. numpy's np.savez has no such limit.
+constexpr uint64_t kMaxNpzBytes = 0xFFFFFFFFull;
+
 // Writes `arrays` (uint8, int64, float32 or float64; C-contiguous on the CPU) as arr_0, arr_1, ...
 // to `path` atomically: a temporary file beside it, renamed into place when complete.
 void write_npz(const std::string& path, const std::vector<at::Tensor>& arrays);
+
+// Writes `bytes` to `path` through a temporary file beside it, renamed into place when complete.
+void write_atomic(const std::string& path, const std::string& bytes);
 
 // Reads arr_0, arr_1, ... of an uncompressed .npz (np.savez, or write_npz). Throws naming the
 // file when it is missing, damaged or compressed.

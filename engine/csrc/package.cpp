@@ -7,10 +7,15 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <mutex>
 #include <sstream>
 #include <stdexcept>
 
 #include "json.h"
+
+#ifdef ADMRT_WITH_CUDA
+#include <c10/cuda/CUDAFunctions.h>
+#endif
 
 namespace admrt {
 namespace {
@@ -45,12 +50,14 @@ class AotiUnit {
   }
   at::Tensor operator()(std::vector<at::Tensor> inputs) {
     for (auto& t : inputs) t = t.contiguous();
+    std::lock_guard<std::mutex> lock(mutex_);  // contexts on one package may run in several threads
     std::vector<at::Tensor> out = loader_->run(inputs);
     return out.at(0);
   }
 
  private:
   std::unique_ptr<AOTIModelPackageLoader> loader_;
+  std::mutex mutex_;
 };
 
 class AotiDenoiser final : public Denoiser {
@@ -107,6 +114,9 @@ std::shared_ptr<Stage> load_stage(const fs::path& folder, const std::string& rol
   auto stage = std::make_shared<Stage>();
   stage->role = role;
   stage->kind = m.at("kind", what).as_string(what + ".kind");
+  const char* expected = role == "model" ? "unet" : role == "classifier" ? "classifier" : "superres";
+  if (stage->kind != expected)
+    throw std::runtime_error(cat(what, ": kind '", stage->kind, "', expected '", expected, "'"));
   const int64_t c = m.at("in_channels", what).as_int(what), size = m.at("image_size", what).as_int(what);
   stage->image_shape = {c, size, size};
   if (!m.at("num_classes", what).is_null()) stage->num_classes = m.at("num_classes", what).as_int(what);
@@ -119,9 +129,10 @@ std::shared_ptr<Stage> load_stage(const fs::path& folder, const std::string& rol
   }
   stage->denoiser = std::make_shared<AotiDenoiser>(unit);
   const std::string& variance = m.at("variance", what).as_string(what + ".variance");
-  stage->variance = variance == "learned_range" ? Variance::LearnedRange
-                    : variance == "fixed_small" ? Variance::FixedSmall
-                                                : Variance::FixedLarge;
+  if (variance == "learned_range") stage->variance = Variance::LearnedRange;
+  else if (variance == "fixed_small") stage->variance = Variance::FixedSmall;
+  else if (variance == "fixed_large") stage->variance = Variance::FixedLarge;
+  else throw std::runtime_error(cat(what, ".variance='", variance, "': expected learned_range, fixed_small or fixed_large"));
   for (const auto& [name, plan] : m.at("schedules", what).as_object(what + ".schedules"))
     stage->plans[name] = step_plan(plan, cat(what, ".schedules.", name));
   return stage;
@@ -187,7 +198,10 @@ std::shared_ptr<Package> Package::load(const std::string& folder, const std::str
     throw std::invalid_argument(cat("device='", device_str, "': the package ", folder, " was compiled for '",
                                     built_for, "'; use device '", built_for, "' or export it again on ",
                                     device_str));
-#ifndef ADMRT_WITH_CUDA
+#ifdef ADMRT_WITH_CUDA
+  // One device for the weights, the buffers and the graph pool: "cuda" means the current one.
+  if (device.is_cuda() && !device.has_index()) device = at::Device(at::kCUDA, c10::cuda::current_device());
+#else
   if (device.is_cuda())
     throw std::invalid_argument(cat("device='", device_str, "': this admrt was built without CUDA"));
 #endif
@@ -207,6 +221,10 @@ std::shared_ptr<Package> Package::load(const std::string& folder, const std::str
     p->upsampler_ = load_stage(dir, "upsampler", models.at("upsampler", what), device);
     const json::Value& low = models.at("upsampler", what).at("low_res_size", what);
     const int64_t low_size = low.is_null() ? p->base_->image_shape[1] : low.as_int(what);
+    if (low_size != p->base_->image_shape[1] || p->upsampler_->image_shape[0] != p->base_->image_shape[0])
+      throw std::runtime_error(cat(what, ": the upsampler takes ", p->upsampler_->image_shape[0], "x", low_size, "px ",
+                                   "images, but the model samples ", p->base_->image_shape[0], "x",
+                                   p->base_->image_shape[1], "px"));
     p->upsampler_->low_res_shape = {p->base_->image_shape[0], low_size, low_size};
   }
   return p;
@@ -319,7 +337,8 @@ Context::Request Context::request(const std::vector<int64_t>& classes, const std
   r.guided = any;  // decided once, on the host
   // Seeds: one per image, or s for s, s+1, ....
   r.seeds.resize(n);
-  if (seeds.size() == 1) for (int64_t i = 0; i < n; ++i) r.seeds[i] = seeds[0] + static_cast<uint64_t>(i);
+  if (seeds.empty()) for (int64_t i = 0; i < n; ++i) r.seeds[i] = static_cast<uint64_t>(i);  // as admrt.Engine
+  else if (seeds.size() == 1) for (int64_t i = 0; i < n; ++i) r.seeds[i] = seeds[0] + static_cast<uint64_t>(i);
   else if (static_cast<int64_t>(seeds.size()) == n) r.seeds = seeds;
   else throw std::invalid_argument(cat("seeds: expected ", n, " (one per image) or one, got ", seeds.size()));
   return r;

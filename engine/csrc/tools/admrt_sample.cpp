@@ -81,7 +81,7 @@ bool same(const admrt::json::Value& a, const admrt::json::Value& b) {
   switch (a.type) {
     case T::Null: return true;
     case T::Bool: return a.boolean == b.boolean;
-    case T::Number: return a.number == b.number;
+    case T::Number: return a.is_integer && b.is_integer ? a.integer == b.integer : a.number == b.number;
     case T::String: return a.string == b.string;
     default: return false;  // the record holds scalars only
   }
@@ -93,6 +93,7 @@ int main(int argc, char** argv) {
   std::map<std::string, std::string> opt = {{"--num", "16"}, {"--seed", "0"}, {"--eta", "0"},
                                             {"--out", "samples"}};
   bool progress = true, graphs = true;
+  bool line_open = false;  // a progress line waiting for its newline
   try {
     for (int i = 1; i < argc; ++i) {
       const std::string a = argv[i];
@@ -159,6 +160,11 @@ int main(int argc, char** argv) {
       for (int64_t i = 0; i < num; ++i) labels.push_back(i % *package->num_classes());
     }
     ctx.validate(labels, guidance, num);  // before anything is written
+    const admrt::Stage& last = package->upsampler() ? *package->upsampler() : package->base();
+    const double bytes = static_cast<double>(num) * last.image_shape[0] * last.image_shape[1] * last.image_shape[2];
+    if (bytes + 9.0 * num >= static_cast<double>(admrt::kMaxNpzBytes))
+      throw UsageError("--num=" + std::to_string(num) + ": the final .npz would reach 4 GiB, more than admrt-sample "
+                       "writes (no zip64); sample fewer images per run, or use `admrt sample --package`");
 
     // The run record: a rerun resumes only with the same arguments (as `admrt sample --package`).
     const fs::path out(opt["--out"]);
@@ -184,14 +190,11 @@ int main(int argc, char** argv) {
         throw std::invalid_argument(out.string() + " holds a run with other arguments (" + changed +
                                     "); use another --out or delete it");
     } else {
-      fs::create_directories(out);
-      const fs::path tmp = out / ".run.json.tmp";
-      std::ofstream(tmp) << rec.str();
-      fs::rename(tmp, record_path);
+      admrt::write_atomic(record_path.string(), rec.str());
     }
     fs::create_directories(out / "shards");
 
-    const int64_t n_shards = (num + shard - 1) / shard;
+    const int64_t n_shards = num / shard + (num % shard != 0);
     std::vector<fs::path> shard_paths;
     std::vector<int64_t> todo;
     for (int64_t s = 0; s < n_shards; ++s) {
@@ -205,22 +208,24 @@ int main(int argc, char** argv) {
                 << " shards already done\n";
     int64_t total = 0, done = 0;
     for (int64_t s : todo) {
-      const int64_t count = std::min((s + 1) * shard, num) - s * shard;
+      const int64_t count = std::min(shard, num - s * shard);
       total += (count + batch - 1) / batch * ctx.steps_per_batch();
     }
     for (int64_t s : todo) {
-      const int64_t lo = s * shard, hi = std::min((s + 1) * shard, num);
+      const int64_t lo = s * shard, hi = lo + std::min(shard, num - lo);
       std::vector<int64_t> shard_labels;
       if (!labels.empty()) shard_labels.assign(labels.begin() + lo, labels.begin() + hi);
       std::vector<uint64_t> seeds;
-      for (int64_t i = lo; i < hi; ++i) seeds.push_back(static_cast<uint64_t>(seed + i));
+      for (int64_t i = lo; i < hi; ++i) seeds.push_back(static_cast<uint64_t>(seed) + static_cast<uint64_t>(i));
       admrt::ProgressFn on_step;
       if (progress)
         on_step = [&](int64_t, int64_t) {
           ++done;
-          if (done == total || done % 10 == 0)
+          if (done == total || done % 10 == 0) {
             std::cerr << "\radmrt-sample: " << done << "/" << total << " steps" << (done == total ? "\n" : "")
                       << std::flush;
+            line_open = done != total;
+          }
         };
       admrt::Result r = ctx.sample(shard_labels, guidance, seeds, on_step, hi - lo);
       std::vector<at::Tensor> arrays = {r.images};
@@ -246,6 +251,7 @@ int main(int argc, char** argv) {
     std::cerr << "admrt-sample: " << e.what() << "\n";
     return 2;
   } catch (const std::exception& e) {
+    if (line_open) std::cerr << "\n";
     const std::string msg = e.what();  // one line (c10 errors append a C++ stack)
     std::cerr << "admrt-sample: " << msg.substr(0, msg.find('\n')) << "\n";
     return 1;
