@@ -5,7 +5,9 @@
 //
 //   admrt-sample --package stack.aoti --num 64 --batch-size 16 --seed 0 --out samples
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -44,6 +46,12 @@ const char* kUsage =
 
 struct UsageError : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
+};
+
+// Ctrl-C: the step in flight finishes, then the run stops with one line; finished shards stay.
+std::atomic<bool> interrupted{false};
+struct Interrupted : std::runtime_error {
+  Interrupted() : std::runtime_error("interrupted; the finished shards are kept: rerun the same command to resume") {}
 };
 
 int64_t to_int(const std::string& flag, const std::string& v) {
@@ -125,6 +133,7 @@ int main(int argc, char** argv) {
     return 2;
   }
 
+  std::signal(SIGINT, [](int) { interrupted = true; });
   try {
     const int64_t num = to_int("--num", opt["--num"]);
     if (num <= 0) throw UsageError("--num=" + opt["--num"] + ": expected a positive int");
@@ -217,10 +226,10 @@ int main(int argc, char** argv) {
       if (!labels.empty()) shard_labels.assign(labels.begin() + lo, labels.begin() + hi);
       std::vector<uint64_t> seeds;
       for (int64_t i = lo; i < hi; ++i) seeds.push_back(static_cast<uint64_t>(seed) + static_cast<uint64_t>(i));
-      admrt::ProgressFn on_step;
-      if (progress)
-        on_step = [&](int64_t, int64_t) {
+      admrt::ProgressFn on_step = [&](int64_t, int64_t) {
+          if (interrupted) throw Interrupted();
           ++done;
+          if (!progress) return;
           if (done == total || done % 10 == 0) {
             std::cerr << "\radmrt-sample: " << done << "/" << total << " steps" << (done == total ? "\n" : "")
                       << std::flush;
@@ -250,6 +259,9 @@ int main(int argc, char** argv) {
   } catch (const UsageError& e) {
     std::cerr << "admrt-sample: " << e.what() << "\n";
     return 2;
+  } catch (const Interrupted& e) {
+    std::cerr << (line_open ? "\n" : "") << "admrt-sample: " << e.what() << "\n";
+    return 130;
   } catch (const std::exception& e) {
     if (line_open) std::cerr << "\n";
     const std::string msg = e.what();  // one line (c10 errors append a C++ stack)
