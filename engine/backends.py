@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .modules import ClassifierGradient, Denoiser
+from .modules import ClassifierGradient, Denoiser, device_of
 
 DenoiserFn = Callable[..., torch.Tensor]
 GradientFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -71,7 +71,7 @@ def _aoti_unit(unit, load):
     from admrt.export.aoti import compile_unit, example_inputs
 
     info = unit.info
-    device = next(iter(unit.parameters())).device
+    device = device_of(unit)
     low = info.low_res_size if info.kind == "superres" else None
     if info.kind == "superres" and low is None:
         raise ValueError("backend='aoti': the upsampler records no low_res_size; load it with an admrt preset")

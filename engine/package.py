@@ -16,8 +16,6 @@ import numpy as np
 from . import _core
 from .engine import SampleResult, _seeds
 
-_SEED_MOD = 2 ** 64
-
 
 class PackageEngine:
     """An exported package, loaded once; `sample` mirrors admrt.Engine.sample for what a package
@@ -57,7 +55,10 @@ class PackageEngine:
         return ctx
 
     def steps_per_batch(self, steps: Optional[str] = None, upsampler_steps: Optional[str] = None) -> int:
-        return self.context(steps, upsampler_steps, self.default_batch_size).steps_per_batch()
+        """Network evaluations of one batch (both stages), without replacing the kept context."""
+        p = _core.Context.default_params()
+        p.steps, p.upsampler_steps, p.batch_size = steps or "", upsampler_steps or "", self.default_batch_size
+        return _core.Context(self.package, p).steps_per_batch()
 
     def sample(self, classes: Optional[Sequence[int]] = None, steps: Optional[str] = None,
                guidance: Union[float, Sequence[float], None] = None, seeds: Union[int, Sequence[int], None] = None,

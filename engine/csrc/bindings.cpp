@@ -212,12 +212,6 @@ PYBIND11_MODULE(_core, m) {
         py::gil_scoped_release nogil;
         return stage.run(inputs);
       }, py::arg("role"), py::arg("inputs"), "Run one unit ('model', 'classifier', 'upsampler') on its inputs.")
-      .def("denoiser", [](const admrt::Package& self, const std::string& role) { return self.stage(role).denoiser; })
-      .def("gradient", [](const admrt::Package& self) { return self.stage("classifier").gradient; })
-      .def("has", [](const admrt::Package& self, const std::string& role) {
-        return role == "model" || (role == "classifier" && self.classifier()) || (role == "upsampler" && self.upsampler());
-      })
-      .def("image_shape", [](const admrt::Package& self, const std::string& role) { return self.stage(role).image_shape; })
       .def_property_readonly("folder", &admrt::Package::folder)
       .def_property_readonly("device", [](const admrt::Package& self) { return self.device().str(); })
       .def_property_readonly("dtype", &admrt::Package::dtype)
