@@ -8,11 +8,12 @@ GANs on Image Synthesis"), compatible with openai/guided-diffusion's released ch
 from .config import DiffusionConfig, ModelConfig, Preset
 from .presets import PRESETS, get_preset
 from .checkpoint import create_model, load_model, save_model
+from .gd_flags import parse_flags, preset_from_flags
 
 __version__ = "0.1.0"
 
 __all__ = ["DiffusionConfig", "ModelConfig", "Preset", "PRESETS", "get_preset",
-           "create_model", "load_model", "save_model", "Engine"]
+           "create_model", "load_model", "save_model", "preset_from_flags", "parse_flags", "Engine"]
 
 
 def __getattr__(name):

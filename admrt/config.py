@@ -117,22 +117,38 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """The forward process a model was trained with (guided-diffusion's create_gaussian_diffusion).
+    """The forward process a model was trained with, and its parameterisation: the arguments of
+    guided-diffusion's create_gaussian_diffusion, with its defaults (timestep_respacing is a
+    sampling choice: `steps=` of Engine.sample).
 
     steps: T, the number of training timesteps. noise_schedule: "linear" (Ho et al.) or
-    "cosine" (Nichol & Dhariwal). The released models all predict eps (predict_xstart=False),
-    use the hybrid loss (use_kl=False) and feed the original timesteps (rescale_timesteps=False).
+        "cosine" (Nichol & Dhariwal).
+    predict_xstart: the network outputs x_0 instead of eps (ModelMeanType.START_X); sampling
+        and training honour it.
+    rescale_timesteps: the network is fed t * 1000 / T (float) instead of t.
+    sigma_small: a fixed-sigma model samples with beta~_t (FIXED_SMALL) instead of beta_t
+        (FIXED_LARGE); a learned-sigma model ignores it.
+    use_kl: train on the variational bound alone (LossType.RESCALED_KL: T * L_t).
+    rescale_learned_sigmas: weight the learned-sigma bound term by T/1000 (RESCALED_MSE, the
+        lambda = 0.001 of Improved DDPM) instead of 1 (MSE); the two agree at T = 1000.
+    The last two change training only. The released models all predict eps, feed the original
+    timesteps and have learned sigmas (every default here).
     """
 
     steps: int = 1000
     noise_schedule: str = "linear"
     predict_xstart: bool = False
     rescale_timesteps: bool = False
+    sigma_small: bool = False
+    use_kl: bool = False
+    rescale_learned_sigmas: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.steps > 0, "steps", self.steps, "a positive int")
+        _check(isinstance(self.steps, int) and self.steps > 0, "steps", self.steps, "a positive int")
         _check(self.noise_schedule in NOISE_SCHEDULES, "noise_schedule", self.noise_schedule,
                f"one of {NOISE_SCHEDULES}")
+        for name in ("predict_xstart", "rescale_timesteps", "sigma_small", "use_kl", "rescale_learned_sigmas"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
 
 
 @dataclass(frozen=True)

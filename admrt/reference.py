@@ -55,17 +55,22 @@ def set_reference_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def reference_sample(model, classifier, preset: Preset, steps: str, guidance: float, y, shape, device,
-                     seed: int | None, variance: str | None = None) -> torch.Tensor:
-    """The reference's ddim_sample_loop ("ddimN") or p_sample_loop with classifier_sample.py's
-    cond_fn and model_fn, after torch.manual_seed(seed) (seed None: the global generator as it is).
-    variance: "learned_range" | "fixed_large" | "fixed_small"; None: learned_range for a
-    learned-sigma model, else fixed_large. Returns the float sample (N, C, H, W) in [-1, 1]."""
+                     seed: int | None, variance: str | None = None, method: str | None = None) -> torch.Tensor:
+    """The reference's ddim_sample_loop ("ddimN", or method="ddim": its use_ddim) or p_sample_loop
+    with classifier_sample.py's cond_fn and model_fn, after torch.manual_seed(seed) (seed None:
+    the global generator as it is), on the process of preset.diffusion (predict_xstart,
+    rescale_timesteps and sigma_small included). variance: "learned_range" | "fixed_large" |
+    "fixed_small"; None: learned_range for a learned-sigma model, else as sigma_small says.
+    Returns the float sample (N, C, H, W) in [-1, 1]."""
     script_util, _ = _gd()
     d = preset.diffusion
-    variance = variance or ("learned_range" if preset.model.learn_sigma else "fixed_large")
+    if variance is None:
+        variance = "learned_range" if preset.model.learn_sigma else (
+            "fixed_small" if d.sigma_small else "fixed_large")
     diffusion = script_util.create_gaussian_diffusion(
         steps=d.steps, learn_sigma=variance == "learned_range", sigma_small=variance == "fixed_small",
-        noise_schedule=d.noise_schedule, timestep_respacing=steps)
+        noise_schedule=d.noise_schedule, predict_xstart=d.predict_xstart,
+        rescale_timesteps=d.rescale_timesteps, timestep_respacing=steps)
 
     def cond_fn(x, t, y=None):
         with torch.enable_grad():
@@ -79,7 +84,8 @@ def reference_sample(model, classifier, preset: Preset, steps: str, guidance: fl
     def model_fn(x, t, y=None):
         return model(x, t, y if class_cond else None)
 
-    loop = diffusion.ddim_sample_loop if steps.startswith("ddim") else diffusion.p_sample_loop
+    use_ddim = steps.startswith("ddim") if method is None else method == "ddim"
+    loop = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
     if seed is not None:
         torch.manual_seed(seed)
     return loop(model_fn, shape, clip_denoised=True, model_kwargs={"y": y} if y is not None else {},

@@ -28,8 +28,9 @@ DEFAULT_STACK = ("fashion16-cond", "fashion16-classifier", "fashion-upsample16-3
 # The bundled upsampler is short-trained: DDIM-25 leaves speckle, DDPM-100 gives clean images
 # (training/RECIPES.md), so the default stack samples its second stage with DDPM-100.
 DEFAULT_STACK_UPSAMPLER_STEPS = "100"
-RUN_KEYS = ("model", "classifier", "upsampler", "steps", "upsampler_steps", "guidance", "classes", "num",
-            "seed", "eta", "noise", "dtype", "shard_size")
+RUN_KEYS = ("model", "classifier", "upsampler", "steps", "method", "upsampler_steps", "guidance", "classes", "num",
+            "seed", "eta", "noise", "dtype", "gd_flags", "upsampler_gd_flags", "shard_size")
+DEFAULT_NUM, DEFAULT_BATCH, DEFAULT_STEPS = 16, 16, "ddim25"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,15 +46,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classifier-preset", default=None)
     p.add_argument("--upsampler", default=None, help="upsampler (preset name or path); 'none' for one stage")
     p.add_argument("--upsampler-preset", default=None)
+    p.add_argument("--gd-flags", default=None, metavar="FLAGS",
+                   help="guided-diffusion's flags for the model (and classifier), as its image_sample.py / "
+                        "classifier_sample.py take them, in one string: \"--image_size 64 --learn_sigma True ... "
+                        "--model_path m.pt\". They build the presets of --model/--classifier (or their "
+                        "model_path/classifier_path) and set what they name of timestep_respacing, use_ddim, "
+                        "classifier_scale, num_samples, batch_size, clip_denoised, use_fp16; explicit options "
+                        "win. docs/migration.md")
+    p.add_argument("--upsampler-gd-flags", default=None, metavar="FLAGS",
+                   help="guided-diffusion's super_res_sample.py flags for --upsampler (large_size, small_size, ...)")
     p.add_argument("--steps", default=None, help="ddimN (DDIM) or N / a,b,c (DDPM respaced); default ddim25 "
                                                  "(with --package: a step plan it carries, default its first)")
+    p.add_argument("--method", choices=("ddpm", "ddim"), default=None,
+                   help="sampler over the --steps respacing (default: ddim for ddimN, else ddpm); "
+                        "guided-diffusion's --use_ddim")
     p.add_argument("--upsampler-steps", default=None, help="steps of the upsampler stage (default: --steps; "
                         f"{DEFAULT_STACK_UPSAMPLER_STEPS} (DDPM) for the bundled stack)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier scale (default 1.0 with a classifier, 0 without)")
     p.add_argument("--classes", default=None,
                    help="comma-separated labels, cycled over --num images (default 0,1,2,... cycling)")
-    p.add_argument("--num", type=int, default=16, help="number of images (default 16)")
+    p.add_argument("--num", type=int, default=None, help=f"number of images (default {DEFAULT_NUM})")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per network call (default 16; with --package at most its bound)")
     p.add_argument("--shard-size", type=int, default=None,
@@ -61,19 +74,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="image i gets seed SEED + i (default 0)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     p.add_argument("--noise", choices=("seeded", "reference"), default="seeded")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="precision of the networks' body convolutions (default fp32; fp16 with --gd-flags "
+                        "'--use_fp16 True')")
     p.add_argument("--backend", default="eager", help="eager | compile | a registered compiled backend")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--out", default="samples", help="output folder (default ./samples)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _load(spec: str, preset: str | None, role: str, device: str):
+def _load(spec: str, preset, role: str, device: str):
     import admrt
     from admrt.checkpoint import bundled_path
 
     if Path(spec).exists() or bundled_path(spec).exists():
-        return admrt.load_model(spec, preset=preset, device=device)
+        try:
+            return admrt.load_model(spec, preset=preset, device=device)
+        except (ValueError, FileNotFoundError) as exc:
+            raise SystemExit(f"admrt sample: --{role}={spec!r}: {exc}") from None
     if spec in admrt.PRESETS:
         print(f"admrt sample: {role} {spec!r}: no weights found (no file, not bundled); using RANDOM weights "
               "of that preset (initialised from seed 0): the images will be noise", file=sys.stderr)
@@ -84,13 +102,74 @@ def _load(spec: str, preset: str | None, role: str, device: str):
     raise SystemExit(f"admrt sample: --{role}={spec!r}: not a file, a bundled model or a preset name")
 
 
+def _gd_settings(args) -> dict:
+    """Read --gd-flags / --upsampler-gd-flags: presets for the models, and the sampling options their
+    flags name where no explicit option was given. Returns {role: (path or None, Preset)}."""
+    from admrt.gd_flags import infer_kind, parse_flags, preset_from_flags
+
+    found = {}
+    for option, value in (("gd-flags", args.gd_flags), ("upsampler-gd-flags", args.upsampler_gd_flags)):
+        if value is None:
+            continue
+        try:
+            flags = parse_flags(value)
+            kind = infer_kind(flags)
+            if option == "gd-flags" and kind == "superres":
+                raise ValueError("these are an upsampler's flags (large_size/small_size): pass them as "
+                                 "--upsampler-gd-flags, with a base model")
+            if option == "gd-flags":
+                found["model"] = (flags.get("model_path") or None, preset_from_flags("unet", **flags))
+                if flags.get("classifier_path") or args.classifier not in (None, "none"):
+                    found["classifier"] = (flags.get("classifier_path") or None,
+                                           preset_from_flags("classifier", **flags))
+            else:
+                found["upsampler"] = (flags.get("model_path") or None, preset_from_flags("superres", **flags))
+        except ValueError as exc:
+            raise SystemExit(f"admrt sample: --{option}: {exc}") from None
+        setattr(args, option.replace("-", "_"), flags)  # recorded in run.json as the typed flags
+        if option != "gd-flags":
+            continue
+        # The sampling options these flags name, where the command line gave none.
+        if args.steps is None and "timestep_respacing" in flags:
+            args.steps = flags["timestep_respacing"] or str(flags.get("diffusion_steps", 1000))
+        if args.method is None and "use_ddim" in flags:
+            args.method = "ddim" if flags["use_ddim"] else "ddpm"
+        if args.guidance is None and "classifier_scale" in flags and flags.get("classifier_path"):
+            args.guidance = flags["classifier_scale"]
+        if args.num is None and "num_samples" in flags:
+            args.num = flags["num_samples"]
+        if args.batch_size is None and "batch_size" in flags:
+            args.batch_size = flags["batch_size"]
+        if args.dtype is None and flags.get("use_fp16"):
+            args.dtype = "fp16"
+        args.clip_denoised = flags.get("clip_denoised", True)
+    return found
+
+
 def _models(args, device):
+    gd = _gd_settings(args)
+    for role in ("model", "classifier", "upsampler"):
+        if role in gd and getattr(args, f"{role}_preset") is not None:
+            raise SystemExit(f"admrt sample: --{role}-preset and --{'upsampler-' if role == 'upsampler' else ''}"
+                             "gd-flags both give the preset; pass one")
+    if "model" in gd and args.model is None:
+        args.model = gd["model"][0]
+        if args.model is None:
+            raise SystemExit("admrt sample: --gd-flags: no --model_path in the flags; pass --model PATH")
+    if "upsampler" in gd and args.upsampler is None:
+        args.upsampler = gd["upsampler"][0]
+        if args.upsampler is None:
+            raise SystemExit("admrt sample: --upsampler-gd-flags: no --model_path in the flags; pass --upsampler PATH")
+    if "model" in gd and args.classifier is None:
+        args.classifier = gd["classifier"][0] if "classifier" in gd else "none"  # image_sample.py: none
+    preset_of = {role: (gd[role][1] if role in gd else getattr(args, f"{role}_preset"))
+                 for role in ("model", "classifier", "upsampler")}
     explicit = args.model is not None
-    model = _load(args.model or DEFAULT_STACK[0], args.model_preset, "model", device)
+    model = _load(args.model or DEFAULT_STACK[0], preset_of["model"], "model", device)
     clf_spec = args.classifier if args.classifier is not None else (None if explicit else DEFAULT_STACK[1])
     up_spec = args.upsampler if args.upsampler is not None else (None if explicit else DEFAULT_STACK[2])
-    clf = None if clf_spec in (None, "none") else _load(clf_spec, args.classifier_preset, "classifier", device)
-    up = None if up_spec in (None, "none") else _load(up_spec, args.upsampler_preset, "upsampler", device)
+    clf = None if clf_spec in (None, "none") else _load(clf_spec, preset_of["classifier"], "classifier", device)
+    up = None if up_spec in (None, "none") else _load(up_spec, preset_of["upsampler"], "upsampler", device)
     return model, clf, up
 
 
@@ -133,8 +212,9 @@ def _package_engine(args, device):
     from .engine import Engine
 
     given = [f"--{k.replace('_', '-')}" for k in ("model", "model_preset", "classifier", "classifier_preset",
-                                                  "upsampler", "upsampler_preset") if getattr(args, k) is not None]
-    given += ["--dtype"] * (args.dtype != "fp32") + ["--backend"] * (args.backend != "eager")
+                                                  "upsampler", "upsampler_preset", "gd_flags", "upsampler_gd_flags",
+                                                  "method", "dtype") if getattr(args, k) is not None]
+    given += ["--backend"] * (args.backend != "eager")
     if given:
         raise SystemExit(f"admrt sample: --package holds the models, their precision and backend; drop {', '.join(given)}")
     if args.noise != "seeded":
@@ -169,18 +249,26 @@ def _check_record(out: Path, record: dict) -> str | None:
     manifest = out / "run.json"
     if manifest.exists():
         previous = json.loads(manifest.read_text())
-        if previous != record:
-            changed = sorted(key for key in set(record) | set(previous) if previous.get(key) != record.get(key))
+        # A key missing from an older record reads as None (an option that did not exist then).
+        changed = sorted(key for key in set(record) | set(previous) if previous.get(key) != record.get(key))
+        if changed:
             return f"admrt sample: {out} holds a run with other arguments ({', '.join(changed)}); use another --out or delete it"
     else:
         atomic_write(manifest, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
     return None
 
 
+def _method_options(args) -> dict:
+    """Engine.sample's options that only eager-model runs take (a package fixes them)."""
+    if args.package is not None:
+        return {}
+    return {"method": args.method, "clip_denoised": args.clip_denoised}
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    if args.num <= 0 or (args.batch_size is not None and args.batch_size <= 0):
+    if (args.num is not None and args.num <= 0) or (args.batch_size is not None and args.batch_size <= 0):
         raise SystemExit(f"admrt sample: --num={args.num} and --batch-size={args.batch_size} must be positive")
     rank, world = _ranks()
     dist = None
@@ -201,16 +289,25 @@ def _run(args, device, rank, world, dist) -> int:
     from .engine import Engine
 
     out = Path(args.out)
+    args.clip_denoised = True
     if args.package is not None:
+        args.num = args.num or DEFAULT_NUM
         engine = _package_engine(args, device)
         models = ()
     else:
-        args.steps = args.steps or "ddim25"
-        args.batch_size = args.batch_size or 16
-        models = model, clf, up = _models(args, device)
+        models = model, clf, up = _models(args, device)  # --gd-flags may set the options below
+        args.steps, args.num = args.steps or DEFAULT_STEPS, args.num or DEFAULT_NUM
+        args.batch_size, args.dtype = args.batch_size or DEFAULT_BATCH, args.dtype or "fp32"
+        if args.num <= 0 or args.batch_size <= 0:
+            raise SystemExit(f"admrt sample: num_samples={args.num} and batch_size={args.batch_size} (--gd-flags) "
+                             "must be positive")
         if up is not None and args.upsampler_steps is None and args.model is None and args.upsampler is None:
             args.upsampler_steps = DEFAULT_STACK_UPSAMPLER_STEPS
-        engine = Engine(model, classifier=clf, upsampler=up, backend=args.backend, dtype=args.dtype, device=device)
+        try:
+            engine = Engine(model, classifier=clf, upsampler=up, backend=args.backend, dtype=args.dtype,
+                            device=device)
+        except (TypeError, ValueError) as exc:
+            raise SystemExit(f"admrt sample: {exc}") from None
     shard_size = args.shard_size or 4 * args.batch_size
     k = engine.num_classes
     if args.classes:
@@ -254,7 +351,7 @@ def _run(args, device, rank, world, dist) -> int:
             result = engine.sample(
                 classes=None if labels is None else labels[lo:hi].tolist(), num=hi - lo, steps=args.steps,
                 guidance=args.guidance, seeds=[args.seed + i for i in range(lo, hi)], batch_size=args.batch_size,
-                eta=args.eta, noise=args.noise, upsampler_steps=args.upsampler_steps,
+                eta=args.eta, noise=args.noise, upsampler_steps=args.upsampler_steps, **_method_options(args),
                 progress=(lambda done, total: bar.update(1)) if bar is not None else None)
             _save_npz(shard_paths[s], result.images, result.labels)
     finally:

@@ -139,10 +139,17 @@ class Engine:
         self.classifier_info = None
         self._grad = None
         if classifier is not None:
-            self.classifier_info = ModelInfo.of(classifier, "classifier")
-            if self.classifier_info.kind != "classifier":
-                raise ValueError(f"classifier: expected a noisy classifier (EncoderUNet), got a "
-                                 f"{self.classifier_info.kind!r} model")
+            info = ModelInfo.of(classifier, "classifier")
+            if info.kind != "classifier":
+                raise ValueError(f"classifier: expected a noisy classifier (EncoderUNet), got a {info.kind!r} model")
+            size, base = info.image_size, self.base.info
+            if size is not None and size != base.image_size:
+                raise ValueError(f"classifier: it classifies {size}x{size} images, but the model samples "
+                                 f"{base.image_size}x{base.image_size}")
+            if info.in_channels != base.in_channels:
+                raise ValueError(f"classifier: in_channels={info.in_channels} differs from the model's "
+                                 f"{base.in_channels}")
+            self.classifier_info = info.fitted(base.image_size)
             self._grad = backend_impl.classifier_gradient(ClassifierGradient(classifier, **units))
         self._contexts: dict[str, tuple[tuple, object]] = {}  # role -> (key, _core.Sampler)
 
@@ -201,7 +208,8 @@ class Engine:
         batch_size: images per network call; every batch has min(batch_size, N) images, the
             last one padded (and the padding dropped), so one captured step serves them all.
         variance: "learned_range" | "fixed_small" | "fixed_large"; None: learned_range for a
-            learned-sigma model, else fixed_large (the reference's defaults).
+            learned-sigma model, else fixed_small or fixed_large as its diffusion's sigma_small
+            says (the reference's create_gaussian_diffusion).
         method: "ddpm" | "ddim" to override what `steps` implies.
         upsampler_steps: the cascade's second stage (default: `steps`).
         check_finite: raise if a model output, gradient or the sample is NaN/Inf, naming the
@@ -282,6 +290,7 @@ class Engine:
         info = stage.info
         p = _core.default_params()
         p.method, p.variance = plan.method, plan.variance
+        p.prediction = _core.Prediction.XSTART if stage.diffusion.predict_xstart else _core.Prediction.EPS
         p.eta, p.clip_denoised, p.check_finite = common["eta"], common["clip_denoised"], common["check_finite"]
         p.noise = common["noise"]
         p.cuda_graphs = self.cuda_graphs
@@ -338,13 +347,22 @@ class Engine:
         method_enum = _choice(METHODS, method, "method")
         tables = build_tables(stage.diffusion, respacing)
         if variance is None:
-            variance = "learned_range" if stage.info.learn_sigma else "fixed_large"
+            variance = default_variance(stage.info.learn_sigma, stage.diffusion)
         variance_enum = _choice(VARIANCES, variance, "variance")
         if variance == "learned_range" and not stage.info.learn_sigma:
             raise ValueError(f"variance='learned_range': the model outputs {stage.info.out_channels} channels, "
                              f"not 2*{stage.info.in_channels} (eps and variance values)")
         schedule = _core.Schedule(tables.tensors(), tables.original_num_steps, tables.rescale_timesteps)
         return _Plan(method_enum, tables, schedule, variance_enum, respacing)
+
+
+def default_variance(learn_sigma: bool, diffusion: DiffusionConfig) -> str:
+    """The reverse-process variance a model was trained for (create_gaussian_diffusion's
+    model_var_type): learned_range for a learned-sigma model, else fixed_small (sigma_small) or
+    fixed_large."""
+    if learn_sigma:
+        return "learned_range"
+    return "fixed_small" if diffusion.sigma_small else "fixed_large"
 
 
 def _padded_index(start: int, real: int, size: int) -> np.ndarray:

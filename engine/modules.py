@@ -12,6 +12,7 @@ the caller's module is never changed (fp32 weights are shared, not copied).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from typing import Optional
@@ -26,10 +27,10 @@ from admrt.models.unet import resolve_dtype
 @dataclass(frozen=True)
 class ModelInfo:
     """What the sampler needs to know about a network (from its ModelConfig, or read off a
-    guided-diffusion module with the same attributes)."""
+    guided-diffusion module's constructor attributes)."""
 
     kind: str                  # "unet" | "superres" | "classifier"
-    image_size: int
+    image_size: Optional[int]  # None: a guided-diffusion classifier whose pool takes any size
     in_channels: int
     out_channels: int
     num_classes: Optional[int]  # conditional UNet / SuperRes: label embedding size
@@ -45,16 +46,31 @@ class ModelInfo:
         if cfg is not None and hasattr(cfg, "kind"):
             return ModelInfo(cfg.kind, cfg.image_size, cfg.in_channels, cfg.out_channels, cfg.num_classes,
                              cfg.low_res_size)
-        # guided-diffusion modules (the oracle) carry the same fields as attributes.
+        # guided-diffusion modules keep their constructor's fields as attributes, but its
+        # EncoderUNetModel drops image_size: read it off the attention pool's positional
+        # embedding ((spatial^2 + 1) tokens at the encoder's last level).
+        kinds = {"SuperResModel": "superres", "EncoderUNetModel": "classifier", "UNetModel": "unet"}
+        kind = next((kinds[c.__name__] for c in type(module).__mro__ if c.__name__ in kinds), None)
         try:
-            name = type(module).__name__
-            kind = {"SuperResModel": "superres", "EncoderUNetModel": "classifier"}.get(name, "unet")
-            num_classes = getattr(module, "num_classes", None)
-            return ModelInfo(kind, int(module.image_size), int(module.in_channels), int(module.out_channels),
-                             None if kind == "classifier" else num_classes)
-        except AttributeError:
-            raise TypeError(f"{role}: expected an admrt model (with .config) or a guided-diffusion module, "
-                            f"got {type(module).__name__}") from None
+            if kind is None:
+                raise AttributeError(type(module).__name__)
+            in_channels, out_channels = int(module.in_channels), int(module.out_channels)
+            if kind != "classifier":
+                return ModelInfo(kind, int(module.image_size), in_channels, out_channels,
+                                 getattr(module, "num_classes", None))
+            image_size = None
+            pool = getattr(module.out[-1], "positional_embedding", None) if module.pool == "attention" else None
+            if pool is not None:
+                spatial = round((pool.shape[1] - 1) ** 0.5)
+                image_size = spatial * 2 ** (len(module.channel_mult) - 1)
+            return ModelInfo(kind, image_size, in_channels, out_channels, None)
+        except (AttributeError, TypeError, IndexError):
+            raise TypeError(f"{role}: expected an admrt model (with .config) or a guided-diffusion UNetModel, "
+                            f"SuperResModel or EncoderUNetModel, got {type(module).__name__}") from None
+
+    def fitted(self, image_size: int) -> "ModelInfo":
+        """This info with image_size set where the module leaves it open (see image_size)."""
+        return self if self.image_size is not None else dataclasses.replace(self, image_size=image_size)
 
 
 def is_channels_last(module: nn.Module) -> bool:

@@ -77,6 +77,8 @@ def _schedule(diffusion, plan: str) -> dict:
 
 
 def _model_entry(module: nn.Module, info, role: str, plans: list[str]) -> dict:
+    from admrt.engine.engine import default_variance
+
     preset = getattr(module, "preset", None)
     entry = {"file": FILES[role], "kind": info.kind, "image_size": info.image_size,
              "in_channels": info.in_channels, "out_channels": info.out_channels,
@@ -86,7 +88,7 @@ def _model_entry(module: nn.Module, info, role: str, plans: list[str]) -> dict:
         if preset is None:
             raise ValueError(f"{role}: it records no preset, so its diffusion process is unknown; load it with "
                              "admrt.load_model(..., preset=...)")
-        entry["variance"] = "learned_range" if info.learn_sigma else "fixed_large"
+        entry["variance"] = default_variance(info.learn_sigma, preset.diffusion)
         entry["diffusion"] = dataclasses.asdict(preset.diffusion)
         entry["schedules"] = {plan: _schedule(preset.diffusion, plan) for plan in plans}
     return entry
@@ -150,7 +152,7 @@ def export_aoti(model: nn.Module, classifier: Optional[nn.Module] = None, upsamp
         raise ValueError(f"model: expected a diffusion UNet, got a {infos['model'].kind!r} model")
     roles = [("model", model)]
     if classifier is not None:
-        infos["classifier"] = ModelInfo.of(classifier, "classifier")
+        infos["classifier"] = ModelInfo.of(classifier, "classifier").fitted(infos["model"].image_size)
         if infos["classifier"].kind != "classifier":
             raise ValueError(f"classifier: expected a noisy classifier, got a {infos['classifier'].kind!r} model")
         roles.append(("classifier", classifier))

@@ -5,7 +5,8 @@
   is estimated from one uniformly drawn t as T * L_t, where L_t is KL(q(x_{t-1}|x_t,x_0) ||
   p(x_{t-1}|x_t)) in bits/dim (the discretized Gaussian decoder NLL at t = 0), computed with the
   predicted mean frozen (stop-gradient) so that L_vlb trains only the variance (sec. 3.1).
-  For T = 1000 this is guided-diffusion's `training_losses` with loss "mse + vb".
+  At T = 1000 this is guided-diffusion's `training_losses` "mse + vb"; its other settings
+  (predict_xstart, use_kl, rescale_learned_sigmas, sigma_small: admrt.DiffusionConfig) too.
 - Noisy classifier: cross-entropy of p(y | x_t, t) (Dhariwal & Nichol sec. 4).
 - Timestep samplers: uniform, and the loss-second-moment importance sampler (Improved DDPM
   sec. 3.3: p_t proportional to sqrt(E[L_t^2]), with the loss reweighted by 1/(T p_t)),
@@ -18,10 +19,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from admrt.diffusion import (DiffusionTables, learned_range_variance, predict_xstart_from_eps,
+from admrt.config import DiffusionConfig
+from admrt.diffusion import (DiffusionTables, fixed_variance, learned_range_variance, predict_xstart_from_eps,
                              q_posterior_mean_variance)
-
-HYBRID_LAMBDA = 0.001
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -57,15 +57,13 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor,
     return torch.where(x < -0.999, log_upper, torch.where(x > 0.999, log_one_minus_lower, log_delta))
 
 
-def vlb_terms_bits(tables: DiffusionTables, eps: torch.Tensor, var_values: torch.Tensor,
+def vlb_terms_bits(tables: DiffusionTables, pred_x0: torch.Tensor, model_log_var: torch.Tensor,
                    x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """L_t in bits/dim, (B,): KL between the true posterior and p(x_{t-1} | x_t) for t > 0, the
-    decoder NLL at t = 0. p's mean comes from eps (x_0 predicted, not clipped), its variance
-    from the learned range (Improved DDPM eq. 15)."""
+    decoder NLL at t = 0 (reference: _vb_terms_bpd with clip_denoised=False). p's mean is the
+    posterior mean at the predicted x_0 (not clipped), its log variance `model_log_var`."""
     true_mean, _, true_log_var = q_posterior_mean_variance(tables, x_start, x_t, t)
-    pred_x0 = predict_xstart_from_eps(tables, x_t, t, eps)
     model_mean, _, _ = q_posterior_mean_variance(tables, pred_x0, x_t, t)
-    _, model_log_var = learned_range_variance(tables, var_values, t)
     kl = mean_flat(normal_kl(true_mean, true_log_var, model_mean, model_log_var)) / math.log(2.0)
     nll = -mean_flat(discretized_gaussian_log_likelihood(
         x_start, means=model_mean, log_scales=0.5 * model_log_var)) / math.log(2.0)
@@ -74,27 +72,44 @@ def vlb_terms_bits(tables: DiffusionTables, eps: torch.Tensor, var_values: torch
 
 def diffusion_losses(tables: DiffusionTables, model_output: torch.Tensor, x_start: torch.Tensor,
                      x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                     vlb_lambda: float = HYBRID_LAMBDA) -> dict[str, torch.Tensor]:
-    """Per-sample hybrid loss terms, each (B,) float32: "mse" (L_simple), "vb" (L_t, bits/dim,
-    the mean frozen), "loss" = mse + lambda * T * vb. For a fixed-sigma model (output channels
-    = C) the loss is L_simple alone and "vb" is absent."""
+                     diffusion: DiffusionConfig | None = None) -> dict[str, torch.Tensor]:
+    """Per-sample loss terms, each (B,) float32, as guided-diffusion's training_losses for the
+    process `diffusion` (default DiffusionConfig()):
+
+    - "mse": L_simple, the MSE to eps (or to x_0 when predict_xstart);
+    - "vb": L_t in bits/dim (learned sigma), with the predicted mean frozen so that it trains
+      only the variance (Improved DDPM sec. 3.1), weighted by T/1000 if rescale_learned_sigmas;
+    - "loss" = mse + vb, or mse alone for a fixed-sigma model (output channels = C);
+    - use_kl: "loss" = T * L_t alone (RESCALED_KL), mean and variance both trained.
+    """
+    diffusion = diffusion or DiffusionConfig()
     model_output = model_output.float()
     c = x_start.shape[1]
     if model_output.shape[1] == 2 * c:
-        eps, var_values = model_output[:, :c], model_output[:, c:]
-        # Stop-gradient on the mean: L_vlb only trains the variance (Improved DDPM sec. 3.1).
-        vb = vlb_terms_bits(tables, eps.detach(), var_values, x_start, x_t, t)
+        pred, var_values = model_output[:, :c], model_output[:, c:]
+        log_var = learned_range_variance(tables, var_values, t)[1]
     elif model_output.shape[1] == c:
-        eps, vb = model_output, None
+        pred, var_values = model_output, None
+        log_var = fixed_variance(tables, t, x_t, "small" if diffusion.sigma_small else "large")[1]
     else:
         raise ValueError(f"model_output: expected {c} or {2 * c} channels, got {model_output.shape[1]}")
-    mse = mean_flat((noise.float() - eps) ** 2)
-    terms = {"mse": mse}
-    if vb is None:
-        terms["loss"] = mse
-    else:
-        terms["vb"] = vb
-        terms["loss"] = mse + vlb_lambda * tables.num_timesteps * vb
+
+    def x0_of(p: torch.Tensor) -> torch.Tensor:
+        return p if diffusion.predict_xstart else predict_xstart_from_eps(tables, x_t, t, p)
+
+    if diffusion.use_kl:
+        return {"loss": vlb_terms_bits(tables, x0_of(pred), log_var, x_start, x_t, t) * tables.num_timesteps}
+    target = x_start if diffusion.predict_xstart else noise.float()
+    terms = {"mse": mean_flat((target - pred) ** 2)}
+    if var_values is None:
+        terms["loss"] = terms["mse"]
+        return terms
+    # Stop-gradient on the mean: the bound term only trains the variance.
+    vb = vlb_terms_bits(tables, x0_of(pred.detach()), log_var, x_start, x_t, t)
+    if diffusion.rescale_learned_sigmas:
+        vb = vb * (tables.num_timesteps / 1000.0)
+    terms["vb"] = vb
+    terms["loss"] = terms["mse"] + vb
     return terms
 
 

@@ -150,12 +150,14 @@ def augment(x: torch.Tensor, flip: torch.Tensor | None, crop: torch.Tensor | Non
 
 
 class DiffusionTask:
-    """Hybrid loss of the ADM UNet (and, with `low_res`, of the upsampler)."""
+    """Hybrid loss of the ADM UNet (and, with `low_res`, of the upsampler), or the one its
+    DiffusionConfig names (predict_xstart, use_kl, rescale_learned_sigmas)."""
 
     uses_timesteps = True
     metrics = ("loss", "mse", "vb")
 
     def __init__(self, config, diffusion):
+        self.diffusion = diffusion
         self.tables = build_tables(diffusion)
         self.class_cond = config.num_classes is not None
 
@@ -169,7 +171,7 @@ class DiffusionTask:
         if self.class_cond:
             kwargs["y"] = b.y
         out = model(x_t, model_timesteps(self.tables, b.t), **kwargs)
-        return diffusion_losses(self.tables, out, x0, x_t, b.t, b.noise)
+        return diffusion_losses(self.tables, out, x0, x_t, b.t, b.noise, self.diffusion)
 
 
 class UpsamplerTask(DiffusionTask):

@@ -72,7 +72,39 @@ class ADMBase(nn.Module):
         )
         self._ch, self._ds, self._emb_dim, self._attention_ds = ch, ds, emb_dim, attention_ds
 
+    # -- guided-diffusion's attributes (code written against its modules reads them) ----------
+    image_size = property(lambda self: self.config.image_size)
+    model_channels = property(lambda self: self.config.model_channels)
+    out_channels = property(lambda self: self.config.out_channels)
+    num_res_blocks = property(lambda self: self.config.num_res_blocks)
+    dropout = property(lambda self: self.config.dropout)
+    channel_mult = property(lambda self: self.config.channel_mult)
+    conv_resample = property(lambda self: self.config.conv_resample)
+    num_heads = property(lambda self: self.config.num_heads)
+    num_head_channels = property(lambda self: self.config.num_head_channels)
+    num_heads_upsample = property(lambda self: self.config.num_heads_upsample)
+    use_checkpoint = False  # gradient checkpointing is not implemented; guided-diffusion's flag is accepted off
+
+    @property
+    def in_channels(self) -> int:
+        """The first convolution's input channels (a SuperRes model's are x_t's and low_res's)."""
+        return self.input_blocks[0][0].in_channels
+
+    @property
+    def attention_resolutions(self) -> tuple[int, ...]:
+        """As guided-diffusion's modules hold them: downsample rates (image_size // pixels), where
+        ModelConfig.attention_resolutions holds the pixel sizes of its flags."""
+        return tuple(self.config.image_size // r for r in self.config.attention_resolutions)
+
     # -- precision and kernels ------------------------------------------------------------
+    def convert_to_fp16(self) -> None:
+        """guided-diffusion's convert_to_fp16: set_dtype(torch.float16) (it sets .dtype too)."""
+        self.set_dtype(torch.float16)
+
+    def convert_to_fp32(self) -> None:
+        """guided-diffusion's convert_to_fp32: set_dtype(torch.float32)."""
+        self.set_dtype(torch.float32)
+
     def body(self) -> list[nn.Module]:
         """The modules whose convolutions run in the low precision."""
         return [self.input_blocks, self.middle_block]
@@ -121,6 +153,8 @@ class ADMBase(nn.Module):
 class UNetModel(ADMBase, FusedOpsMixin):
     """The ADM diffusion UNet: model(x_t (B,C,H,W), t (B,), y (B,) | None) -> (B, out, H, W),
     out = [eps | v] for a learned-sigma model (v: the learned-range interpolation values)."""
+
+    num_classes = property(lambda self: self.config.num_classes)
 
     def __init__(self, config: ModelConfig, extra_in_channels: int = 0):
         super().__init__(config, config.in_channels + extra_in_channels)
@@ -210,6 +244,9 @@ class EncoderUNetModel(ADMBase, FusedOpsMixin):
     pool: "attention" (AttentionPool2d), "adaptive" (global average + 1x1 conv), "spatial" /
     "spatial_v2" (MLP over the spatial means of every input block and the middle block).
     """
+
+    num_classes = None  # as guided-diffusion's EncoderUNetModel: its classes are out_channels
+    pool = property(lambda self: self.config.pool)
 
     def __init__(self, config: ModelConfig):
         super().__init__(config, config.in_channels)

@@ -47,6 +47,7 @@ struct Stage {
   std::vector<int64_t> low_res_shape;  // upsampler: (C, h, w)
   std::optional<int64_t> num_classes;  // conditional model; classifier: its classes
   Variance variance = Variance::LearnedRange;
+  Prediction prediction = Prediction::Eps;  // manifest diffusion.predict_xstart
   std::map<std::string, StepPlan> plans;
   std::shared_ptr<Denoiser> denoiser;         // model, upsampler
   std::shared_ptr<ClassifierGrad> gradient;   // classifier

@@ -139,6 +139,9 @@ PYBIND11_MODULE(_core, m) {
       .value("LEARNED_RANGE", admrt::Variance::LearnedRange)
       .value("FIXED_SMALL", admrt::Variance::FixedSmall)
       .value("FIXED_LARGE", admrt::Variance::FixedLarge);
+  py::enum_<admrt::Prediction>(m, "Prediction")
+      .value("EPS", admrt::Prediction::Eps)
+      .value("XSTART", admrt::Prediction::XStart);
   py::enum_<admrt::NoiseMode>(m, "NoiseMode")
       .value("SEEDED", admrt::NoiseMode::Seeded)
       .value("REFERENCE", admrt::NoiseMode::Reference);
@@ -154,6 +157,7 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init<>())
       .def_readwrite("method", &admrt::SamplerParams::method)
       .def_readwrite("variance", &admrt::SamplerParams::variance)
+      .def_readwrite("prediction", &admrt::SamplerParams::prediction)
       .def_readwrite("eta", &admrt::SamplerParams::eta)
       .def_readwrite("clip_denoised", &admrt::SamplerParams::clip_denoised)
       .def_readwrite("check_finite", &admrt::SamplerParams::check_finite)

@@ -133,6 +133,10 @@ std::shared_ptr<Stage> load_stage(const fs::path& folder, const std::string& rol
   else if (variance == "fixed_small") stage->variance = Variance::FixedSmall;
   else if (variance == "fixed_large") stage->variance = Variance::FixedLarge;
   else throw std::runtime_error(cat(what, ".variance='", variance, "': expected learned_range, fixed_small or fixed_large"));
+  // diffusion.predict_xstart: absent in packages written before it was recorded (eps models).
+  const json::Value& diffusion = m.at("diffusion", what);
+  if (diffusion.has("predict_xstart") && diffusion.at("predict_xstart", what).as_bool(what + ".diffusion.predict_xstart"))
+    stage->prediction = Prediction::XStart;
   for (const auto& [name, plan] : m.at("schedules", what).as_object(what + ".schedules"))
     stage->plans[name] = step_plan(plan, cat(what, ".schedules.", name));
   return stage;
@@ -277,6 +281,7 @@ Sampler& Context::sampler(const Stage& stage, const StepPlan& plan, int64_t batc
   SamplerParams p = admrt::default_params();
   p.method = plan.method;
   p.variance = stage.variance;
+  p.prediction = stage.prediction;
   p.eta = params_.eta;
   p.clip_denoised = params_.clip_denoised;
   p.check_finite = params_.check_finite;

@@ -322,10 +322,10 @@ void Sampler::step(const std::optional<at::Generator>& generator) {
     cur.copy_(at::where(cur.lt(0).logical_and(at::isfinite(t).all().logical_not()), step_, cur));
   };
   if (p.check_finite) flag_bad(0, out);
-  at::Tensor eps = out.narrow(1, 0, C);
+  at::Tensor pred = out.narrow(1, 0, C);
 
-  // x_0 prediction (p_mean_variance / _predict_xstart_from_eps), clipped.
-  at::Tensor x0 = x_ * c(kSqrtRecipAc) - eps * c(kSqrtRecipm1Ac);
+  // x_0 prediction (p_mean_variance: the output itself, or _predict_xstart_from_eps), clipped.
+  at::Tensor x0 = p.prediction == Prediction::XStart ? pred : x_ * c(kSqrtRecipAc) - pred * c(kSqrtRecipm1Ac);
   if (p.clip_denoised) x0 = x0.clamp(-1, 1);
 
   at::Tensor g;

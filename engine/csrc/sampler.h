@@ -27,7 +27,8 @@ namespace admrt {
 
 // The network: (x_t (B,C,H,W) float32, t (B,) float32 model timesteps, y (B,) int64 labels (zeros
 // for an unconditional model, which ignores them), low_res (B,C,h,w) float32 or none) ->
-// (B,C,H,W) eps, or (B,2C,H,W) [eps | v] for learned sigma; float32. No host synchronisation
+// (B,C,H,W) eps, or (B,2C,H,W) [eps | v] for learned sigma (x_0 in place of eps for an x_0-predicting
+// model, SamplerParams::prediction); float32. No host synchronisation
 // inside (it may be captured in a CUDA graph).
 class Denoiser {
  public:
@@ -46,6 +47,8 @@ class ClassifierGrad {
 
 enum class Method { DDPM, DDIM };
 enum class Variance { LearnedRange, FixedSmall, FixedLarge };
+// What the network's first C channels are (guided-diffusion's ModelMeanType): EPSILON or START_X.
+enum class Prediction { Eps, XStart };
 // Seeded: counter-based noise keyed by (seed_b, draw, element) (noise.h): an image depends only on
 // its seed. Reference: one torch generator drawn in guided-diffusion's order (x_T first, then one
 // randn_like per step, also at eta = 0 and at the last step); never graph-captured.
@@ -70,6 +73,7 @@ struct Schedule {
 struct SamplerParams {
   Method method = Method::DDIM;
   Variance variance = Variance::LearnedRange;
+  Prediction prediction = Prediction::Eps;
   double eta = 0.0;                  // DDIM only: 0 deterministic, 1 ~ DDPM-like
   bool clip_denoised = true;         // clamp the x_0 prediction to [-1, 1]
   bool check_finite = true;          // device flag per step, read once after the loop
