@@ -103,21 +103,21 @@ def _load(spec: str, preset, role: str, device: str):
 
 
 def _gd_settings(args) -> dict:
-    """Read --gd-flags / --upsampler-gd-flags: presets for the models, and the sampling options their
-    flags name where no explicit option was given. Returns {role: (path or None, Preset)}."""
+    """Read --gd-flags / --upsampler-gd-flags (replaced on args by the typed flags, which run.json
+    records): {role: (the flags' model_path / classifier_path or None, Preset)}."""
     from admrt.gd_flags import infer_kind, parse_flags, preset_from_flags
 
     found = {}
-    for option, value in (("gd-flags", args.gd_flags), ("upsampler-gd-flags", args.upsampler_gd_flags)):
+    for option in ("gd-flags", "upsampler-gd-flags"):
+        value = getattr(args, option.replace("-", "_"), None)
         if value is None:
             continue
         try:
             flags = parse_flags(value)
-            kind = infer_kind(flags)
-            if option == "gd-flags" and kind == "superres":
-                raise ValueError("these are an upsampler's flags (large_size/small_size): pass them as "
-                                 "--upsampler-gd-flags, with a base model")
             if option == "gd-flags":
+                if infer_kind(flags) == "superres":
+                    raise ValueError("these are an upsampler's flags (large_size/small_size): pass them as "
+                                     "--upsampler-gd-flags, with a base model")
                 found["model"] = (flags.get("model_path") or None, preset_from_flags("unet", **flags))
                 if flags.get("classifier_path") or args.classifier not in (None, "none"):
                     found["classifier"] = (flags.get("classifier_path") or None,
@@ -125,25 +125,31 @@ def _gd_settings(args) -> dict:
             else:
                 found["upsampler"] = (flags.get("model_path") or None, preset_from_flags("superres", **flags))
         except ValueError as exc:
-            raise SystemExit(f"admrt sample: --{option}: {exc}") from None
-        setattr(args, option.replace("-", "_"), flags)  # recorded in run.json as the typed flags
-        if option != "gd-flags":
-            continue
-        # The sampling options these flags name, where the command line gave none.
-        if args.steps is None and "timestep_respacing" in flags:
-            args.steps = flags["timestep_respacing"] or str(flags.get("diffusion_steps", 1000))
-        if args.method is None and "use_ddim" in flags:
-            args.method = "ddim" if flags["use_ddim"] else "ddpm"
-        if args.guidance is None and "classifier_scale" in flags and flags.get("classifier_path"):
-            args.guidance = flags["classifier_scale"]
-        if args.num is None and "num_samples" in flags:
-            args.num = flags["num_samples"]
-        if args.batch_size is None and "batch_size" in flags:
-            args.batch_size = flags["batch_size"]
-        if args.dtype is None and flags.get("use_fp16"):
-            args.dtype = "fp16"
-        args.clip_denoised = flags.get("clip_denoised", True)
+            raise SystemExit(f"admrt: --{option}: {exc}") from None
+        setattr(args, option.replace("-", "_"), flags)
     return found
+
+
+def _gd_sampling_options(args) -> None:
+    """The sampling options guided-diffusion's flags name (timestep_respacing, use_ddim,
+    classifier_scale, num_samples, batch_size, use_fp16, clip_denoised), where the command line
+    gave none. Flags not given leave admrt's defaults."""
+    flags = args.gd_flags
+    if not flags:
+        return
+    if args.steps is None and "timestep_respacing" in flags:
+        args.steps = flags["timestep_respacing"] or str(flags.get("diffusion_steps", 1000))
+    if args.method is None and "use_ddim" in flags:
+        args.method = "ddim" if flags["use_ddim"] else "ddpm"
+    if args.guidance is None and "classifier_scale" in flags and flags.get("classifier_path"):
+        args.guidance = flags["classifier_scale"]
+    if args.num is None and "num_samples" in flags:
+        args.num = flags["num_samples"]
+    if args.batch_size is None and "batch_size" in flags:
+        args.batch_size = flags["batch_size"]
+    if args.dtype is None and flags.get("use_fp16"):
+        args.dtype = "fp16"
+    args.clip_denoised = flags.get("clip_denoised", True)
 
 
 def _models(args, device):
@@ -295,7 +301,8 @@ def _run(args, device, rank, world, dist) -> int:
         engine = _package_engine(args, device)
         models = ()
     else:
-        models = model, clf, up = _models(args, device)  # --gd-flags may set the options below
+        models = model, clf, up = _models(args, device)
+        _gd_sampling_options(args)
         args.steps, args.num = args.steps or DEFAULT_STEPS, args.num or DEFAULT_NUM
         args.batch_size, args.dtype = args.batch_size or DEFAULT_BATCH, args.dtype or "fp32"
         if args.num <= 0 or args.batch_size <= 0:

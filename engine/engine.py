@@ -96,7 +96,8 @@ class Engine:
 
     model: admrt UNet (admrt.create_model / load_model) or a guided-diffusion UNetModel.
     classifier: noisy classifier (EncoderUNet, admrt's or guided-diffusion's) for guidance, or None.
-    upsampler: SuperRes model conditioned on the base model's uint8 output, or None.
+    upsampler: SuperRes model (admrt's or guided-diffusion's) conditioned on the base model's uint8
+        output, or None.
     backend: "eager", "compile" (torch.compile, fullgraph), or one registered by admrt.export.
     dtype: "fp32" | "fp16" | "bf16" for the networks' body convolutions (norms, embeddings and
         heads stay fp32). Applied to inference copies (admrt.engine.Denoiser /
@@ -210,7 +211,8 @@ class Engine:
         variance: "learned_range" | "fixed_small" | "fixed_large"; None: learned_range for a
             learned-sigma model, else fixed_small or fixed_large as its diffusion's sigma_small
             says (the reference's create_gaussian_diffusion).
-        method: "ddpm" | "ddim" to override what `steps` implies.
+        method: "ddpm" | "ddim" to override what `steps` implies (guided-diffusion's use_ddim over
+            a respacing such as "250"); both stages of a cascade.
         upsampler_steps: the cascade's second stage (default: `steps`).
         check_finite: raise if a model output, gradient or the sample is NaN/Inf, naming the
             first bad step (a device flag per step, read once after each batch).

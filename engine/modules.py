@@ -47,14 +47,16 @@ class ModelInfo:
             return ModelInfo(cfg.kind, cfg.image_size, cfg.in_channels, cfg.out_channels, cfg.num_classes,
                              cfg.low_res_size)
         # guided-diffusion modules keep their constructor's fields as attributes, but its
-        # EncoderUNetModel drops image_size: read it off the attention pool's positional
-        # embedding ((spatial^2 + 1) tokens at the encoder's last level).
+        # SuperResModel doubles in_channels, and its EncoderUNetModel drops image_size: read it
+        # off the attention pool's positional embedding ((spatial^2 + 1) tokens at the last level).
         kinds = {"SuperResModel": "superres", "EncoderUNetModel": "classifier", "UNetModel": "unet"}
         kind = next((kinds[c.__name__] for c in type(module).__mro__ if c.__name__ in kinds), None)
         try:
             if kind is None:
                 raise AttributeError(type(module).__name__)
             in_channels, out_channels = int(module.in_channels), int(module.out_channels)
+            if kind == "superres":
+                in_channels //= 2  # its in_channels counts x_t's and the upsampled low_res's
             if kind != "classifier":
                 return ModelInfo(kind, int(module.image_size), in_channels, out_channels,
                                  getattr(module, "num_classes", None))
@@ -99,9 +101,12 @@ def inference_copy(module: nn.Module, *, device: torch.device, dtype: str = "fp3
     low = resolve_dtype(dtype)
     if hasattr(net, "set_dtype"):
         net.set_dtype(low)
+    elif low == torch.float16 and hasattr(net, "convert_to_fp16"):  # a guided-diffusion module: its own policy
+        net.convert_to_fp16()
+        net.dtype = low
     elif low != torch.float32:
-        raise ValueError(f"dtype={dtype!r}: {type(module).__name__} has no set_dtype(); only 'fp32' is available "
-                         "for it")
+        raise ValueError(f"dtype={dtype!r}: {type(module).__name__} has no set_dtype(); 'fp32' (and 'fp16' for a "
+                         "guided-diffusion module) is available for it")
     if channels_last:
         net.to(memory_format=torch.channels_last)
     return net

@@ -18,6 +18,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--classifier-preset", default=None)
     a.add_argument("--upsampler", default=None, help="upsampler; 'none' for one stage")
     a.add_argument("--upsampler-preset", default=None)
+    a.add_argument("--gd-flags", default=None, metavar="FLAGS",
+                   help="guided-diffusion's flags of the model (and classifier), as `admrt sample --gd-flags` "
+                        "takes them: they give the presets (and model_path / classifier_path the files)")
+    a.add_argument("--upsampler-gd-flags", default=None, metavar="FLAGS",
+                   help="guided-diffusion's super_res_sample.py flags of --upsampler")
     a.add_argument("--steps", default="ddim25",
                    help="comma-separated step plans whose tables the package carries, e.g. ddim25,250 (ddimN: DDIM, "
                         "N: DDPM respaced); the first is the default (default ddim25)")

@@ -29,6 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default /usr/share/datasets/fashion-mnist)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--preset", default=None, help="model preset (default: the bundled one of the task)")
+    p.add_argument("--gd-flags", default=None, metavar="FLAGS",
+                   help="the network and diffusion as guided-diffusion's image_train.py / classifier_train.py / "
+                        "super_res_train.py flags give them (\"--image_size 64 --num_channels 128 ... --use_kl "
+                        "True\"), instead of --preset; its training flags (lr, batch_size, ...) are not read: "
+                        "pass admrt's options (docs/migration.md)")
     p.add_argument("--steps", type=int, default=10000, help="optimizer steps in all")
     p.add_argument("--batch-size", type=int, default=128, help="global batch per optimizer step")
     p.add_argument("--microbatch", type=int, default=0, help="per-process microbatch (gradient accumulation)")
@@ -71,7 +76,16 @@ def run(args: argparse.Namespace) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    preset = admrt.get_preset(args.preset or DEFAULT_PRESETS[args.task])
+    if args.gd_flags is not None:
+        if args.preset is not None:
+            raise SystemExit("admrt train: --preset and --gd-flags both give the model; pass one")
+        kind = {"diffusion": "unet", "classifier": "classifier", "upsampler": "superres"}[args.task]
+        try:
+            preset = admrt.preset_from_flags(kind, **admrt.parse_flags(args.gd_flags))
+        except ValueError as exc:
+            raise SystemExit(f"admrt train: --gd-flags: {exc}") from None
+    else:
+        preset = admrt.get_preset(args.preset or DEFAULT_PRESETS[args.task])
     ema = args.ema if args.ema is not None else ([] if args.task == "classifier" else [0.9999])
     crop = (args.task == "classifier" or args.random_crop) and not args.no_random_crop
     cfg = TrainConfig(task=args.task, steps=args.steps, batch_size=args.batch_size,

@@ -82,7 +82,9 @@ class ADMBase(nn.Module):
     conv_resample = property(lambda self: self.config.conv_resample)
     num_heads = property(lambda self: self.config.num_heads)
     num_head_channels = property(lambda self: self.config.num_head_channels)
-    num_heads_upsample = property(lambda self: self.config.num_heads_upsample)
+    # resolved as guided-diffusion resolves it (-1: num_heads)
+    num_heads_upsample = property(lambda self: self.config.num_heads_upsample if self.config.num_heads_upsample != -1
+                                  else self.config.num_heads)
     use_checkpoint = False  # gradient checkpointing is not implemented; guided-diffusion's flag is accepted off
 
     @property

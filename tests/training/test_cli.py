@@ -45,3 +45,24 @@ def test_train_cli_diffusion_sample_grid(tmp_path):
     grids = sorted(out.glob("grid_*.png"))
     assert grids, "no sample grid written"
     assert Image.open(grids[0]).size == (16 * 10, 16 * 2)  # tiny-cond: 10 classes, 16x16
+
+
+@pytest.mark.skipif(not HAVE_FMNIST, reason="Debian's dataset-fashion-mnist is not installed")
+def test_train_cli_from_guided_diffusion_flags(tmp_path):
+    """image_train.py's model and diffusion flags give the network and its objective (x_0 target, KL)."""
+    out, export = tmp_path / "run", tmp_path / "final.safetensors"
+    flags = ("--image_size 16 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2 --attention_resolutions 8 "
+             "--class_cond True --learn_sigma True --predict_xstart True --use_kl True --diffusion_steps 100")
+    argv = ["diffusion", "--gd-flags", flags, "--steps", "2", "--batch-size", "4", "--limit", "16",
+            "--eval-images", "8", "--ema", "0.9", "--log-every", "1", "--device", "cpu", "--out", str(out),
+            "--export", str(export)]
+    assert cli.main(argv) == 0
+    m = admrt.load_model(export)
+    assert m.preset.name == "gd-flags-unet" and m.in_channels == 3 and m.num_classes == 1000
+    d = m.preset.diffusion
+    assert (d.steps, d.predict_xstart, d.use_kl) == (100, True, True)
+    header, *rows = (out / "log.csv").read_text().strip().splitlines()
+    mse = [float(r.split(",")[header.split(",").index("mse")]) for r in rows]
+    assert mse == [0.0, 0.0]  # use_kl: the bound alone, no MSE term
+    with pytest.raises(SystemExit, match="--preset and --gd-flags both give the model"):
+        cli.main(argv + ["--preset", "tiny-cond"])

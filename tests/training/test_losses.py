@@ -47,8 +47,44 @@ def test_vlb_term_trains_only_the_variance():
     (grad,) = torch.autograd.grad(terms["vb"].sum(), out)
     assert grad[:, :1].abs().max() == 0  # eps half: stop-gradient
     assert grad[:, 1:].abs().max() > 0
-    # lambda * T scaling of the hybrid objective
-    torch.testing.assert_close(terms["loss"], terms["mse"] + 0.001 * 100 * terms["vb"])
+    torch.testing.assert_close(terms["loss"], terms["mse"] + terms["vb"])  # guided-diffusion's MSE
+    # rescale_learned_sigmas: lambda * T = T / 1000 on the bound term (Improved DDPM; RESCALED_MSE)
+    rescaled = L.diffusion_losses(tables, out, x0, q_sample(tables, x0, t, noise), t, noise,
+                                  DiffusionConfig(steps=100, rescale_learned_sigmas=True))
+    torch.testing.assert_close(rescaled["loss"], terms["mse"] + 0.001 * 100 * terms["vb"])
+
+
+@pytest.mark.parametrize("learn_sigma,sigma_small,predict_xstart,use_kl,rescale,steps", [
+    (True, False, True, False, False, 1000), (True, False, False, True, False, 1000),
+    (True, False, True, True, False, 400), (True, False, False, False, True, 400),
+    (True, False, False, False, False, 400), (False, False, True, False, False, 1000),
+    (False, True, False, True, False, 1000), (False, False, True, True, False, 250),
+])
+def test_every_loss_setting_matches_reference(learn_sigma, sigma_small, predict_xstart, use_kl, rescale, steps):
+    """training_losses of create_gaussian_diffusion with each of its loss-changing arguments."""
+    from guided_diffusion.script_util import create_gaussian_diffusion
+
+    d = DiffusionConfig(steps=steps, noise_schedule="cosine", predict_xstart=predict_xstart, use_kl=use_kl,
+                        rescale_learned_sigmas=rescale, sigma_small=sigma_small)
+    ref = create_gaussian_diffusion(steps=steps, learn_sigma=learn_sigma, sigma_small=sigma_small,
+                                    noise_schedule="cosine", use_kl=use_kl, predict_xstart=predict_xstart,
+                                    rescale_learned_sigmas=rescale)
+    tables = build_tables(d)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, 256, (6, 2, 8, 8), generator=g).float() / 127.5 - 1
+    t = torch.tensor([0, 1, 7, steps // 4, steps // 2, steps - 1])
+    noise = torch.randn(x0.shape, generator=g)
+    out = 0.5 * torch.randn(6, 4 if learn_sigma else 2, 8, 8, generator=g)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x, t, **kw):
+            return out
+
+    expected = ref.training_losses(Fixed(), x0, t, noise=noise)
+    got = L.diffusion_losses(tables, out, x0, q_sample(tables, x0, t, noise), t, noise, d)
+    assert sorted(got) == sorted(expected)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
 
 
 def test_fixed_sigma_output_is_simple_loss():
