@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,7 +145,9 @@ class DiffusionConfig:
     rescale_learned_sigmas: bool = False
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.steps, int) and self.steps > 0, "steps", self.steps, "a positive int")
+        _check(isinstance(self.steps, numbers.Integral) and not isinstance(self.steps, bool) and self.steps > 0,
+               "steps", self.steps, "a positive int")
+        object.__setattr__(self, "steps", int(self.steps))
         _check(self.noise_schedule in NOISE_SCHEDULES, "noise_schedule", self.noise_schedule,
                f"one of {NOISE_SCHEDULES}")
         for name in ("predict_xstart", "rescale_timesteps", "sigma_small", "use_kl", "rescale_learned_sigmas"):

@@ -32,7 +32,19 @@ CONFIGS = {
     "classifier-adaptive": _cfg("classifier", pool="adaptive"),
     "classifier-spatial": _cfg("classifier", pool="spatial"),
     "classifier-spatial-v2": _cfg("classifier", pool="spatial_v2"),
+    "gray-32px": _cfg(image_size=32, in_channels=1, out_channels=2, attention_resolutions=(16, 8)),
 }
+
+
+def test_every_model_field_is_varied_against_the_reference():
+    """Each ModelConfig field takes a non-default value in some config above, so a field the
+    networks ignored would show as a mismatch with guided-diffusion (dropout: eval is inert;
+    training runs it)."""
+    import dataclasses
+    base = _cfg()
+    varied = {f.name for cfg in CONFIGS.values() for f in dataclasses.fields(ModelConfig)
+              if getattr(cfg, f.name) != getattr(base, f.name)}
+    assert varied == {f.name for f in dataclasses.fields(ModelConfig)}
 
 
 def _pair(config, seed=0):
