@@ -202,7 +202,9 @@ def preset_from_flags(kind: str | None = None, **flags: Any) -> Preset:
             channel_mult=mult, dropout=f["dropout"], num_classes=NUM_CLASSES if f["class_cond"] else None,
             num_heads=f["num_heads"], num_head_channels=f["num_head_channels"],
             num_heads_upsample=f["num_heads_upsample"], use_scale_shift_norm=f["use_scale_shift_norm"],
-            resblock_updown=f["resblock_updown"], use_new_attention_order=f["use_new_attention_order"],
+            resblock_updown=f["resblock_updown"],
+            # sr_create_model takes no use_new_attention_order (nor channel_mult): the legacy order
+            use_new_attention_order=f["use_new_attention_order"] and not superres,
             low_res_size=f["small_size"] if superres else None)
     for preset in PRESETS.values():
         if preset.model == model and preset.diffusion == diffusion:
