@@ -30,7 +30,7 @@ __all__ = [
     "betas_for_schedule", "space_timesteps", "DiffusionTables", "build_tables",
     "model_timesteps", "q_sample", "q_mean_variance", "q_posterior_mean_variance",
     "predict_xstart_from_eps", "predict_eps_from_xstart", "learned_range_variance",
-    "fixed_variance",
+    "fixed_variance", "default_variance",
 ]
 
 
@@ -331,3 +331,12 @@ def fixed_variance(tables: DiffusionTables, t: torch.Tensor, like: torch.Tensor,
         return (_extract(tables.fixed_large_variance, t, like),
                 _extract(tables.fixed_large_log_variance, t, like))
     raise ValueError(f"kind={kind!r}: expected 'small' or 'large'")
+
+
+def default_variance(learn_sigma: bool, config: DiffusionConfig) -> str:
+    """The reverse-process variance a model was trained for (create_gaussian_diffusion's
+    model_var_type): "learned_range" for a learned-sigma model, else "fixed_small" (sigma_small)
+    or "fixed_large"."""
+    if learn_sigma:
+        return "learned_range"
+    return "fixed_small" if config.sigma_small else "fixed_large"

@@ -24,7 +24,7 @@ import difflib
 import shlex
 from typing import Any
 
-from .config import DiffusionConfig, ModelConfig, Preset
+from .config import DiffusionConfig, ModelConfig, Preset, default_channel_mult
 from .presets import PRESETS
 
 # guided-diffusion's script defaults (script_util.py): the values its scripts use for flags not given.
@@ -54,18 +54,18 @@ NUM_CLASSES = 1000  # guided-diffusion's script_util.NUM_CLASSES: every class_co
 KINDS = ("unet", "superres", "classifier")
 
 
-def default_channel_mult(image_size: int, kind: str) -> tuple[float, ...]:
-    """channel_mult by size, as create_model (channel_mult=""), create_classifier and
-    sr_create_model choose it."""
-    if kind == "superres":
-        table = {512: (1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4)}
-    else:
-        table = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
-    if image_size not in table:
-        size = "large_size" if kind == "superres" else "image_size"
-        raise ValueError(f"{size}={image_size}: guided-diffusion builds a {kind} only for sizes {sorted(table)}"
-                         + ("" if kind != "unet" else "; pass channel_mult='1,2,...' for another size"))
-    return table[image_size]
+def channel_mult_for(image_size: int, kind: str) -> tuple[float, ...]:
+    """channel_mult by size, as create_model (channel_mult=""), create_classifier (admrt's
+    config.default_channel_mult: the same table) and sr_create_model choose it."""
+    sr_table = {512: (1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4)}
+    try:
+        if kind != "superres":
+            return default_channel_mult(image_size)
+        return sr_table[image_size]
+    except (KeyError, ValueError):
+        size, sizes = ("large_size", sorted(sr_table)) if kind == "superres" else ("image_size", [64, 128, 256, 512])
+        raise ValueError(f"{size}={image_size}: guided-diffusion builds a {kind} only for sizes {sizes}"
+                         + ("" if kind != "unet" else "; pass channel_mult='1,2,...' for another size")) from None
 
 
 def _to_bool(name: str, value: Any) -> bool:
@@ -182,14 +182,14 @@ def preset_from_flags(kind: str | None = None, **flags: Any) -> Preset:
             num_res_blocks=f["classifier_depth"],
             attention_resolutions=_resolutions("classifier_attention_resolutions",
                                                f["classifier_attention_resolutions"]),
-            channel_mult=default_channel_mult(size, kind), num_head_channels=64,
+            channel_mult=channel_mult_for(size, kind), num_head_channels=64,
             use_scale_shift_norm=f["classifier_use_scale_shift_norm"],
             resblock_updown=f["classifier_resblock_updown"], pool=f["classifier_pool"])
     else:
         superres = kind == "superres"
         size = f["large_size"] if superres else f["image_size"]
         if superres or f["channel_mult"] == "":
-            mult = default_channel_mult(size, kind)  # sr_create_model ignores channel_mult
+            mult = channel_mult_for(size, kind)  # sr_create_model ignores channel_mult
         else:
             try:
                 mult = tuple(int(m) for m in f["channel_mult"].split(","))

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig, Preset
+from .diffusion import default_variance
 
 
 def _gd():
@@ -64,9 +65,7 @@ def reference_sample(model, classifier, preset: Preset, steps: str, guidance: fl
     Returns the float sample (N, C, H, W) in [-1, 1]."""
     script_util, _ = _gd()
     d = preset.diffusion
-    if variance is None:
-        variance = "learned_range" if preset.model.learn_sigma else (
-            "fixed_small" if d.sigma_small else "fixed_large")
+    variance = variance or default_variance(preset.model.learn_sigma, d)
     diffusion = script_util.create_gaussian_diffusion(
         steps=d.steps, learn_sigma=variance == "learned_range", sigma_small=variance == "fixed_small",
         noise_schedule=d.noise_schedule, predict_xstart=d.predict_xstart,

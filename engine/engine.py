@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from admrt.config import DiffusionConfig
-from admrt.diffusion import DiffusionTables, build_tables
+from admrt.diffusion import DiffusionTables, build_tables, default_variance
 
 from . import _core
 from .backends import get_backend
@@ -356,15 +356,6 @@ class Engine:
                              f"not 2*{stage.info.in_channels} (eps and variance values)")
         schedule = _core.Schedule(tables.tensors(), tables.original_num_steps, tables.rescale_timesteps)
         return _Plan(method_enum, tables, schedule, variance_enum, respacing)
-
-
-def default_variance(learn_sigma: bool, diffusion: DiffusionConfig) -> str:
-    """The reverse-process variance a model was trained for (create_gaussian_diffusion's
-    model_var_type): learned_range for a learned-sigma model, else fixed_small (sigma_small) or
-    fixed_large."""
-    if learn_sigma:
-        return "learned_range"
-    return "fixed_small" if diffusion.sigma_small else "fixed_large"
 
 
 def _padded_index(start: int, real: int, size: int) -> np.ndarray:

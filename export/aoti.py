@@ -77,7 +77,7 @@ def _schedule(diffusion, plan: str) -> dict:
 
 
 def _model_entry(module: nn.Module, info, role: str, plans: list[str]) -> dict:
-    from admrt.engine.engine import default_variance
+    from admrt.diffusion import default_variance
 
     preset = getattr(module, "preset", None)
     entry = {"file": FILES[role], "kind": info.kind, "image_size": info.image_size,

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     import admrt
 
     from .data import FashionMNIST, make_dataset
-    from .trainers import TrainConfig, Trainer, evaluate, init_distributed, timer
+    from .trainers import KIND_OF_TASK, TrainConfig, Trainer, evaluate, init_distributed, timer
 
     rank, world, device = init_distributed()
     if args.device:
@@ -79,9 +79,8 @@ def run(args: argparse.Namespace) -> int:
     if args.gd_flags is not None:
         if args.preset is not None:
             raise SystemExit("admrt train: --preset and --gd-flags both give the model; pass one")
-        kind = {"diffusion": "unet", "classifier": "classifier", "upsampler": "superres"}[args.task]
         try:
-            preset = admrt.preset_from_flags(kind, **admrt.parse_flags(args.gd_flags))
+            preset = admrt.preset_from_flags(KIND_OF_TASK[args.task], **admrt.parse_flags(args.gd_flags))
         except ValueError as exc:
             raise SystemExit(f"admrt train: --gd-flags: {exc}") from None
     else:

@@ -54,7 +54,7 @@ from .losses import classifier_losses, diffusion_losses, make_sampler
 
 TASKS = ("diffusion", "classifier", "upsampler")
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-_KIND_OF_TASK = {"diffusion": "unet", "classifier": "classifier", "upsampler": "superres"}
+KIND_OF_TASK = {"diffusion": "unet", "classifier": "classifier", "upsampler": "superres"}
 
 
 @dataclass(frozen=True)
@@ -283,8 +283,8 @@ class Trainer:
         preset: Preset | None = getattr(model, "preset", None)
         if preset is None:
             raise ValueError("model: expected a model from admrt.create_model/load_model (it has no .preset)")
-        if preset.model.kind != _KIND_OF_TASK[config.task]:
-            raise ValueError(f"task={config.task!r} trains a {_KIND_OF_TASK[config.task]!r} model; "
+        if preset.model.kind != KIND_OF_TASK[config.task]:
+            raise ValueError(f"task={config.task!r} trains a {KIND_OF_TASK[config.task]!r} model; "
                              f"preset {preset.name!r} is a {preset.model.kind!r}")
         self.config, self.preset = config, preset
         self.rank, self.world = dist_info()
