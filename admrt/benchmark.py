@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 import admrt
+from admrt.cli import CommandError
 from admrt.diffusion import space_timesteps
 from admrt.reference import reference_model, reference_sample, set_reference_dtype, to_uint8_nhwc
 
@@ -210,42 +211,47 @@ def _env(device) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="imagenet64-cond")
-    p.add_argument("--classifier", default="imagenet64-classifier", help="'' for unguided")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", default="ddim25")
-    p.add_argument("--guidance", type=float, default=1.0)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
-    p.add_argument("--reps", type=int, default=5, help="timed rounds, variants alternating (default 5)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--preset", default="imagenet64-cond",
+                   help="the diffusion model's architecture (random weights, the same on both sides)")
+    p.add_argument("--classifier", default="imagenet64-classifier",
+                   help="the noisy classifier's architecture for guidance; '' for unguided")
+    p.add_argument("--batch", type=int, default=16, help="images per batch (one sampling loop)")
+    p.add_argument("--steps", default="ddim25", help="ddimN (DDIM) or N (DDPM respaced) steps per loop")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier scale")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16",
+                   help="precision of the networks' bodies, on both sides")
+    p.add_argument("--reps", type=int, default=5, help="timed rounds, variants alternating")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="also time backend='compile' (fullgraph)")
     p.add_argument("--package", action="store_true",
                    help="also time an AOTInductor package (Engine.from_package) and the admrt-sample program on it; "
                         "the export and compile time is reported apart")
-    p.add_argument("--skip-reference", action="store_true")
-    p.add_argument("--out", type=Path, default=None, help="folder for a JSON of the results")
+    p.add_argument("--skip-reference", action="store_true",
+                   help="do not time guided-diffusion, nor compare images with it (admrt's variants only)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for a JSON of the results (default: print only)")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="admrt bench", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    from admrt.cli import main as admrt_main
+    return admrt_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 def _check(args) -> None:
     """Bad arguments: one line naming the argument, the value and what was expected."""
     for flag, name in (("--preset", args.preset), ("--classifier", args.classifier)):
         if name and name not in admrt.PRESETS:
-            raise SystemExit(f"admrt bench: {flag}={name!r}: unknown preset; expected one of {sorted(admrt.PRESETS)}")
+            raise CommandError(f"{flag}={name!r}: unknown preset; expected one of {sorted(admrt.PRESETS)}")
     for flag, value in (("--batch", args.batch), ("--reps", args.reps)):
         if value <= 0:
-            raise SystemExit(f"admrt bench: {flag}={value}: expected a positive int")
+            raise CommandError(f"{flag}={value}: expected a positive int")
     try:
         torch.device(args.device)
     except RuntimeError:
-        raise SystemExit(f"admrt bench: --device={args.device!r}: expected cpu, cuda or cuda:N") from None
+        raise CommandError(f"--device={args.device!r}: expected cpu, cuda or cuda:N") from None
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"admrt bench: --device={args.device!r}: no CUDA device on this machine")
+        raise CommandError(f"--device={args.device!r}: no CUDA device on this machine")
 
 
 def run(args) -> int:

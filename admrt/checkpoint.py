@@ -69,7 +69,9 @@ def load_model(path, preset=None, *, device=None, dtype=None) -> nn.Module:
     if not p.exists():
         hint = f" (bundled models: {sorted(q.stem for q in BUNDLED_DIR.glob('*.safetensors'))})"
         raise FileNotFoundError(f"path={str(path)!r}: no such checkpoint file{hint}")
-    if p.suffix == ".safetensors":
+    if p.is_dir():
+        raise ValueError(f"path={str(path)!r}: a folder, not a checkpoint file")
+    if p.suffix == ".safetensors" or checkpoint_format(p) == "safetensors":
         state, stored = _read_safetensors(p)
         if preset is None:
             if stored is None:
@@ -81,11 +83,11 @@ def load_model(path, preset=None, *, device=None, dtype=None) -> nn.Module:
                 raise ValueError(f"preset={chosen.name!r} does not match the config stored in {p.name} "
                                  f"({stored.name!r}); pass preset=None to use the stored one")
     else:
-        if preset is None:
-            raise ValueError(f"preset=None: {p.name} is a guided-diffusion checkpoint that does not record "
-                             f"its config; pass one of {sorted(PRESETS)}")
-        chosen = _as_preset(preset)
         state = _read_torch(p)
+        if preset is None:
+            raise ValueError(f"preset=None: {p.name} is a torch checkpoint (as guided-diffusion releases them), "
+                             f"which does not record its config; pass one of {sorted(PRESETS)}")
+        chosen = _as_preset(preset)
     with torch.device("meta"):
         model = build_model(chosen.model)
     assign_state_dict(model, state, source=p.name, preset_name=chosen.name)
@@ -95,6 +97,14 @@ def load_model(path, preset=None, *, device=None, dtype=None) -> nn.Module:
 def assign_state_dict(model: nn.Module, state: dict, *, source: str = "state dict",
                       preset_name: str = "?") -> None:
     """Check keys and shapes, then assign the tensors (in the model's parameter dtypes)."""
+    check_state_dict(model, state, source=source, preset_name=preset_name)
+    expected = model.state_dict()
+    cast = {k: (state[k] if state[k].dtype == v.dtype else state[k].to(v.dtype)) for k, v in expected.items()}
+    model.load_state_dict(cast, strict=True, assign=True)
+
+
+def check_state_dict(model: nn.Module, state: dict, *, source: str = "state dict", preset_name: str = "?") -> None:
+    """Raise ValueError naming the first missing, unexpected and mis-shaped keys, if any."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -110,16 +120,32 @@ def assign_state_dict(model: nn.Module, state: dict, *, source: str = "state dic
             shown = ", ".join(f"{k}: file {a} vs model {b}" for k, a, b in wrong[:5])
             parts.append(f"{len(wrong)} shape mismatches (first: {shown})")
         raise ValueError(f"{source} does not fit preset {preset_name!r}: " + "; ".join(parts))
-    cast = {k: (state[k] if state[k].dtype == v.dtype else state[k].to(v.dtype)) for k, v in expected.items()}
-    model.load_state_dict(cast, strict=True, assign=True)
+
+
+def checkpoint_format(path: Path) -> str:
+    """"safetensors", "torch-zip" (torch.save since 1.6), "torch-legacy" (older torch.save) or
+    "unknown", from the file's first bytes (not its name)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] in range(2, 6):  # a pickle protocol 2-5 stream
+        return "torch-legacy"
+    if len(head) >= 9 and head[8:9] == b"{":  # 8-byte header length, then the JSON header
+        return "safetensors"
+    return "unknown"
 
 
 def _read_torch(path: Path) -> dict:
+    fmt = checkpoint_format(path)
+    if fmt == "unknown":
+        raise ValueError(f"path={str(path)!r}: not a checkpoint (neither a torch .pt file nor .safetensors)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # mmap needs the zip format; a legacy file is read into memory
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=fmt == "torch-zip")
     except Exception as exc:  # zip/pickle errors of a truncated or foreign file
-        raise ValueError(f"path={str(path)!r}: cannot read the checkpoint (truncated or not a torch "
-                         f"state dict?): {exc}") from exc
+        raise ValueError(f"path={str(path)!r}: cannot read the torch checkpoint (truncated, or not a state dict "
+                         f"of tensors?): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"path={str(path)!r}: expected a state dict of tensors")
     return state

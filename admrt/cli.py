@@ -2,11 +2,17 @@
 
 Each subcommand lives beside what it drives and provides `add_arguments(parser)` and
 `run(args)`; its module is imported only when that subcommand runs.
+
+One error path for every command: an expected failure (a bad argument, file, preset, path or
+setting: `CommandError`, `ValueError`, `OSError`) prints one line `admrt <command>: <message>`
+and exits 1; a bad option is one line too (exit 2); Ctrl-C prints one line saying what was kept
+and exits 130. A traceback means a bug in admrt, or `--debug` was given.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -16,24 +22,91 @@ COMMANDS = {
     "eval": ("admrt.evaluation.cli", "FID, sFID, IS, precision/recall; guidance sweeps"),
     "bench": ("admrt.benchmark", "throughput and latency of the engine against the reference"),
 }
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class CommandError(Exception):
+    """An expected failure of a command; `main` prints `admrt <command>: <message>`."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, carrying what the command kept (e.g. "the finished shards are kept: ...")."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps descriptions as written and appends "(default: X)" to every option's help that does
+    not state its default itself."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default not in (None, False, argparse.SUPPRESS) and "default" not in text
+                and action.option_strings):
+            text += f" (default: {' '.join(map(str, action.default)) if isinstance(action.default, list) else action.default})"
+        return text
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with admrt's help formatter and one-line usage errors (exit 2)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def _version() -> str:
+    import admrt
+    import torch
+    return f"admrt {admrt.__version__} (torch {torch.__version__}, python {sys.version.split()[0]})"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    top = argparse.ArgumentParser(prog="admrt", description=__doc__.splitlines()[0])
+    debug = "--debug" in argv or os.environ.get("ADMRT_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    top = ArgumentParser(prog="admrt", description=__doc__.split("\n\n")[0],
+                         epilog="--debug (anywhere, or ADMRT_DEBUG=1): show the traceback of an error")
+    top.add_argument("--version", action="version", version=_version())
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     if not argv or argv[0] not in COMMANDS:
         top.parse_args(argv or ["--help"])
-        return 2
+        top.error(f"unknown command {argv[0]!r}; expected one of {', '.join(COMMANDS)}")
     name = argv[0]
-    module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"admrt {name}", description=COMMANDS[name][1])
-    module.add_arguments(parser)
-    args = parser.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    prog = f"admrt {name}"
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        parser = ArgumentParser(prog=prog, description=COMMANDS[name][1])
+        module.add_arguments(parser)
+        args = parser.parse_args(argv[1:])
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt as exc:
+        if debug:
+            raise
+        kept = f"; {exc}" if isinstance(exc, Interrupted) and str(exc) else ""
+        print(f"{prog}: interrupted{kept}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (CommandError, ValueError, OSError) as exc:
+        if debug:
+            raise
+        print(f"{prog}: {error_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for an expected error; an OSError names its file, as the OS reports it."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m admrt.cli` (torchrun): run the imported module's main, so that the commands'
+    # CommandError / Interrupted are the classes it catches (not copies in __main__).
+    from admrt.cli import main as _main
+    sys.exit(_main())

@@ -14,15 +14,17 @@ s % N == r on its own GPU (cuda:LOCAL_RANK), and rank 0 writes the final .npz on
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
+from admrt.cli import CommandError, Interrupted
 from admrt.io import atomic_write
+from admrt.runfolder import RunFolder, device_description, file_fingerprint
 
 DEFAULT_STACK = ("fashion16-cond", "fashion16-classifier", "fashion-upsample16-32")
 # The bundled upsampler is short-trained: DDIM-25 leaves speckle, DDPM-100 gives clean images
@@ -43,9 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "runs the C++ runtime that admrt-sample runs")
     p.add_argument("--classifier", default=None,
                    help="noisy classifier (preset name or path) for guidance; 'none' for no guidance")
-    p.add_argument("--classifier-preset", default=None)
+    p.add_argument("--classifier-preset", default=None, help="preset of a released classifier .pt checkpoint")
     p.add_argument("--upsampler", default=None, help="upsampler (preset name or path); 'none' for one stage")
-    p.add_argument("--upsampler-preset", default=None)
+    p.add_argument("--upsampler-preset", default=None, help="preset of a released upsampler .pt checkpoint")
     p.add_argument("--gd-flags", default=None, metavar="FLAGS",
                    help="guided-diffusion's flags for the model (and classifier), as its image_sample.py / "
                         "classifier_sample.py take them, in one string: \"--image_size 64 --learn_sigma True ... "
@@ -70,36 +72,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per network call (default 16; with --package at most its bound)")
     p.add_argument("--shard-size", type=int, default=None,
-                   help="images per shard file (default: 4 batches); a rerun resumes from finished shards")
+                   help="images per shard: the run is written as OUT/shards/shard_NNNNN.npz files of this many "
+                        "images, each atomically, and a rerun of the same command samples only the missing ones "
+                        "(default: 4 batches)")
     p.add_argument("--seed", type=int, default=0, help="image i gets seed SEED + i (default 0)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
-    p.add_argument("--noise", choices=("seeded", "reference"), default="seeded")
+    p.add_argument("--noise", choices=("seeded", "reference"), default="seeded",
+                   help="seeded: each image's noise comes from its own seed (counter-based), the same at any batch "
+                        "size, position and device; reference: one torch generator drawn in guided-diffusion's "
+                        "order, for parity with it (images then depend on the batch size; uncaptured)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
                    help="precision of the networks' body convolutions (default fp32; fp16 with --gd-flags "
                         "'--use_fp16 True')")
-    p.add_argument("--backend", default="eager", help="eager | compile | a registered compiled backend")
+    p.add_argument("--backend", default="eager", help="eager | compile | a registered compiled backend (default eager)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--out", default="samples", help="output folder (default ./samples)")
+    p.add_argument("--out", default="samples", help="the run folder (default ./samples): run.json, shards/, the final "
+                                                    ".npz and grid.png; a rerun of the same command resumes it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+class LoadedModels(NamedTuple):
+    model: object
+    classifier: object
+    upsampler: object
+    weights: tuple  # a fingerprint per role: the file's sha256, or "random (seed 0)"; None: no such role
+
+
 def _load(spec: str, preset, role: str, device: str):
+    """(module, fingerprint of its weights) for a path, bundled name or preset name."""
     import admrt
     from admrt.checkpoint import bundled_path
 
     if Path(spec).exists() or bundled_path(spec).exists():
         try:
-            return admrt.load_model(spec, preset=preset, device=device)
-        except (ValueError, FileNotFoundError) as exc:
-            raise SystemExit(f"admrt sample: --{role}={spec!r}: {exc}") from None
+            module = admrt.load_model(spec, preset=preset, device=device)
+        except (ValueError, OSError) as exc:
+            raise CommandError(f"--{role}={spec!r}: {exc}") from None
+        return module, file_fingerprint(spec if Path(spec).exists() else bundled_path(spec))
     if spec in admrt.PRESETS:
         print(f"admrt sample: {role} {spec!r}: no weights found (no file, not bundled); using RANDOM weights "
               "of that preset (initialised from seed 0): the images will be noise", file=sys.stderr)
         import torch
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # the same random model on every run, so a resumed run matches
-            return admrt.create_model(spec, device=device)
-    raise SystemExit(f"admrt sample: --{role}={spec!r}: not a file, a bundled model or a preset name")
+            return admrt.create_model(spec, device=device), "random (seed 0)"
+    raise CommandError(f"--{role}={spec!r}: not a file, a bundled model or a preset name")
 
 
 def _gd_settings(args) -> dict:
@@ -125,7 +142,7 @@ def _gd_settings(args) -> dict:
             else:
                 found["upsampler"] = (flags.get("model_path") or None, preset_from_flags("superres", **flags))
         except ValueError as exc:
-            raise SystemExit(f"admrt: --{option}: {exc}") from None
+            raise CommandError(f"--{option}: {exc}") from None
         setattr(args, option.replace("-", "_"), flags)
     return found
 
@@ -156,16 +173,16 @@ def _models(args, device):
     gd = _gd_settings(args)
     for role in ("model", "classifier", "upsampler"):
         if role in gd and getattr(args, f"{role}_preset") is not None:
-            raise SystemExit(f"admrt sample: --{role}-preset and --{'upsampler-' if role == 'upsampler' else ''}"
+            raise CommandError(f"--{role}-preset and --{'upsampler-' if role == 'upsampler' else ''}"
                              "gd-flags both give the preset; pass one")
     if "model" in gd and args.model is None:
         args.model = gd["model"][0]
         if args.model is None:
-            raise SystemExit("admrt sample: --gd-flags: no --model_path in the flags; pass --model PATH")
+            raise CommandError("--gd-flags: no --model_path in the flags; pass --model PATH")
     if "upsampler" in gd and args.upsampler is None:
         args.upsampler = gd["upsampler"][0]
         if args.upsampler is None:
-            raise SystemExit("admrt sample: --upsampler-gd-flags: no --model_path in the flags; pass --upsampler PATH")
+            raise CommandError("--upsampler-gd-flags: no --model_path in the flags; pass --upsampler PATH")
     if "model" in gd and args.classifier is None:
         args.classifier = gd["classifier"][0] if "classifier" in gd else "none"  # image_sample.py: none
     preset_of = {role: (gd[role][1] if role in gd else getattr(args, f"{role}_preset"))
@@ -174,9 +191,10 @@ def _models(args, device):
     model = _load(args.model or DEFAULT_STACK[0], preset_of["model"], "model", device)
     clf_spec = args.classifier if args.classifier is not None else (None if explicit else DEFAULT_STACK[1])
     up_spec = args.upsampler if args.upsampler is not None else (None if explicit else DEFAULT_STACK[2])
-    clf = None if clf_spec in (None, "none") else _load(clf_spec, preset_of["classifier"], "classifier", device)
-    up = None if up_spec in (None, "none") else _load(up_spec, preset_of["upsampler"], "upsampler", device)
-    return model, clf, up
+    clf = (None, None) if clf_spec in (None, "none") else _load(clf_spec, preset_of["classifier"], "classifier",
+                                                                device)
+    up = (None, None) if up_spec in (None, "none") else _load(up_spec, preset_of["upsampler"], "upsampler", device)
+    return LoadedModels(model[0], clf[0], up[0], (model[1], clf[1], up[1]))
 
 
 def _save_npz(path: Path, images: np.ndarray, labels: np.ndarray | None) -> None:
@@ -222,20 +240,20 @@ def _package_engine(args, device):
                                                   "method", "dtype") if getattr(args, k) is not None]
     given += ["--backend"] * (args.backend != "eager")
     if given:
-        raise SystemExit(f"admrt sample: --package holds the models, their precision and backend; drop {', '.join(given)}")
+        raise CommandError(f"--package holds the models, their precision and backend; drop {', '.join(given)}")
     if args.noise != "seeded":
-        raise SystemExit(f"admrt sample: --noise={args.noise}: a package draws seeded noise only")
+        raise CommandError(f"--noise={args.noise}: a package draws seeded noise only")
     try:
         engine = Engine.from_package(args.package, device=device)
         args.batch_size = args.batch_size or engine.default_batch_size
         ctx = engine.context(args.steps, args.upsampler_steps, args.batch_size, args.eta)
     except (ValueError, RuntimeError) as exc:
-        raise SystemExit(f"admrt sample: {exc}") from None
+        raise CommandError(f"{exc}") from None
     args.steps, args.upsampler_steps = ctx.params.steps, ctx.params.upsampler_steps or None
     return engine
 
 
-def _record(args, shard_size, engine, models) -> dict:
+def _record(args, shard_size, engine, loaded, device) -> dict:
     """What a rerun must match to resume (written to OUT/run.json)."""
     if args.package is not None:  # the same record as admrt-sample writes (engine/csrc/tools/admrt_sample.cpp)
         return {"package": str(Path(args.package).resolve()), "steps": args.steps,
@@ -243,25 +261,14 @@ def _record(args, shard_size, engine, models) -> dict:
                 "num": args.num, "seed": args.seed, "eta": args.eta, "noise": "seeded", "shard_size": shard_size,
                 "seeded_noise": engine.package.seeded_noise}
     record = {key: getattr(args, key) for key in RUN_KEYS if key != "shard_size"}
-    record.update(shard_size=shard_size, models=[getattr(m, "preset", None) and m.preset.name for m in models])
+    record.update(shard_size=shard_size, batch_size=args.batch_size, backend=args.backend,
+                  device=device_description(device),
+                  models=[getattr(m, "preset", None) and m.preset.name for m in loaded[:3]],
+                  weights=list(loaded.weights))
     if args.noise == "seeded":  # shards drawn with another noise map must not be mixed in
         from admrt.engine.engine import SEEDED_NOISE_FORMAT
         record["seeded_noise"] = SEEDED_NOISE_FORMAT
     return record
-
-
-def _check_record(out: Path, record: dict) -> str | None:
-    """None if OUT/run.json is absent (then written) or equal to `record`, else the error."""
-    manifest = out / "run.json"
-    if manifest.exists():
-        previous = json.loads(manifest.read_text())
-        # A key missing from an older record reads as None (an option that did not exist then).
-        changed = sorted(key for key in set(record) | set(previous) if previous.get(key) != record.get(key))
-        if changed:
-            return f"admrt sample: {out} holds a run with other arguments ({', '.join(changed)}); use another --out or delete it"
-    else:
-        atomic_write(manifest, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
-    return None
 
 
 def _method_options(args) -> dict:
@@ -274,8 +281,10 @@ def _method_options(args) -> dict:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    if (args.num is not None and args.num <= 0) or (args.batch_size is not None and args.batch_size <= 0):
-        raise SystemExit(f"admrt sample: --num={args.num} and --batch-size={args.batch_size} must be positive")
+    for flag in ("num", "batch_size", "shard_size"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise CommandError(f"--{flag.replace('_', '-')}={value}: expected a positive int")
     rank, world = _ranks()
     dist = None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -291,6 +300,40 @@ def run(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
+def _labels(args, engine) -> np.ndarray | None:
+    """The run's labels: --classes cycled over --num, else 0, 1, ... cycling (None: unlabelled)."""
+    if args.classes:
+        try:
+            chosen = [int(c) for c in args.classes.split(",")]
+        except ValueError:
+            raise CommandError(f"--classes={args.classes!r}: expected comma-separated ints") from None
+        return np.resize(np.asarray(chosen, dtype=np.int64), args.num)
+    k = engine.num_classes
+    return None if k is None else np.arange(args.num, dtype=np.int64) % k
+
+
+def _validate(args, engine, labels, shard_size) -> None:
+    """Every argument checked before anything is written (a rejected command leaves nothing
+    behind): the engine's own checks of `sample`, phrased with the command's options."""
+    if args.package is not None:
+        try:
+            engine.context(args.steps, args.upsampler_steps, args.batch_size, args.eta).validate(
+                [] if labels is None else labels.tolist(), [] if args.guidance is None else [args.guidance],
+                args.num)
+        except (ValueError, RuntimeError) as exc:
+            raise CommandError(str(exc)) from None
+        return
+    if args.guidance not in (None, 0) and engine.classifier_info is None:
+        raise CommandError(f"--guidance={args.guidance}: guidance needs a --classifier (this run has none); "
+                           "pass --classifier, or --guidance 0")
+    try:
+        engine.check(classes=None if labels is None else labels, num=args.num, steps=args.steps,
+                     guidance=args.guidance, seeds=args.seed, batch_size=args.batch_size, eta=args.eta,
+                     noise=args.noise, upsampler_steps=args.upsampler_steps, method=args.method)
+    except (TypeError, ValueError) as exc:
+        raise CommandError(str(exc)) from None
+
+
 def _run(args, device, rank, world, dist) -> int:
     from .engine import Engine
 
@@ -299,47 +342,57 @@ def _run(args, device, rank, world, dist) -> int:
     if args.package is not None:
         args.num = args.num or DEFAULT_NUM
         engine = _package_engine(args, device)
-        models = ()
+        loaded = None
     else:
-        models = model, clf, up = _models(args, device)
+        loaded = _models(args, device)
         _gd_sampling_options(args)
         args.steps, args.num = args.steps or DEFAULT_STEPS, args.num or DEFAULT_NUM
         args.batch_size, args.dtype = args.batch_size or DEFAULT_BATCH, args.dtype or "fp32"
         if args.num <= 0 or args.batch_size <= 0:
-            raise SystemExit(f"admrt sample: num_samples={args.num} and batch_size={args.batch_size} (--gd-flags) "
-                             "must be positive")
-        if up is not None and args.upsampler_steps is None and args.model is None and args.upsampler is None:
+            raise CommandError(f"num_samples={args.num} and batch_size={args.batch_size} (--gd-flags) "
+                               "must be positive")
+        if loaded.upsampler is not None and args.upsampler_steps is None and args.model is None \
+                and args.upsampler is None:
             args.upsampler_steps = DEFAULT_STACK_UPSAMPLER_STEPS
         try:
-            engine = Engine(model, classifier=clf, upsampler=up, backend=args.backend, dtype=args.dtype,
-                            device=device)
+            engine = Engine(loaded.model, classifier=loaded.classifier, upsampler=loaded.upsampler,
+                            backend=args.backend, dtype=args.dtype, device=device)
         except (TypeError, ValueError) as exc:
-            raise SystemExit(f"admrt sample: {exc}") from None
+            raise CommandError(f"{exc}") from None
     shard_size = args.shard_size or 4 * args.batch_size
-    k = engine.num_classes
-    if args.classes:
-        try:
-            chosen = [int(c) for c in args.classes.split(",")]
-        except ValueError:
-            raise SystemExit(f"admrt sample: --classes={args.classes!r}: expected comma-separated ints") from None
-        labels = np.resize(np.asarray(chosen, dtype=np.int64), args.num)
-    else:
-        labels = None if k is None else np.arange(args.num, dtype=np.int64) % k
+    labels = _labels(args, engine)
+    _validate(args, engine, labels, shard_size)
 
-    # Rank 0 checks (or writes) the run record; every rank stops on a mismatch.
-    error = None
+    n_shards = math.ceil(args.num / shard_size)
+    shard_paths = [out / "shards" / f"shard_{s:05d}.npz" for s in range(n_shards)]
+    # Rank 0 holds the folder (lock, record); every rank stops on a mismatch.
+    folder, error = RunFolder(out, "admrt sample"), None
     if rank == 0:
-        (out / "shards").mkdir(parents=True, exist_ok=True)
-        error = _check_record(out, _record(args, shard_size, engine, models))
+        try:
+            folder.lock()
+            (out / "shards").mkdir(parents=True, exist_ok=True)
+            finished = sum(1 for p in (out / "shards").glob("shard_*.npz"))
+            folder.check_record(_record(args, shard_size, engine, loaded, device), finished=finished,
+                                may_differ=("batch_size",) if args.noise == "seeded" else ())
+        except ValueError as exc:
+            folder.unlock()
+            error = str(exc)
     if dist is not None:
         box = [error]
         dist.broadcast_object_list(box, src=0)
         error = box[0]
     if error:
-        raise SystemExit(error)
+        raise CommandError(error)
+    try:
+        return _sample_shards(args, engine, labels, shard_size, shard_paths, rank, world, dist)
+    except KeyboardInterrupt:
+        raise Interrupted("the finished shards are kept: rerun the same command to resume") from None
+    finally:
+        folder.unlock()
 
-    n_shards = math.ceil(args.num / shard_size)
-    shard_paths = [out / "shards" / f"shard_{s:05d}.npz" for s in range(n_shards)]
+
+def _sample_shards(args, engine, labels, shard_size, shard_paths, rank, world, dist) -> int:
+    out, n_shards = Path(args.out), len(shard_paths)
     todo = [s for s in range(n_shards) if not shard_paths[s].exists()]
     if len(todo) < n_shards and rank == 0:
         print(f"admrt sample: resuming: {n_shards - len(todo)} of {n_shards} shards already done", file=sys.stderr)
@@ -369,12 +422,22 @@ def _run(args, device, rank, world, dist) -> int:
     if rank != 0:
         return 0
 
-    parts = [np.load(p) for p in shard_paths]
-    images = np.concatenate([p["arr_0"] for p in parts])
-    labels_out = np.concatenate([p["arr_1"] for p in parts]) if "arr_1" in parts[0] else None
+    parts = [_read_shard(p) for p in shard_paths]
+    images = np.concatenate([p[0] for p in parts])
+    labels_out = np.concatenate([p[1] for p in parts]) if parts[0][1] is not None else None
     shape_str = "x".join(str(d) for d in images.shape)
     final = out / f"samples_{shape_str}.npz"
     _save_npz(final, images, labels_out)
     save_grid(out / "grid.png", images)
     print(f"admrt sample: wrote {final} and {out / 'grid.png'}")
     return 0
+
+
+def _read_shard(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """(images, labels) of a finished shard; a damaged one is named, with how to redo it."""
+    try:
+        with np.load(path) as z:
+            return z["arr_0"], (z["arr_1"] if "arr_1" in z else None)
+    except Exception as exc:  # zip, pickle or header errors of a file damaged outside admrt
+        raise CommandError(f"{path}: damaged shard ({type(exc).__name__}: {exc}); delete it and rerun the same "
+                           "command to sample it again") from None

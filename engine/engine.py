@@ -117,8 +117,10 @@ class Engine:
                  upsampler_diffusion: Optional[DiffusionConfig] = None,
                  device: Union[str, torch.device, None] = None, cuda_graphs: bool = True,
                  channels_last: Optional[bool] = None):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        for role, module in (("model", model), ("classifier", classifier), ("upsampler", upsampler)):
+            if not isinstance(module, nn.Module) and (module is not None or role == "model"):
+                raise TypeError(f"{role}={module!r}: expected a torch.nn.Module (admrt.load_model(...) loads one "
+                                f"from a file or bundled name), got {type(module).__name__}")
         self.backend_name, self.dtype = backend, dtype
         backend_impl = get_backend(backend)
         self.device = device_of(model, device)
@@ -219,19 +221,8 @@ class Engine:
         keep_float: also return the float x_0 (result.samples).
         progress: True for a tqdm bar, or a callable(done, total) over all steps of the run.
         """
-        labels, n = self._labels(classes, num)
-        scales = self._guidance(guidance, n)
-        noise_mode = _choice(NOISE_MODES, noise, "noise")
-        seed_arr = _seeds(seeds, n)
-        if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
-            raise ValueError(f"batch_size={batch_size!r}: expected a positive int")
-        if not (eta >= 0 and math.isfinite(eta)):
-            raise ValueError(f"eta={eta}: expected a finite eta >= 0")
-        base_plan = self._plan(self.base, steps, method, variance)
-        up_plan = None
-        if self.upsampler is not None:
-            up_plan = self._plan(self.upsampler, steps if upsampler_steps is None else upsampler_steps, method,
-                                 None)
+        labels, n, scales, noise_mode, seed_arr, base_plan, up_plan = self._prepare(
+            classes, steps, guidance, seeds, batch_size, num, eta, noise, variance, method, upsampler_steps)
         generator = None
         if noise == "reference" and seeds is not None:
             generator = torch.Generator(self.device).manual_seed(int(seed_arr[0]))
@@ -279,7 +270,34 @@ class Engine:
             base_images=np.concatenate(base_images) if base_images else None,
             samples=np.concatenate(floats) if floats else None)
 
+    def check(self, classes: Optional[Sequence[int]] = None, steps: Union[str, int] = "ddim25",
+              guidance: Union[float, Sequence[float], None] = None,
+              seeds: Union[int, Sequence[int], None] = None, batch_size: int = 16, *,
+              num: Optional[int] = None, eta: float = 0.0, noise: str = "seeded", variance: Optional[str] = None,
+              method: Optional[str] = None, upsampler_steps: Union[str, int, None] = None) -> None:
+        """Validate `sample`'s arguments without sampling (what a run checks before it writes
+        anything): raises the error `sample` would."""
+        self._prepare(classes, steps, guidance, seeds, batch_size, num, eta, noise, variance, method,
+                      upsampler_steps)
+
     # -----------------------------------------------------------------------------------------
+
+    def _prepare(self, classes, steps, guidance, seeds, batch_size, num, eta, noise, variance, method,
+                 upsampler_steps):
+        labels, n = self._labels(classes, num)
+        scales = self._guidance(guidance, n)
+        noise_mode = _choice(NOISE_MODES, noise, "noise")
+        seed_arr = _seeds(seeds, n)
+        if not _is_int(batch_size) or batch_size <= 0:
+            raise ValueError(f"batch_size={batch_size!r}: expected a positive int")
+        if not isinstance(eta, (int, float, np.floating, np.integer)) or not (eta >= 0 and math.isfinite(eta)):
+            raise ValueError(f"eta={eta!r}: expected a finite eta >= 0")
+        base_plan = self._plan(self.base, steps, method, variance)
+        up_plan = None
+        if self.upsampler is not None:
+            up_plan = self._plan(self.upsampler, steps if upsampler_steps is None else upsampler_steps, method,
+                                 None)
+        return labels, n, scales, noise_mode, seed_arr, base_plan, up_plan
 
     def _context(self, stage: _Stage, plan: _Plan, batch: int, guided: bool, common: dict):
         """The stage's Sampler context for this plan and batch size: kept while they stay the
@@ -309,18 +327,20 @@ class Engine:
     def _labels(self, classes, num) -> tuple[Optional[np.ndarray], int]:
         """Labels validated once, on the host, before sampling (nothing checks them per step)."""
         k = self.num_classes
+        if num is not None and (not _is_int(num) or num <= 0):
+            raise ValueError(f"num={num!r}: expected a positive int")
         if classes is None:
-            if num is None or num <= 0:
-                raise ValueError(f"num={num!r}: give classes=[...] or a positive num")
+            if num is None:
+                raise ValueError("num=None: give classes=[...] or a positive num")
             return (None if k is None else np.arange(num, dtype=np.int64) % k), int(num)
-        labels = np.asarray(classes, dtype=np.int64).reshape(-1)
+        labels = _whole_numbers(classes, "classes")
         if num is not None and num != labels.size:
             raise ValueError(f"num={num}: differs from len(classes)={labels.size}")
         if labels.size == 0:
             raise ValueError("classes=[]: expected at least one class")
         if k is None:
             raise ValueError("classes: the model is unconditional and there is no classifier; pass num= instead")
-        bad = labels[(labels < 0) | (labels >= k)]
+        bad = np.unique(labels[(labels < 0) | (labels >= k)])
         if bad.size:
             raise ValueError(f"classes: {bad[:5].tolist()} out of range; expected ids in [0, {k})")
         model_k = self.base.info.num_classes
@@ -332,15 +352,18 @@ class Engine:
     def _guidance(self, guidance, n) -> np.ndarray:
         if guidance is None:
             guidance = 1.0 if self._grad is not None else 0.0
-        scales = np.broadcast_to(np.asarray(guidance, dtype=np.float64), (n,)) if np.ndim(guidance) == 0 \
-            else np.asarray(guidance, dtype=np.float64)
+        try:
+            scales = np.broadcast_to(np.asarray(guidance, dtype=np.float64), (n,)) if np.ndim(guidance) == 0 \
+                else np.asarray(guidance, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"guidance={guidance!r}: expected a number or one number per image") from None
         if scales.shape != (n,):
             raise ValueError(f"guidance: expected one scale or {n} (one per image), got {scales.size}")
         if not np.isfinite(scales).all():
             raise ValueError(f"guidance={guidance!r}: expected finite scales")
         if self._grad is None and np.any(scales != 0):
-            raise ValueError(f"guidance={guidance!r} needs a classifier: pass Engine(..., classifier=...) "
-                             "or guidance=0")
+            raise ValueError(f"guidance={guidance!r} needs a classifier, and this engine has none "
+                             "(Engine(..., classifier=...)); or pass guidance=0")
         return scales
 
     def _plan(self, stage: _Stage, steps, method, variance) -> _Plan:
@@ -388,11 +411,33 @@ def _seeds(seeds, n) -> np.ndarray:
     else:
         base = None
     if base is not None:
+        if not _is_int(seeds if seeds is not None else 0):
+            raise TypeError(f"seeds={seeds!r}: expected an int or one int per image")
         return np.asarray([(base[0] + i) % _SEED_MOD for i in range(n)], dtype=np.uint64)
+    if not all(_is_int(s) for s in seeds):
+        raise TypeError(f"seeds: expected ints, got {[s for s in seeds if not _is_int(s)][:3]}")
     arr = [int(s) % _SEED_MOD for s in seeds]
     if len(arr) != n:
         raise ValueError(f"seeds: expected {n} (one per image) or one int, got {len(arr)}")
     return np.asarray(arr, dtype=np.uint64)
+
+
+def _is_int(x) -> bool:
+    """An int (Python, numpy or a 0-dim integer tensor), not a bool or a float."""
+    if isinstance(x, torch.Tensor):
+        return x.dim() == 0 and not x.is_floating_point() and x.dtype != torch.bool
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _whole_numbers(values, name: str) -> np.ndarray:
+    """int64 ids from ints (lists, numpy, torch); a float, bool or string is refused, never truncated."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    arr = np.asarray(values)
+    if arr.dtype == object or not np.issubdtype(arr.dtype, np.integer):
+        shown = arr.reshape(-1)[:3].tolist() if arr.ndim else arr.tolist()
+        raise TypeError(f"{name}: expected integer ids, got {arr.dtype} values {shown}")
+    return arr.astype(np.int64).reshape(-1)
 
 
 def _progress(progress: Progress, total: int):

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 
 from . import _core
-from .engine import SampleResult, _seeds
+from .engine import SampleResult, _is_int, _seeds, _whole_numbers
 
 
 class PackageEngine:
@@ -76,7 +76,9 @@ class PackageEngine:
             raise ValueError(f"noise={noise!r}: a package draws seeded noise only ('reference' is the Python "
                              "Engine's parity mode)")
         ctx = self.context(steps, upsampler_steps, batch_size, eta, clip_denoised, check_finite, keep_float)
-        class_list = [] if classes is None else [int(c) for c in np.asarray(classes, dtype=np.int64).reshape(-1)]
+        if num is not None and (not _is_int(num) or num <= 0):
+            raise ValueError(f"num={num!r}: expected a positive int")
+        class_list = [] if classes is None else _whole_numbers(classes, "classes").tolist()
         if classes is not None and not class_list:
             raise ValueError("classes=[]: expected at least one class")
         n = len(class_list) if class_list else (num if num is not None else 0)

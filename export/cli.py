@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from admrt.cli import CommandError
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
@@ -15,9 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(base, classifier, upsampler)")
     a.add_argument("--model-preset", default=None, help="preset of a released .pt checkpoint")
     a.add_argument("--classifier", default=None, help="noisy classifier for guidance; 'none' for no guidance")
-    a.add_argument("--classifier-preset", default=None)
+    a.add_argument("--classifier-preset", default=None, help="preset of a released classifier .pt checkpoint")
     a.add_argument("--upsampler", default=None, help="upsampler; 'none' for one stage")
-    a.add_argument("--upsampler-preset", default=None)
+    a.add_argument("--upsampler-preset", default=None, help="preset of a released upsampler .pt checkpoint")
     a.add_argument("--gd-flags", default=None, metavar="FLAGS",
                    help="guided-diffusion's flags of the model (and classifier), as `admrt sample --gd-flags` "
                         "takes them: they give the presets (and model_path / classifier_path the files)")
@@ -49,15 +51,16 @@ def run(args: argparse.Namespace) -> int:
         if args.upsampler_steps is not None:
             parse_step_plans(args.upsampler_steps)
     except ValueError as exc:
-        raise SystemExit(f"admrt export: --{exc}") from None
+        raise CommandError(f"--{exc}") from None
     if args.max_batch < 2:
-        raise SystemExit(f"admrt export: --max-batch={args.max_batch}: expected an int >= 2")
+        raise CommandError(f"--max-batch={args.max_batch}: expected an int >= 2")
     from pathlib import Path
     if Path(args.out).exists() and not args.force:
-        raise SystemExit(f"admrt export: --out={args.out!r}: exists; choose another folder or pass --force to "
+        raise CommandError(f"--out={args.out!r}: exists; choose another folder or pass --force to "
                          "replace it")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, clf, up = _models(args, device)
+    loaded = _models(args, device)
+    model, clf, up = loaded.model, loaded.classifier, loaded.upsampler
     up_steps = args.upsampler_steps
     if up is not None and up_steps is None and args.model is None and args.upsampler is None:
         up_steps = DEFAULT_STACK_UPSAMPLER_STEPS
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
                              dtype=args.dtype, device=device, max_batch=args.max_batch, overwrite=args.force,
                              log=lambda m: print(m, file=sys.stderr))
     except (ValueError, FileExistsError) as exc:
-        raise SystemExit(f"admrt export: {exc}") from None
+        raise CommandError(f"{exc}") from None
     for role, (export_s, compile_s) in report.seconds.items():
         print(f"admrt export: {role}: export {export_s:.1f} s, compile {compile_s:.1f} s, "
               f"max error vs eager {report.errors[role]:.2g}", file=sys.stderr)

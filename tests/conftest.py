@@ -18,3 +18,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def cli_error(capsys):
+    """Run `admrt ARGV` in-process and return the error line after checking the CLI's error path:
+    exit code 1 (or `code`), no traceback, the last stderr line `admrt <command>: ...`."""
+    from admrt.cli import main
+
+    def run(argv, code=1):
+        argv = [str(a) for a in argv]
+        capsys.readouterr()
+        assert main(argv) == code
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert "Traceback" not in err and lines and lines[-1].startswith(f"admrt {argv[0]}: "), err
+        return lines[-1]
+    return run

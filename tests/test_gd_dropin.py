@@ -412,12 +412,11 @@ def test_sample_cli_from_gd_flags_gives_the_reference_images(tmp_path, sample_fl
     assert np.abs(got["arr_0"].astype(int) - to_uint8_nhwc(expected).numpy().astype(int)).max() <= 1
 
 
-def test_sample_cli_gd_flags_errors_are_one_line(tmp_path):
-    from admrt.cli import main
-    with pytest.raises(SystemExit, match="--gd-flags: flag 'image_sise': not a guided-diffusion flag"):
-        main(["sample", "--gd-flags", "--image_sise 64", "--out", str(tmp_path / "a")])
-    with pytest.raises(SystemExit, match="--gd-flags: no --model_path in the flags; pass --model PATH"):
-        main(["sample", "--gd-flags", "--image_size 64", "--out", str(tmp_path / "b")])
-    with pytest.raises(SystemExit, match="pass them as --upsampler-gd-flags"):
-        main(["sample", "--gd-flags", "--large_size 64 --small_size 32", "--out", str(tmp_path / "c")])
+def test_sample_cli_gd_flags_errors_are_one_line(tmp_path, cli_error):
+    assert "--gd-flags: flag 'image_sise': not a guided-diffusion flag" in cli_error(
+        ["sample", "--gd-flags", "--image_sise 64", "--out", tmp_path / "a"])
+    assert "--gd-flags: no --model_path in the flags; pass --model PATH" in cli_error(
+        ["sample", "--gd-flags", "--image_size 64", "--out", tmp_path / "b"])
+    assert "pass them as --upsampler-gd-flags" in cli_error(
+        ["sample", "--gd-flags", "--large_size 64 --small_size 32", "--out", tmp_path / "c"])
     assert not any((tmp_path / d).exists() for d in "abc")

@@ -2,6 +2,13 @@
 folder of images, with a progress bar, a CSV loss log (and TensorBoard when installed),
 periodic sample grids and resumable checkpoints.
 
+The output folder is a run folder (admrt/runfolder.py): OUT/run.json records the task, preset,
+data and every training setting; rerunning the same command continues from the latest
+checkpoint, a command with other settings is refused (naming them) while OUT holds checkpoints,
+and `--resume CKPT` continues a checkpoint's run (into an empty --out, it forks it). A non-finite
+loss or weights stop the run with an error naming the step; Ctrl-C writes a checkpoint of the
+last finished step and exits 130.
+
     admrt train diffusion --data fashion-mnist --preset fashion16-cond --steps 8000 \
         --batch-size 256 --lr 2e-4 --ema 0.9999 --dtype bf16 --out runs/base
     torchrun --nproc_per_node 4 -m admrt.training.cli diffusion ...   # multi-GPU (DDP)
@@ -10,11 +17,19 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
+import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
+
+from admrt.cli import CommandError, Interrupted
+from admrt.io import atomic_write
+from admrt.runfolder import RunFolder
 
 DEFAULT_PRESETS = {"diffusion": "fashion16-cond", "classifier": "fashion16-classifier",
                    "upsampler": "fashion-upsample16-32"}
@@ -34,55 +49,134 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "super_res_train.py flags give them (\"--image_size 64 --num_channels 128 ... --use_kl "
                         "True\"), instead of --preset; its training flags (lr, batch_size, ...) are not read: "
                         "pass admrt's options (docs/migration.md)")
-    p.add_argument("--steps", type=int, default=10000, help="optimizer steps in all")
+    p.add_argument("--steps", type=int, default=10000, help="optimizer steps in all (a resumed run may raise it)")
     p.add_argument("--batch-size", type=int, default=128, help="global batch per optimizer step")
-    p.add_argument("--microbatch", type=int, default=0, help="per-process microbatch (gradient accumulation)")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--microbatch", type=int, default=0,
+                   help="per-process microbatch (gradient accumulation); 0: the whole per-process batch")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--ema", type=float, nargs="*", default=None,
                    help="EMA rates (default 0.9999 for diffusion/upsampler, none for the classifier)")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
-    p.add_argument("--schedule-sampler", choices=("uniform", "loss-second-moment"), default="uniform")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="fp32, fp16 (autocast + dynamic loss scaling) or bf16 (autocast); master weights stay fp32")
+    p.add_argument("--schedule-sampler", choices=("uniform", "loss-second-moment"), default="uniform",
+                   help="how timesteps are drawn: uniformly, or by importance from the loss history")
     p.add_argument("--anneal-lr", action="store_true", help="decay the learning rate linearly to 0")
-    p.add_argument("--grad-clip", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0: no clipping)")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     p.add_argument("--random-crop", action="store_true", help="random resized crops (classifier default)")
-    p.add_argument("--no-random-crop", action="store_true")
+    p.add_argument("--no-random-crop", action="store_true", help="no random resized crops (also for the classifier)")
     p.add_argument("--unnoised", action="store_true", help="classifier on clean images at t = 0")
     p.add_argument("--fused-kernels", action="store_true", help="use the fused Triton kernels")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order, timesteps, noise and init")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    p.add_argument("--out", required=True, help="output folder (checkpoints, log.csv, grids)")
-    p.add_argument("--resume", default=None, help="a state_*.safetensors file or a run folder")
-    p.add_argument("--save-every", type=int, default=2000)
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--out", required=True, help="the run folder (run.json, checkpoints, log.csv, grids); "
+                   "rerunning the same command resumes from its latest checkpoint")
+    p.add_argument("--resume", default=None, help="continue the run of a checkpoint: a state_*.safetensors file or "
+                   "a run folder (its latest); into an empty --out it forks that run (default: --out's own run)")
+    p.add_argument("--save-every", type=int, default=2000,
+                   help="write a checkpoint every N steps (0: only at the end); one is always written at the end")
+    p.add_argument("--log-every", type=int, default=50,
+                   help="a log.csv row (the means since the last row) every N steps; NaN checks at the same rate")
     p.add_argument("--sample-every", type=int, default=0, help="write a sample grid every N steps (0: never)")
     p.add_argument("--export", default=None, help="also write the final weights (the first EMA, "
-                   "else the model) to this .safetensors file")
-    p.add_argument("--time-limit", type=float, default=0.0, help="stop after this many seconds")
+                   "else the model) to this .safetensors file (default: none)")
+    p.add_argument("--time-limit", type=float, default=0.0,
+                   help="stop after this many seconds, with a checkpoint (0: no limit)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log.csv is written all the same)")
     p.add_argument("--eval-images", type=int, default=2000, help="test-split images for the final evaluation")
+
+
+def _check_arguments(args) -> None:
+    """The options the trainer does not check itself, before anything is loaded or written."""
+    checks = [("--save-every", args.save_every, args.save_every >= 0, "an int >= 0 (0: only at the end)"),
+              ("--log-every", args.log_every, args.log_every >= 1, "a positive int"),
+              ("--sample-every", args.sample_every, args.sample_every >= 0, "an int >= 0 (0: never)"),
+              ("--time-limit", args.time_limit, args.time_limit >= 0, "seconds >= 0 (0: no limit)"),
+              ("--limit", args.limit, args.limit is None or args.limit > 0, "a positive int"),
+              ("--eval-images", args.eval_images, args.eval_images >= 0, "an int >= 0"),
+              ("--ema", args.ema, all(0 <= r < 1 for r in args.ema or ()), "rates in [0, 1)"),
+              ("--export", args.export, args.export is None or args.export.endswith(".safetensors"),
+               "a .safetensors file name")]
+    for flag, value, ok, expected in checks:
+        if not ok:
+            raise CommandError(f"{flag}={value!r}: expected {expected}")
+    if Path(args.out).is_file():
+        raise CommandError(f"--out={args.out!r}: a file, not a folder")
+
+
+def _record(args, preset, cfg, dataset_size: int) -> dict:
+    """OUT/run.json: what decides the run's checkpoints."""
+    return {"command": "train", **json.loads(cfg.to_json()), "preset": json.loads(preset.to_json()),
+            "data": args.data, "limit": args.limit, "dataset_size": dataset_size}
+
+
+def _resume_point(args, out: Path, folder: RunFolder, record: dict) -> Path | None:
+    """The checkpoint this run continues (None: a new run), after the run-folder checks."""
+    from .trainers import RESUMABLE_CHANGES, latest_checkpoint, state_files
+
+    here = state_files(out)
+    if args.resume:
+        state = latest_checkpoint(args.resume)
+        if state.parent.resolve() == out.resolve():
+            later = [step for step, p in here if p.resolve() != state.resolve() and step > _step_of(state)]
+            if later:
+                raise CommandError(f"--resume={args.resume!r}: {out} has later checkpoints of this run (steps "
+                                   f"{', '.join(map(str, later[:5]))}); resume from the latest, or delete those "
+                                   "to go back")
+        elif here:
+            raise CommandError(f"--out={str(out)!r} holds another run (checkpoints up to step {here[-1][0]}); "
+                               f"continue {state} into an empty --out")
+        folder.check_record(record, finished=len(here), may_differ=RESUMABLE_CHANGES)
+        return state
+    if here and not (out / "run.json").exists():
+        raise CommandError(f"--out={str(out)!r} holds checkpoints (up to step {here[-1][0]}) and no run.json; "
+                           f"pass --resume {out} to continue them, or use another --out")
+    resumed = folder.check_record(record, finished=len(here), may_differ=RESUMABLE_CHANGES)
+    return here[-1][1] if resumed else None
+
+
+def _step_of(state: Path) -> int:
+    return int(state.stem.split("_")[-1])
+
+
+class _CtrlC:
+    """The first Ctrl-C asks the loop to stop after the step in flight (a checkpoint follows);
+    a second one interrupts at once."""
+
+    def __init__(self):
+        self.seen = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.seen = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\nadmrt train: stopping after this step (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def run(args: argparse.Namespace) -> int:
     import admrt
 
     from .data import FashionMNIST, make_dataset
-    from .trainers import KIND_OF_TASK, TrainConfig, Trainer, evaluate, init_distributed, timer
+    from .trainers import KIND_OF_TASK, TrainConfig, init_distributed
 
-    rank, world, device = init_distributed()
-    if args.device:
-        device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    _check_arguments(args)
     if args.gd_flags is not None:
         if args.preset is not None:
-            raise SystemExit("admrt train: --preset and --gd-flags both give the model; pass one")
+            raise CommandError("--preset and --gd-flags both give the model; pass one")
         try:
             preset = admrt.preset_from_flags(KIND_OF_TASK[args.task], **admrt.parse_flags(args.gd_flags))
         except ValueError as exc:
-            raise SystemExit(f"admrt train: --gd-flags: {exc}") from None
+            raise CommandError(f"--gd-flags: {exc}") from None
     else:
         preset = admrt.get_preset(args.preset or DEFAULT_PRESETS[args.task])
     ema = args.ema if args.ema is not None else ([] if args.task == "classifier" else [0.9999])
@@ -98,56 +192,99 @@ def run(args: argparse.Namespace) -> int:
         dataset = FashionMNIST("train", m.image_size, root=args.data_root, limit=args.limit,
                                channels=m.in_channels)
         test = FashionMNIST("test", m.image_size, root=args.data_root, limit=args.eval_images,
-                            channels=m.in_channels)
+                            channels=m.in_channels) if args.eval_images else None
     else:
         dataset = make_dataset(args.data, m.image_size, channels=m.in_channels,
                                class_cond=m.num_classes is not None or args.task == "classifier")
         test = None
     n_classes = m.out_channels if m.kind == "classifier" else m.num_classes
     if n_classes is not None and getattr(dataset, "num_classes", n_classes) > n_classes:
-        raise ValueError(f"data={args.data!r} has {dataset.num_classes} classes; preset {preset.name!r} "
-                         f"has {n_classes}")
+        raise CommandError(f"--data={args.data!r} has {dataset.num_classes} classes; preset {preset.name!r} "
+                           f"has {n_classes}")
+
+    rank, world, device = init_distributed()
+    if args.device:
+        device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    out = Path(args.out)
+    folder = RunFolder(out, "admrt train")
+    try:
+        return _train(args, preset, cfg, dataset, test, device, rank, world, folder)
+    finally:
+        folder.unlock()
+
+
+def _train(args, preset, cfg, dataset, test, device, rank, world, folder) -> int:
+    import admrt
+
+    from .trainers import Trainer, evaluate, timer
+
+    out = folder.out
+    # Rank 0 holds the folder and decides where the run starts; every rank follows.
+    decision = [None, None]  # (error, checkpoint to resume)
+    if rank == 0:
+        try:
+            folder.lock()
+            state = _resume_point(args, out, folder, _record(args, preset, cfg, len(dataset)))
+            decision[1] = None if state is None else str(state)
+        except (ValueError, OSError) as exc:
+            decision[0] = str(exc)
+    if world > 1:
+        torch.distributed.broadcast_object_list(decision, src=0)
+    if decision[0]:
+        raise CommandError(decision[0])
 
     torch.manual_seed(args.seed)
     model = admrt.create_model(preset, device=device)
-    out = Path(args.out)
     trainer = Trainer(model, dataset, cfg, out_dir=out, device=device)
-    if args.resume:
-        step = trainer.resume(args.resume)
+    if decision[1] is not None:
+        step = trainer.resume(decision[1])
         if rank == 0:
-            print(f"resumed from step {step}", file=sys.stderr)
+            print(f"admrt train: resuming from step {step} ({decision[1]})", file=sys.stderr)
 
-    logger = _Logger(out, enabled=rank == 0, total=cfg.steps, start=trainer.step, every=args.log_every)
+    logger = _Logger(out, enabled=rank == 0, total=cfg.steps, start=trainer.step, every=args.log_every,
+                     progress=not args.no_progress)
     callbacks = []
     if args.sample_every and rank == 0 and args.task != "classifier":
         callbacks.append((args.sample_every, _SampleGrid(out)))
     elapsed = timer()
-    try:
-        if args.time_limit > 0:
-            # check the clock every log interval; stop cleanly (with a checkpoint) when over.
-            while trainer.step < cfg.steps:
-                target = min(cfg.steps, trainer.step + max(args.log_every, 1))
-                trainer.train(target, log=logger, save_every=args.save_every, callbacks=callbacks,
-                              save_at_end=False)
-                over = torch.tensor(float(elapsed() > args.time_limit), device=device)
-                if world > 1:
-                    torch.distributed.all_reduce(over)
-                if over.item() > 0:
-                    break
-        else:
-            trainer.train(cfg.steps, log=logger, save_every=args.save_every, callbacks=callbacks,
-                          save_at_end=False)
-    finally:
-        logger.close()
-    if trainer.step % max(args.save_every, 1):
-        trainer.save()
+    train = dict(log=logger, save_every=args.save_every, callbacks=callbacks, save_at_end=False,
+                 check_every=args.log_every)
+    with _CtrlC() as ctrl_c:
+        try:
+            if args.time_limit > 0 or world > 1:
+                # Check the clock (and Ctrl-C, on every rank) every log interval; stop with a checkpoint.
+                while trainer.step < cfg.steps:
+                    trainer.train(min(cfg.steps, trainer.step + args.log_every),
+                                  stop=(lambda: ctrl_c.seen) if world == 1 else None, **train)
+                    over = torch.tensor(float((args.time_limit > 0 and elapsed() > args.time_limit) or ctrl_c.seen),
+                                        device=device)
+                    if world > 1:
+                        torch.distributed.all_reduce(over)
+                    if over.item() > 0:
+                        break
+            else:
+                trainer.train(cfg.steps, stop=lambda: ctrl_c.seen, **train)
+            if trainer.last_saved is None or _step_of(trainer.last_saved) != trainer.step:
+                trainer.save()  # the end (or the stop) always has a checkpoint
+        except KeyboardInterrupt:
+            kept = f"the last checkpoint is {trainer.last_saved}" if trainer.last_saved else "no checkpoint was written"
+            raise Interrupted(f"{kept}: rerun the same command to resume") from None
+        finally:
+            logger.close()
+    if ctrl_c.seen:
+        raise Interrupted(f"checkpoint of step {trainer.step} written ({trainer.last_saved}): rerun the same "
+                          "command to resume")
     wall = elapsed()
     final_model = next(iter(trainer.ema.models.values()), trainer.model)
     if rank == 0:
-        summary = {"steps": trainer.step, "wall_s": round(wall, 1), "device": _device_name(device),
+        summary = {"steps": trainer.step, "wall_s": round(wall, 1), "device": _device_name(trainer.device),
                    "last": logger.last}
         if test is not None:
-            summary["test"] = evaluate(final_model, test, cfg, preset, device=device)
+            summary["test"] = evaluate(final_model, test, cfg, preset, device=trainer.device)
         print("summary:", summary)
         (out / "summary.txt").write_text(repr(summary) + "\n")
         if args.export:
@@ -168,7 +305,7 @@ def _device_name(device: torch.device) -> str:
 class _Logger:
     """Progress bar, CSV log (log.csv) and TensorBoard (when installed)."""
 
-    def __init__(self, out: Path, enabled: bool, total: int, start: int, every: int):
+    def __init__(self, out: Path, enabled: bool, total: int, start: int, every: int, progress: bool = True):
         self.enabled, self.every, self.last = enabled, max(every, 1), {}
         self.start_time = time.perf_counter()
         self._acc: dict[str, float] = {}
@@ -177,14 +314,14 @@ class _Logger:
             return
         out.mkdir(parents=True, exist_ok=True)
         self.csv_path = out / "log.csv"
+        _keep_rows_up_to(self.csv_path, start)
         self._csv = open(self.csv_path, "a", newline="")
         self._writer = None
-        try:
+        self.bar = None
+        if progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, mininterval=2.0)
-        except ImportError:
-            self.bar = None
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -227,6 +364,22 @@ class _Logger:
                 self.tb.close()
 
 
+def _keep_rows_up_to(path: Path, step: int) -> None:
+    """Drop the log rows after `step` (the checkpoint a run resumes from): the resumed run
+    writes them again, so none is doubled; a new run (step 0) starts an empty log."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+    if step == 0 or len(kept) == 1:
+        kept = []
+    if kept != rows:
+        buf = io.StringIO()
+        csv.writer(buf).writerows(kept)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue()))
+
+
 class _SampleGrid:
     """Writes grid_{step}.png: one column per class, two rows, sampled from (a copy of) the EMA
     model with admrt.Engine (DDIM 25 steps, seeds 0..2K-1). Base UNets only: an upsampler needs
@@ -267,9 +420,9 @@ class _SampleGrid:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="admrt train", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    """`python -m admrt.training.cli` (e.g. under torchrun): `admrt train` with its error path."""
+    from admrt.cli import main as admrt_main
+    return admrt_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ marks a complete checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -55,6 +56,12 @@ from .losses import classifier_losses, diffusion_losses, make_sampler
 TASKS = ("diffusion", "classifier", "upsampler")
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 KIND_OF_TASK = {"diffusion": "unet", "classifier": "classifier", "upsampler": "superres"}
+# TrainConfig fields a resumed run may change: they do not change the math of a step.
+RESUMABLE_CHANGES = ("steps", "microbatch", "fused_kernels")
+
+
+class NonFiniteError(ValueError):
+    """The loss or the weights became NaN/Inf: the run stops; no such checkpoint is written."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +105,7 @@ class TrainConfig:
         check(self.steps > 0, "steps", "a positive int")
         check(self.batch_size > 0, "batch_size", "a positive int")
         check(self.microbatch >= 0, "microbatch", "0 (no accumulation) or a positive int")
-        check(self.lr > 0, "lr", "a positive float")
+        check(self.lr > 0 and math.isfinite(self.lr), "lr", "a finite positive float")
         check(self.weight_decay >= 0, "weight_decay", "a float >= 0")
         check(self.dtype in DTYPES, "dtype", f"one of {tuple(DTYPES)}")
         check(self.grad_clip >= 0, "grad_clip", "a float >= 0 (0: no clipping)")
@@ -314,6 +321,8 @@ class Trainer:
 
             self.ddp = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.step = 0
+        self.last_saved: Path | None = None
+        self._first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)  # first non-finite loss
 
         self.dataset = dataset
         self.in_memory = hasattr(dataset, "images") and hasattr(dataset, "labels")
@@ -408,6 +417,9 @@ class Trainer:
                 local_losses = torch.cat(gathered)
         if t_global is not None:
             self.sampler.update(t_global, local_losses.cpu())
+        if not skipped:  # a skipped fp16 step (overflow) is the loss scaler's business, as the reference's
+            bad = ~torch.isfinite(stacked[self.task.metrics.index("loss")])
+            self._first_bad = torch.where(bad & (self._first_bad < 0), self.step, self._first_bad)
         # 0-dim device tensors: no host sync here (the logger converts them when it writes).
         out = {k: v / cfg.batch_size for k, v in zip(self.task.metrics, stacked.detach())}
         if "vb" in out and "vb" not in terms:
@@ -423,15 +435,19 @@ class Trainer:
 
     def train(self, steps: int | None = None, *, log: Callable[[int, dict], None] | None = None,
               save_every: int = 0, callbacks: list[tuple[int, Callable[["Trainer"], None]]] = (),
-              save_at_end: bool = True) -> dict:
+              save_at_end: bool = True, check_every: int = 50, stop: Callable[[], bool] | None = None) -> dict:
         """Run until `self.step == steps` (default: config.steps). `log(step, metrics)` after each
         step; a checkpoint every `save_every` steps and, if `save_at_end`, at the end (when
         out_dir is set);
-        `callbacks`: (every, fn(trainer)) pairs, e.g. sample grids."""
+        `callbacks`: (every, fn(trainer)) pairs, e.g. sample grids. The loss and weights are
+        checked for NaN/Inf every `check_every` steps and before every checkpoint
+        (`check_finite`); `stop()` (e.g. Ctrl-C seen) ends the loop early, between two steps."""
         steps = self.config.steps if steps is None else steps
         metrics = {}
-        while self.step < steps:
+        while self.step < steps and not (stop is not None and stop()):
             metrics = self.run_step()
+            if check_every and self.step % check_every == 0:
+                self.check_finite()
             if log is not None:
                 log(self.step, metrics)
             if self.out_dir is not None and save_every and self.step % save_every == 0:
@@ -442,6 +458,21 @@ class Trainer:
         if save_at_end and self.out_dir is not None and (not save_every or self.step % save_every):
             self.save()
         return metrics
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteError if a loss since the start, or a weight now, is NaN/Inf, naming the
+        first bad step and the last checkpoint (one host synchronisation)."""
+        first_bad = int(self._first_bad)
+        weights_ok = first_bad < 0 and bool(torch.stack([p.detach().isfinite().all()
+                                                         for p in self.model.parameters()]).all())
+        if first_bad < 0 and weights_ok:
+            return
+        what = (f"the loss of step {first_bad} is not finite (NaN or Inf)" if first_bad >= 0 else
+                f"the weights after step {self.step} are not finite (NaN or Inf)")
+        kept = (f"the last good checkpoint is {self.last_saved}" if self.last_saved is not None else
+                "no checkpoint of this run was written")
+        raise NonFiniteError(f"{what}: training diverged (lr={self.config.lr:g}, dtype={self.config.dtype}); "
+                             f"stopped without saving it; {kept}")
 
     # -- checkpoints -----------------------------------------------------------------------
     def _rng_states(self) -> dict[str, torch.Tensor]:
@@ -459,12 +490,14 @@ class Trainer:
         """Write model, EMA and training state for the current step (rank 0 writes; every
         rank must call, for the RNG states)."""
         out = Path(out_dir or self.out_dir)
+        self.check_finite()  # never a checkpoint of diverged weights
         rng = self._rng_states()
         if self.rank != 0:
             return None
         out.mkdir(parents=True, exist_ok=True)
         tag = f"{self.step:06d}"
-        meta = {"step": self.step, "train_config": self.config.to_json(), "world_size": self.world}
+        meta = {"step": self.step, "train_config": self.config.to_json(), "world_size": self.world,
+                "dataset_size": len(self.dataset)}
         admrt.save_model(self.model, out / f"model_{tag}.safetensors", preset=self.preset,
                          extra_metadata=meta)
         for rate, m in self.ema.models.items():
@@ -478,6 +511,7 @@ class Trainer:
         path = out / f"state_{tag}.safetensors"
         _atomic_save_tensors(tensors, path, {k: json.dumps(v) if not isinstance(v, str) else v
                                              for k, v in state_meta.items()})
+        self.last_saved = path
         return path
 
     def resume(self, path) -> int:
@@ -492,15 +526,17 @@ class Trainer:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         step = int(meta["step"])
         tag = f"{step:06d}"
-        saved = json.loads(meta["train_config"])
-        if saved.get("task") != self.config.task:
-            raise ValueError(f"resume={str(state_path)!r}: a {saved.get('task')!r} run, "
-                             f"this trainer has task={self.config.task!r}")
-        _load_weights(self.model, folder / f"model_{tag}.safetensors")
+        self._check_resumable(state_path, json.loads(meta["train_config"]), meta)
+        model_path = folder / f"model_{tag}.safetensors"
+        stored = _stored_preset(model_path)
+        if stored is not None and (stored.model, stored.diffusion) != (self.preset.model, self.preset.diffusion):
+            raise ValueError(f"resume={str(state_path)!r}: the run trains preset {stored.name!r}, this trainer "
+                             f"{self.preset.name!r} (" + _config_diff(stored, self.preset) + ")")
+        _load_weights(self.model, model_path, self.preset.name)
         for rate, m in self.ema.models.items():
             p = folder / f"ema_{EMA.name(rate)}_{tag}.safetensors"
             if p.exists():
-                _load_weights(m, p)
+                _load_weights(m, p, self.preset.name)
             else:  # a rate that run did not keep starts from the model
                 m.load_state_dict(self.model.state_dict())
         self.opt.load_state_dict(_unflatten_optimizer(tensors, json.loads(meta["optimizer"]), self.device))
@@ -513,7 +549,21 @@ class Trainer:
             if self.device.type == "cuda" and f"rng/cuda/{self.rank}" in tensors:
                 torch.cuda.set_rng_state(tensors[f"rng/cuda/{self.rank}"], self.device)
         self.step = step
+        self.last_saved = state_path
         return step
+
+    def _check_resumable(self, state_path: Path, saved: dict, meta: dict) -> None:
+        """A resumed run continues the same run: the settings that decide a step (all of
+        TrainConfig but RESUMABLE_CHANGES) and the data set's size must be the checkpoint's."""
+        now = json.loads(self.config.to_json())
+        changed = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+                   if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
+        size = meta.get("dataset_size")
+        if size is not None and int(size) != len(self.dataset):
+            changed.append(f"data set size: {int(size)} -> {len(self.dataset)}")
+        if changed:
+            raise ValueError(f"resume={str(state_path)!r}: the checkpoint's run has other settings ("
+                             + "; ".join(changed) + "); pass the run's settings to resume it")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,6 +573,14 @@ class Trainer:
 _STATE_RE = re.compile(r"^state_(\d+)\.safetensors$")
 
 
+def state_files(folder) -> list[tuple[int, Path]]:
+    """(step, path) of the complete checkpoints (state_*.safetensors) in `folder`, by step."""
+    p = Path(folder)
+    if not p.is_dir():
+        return []
+    return sorted((int(m.group(1)), q) for q in p.iterdir() if (m := _STATE_RE.match(q.name)))
+
+
 def latest_checkpoint(path) -> Path:
     """The state file at `path`, or the one of the highest step in folder `path`."""
     p = Path(path)
@@ -530,17 +588,46 @@ def latest_checkpoint(path) -> Path:
         return p
     if not p.is_dir():
         raise FileNotFoundError(f"resume={str(path)!r}: no such checkpoint file or folder")
-    found = sorted((int(m.group(1)), q) for q in p.iterdir() if (m := _STATE_RE.match(q.name)))
+    found = state_files(p)
     if not found:
         raise FileNotFoundError(f"resume={str(path)!r}: no state_*.safetensors checkpoint in this folder")
     return found[-1][1]
 
 
-def _load_weights(model: nn.Module, path: Path) -> None:
+def _load_weights(model: nn.Module, path: Path, preset_name: str = "?") -> None:
+    """Copy a checkpoint's weights into `model` in place (the optimizer keeps its parameters),
+    after the checkpoint loader's key and shape check."""
     from safetensors.torch import load_file
 
+    from admrt.checkpoint import check_state_dict
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (the checkpoint is incomplete)")
     state = load_file(str(path))
+    check_state_dict(model, state, source=path.name, preset_name=preset_name)
     model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def _stored_preset(path: Path) -> Preset | None:
+    from safetensors import safe_open
+
+    from admrt.checkpoint import METADATA_KEY
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+    return Preset.from_json(meta[METADATA_KEY]) if METADATA_KEY in meta else None
+
+
+def _config_diff(a: Preset, b: Preset) -> str:
+    """The first differing fields of two presets' model and diffusion configs."""
+    from dataclasses import fields
+
+    diffs = [f"{part}.{f.name}: {getattr(getattr(a, part), f.name)!r} -> {getattr(getattr(b, part), f.name)!r}"
+             for part in ("model", "diffusion") for f in fields(getattr(a, part))
+             if getattr(getattr(a, part), f.name) != getattr(getattr(b, part), f.name)]
+    return "; ".join(diffs[:4]) + (f" and {len(diffs) - 4} more" if len(diffs) > 4 else "")
 
 
 def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -20,6 +20,8 @@ import time
 
 import numpy as np
 
+from admrt.cli import ArgumentParser
+
 FASHION_REF = "fashion-test"
 
 
@@ -44,7 +46,6 @@ def _add_feature_options(p: argparse.ArgumentParser) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.epilog = "Run `admrt eval sweep --help` for the sweep's options."
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     _add_feature_options(parser)
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--pr-reference-size", type=int, default=None,
@@ -55,9 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _metrics_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="admrt eval", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="admrt eval", description=__doc__.split("\n\n")[0])
     _add_feature_options(p)
-    p.add_argument("--json", default=None, metavar="PATH")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--pr-reference-size", type=int, default=None,
                    help="precision/recall against a fixed random subset of the reference (default: all)")
     p.add_argument("ref", help="reference batch .npz, or fashion-test[:SIZE]")
@@ -66,7 +67,7 @@ def _metrics_parser() -> argparse.ArgumentParser:
 
 
 def sweep_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="admrt eval sweep", description=(
+    p = ArgumentParser(prog="admrt eval sweep", description=(
         "Sample a model with its noisy classifier over guidance scales and samplers, compute FID, sFID, IS, "
         "precision and recall of each run against a reference set, and write a report (markdown table, "
         "plot, sample grids)."))
@@ -74,7 +75,8 @@ def sweep_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="fashion16-cond", help="diffusion model: file or bundled name")
     g.add_argument("--classifier", default="fashion16-classifier", help="noisy classifier: file or bundled name")
     g.add_argument("--upsampler", default=None, help="optional upsampler (cascade); evaluated at its size")
-    g.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 4.0, 8.0])
+    g.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 4.0, 8.0],
+                   help="classifier scales, one run each")
     g.add_argument("--samplers", nargs="+", default=["ddim25", "250"],
                    help='steps per run: "ddimN" (DDIM) or "N" (DDPM on N respaced steps); default ddim25 250')
     g.add_argument("--num-samples", type=int, nargs="+", default=[1000],
@@ -84,12 +86,13 @@ def sweep_parser() -> argparse.ArgumentParser:
                         "(default: as many as the run's samples; 0: the whole reference)")
     g.add_argument("--batch-size", type=int, default=100, help="sampling batch size")
     g.add_argument("--seed", type=int, default=0, help="first per-sample seed (the same in every run)")
-    g.add_argument("--backend", default="eager")
-    g.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    g.add_argument("--backend", default="eager", help="Engine backend: eager | compile | a registered one")
+    g.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+                   help="precision of the networks' bodies")
     g.add_argument("--reference", default=FASHION_REF,
                    help="reference .npz, or fashion-test (the Fashion-MNIST test split at the samples' size)")
     g.add_argument("--out", default="docs/guidance_sweep", help="report folder (default docs/guidance_sweep)")
-    g.add_argument("--title", default="Guidance sweep: the bundled Fashion-MNIST models")
+    g.add_argument("--title", default="Guidance sweep: the bundled Fashion-MNIST models", help="the report's title")
     g.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                    help="sample nothing: merge the reports of earlier sweeps (e.g. one process per sampler) "
                         "into --out")
@@ -102,9 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if ops and ops[0] == "sweep":
         return run_sweep_cli(sweep_parser().parse_args(ops[1:]))
     if not ops:
-        _metrics_parser().print_usage(sys.stderr)
-        print("admrt eval: error: give REF SAMPLES, or `sweep` (see --help)", file=sys.stderr)
-        return 2
+        _metrics_parser().error("give REF SAMPLES, or `sweep ...`")
     margs = _metrics_parser().parse_args(ops, namespace=argparse.Namespace(**{
         k: v for k, v in vars(args).items() if k != "operands"}))
     return run_metrics(margs)
@@ -128,7 +129,11 @@ def build_evaluator(args):
 def resolve_reference(spec: str, default_size: int | None = None):
     """An .npz path as is, or `fashion-test[:SIZE]` -> uint8 (N, S, S, 1) array."""
     if spec == FASHION_REF or spec.startswith(FASHION_REF + ":"):
-        size = int(spec.split(":", 1)[1]) if ":" in spec else (default_size or 16)
+        size = spec.split(":", 1)[1] if ":" in spec else (default_size or 16)
+        if not str(size).isdigit() or int(size) < 1:
+            raise ValueError(f"reference {spec!r}: expected fashion-test or fashion-test:SIZE with SIZE a positive "
+                             "int (pixels)")
+        size = int(size)
         from .train_features import fashion_uint8
         return fashion_uint8("test", size)[0]
     return spec

@@ -181,5 +181,18 @@ class Evaluator:
 
     def evaluate(self, reference, sample) -> EvalResult:
         """reference, sample: paths to .npz batches or uint8 NHWC arrays."""
+        if not isinstance(reference, ReferenceStatistics):
+            ref_shape, sample_shape = self.image_shape(reference), self.image_shape(sample)
+            if ref_shape != sample_shape:
+                raise ValueError(
+                    "the reference images are {}x{}x{} (HxWxC) and the samples {}x{}x{}: compare batches of one "
+                    "size and channel count (the feature network would resize and convert them silently, e.g. a "
+                    "gray batch and its RGB copy give FID 0)".format(*ref_shape, *sample_shape))
         ref = reference if isinstance(reference, ReferenceStatistics) else self.reference(reference)
         return self.evaluate_activations(ref, self.activations(sample))
+
+    @staticmethod
+    def image_shape(source) -> tuple[int, int, int]:
+        """(H, W, C) of a batch (path or uint8 NHWC array), from the .npz header for a path."""
+        shape = source.shape if isinstance(source, np.ndarray) else npz.array_info(source)[0]
+        return tuple(int(d) for d in shape[1:])

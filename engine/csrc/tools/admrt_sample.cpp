@@ -95,6 +95,19 @@ bool same(const admrt::json::Value& a, const admrt::json::Value& b) {
   }
 }
 
+// A recorded value as the run-folder messages show it (Python's admrt.runfolder: 'text', 3, 0.5, null).
+std::string show(const admrt::json::Value* v) {
+  using T = admrt::json::Value::Type;
+  if (v == nullptr) return "null";
+  switch (v->type) {
+    case T::Null: return "null";
+    case T::Bool: return v->boolean ? "true" : "false";
+    case T::Number: return v->is_integer ? std::to_string(v->integer) : number(v->number);
+    case T::String: return "'" + v->string + "'";
+    default: return "...";
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -190,14 +203,18 @@ int main(int argc, char** argv) {
     const admrt::json::Value record = admrt::json::parse(rec.str(), "run record");
     if (fs::exists(record_path)) {
       const admrt::json::Value previous = admrt::json::parse_file(record_path.string());
+      // Each changed field with its recorded and new value (keys in sorted order, as Python's).
+      std::map<std::string, std::pair<const admrt::json::Value*, const admrt::json::Value*>> fields;
+      for (const auto& [key, value] : previous.as_object(record_path.string())) fields[key].first = &value;
+      for (const auto& [key, value] : record.object) fields[key].second = &value;
       std::string changed;
-      for (const auto& [key, value] : record.object)
-        if (!previous.has(key) || !same(previous.object.at(key), value)) changed += (changed.empty() ? "" : ", ") + key;
-      for (const auto& [key, value] : previous.as_object(record_path.string()))
-        if (!record.has(key)) changed += (changed.empty() ? "" : ", ") + key;
+      for (const auto& [key, pair] : fields)
+        if (!pair.first || !pair.second || !same(*pair.first, *pair.second))
+          changed += (changed.empty() ? "" : "; ") + key + ": " + show(pair.first) + " -> " + show(pair.second);
       if (!changed.empty())
-        throw std::invalid_argument(out.string() + " holds a run with other arguments (" + changed +
-                                    "); use another --out or delete it");
+        throw std::invalid_argument("--out='" + out.string() + "' holds a run with other arguments (" + changed +
+                                    "); rerun with the recorded values to resume it, or use another --out (or "
+                                    "delete that folder) to start over");
     } else {
       admrt::write_atomic(record_path.string(), rec.str());
     }

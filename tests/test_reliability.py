@@ -1,0 +1,351 @@
+"""Nothing lost, nothing mixed, one clear line: the run folder of `admrt train` and `admrt sample`
+(admrt/runfolder.py), validation before anything is written, the CLI's one error path, Ctrl-C,
+and the checks of the checkpoint loader, `admrt eval` and the Engine API. One test per finding."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import admrt
+from admrt.cli import main
+
+SAMPLE = ["sample", "--model", "tiny-cond", "--classifier", "tiny-classifier", "--num", "3", "--batch-size", "2",
+          "--shard-size", "2", "--steps", "ddim2", "--device", "cpu", "--no-progress"]
+TRAIN = ["train", "diffusion", "--preset", "tiny-cond", "--batch-size", "4", "--eval-images", "0", "--log-every",
+         "1", "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    """A folder of 8 labelled 16x16 RGB images (class = file-name prefix), the data of TRAIN."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i % 4}_{i}.png")
+    return folder
+
+
+def _files(folder: Path) -> dict:
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.name != ".lock"}
+
+
+def _log_steps(out: Path) -> list[int]:
+    return [int(r.split(",")[0]) for r in (out / "log.csv").read_text().strip().splitlines()[1:]]
+
+
+def _with(argv, option, value) -> list[str]:
+    """argv with `option` set to `value` (replaced where it is given)."""
+    argv = [str(a) for a in argv]
+    if option in argv:
+        i = argv.index(option)
+        return argv[:i] + [option, value] + argv[i + 2:]
+    return argv + [option, value]
+
+
+def _admrt(*argv, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "admrt.cli", *map(str, argv)], capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+# 1. and 5. (train): one run per folder; the same command resumes it; other settings are refused.
+def test_train_refuses_another_run_in_its_folder_and_resumes_its_own(tmp_path, images, capsys, cli_error):
+    out = tmp_path / "run"
+    run = TRAIN + ["--data", images, "--save-every", "1", "--out", out]
+    assert main([str(a) for a in run + ["--steps", "2"]]) == 0
+    before = _files(out)
+    record = json.loads((out / "run.json").read_text())
+    assert (record["lr"], record["batch_size"], record["seed"], record["preset"]["name"]) == (1e-4, 4, 0, "tiny-cond")
+
+    for option, value, shown in (("--lr", "0.01", "lr: 0.0001 -> 0.01"), ("--batch-size", "8", "batch_size: 4 -> 8"),
+                                 ("--seed", "1", "seed: 0 -> 1"), ("--preset", "tiny-uncond", "preset:")):
+        line = cli_error(_with(run + ["--steps", "2"], option, value))
+        assert "holds a run with other arguments" in line and shown in line, line
+    assert _files(out) == before  # nothing of the old run touched
+
+    # The same command with more steps continues the run; no log row is written twice.
+    (out / "log.csv").write_text((out / "log.csv").read_text() + "3,0.1,9,9,9,0.0001\n")  # a row after the checkpoint
+    assert main([str(a) for a in run + ["--steps", "3"]]) == 0
+    assert "resuming from step 2" in capsys.readouterr().err
+    assert _log_steps(out) == [1, 2, 3]
+    assert "9,9,9" not in (out / "log.csv").read_text()
+
+    # Going back to an earlier checkpoint while later ones exist would mix two histories.
+    line = cli_error(run + ["--steps", "3", "--resume", out / "state_000001.safetensors"])
+    assert "later checkpoints of this run (steps 2, 3)" in line
+    # Checkpoints without a record (an older admrt): refused without --resume.
+    (out / "run.json").unlink()
+    assert "and no run.json; pass --resume" in cli_error(run + ["--steps", "3"])
+
+
+def test_train_fork_checks_the_checkpoints_settings(tmp_path, images, cli_error):
+    """--resume into an empty --out continues a checkpoint's run; other settings or another preset
+    are named (the checkpoint loader's report, not a KeyError)."""
+    first = tmp_path / "first"
+    base = TRAIN + ["--data", images, "--steps", "2"]
+    assert main([str(a) for a in base + ["--out", first]]) == 0
+    line = cli_error(base + ["--lr", "0.01", "--resume", first, "--out", tmp_path / "fork1"])
+    assert "the checkpoint's run has other settings (lr: 0.0001 -> 0.01)" in line
+    line = cli_error(_with(base, "--preset", "tiny-uncond") + ["--resume", first, "--out", tmp_path / "fork2"])
+    assert "the run trains preset 'tiny-cond', this trainer 'tiny-uncond'" in line and "model.num_classes" in line
+    assert main([str(a) for a in base + ["--steps", "3", "--resume", first, "--out", tmp_path / "fork3"]]) == 0
+    assert sorted(p.name for p in (tmp_path / "fork3").glob("state_*")) == ["state_000003.safetensors"]
+
+
+# 2.
+def test_train_save_every_zero_still_writes_the_final_checkpoint(tmp_path, images, cli_error):
+    out = tmp_path / "run"
+    assert main([str(a) for a in TRAIN + ["--data", images, "--steps", "2", "--save-every", "0", "--out", out]]) == 0
+    assert sorted(p.name for p in out.glob("state_*")) == ["state_000002.safetensors"]
+    assert "--save-every=-1: expected an int >= 0" in cli_error(TRAIN + ["--save-every", "-1", "--out", tmp_path / "x"])
+    assert not (tmp_path / "x").exists()
+
+
+# 3.
+def test_train_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint(tmp_path, images, cli_error):
+    assert "lr=inf: expected a finite positive float" in cli_error(
+        TRAIN + ["--data", images, "--lr", "inf", "--out", tmp_path / "inf"])
+    assert not (tmp_path / "inf").exists()
+    out = tmp_path / "run"
+    line = cli_error(TRAIN + ["--data", images, "--lr", "1e10", "--steps", "8", "--save-every", "1", "--out", out])
+    assert "training diverged" in line and "is not finite" in line and "the last good checkpoint is" in line, line
+    states = sorted(out.glob("state_*"))
+    assert states and str(states[-1]) in line
+    for p in out.glob("*_0*.safetensors"):  # no checkpoint holds NaN/Inf weights
+        if not p.name.startswith("state_"):
+            m = admrt.load_model(p)
+            assert all(torch.isfinite(t).all() for t in m.state_dict().values()), p.name
+
+
+# 4. and 6. (sample): every rejected command writes nothing and names its argument.
+@pytest.mark.parametrize("argv,message", [
+    (["--classes", "3,12"], "classes: [12] out of range; expected ids in [0, 10)"),
+    (["--steps", "ddimx"], "steps='ddimx': expected 'ddimN'"),
+    (["--guidance", "nan"], "guidance=nan: expected finite scales"),
+    (["--eta", "nan"], "eta=nan: expected a finite eta >= 0"),
+    (["--shard-size", "-1"], "--shard-size=-1: expected a positive int"),
+    (["--classifier", "none", "--guidance", "2"], "--guidance=2.0: guidance needs a --classifier"),
+    (["--model", "nope"], "--model='nope': not a file, a bundled model or a preset name"),
+])
+def test_sample_rejects_bad_arguments_before_writing_anything(tmp_path, cli_error, argv, message):
+    out = tmp_path / "run"
+    line = cli_error(SAMPLE + argv + ["--out", out])
+    assert message in line, line
+    assert not out.exists()
+
+
+def test_sample_corrected_command_runs_where_a_rejected_one_was(tmp_path, cli_error):
+    out = tmp_path / "run"
+    cli_error(SAMPLE + ["--guidance", "nan", "--out", out])
+    assert main(SAMPLE + ["--out", str(out)]) == 0
+    json.loads((out / "run.json").read_text())  # valid JSON (no NaN)
+    # A run that finished nothing (killed before its first shard) does not block another one.
+    for shard in (out / "shards").iterdir():
+        shard.unlink()
+    assert main(SAMPLE + ["--seed", "5", "--out", str(out)]) == 0
+    assert json.loads((out / "run.json").read_text())["seed"] == 5
+
+
+# 5. (sample): the record names the weights, device, precision, backend; batch size under reference noise.
+def test_sample_resume_refuses_other_weights_dtype_or_reference_batch_size(tmp_path, cli_error):
+    weights = tmp_path / "model.safetensors"
+    torch.manual_seed(0)
+    admrt.save_model(admrt.create_model("tiny-cond"), weights)
+    out = tmp_path / "run"
+    run = [a if a != "tiny-cond" else str(weights) for a in SAMPLE] + ["--out", str(out)]
+    assert main(run) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["weights"][0].startswith("sha256:") and record["device"] == "cpu"
+    assert (record["dtype"], record["backend"], record["batch_size"]) == ("fp32", "eager", 2)
+    (out / "shards" / "shard_00001.npz").unlink()
+    torch.manual_seed(1)
+    admrt.save_model(admrt.create_model("tiny-cond"), weights)  # other weights under the same name
+    line = cli_error(run)
+    assert "weights: [" in line and record["weights"][0] in line, line
+    torch.manual_seed(0)
+    admrt.save_model(admrt.create_model("tiny-cond"), weights)
+    assert "dtype: 'fp32' -> 'bf16'" in cli_error(run + ["--dtype", "bf16"])
+    # Seeded noise does not depend on the batch size: a resume may change it.
+    assert main(run + ["--batch-size", "1"]) == 0
+    ref = tmp_path / "ref"
+    assert main(SAMPLE + ["--noise", "reference", "--out", str(ref)]) == 0
+    (ref / "shards" / "shard_00001.npz").unlink()
+    assert "batch_size: 2 -> 1" in cli_error(SAMPLE + ["--noise", "reference", "--batch-size", "1", "--out", ref])
+
+
+# 6. misleading errors of the loaders and of `admrt sample`'s final step.
+def test_checkpoint_errors_name_the_file_and_legacy_torch_files_load(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    for preset in (None, "tiny-cond"):
+        with pytest.raises(ValueError, match="not a checkpoint"):
+            admrt.load_model(text, preset=preset)
+    model = admrt.create_model("tiny-cond")
+    legacy = tmp_path / "legacy.pt"
+    torch.save(model.state_dict(), legacy, _use_new_zipfile_serialization=False)
+    loaded = admrt.load_model(legacy, preset="tiny-cond")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    torch.save(model.state_dict(), tmp_path / "full.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "full.pt").read_bytes()[:4000])
+    with pytest.raises(ValueError, match="cut.pt'?: cannot read the torch checkpoint"):
+        admrt.load_model(tmp_path / "cut.pt", preset="tiny-cond")
+    with pytest.raises(ValueError, match="is a torch checkpoint .* does not record its config"):
+        admrt.load_model(tmp_path / "full.pt")
+
+
+def test_sample_names_a_damaged_shard(tmp_path, cli_error):
+    out = tmp_path / "run"
+    assert main(SAMPLE + ["--out", str(out)]) == 0
+    shard = out / "shards" / "shard_00001.npz"
+    shard.write_bytes(b"not a zip")
+    line = cli_error(SAMPLE + ["--out", out])
+    assert f"{shard}: damaged shard" in line and "delete it and rerun" in line
+
+
+# 7. one line per expected error, exit codes, --debug; Ctrl-C.
+def test_errors_are_one_line_with_exit_codes_and_debug_shows_the_traceback(tmp_path):
+    res = _admrt("sample", "--model", "nope", "--out", tmp_path / "a")
+    assert res.returncode == 1 and res.stderr.strip().count("\n") == 0, res.stderr
+    assert res.stderr.startswith("admrt sample: --model='nope'")
+    res = _admrt("sample", "--num", "x")
+    assert res.returncode == 2 and res.stderr.strip() == (
+        "admrt sample: argument --num: invalid int value: 'x' (see `admrt sample --help`)")
+    res = _admrt("sample", "--model", "nope", "--out", tmp_path / "a", "--debug")
+    assert res.returncode == 1 and "Traceback" in res.stderr and "CommandError" in res.stderr
+    assert not (tmp_path / "a").exists()
+
+
+def _interrupt_when(cmd, ready, timeout=300.0) -> subprocess.CompletedProcess:
+    """Start `admrt CMD`, send SIGINT once ready() holds, and wait."""
+    proc = subprocess.Popen([sys.executable, "-m", "admrt.cli", *map(str, cmd)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    start = time.time()
+    while not ready() and proc.poll() is None and time.time() - start < timeout:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def test_ctrl_c_in_sample_keeps_the_finished_shards(tmp_path):
+    out = tmp_path / "run"
+    cmd = [a if a != "ddim2" else "ddim50" for a in SAMPLE] + ["--num", "40", "--out", out]
+    res = _interrupt_when(cmd, lambda: len(list((out / "shards").glob("shard_*.npz"))) >= 1)
+    assert res.returncode == 130, res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (
+        "admrt sample: interrupted; the finished shards are kept: rerun the same command to resume")
+    done = len(list((out / "shards").glob("shard_*.npz")))
+    assert 1 <= done < 20 and not list(out.rglob("*.tmp"))
+
+
+def test_ctrl_c_in_train_writes_a_checkpoint_and_the_rerun_resumes(tmp_path, images):
+    out = tmp_path / "run"
+    cmd = TRAIN + ["--data", images, "--steps", "100000", "--save-every", "0", "--out", out]
+    res = _interrupt_when(cmd, lambda: (out / "log.csv").exists() and len(_log_steps(out)) >= 3)
+    assert res.returncode == 130, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("admrt train: interrupted; checkpoint of step ") and "rerun the same command" in last
+    step = int(last.split("checkpoint of step ")[1].split()[0])
+    assert (out / f"state_{step:06d}.safetensors").exists()
+    cmd[cmd.index("100000")] = str(step + 1)
+    res = _admrt(*cmd)
+    assert res.returncode == 0 and f"resuming from step {step}" in res.stderr, res.stderr
+
+
+# 8.
+def test_eval_refuses_batches_of_other_sizes_or_channels(tmp_path, cli_error):
+    from admrt.evaluation.npz import save_batch
+
+    gray = np.random.default_rng(0).integers(0, 256, (12, 16, 16, 1), dtype=np.uint8)
+    save_batch(tmp_path / "gray.npz", gray)
+    save_batch(tmp_path / "rgb.npz", np.repeat(gray, 3, axis=-1))
+    save_batch(tmp_path / "big.npz", np.repeat(np.repeat(gray, 2, axis=1), 2, axis=2))
+    cache = ["--cache-dir", tmp_path / "cache"]
+    line = cli_error(["eval", *cache, tmp_path / "gray.npz", tmp_path / "rgb.npz"])
+    assert "reference images are 16x16x1 (HxWxC) and the samples 16x16x3" in line
+    assert "16x16x1 (HxWxC) and the samples 32x32x1" in cli_error(["eval", *cache, tmp_path / "gray.npz",
+                                                                   tmp_path / "big.npz"])
+    assert "fashion-test:SIZE with SIZE a positive int" in cli_error(["eval", *cache, "fashion-test:0",
+                                                                      tmp_path / "gray.npz"])
+
+
+# 9.
+def test_engine_api_checks_types():
+    model, clf = admrt.create_model("tiny-cond"), admrt.create_model("tiny-classifier")
+    with pytest.raises(TypeError, match="classifier='tiny-classifier': expected a torch.nn.Module"):
+        admrt.Engine(model, classifier="tiny-classifier")
+    with pytest.raises(TypeError, match="upsampler=3: expected a torch.nn.Module"):
+        admrt.Engine(model, upsampler=3)
+    eng = admrt.Engine(model, classifier=clf)
+    for kwargs, message in ((dict(num=2.5), "num=2.5: expected a positive int"),
+                            (dict(num=True), "num=True: expected a positive int"),
+                            (dict(classes=[1.5, 2]), "classes: expected integer ids, got float64"),
+                            (dict(classes=["3"]), "classes: expected integer ids"),
+                            (dict(classes=[1, 2], seeds=[0.5, 1]), "seeds: expected ints, got \\[0.5\\]"),
+                            (dict(num=2, seeds=1.5), "seeds=1.5: expected an int"),
+                            (dict(num=2, guidance="a"), "guidance='a': expected a number")):
+        with pytest.raises((TypeError, ValueError), match=message):
+            eng.check(steps="ddim2", **kwargs)
+        with pytest.raises((TypeError, ValueError), match=message):
+            eng.sample(steps="ddim2", **kwargs)
+    eng.check(classes=np.array([1, 2]), seeds=np.array([3, 4]), steps="ddim2")
+    eng.check(classes=torch.tensor([1, 2]), steps="ddim2")
+
+
+# 10.
+def test_a_second_process_is_refused_and_stale_temporary_files_are_removed(tmp_path, cli_error):
+    from admrt.runfolder import RunFolder
+
+    out = tmp_path / "run"
+    holder = RunFolder(out, "test holder")
+    holder.lock()
+    try:
+        line = cli_error(SAMPLE + ["--out", out])
+        assert f"is in use by process {os.getpid()} (test holder, since" in line
+    finally:
+        holder.unlock()
+    (out / "shards").mkdir()
+    stale = [out / ".run.json.abc123.tmp", out / "shards" / ".shard_00000.npz.x1y2.tmp"]
+    for p in stale:
+        p.write_bytes(b"half")
+    assert main(SAMPLE + ["--out", str(out)]) == 0
+    assert not any(p.exists() for p in stale)
+
+
+# Also: --version, and --help that states every default and explains every option.
+def test_version_and_help_state_every_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith(f"admrt {admrt.__version__} (torch ")
+    import argparse
+    import importlib
+
+    from admrt.cli import COMMANDS, ArgumentParser
+    parsers = []
+    for name, (module, _) in COMMANDS.items():
+        p = ArgumentParser(prog=f"admrt {name}")
+        importlib.import_module(module).add_arguments(p)
+        parsers.append(p)
+    from admrt.evaluation.cli import sweep_parser
+    parsers.append(sweep_parser())
+    for p in parsers:
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+                continue
+            if not action.option_strings or action.help == argparse.SUPPRESS or action.dest == "help":
+                continue
+            assert action.help, f"{p.prog} {action.option_strings[0]}: no help text"
+            shown = p._get_formatter()._get_help_string(action)
+            if action.default not in (None, False) and not action.required:
+                assert "default" in shown, f"{p.prog} {action.option_strings[0]}: the default is not stated"
