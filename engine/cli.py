@@ -259,7 +259,8 @@ def _record(args, shard_size, engine, loaded, device) -> dict:
         return {"package": str(Path(args.package).resolve()), "steps": args.steps,
                 "upsampler_steps": args.upsampler_steps, "guidance": args.guidance, "classes": args.classes,
                 "num": args.num, "seed": args.seed, "eta": args.eta, "noise": "seeded", "shard_size": shard_size,
-                "seeded_noise": engine.package.seeded_noise}
+                "seeded_noise": engine.package.seeded_noise, "weights": engine.package.weights,
+                "device": "cuda" if engine.package.device.startswith("cuda") else "cpu"}
     record = {key: getattr(args, key) for key in RUN_KEYS if key != "shard_size"}
     record.update(shard_size=shard_size, batch_size=args.batch_size, backend=args.backend,
                   device=device_description(device),

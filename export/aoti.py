@@ -18,6 +18,7 @@ into place; an existing package is never overwritten silently.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -172,6 +173,7 @@ def export_aoti(model: nn.Module, classifier: Optional[nn.Module] = None, upsamp
         "default_steps": plans[0], "default_upsampler_steps": up_plans[0] if upsampler is not None else None,
         "models": {role: _model_entry(module, infos[role], role, up_plans if role == "upsampler" else plans)
                    for role, module in roles},
+        "weights": weights_fingerprint(dict(roles)),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
@@ -202,6 +204,18 @@ def export_aoti(model: nn.Module, classifier: Optional[nn.Module] = None, upsamp
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return ExportReport(out, seconds, errors)
+
+
+def weights_fingerprint(modules: dict) -> str:
+    """sha256 (first 16 hex digits) of the exported modules' weights: role, key, dtype, shape and
+    bytes of every tensor; run records compare it (admrt/runfolder.py)."""
+    h = hashlib.sha256()
+    for role in sorted(modules):
+        for key, value in sorted(modules[role].state_dict().items()):
+            t = value.detach().cpu().contiguous()
+            h.update(f"{role}/{key}/{t.dtype}/{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()[:16]
 
 
 def check_package(folder: Path, units: dict, infos: dict, dtype: str, device: torch.device) -> dict:

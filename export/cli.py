@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from admrt.cli import CommandError
+from admrt.cli import CommandError, Interrupted
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
                              log=lambda m: print(m, file=sys.stderr))
     except (ValueError, FileExistsError) as exc:
         raise CommandError(f"{exc}") from None
+    except KeyboardInterrupt:
+        raise Interrupted(f"nothing was written (no {args.out}; the temporary folder is removed)") from None
     for role, (export_s, compile_s) in report.seconds.items():
         print(f"admrt export: {role}: export {export_s:.1f} s, compile {compile_s:.1f} s, "
               f"max error vs eager {report.errors[role]:.2g}", file=sys.stderr)

@@ -70,6 +70,9 @@ class Package {
   const std::string& default_steps() const { return default_steps_; }
   const std::string& default_upsampler_steps() const { return default_upsampler_steps_; }
   const std::string& seeded_noise() const { return seeded_noise_; }
+  // The exported weights' fingerprint (manifest "weights"; empty for packages made before it):
+  // run records compare it, so a package re-exported with other weights is not resumed into.
+  const std::string& weights() const { return weights_; }
   const Stage& base() const { return *base_; }
   const Stage* classifier() const { return classifier_.get(); }
   const Stage* upsampler() const { return upsampler_.get(); }
@@ -80,7 +83,7 @@ class Package {
 
  private:
   Package() = default;
-  std::string folder_, dtype_, default_steps_, default_upsampler_steps_, seeded_noise_;
+  std::string folder_, dtype_, default_steps_, default_upsampler_steps_, seeded_noise_, weights_;
   at::Device device_ = at::kCPU;
   int64_t max_batch_ = 1;
   std::shared_ptr<Stage> base_, classifier_, upsampler_;

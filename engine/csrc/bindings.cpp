@@ -223,6 +223,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("default_steps", &admrt::Package::default_steps)
       .def_property_readonly("default_upsampler_steps", &admrt::Package::default_upsampler_steps)
       .def_property_readonly("seeded_noise", &admrt::Package::seeded_noise)
+      .def_property_readonly("weights", &admrt::Package::weights)
       .def_property_readonly("num_classes", &admrt::Package::num_classes);
   py::class_<admrt::ContextParams>(m, "ContextParams", "What a package Context is built for (admrt.h).")
       .def(py::init<>())

@@ -218,6 +218,7 @@ std::shared_ptr<Package> Package::load(const std::string& folder, const std::str
   if (!m.at("default_upsampler_steps", what).is_null())
     p->default_upsampler_steps_ = m.at("default_upsampler_steps", what).as_string(what);
   p->seeded_noise_ = m.at("seeded_noise", what).as_string(what + ".seeded_noise");
+  if (m.has("weights")) p->weights_ = m.at("weights", what).as_string(what + ".weights");
   const json::Value& models = m.at("models", what);
   p->base_ = load_stage(dir, "model", models.at("model", what + ".models"), device);
   if (models.has("classifier")) p->classifier_ = load_stage(dir, "classifier", models.at("classifier", what), device);

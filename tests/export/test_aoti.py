@@ -159,6 +159,22 @@ def test_program_resumes_and_shares_the_run_folder_with_admrt_sample(stack, tmp_
     res = _program(*other)
     assert res.returncode == 1 and "holds a run with other arguments (seed: 3 -> 4)" in res.stderr
     assert "holds a run with other arguments (seed: 3 -> 4)" in cli_error(["sample", *other])
+    # The record names the exported weights (a package re-exported with others is not resumed into).
+    record = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert record["weights"] == json.loads((pkg / "manifest.json").read_text())["weights"]
+    assert record["weights"].startswith("sha256:") and record["device"] == "cpu"
+    # One process per run folder, whichever front end holds it.
+    from admrt.runfolder import RunFolder
+    holder = RunFolder(tmp_path / "r", "test holder")
+    holder.lock()
+    try:
+        res = _program(*args)
+        assert res.returncode == 1 and f"is in use by process {os.getpid()} (test holder" in res.stderr, res.stderr
+    finally:
+        holder.unlock()
+    (tmp_path / "r" / "shards" / ".shard_00001.npz.tmp").write_bytes(b"half")  # a killed run's leftover
+    assert _program(*args).returncode == 0
+    assert not list((tmp_path / "r").rglob("*.tmp"))
 
 
 def test_program_needs_no_python(stack, tmp_path):

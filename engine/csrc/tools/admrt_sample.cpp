@@ -9,6 +9,7 @@
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -17,6 +18,10 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
 
 #include "admrt.h"
 #include "json.h"
@@ -106,6 +111,51 @@ std::string show(const admrt::json::Value* v) {
     case T::String: return "'" + v->string + "'";
     default: return "...";
   }
+}
+
+// The run folder's lock (admrt/runfolder.py): OUT/.lock held with flock while this process works
+// in OUT (the OS releases it at exit, however the process ends); a second process is refused,
+// naming the holder. Then the temporary files of atomic writes a killed run left are removed.
+void lock_run_folder(const fs::path& out) {
+  fs::create_directories(out);
+  const fs::path path = out / ".lock";
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT, 0644);
+  if (fd < 0) throw std::runtime_error(path.string() + ": cannot be opened");
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    std::ifstream in(path);
+    std::string holder;
+    std::getline(in, holder);
+    ::close(fd);
+    throw std::invalid_argument("--out='" + out.string() + "' is in use by " +
+                                (holder.empty() ? std::string("another process") : holder) +
+                                "; wait for it to finish, or stop it (its finished work is kept)");
+  }
+  char when[32];
+  const std::time_t now = std::time(nullptr);
+  std::strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", std::localtime(&now));
+  const std::string line = "process " + std::to_string(::getpid()) + " (admrt-sample, since " + when + ")\n";
+  if (::ftruncate(fd, 0) != 0 || ::write(fd, line.data(), line.size()) < 0) {
+    // the lock holds without the note; only the message of a refused second process is poorer
+  }
+  // fd stays open (and locked) until the process exits.
+  for (const fs::path& dir : {out, out / "shards"}) {
+    if (!fs::is_directory(dir)) continue;
+    for (const auto& entry : fs::directory_iterator(dir)) {
+      const std::string name = entry.path().filename().string();
+      if (entry.is_regular_file() && name.size() > 5 && name[0] == '.' && name.substr(name.size() - 4) == ".tmp")
+        fs::remove(entry.path());
+    }
+  }
+}
+
+int64_t finished_shards(const fs::path& out) {
+  int64_t n = 0;
+  if (!fs::is_directory(out / "shards")) return 0;
+  for (const auto& entry : fs::directory_iterator(out / "shards")) {
+    const std::string name = entry.path().filename().string();
+    n += name.rfind("shard_", 0) == 0 && entry.path().extension() == ".npz";
+  }
+  return n;
 }
 
 }  // namespace
@@ -198,10 +248,14 @@ int main(int argc, char** argv) {
         << ",\n \"classes\": " << (opt.count("--classes") ? admrt::json::quote(opt["--classes"]) : "null")
         << ",\n \"num\": " << num << ",\n \"seed\": " << seed << ",\n \"eta\": " << number(params.eta)
         << ",\n \"noise\": \"seeded\",\n \"shard_size\": " << shard
-        << ",\n \"seeded_noise\": " << admrt::json::quote(package->seeded_noise()) << "\n}\n";
+        << ",\n \"seeded_noise\": " << admrt::json::quote(package->seeded_noise())
+        << ",\n \"weights\": " << admrt::json::quote(package->weights())
+        << ",\n \"device\": " << admrt::json::quote(package->device().is_cuda() ? "cuda" : "cpu") << "\n}\n";
     const fs::path record_path = out / "run.json";
     const admrt::json::Value record = admrt::json::parse(rec.str(), "run record");
-    if (fs::exists(record_path)) {
+    lock_run_folder(out);
+    bool write_record = !fs::exists(record_path);
+    if (!write_record) {
       const admrt::json::Value previous = admrt::json::parse_file(record_path.string());
       // Each changed field with its recorded and new value (keys in sorted order, as Python's).
       std::map<std::string, std::pair<const admrt::json::Value*, const admrt::json::Value*>> fields;
@@ -211,13 +265,16 @@ int main(int argc, char** argv) {
       for (const auto& [key, pair] : fields)
         if (!pair.first || !pair.second || !same(*pair.first, *pair.second))
           changed += (changed.empty() ? "" : "; ") + key + ": " + show(pair.first) + " -> " + show(pair.second);
-      if (!changed.empty())
+      if (!changed.empty() && finished_shards(out) > 0)
         throw std::invalid_argument("--out='" + out.string() + "' holds a run with other arguments (" + changed +
                                     "); rerun with the recorded values to resume it, or use another --out (or "
                                     "delete that folder) to start over");
-    } else {
-      admrt::write_atomic(record_path.string(), rec.str());
+      if (!changed.empty()) {
+        std::cerr << "admrt-sample: " << out.string() << " held a run that finished nothing; starting over\n";
+        write_record = true;
+      }
     }
+    if (write_record) admrt::write_atomic(record_path.string(), rec.str());
     fs::create_directories(out / "shards");
 
     const int64_t n_shards = num / shard + (num % shard != 0);
