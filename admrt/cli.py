@@ -39,9 +39,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if (action.default not in (None, False, argparse.SUPPRESS) and "default" not in text
-                and action.option_strings):
-            text += f" (default: {' '.join(map(str, action.default)) if isinstance(action.default, list) else action.default})"
+        default = action.default
+        if (default is not None and default is not False and default is not argparse.SUPPRESS
+                and "default" not in text and action.option_strings):
+            text += f" (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
         return text
 
 

@@ -70,8 +70,8 @@ class RunFolder:
         f.write(f"process {os.getpid()} ({self.command}, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
         f.flush()
         self._lock_file = f
-        for folder in [self.out, *(p for p in self.out.iterdir() if p.is_dir())]:
-            for p in folder.iterdir():
+        for folder in (self.out, self.out / "shards"):  # not deeper: OUT may hold other runs' folders
+            for p in (folder.iterdir() if folder.is_dir() else ()):
                 if _TMP.match(p.name) and p.is_file():
                     p.unlink(missing_ok=True)
 
@@ -93,10 +93,15 @@ class RunFolder:
                 previous = json.loads(path.read_text())
             except (ValueError, OSError) as exc:
                 previous = {"<unreadable run.json>": str(exc)}
+            # A key the record did not have (written by an older admrt) is not a change: it is added.
             changed = [k for k in sorted(set(record) | set(previous))
-                       if k not in may_differ and previous.get(k) != record.get(k)]
+                       if k not in may_differ and k in previous and previous.get(k) != record.get(k)]
             if not changed:
-                if any(previous.get(k) != record.get(k) for k in may_differ):
+                added = [k for k in record if k not in previous]
+                if added:
+                    print(f"{self.command}: {path} did not record {', '.join(added)} (an older admrt); recorded "
+                          "now", file=sys.stderr)
+                if previous != record:
                     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
                 return finished > 0
             if finished:

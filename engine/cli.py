@@ -375,7 +375,7 @@ def _run(args, device, rank, world, dist) -> int:
             finished = sum(1 for p in (out / "shards").glob("shard_*.npz"))
             folder.check_record(_record(args, shard_size, engine, loaded, device), finished=finished,
                                 may_differ=("batch_size",) if args.noise == "seeded" else ())
-        except ValueError as exc:
+        except (CommandError, ValueError, OSError) as exc:  # every rank learns of it (no rank left waiting)
             folder.unlock()
             error = str(exc)
     if dist is not None:

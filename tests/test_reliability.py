@@ -98,8 +98,44 @@ def test_train_fork_checks_the_checkpoints_settings(tmp_path, images, cli_error)
     assert "the checkpoint's run has other settings (lr: 0.0001 -> 0.01)" in line
     line = cli_error(_with(base, "--preset", "tiny-uncond") + ["--resume", first, "--out", tmp_path / "fork2"])
     assert "the run trains preset 'tiny-cond', this trainer 'tiny-uncond'" in line and "model.num_classes" in line
-    assert main([str(a) for a in base + ["--steps", "3", "--resume", first, "--out", tmp_path / "fork3"]]) == 0
+    fork = base + ["--resume", first, "--out", tmp_path / "fork3"]
+    assert main([str(a) for a in _with(fork, "--steps", "3")]) == 0
     assert sorted(p.name for p in (tmp_path / "fork3").glob("state_*")) == ["state_000003.safetensors"]
+    # The same command again (e.g. a requeued job) continues the fork, not the run it came from.
+    assert main([str(a) for a in _with(fork, "--steps", "4")]) == 0
+    assert sorted(p.name for p in (tmp_path / "fork3").glob("state_*"))[-1] == "state_000004.safetensors"
+    assert _log_steps(tmp_path / "fork3") == [3, 4]
+
+
+def test_train_with_an_annealed_lr_refuses_other_steps(tmp_path, images, cli_error):
+    """lr_at divides by --steps: under --anneal-lr another --steps would change every later step."""
+    run = TRAIN + ["--data", images, "--anneal-lr", "--out", tmp_path / "run"]
+    assert main([str(a) for a in run + ["--steps", "2"]]) == 0
+    assert "steps: 2 -> 3" in cli_error(run + ["--steps", "3"])
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_train_under_torchrun_saves_once_and_refuses_on_every_rank(tmp_path, images):
+    """2 CPU processes (gloo): the final checkpoint's collectives match on both ranks, and a run
+    refused by rank 0 stops every rank with its one line (no rank left waiting)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "admrt.cli", *map(str, TRAIN[:-1]), "--data", str(images),
+           "--steps", "2", "--save-every", "2", "--out", str(out), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("state_*")) == ["state_000002.safetensors"]
+    cmd[cmd.index("--master_port") + 1] = str(_free_port())
+    res = subprocess.run(cmd + ["--lr", "0.01"], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "holds a run with other arguments (lr: 0.0001 -> 0.01)" in res.stderr
 
 
 # 2.
@@ -177,6 +213,12 @@ def test_sample_resume_refuses_other_weights_dtype_or_reference_batch_size(tmp_p
     assert "dtype: 'fp32' -> 'bf16'" in cli_error(run + ["--dtype", "bf16"])
     # Seeded noise does not depend on the batch size: a resume may change it.
     assert main(run + ["--batch-size", "1"]) == 0
+    # A record written before a field was recorded (an older admrt) gains it; the run resumes.
+    old = {k: v for k, v in json.loads((out / "run.json").read_text()).items() if k not in ("weights", "device")}
+    (out / "run.json").write_text(json.dumps(old))
+    (out / "shards" / "shard_00001.npz").unlink()
+    assert main(run + ["--batch-size", "1"]) == 0
+    assert json.loads((out / "run.json").read_text())["weights"] == record["weights"]
     ref = tmp_path / "ref"
     assert main(SAMPLE + ["--noise", "reference", "--out", str(ref)]) == 0
     (ref / "shards" / "shard_00001.npz").unlink()
@@ -277,6 +319,9 @@ def test_eval_refuses_batches_of_other_sizes_or_channels(tmp_path, cli_error):
                                                                    tmp_path / "big.npz"])
     assert "fashion-test:SIZE with SIZE a positive int" in cli_error(["eval", *cache, "fashion-test:0",
                                                                       tmp_path / "gray.npz"])
+    from admrt.evaluation.evaluator import Evaluator
+    with pytest.raises(ValueError, match=r"expected uint8 \(N, H, W, 1\|3\) images, got shape \(12, 16, 16\)"):
+        Evaluator(None).evaluate(gray[..., 0], gray)
 
 
 # 9.
@@ -347,5 +392,5 @@ def test_version_and_help_state_every_default(capsys):
                 continue
             assert action.help, f"{p.prog} {action.option_strings[0]}: no help text"
             shown = p._get_formatter()._get_help_string(action)
-            if action.default not in (None, False) and not action.required:
+            if action.default is not None and action.default is not False and not action.required:
                 assert "default" in shown, f"{p.prog} {action.option_strings[0]}: the default is not stated"

@@ -111,11 +111,16 @@ def _record(args, preset, cfg, dataset_size: int) -> dict:
             "data": args.data, "limit": args.limit, "dataset_size": dataset_size}
 
 
-def _resume_point(args, out: Path, folder: RunFolder, record: dict) -> Path | None:
+def _resume_point(args, cfg, out: Path, folder: RunFolder, record: dict) -> Path | None:
     """The checkpoint this run continues (None: a new run), after the run-folder checks."""
-    from .trainers import RESUMABLE_CHANGES, latest_checkpoint, state_files
+    from .trainers import latest_checkpoint, resumable_changes, state_files
 
     here = state_files(out)
+    may_differ = resumable_changes(cfg)
+    if here and not (out / "run.json").exists():
+        hint = (f"continue {args.resume} into an empty --out" if args.resume else
+                f"pass --resume {out} to continue them, or use another --out")
+        raise CommandError(f"--out={str(out)!r} holds checkpoints (up to step {here[-1][0]}) and no run.json; {hint}")
     if args.resume:
         state = latest_checkpoint(args.resume)
         if state.parent.resolve() == out.resolve():
@@ -125,14 +130,14 @@ def _resume_point(args, out: Path, folder: RunFolder, record: dict) -> Path | No
                                    f"{', '.join(map(str, later[:5]))}); resume from the latest, or delete those "
                                    "to go back")
         elif here:
-            raise CommandError(f"--out={str(out)!r} holds another run (checkpoints up to step {here[-1][0]}); "
-                               f"continue {state} into an empty --out")
-        folder.check_record(record, finished=len(here), may_differ=RESUMABLE_CHANGES)
+            # A fork that has checkpoints of its own: the same command continues the fork.
+            folder.check_record(record, finished=len(here), may_differ=may_differ)
+            print(f"admrt train: {out} holds this run's checkpoints (up to step {here[-1][0]}): continuing from "
+                  f"its latest, not from --resume", file=sys.stderr)
+            return here[-1][1]
+        folder.check_record(record, finished=len(here), may_differ=may_differ)
         return state
-    if here and not (out / "run.json").exists():
-        raise CommandError(f"--out={str(out)!r} holds checkpoints (up to step {here[-1][0]}) and no run.json; "
-                           f"pass --resume {out} to continue them, or use another --out")
-    resumed = folder.check_record(record, finished=len(here), may_differ=RESUMABLE_CHANGES)
+    resumed = folder.check_record(record, finished=len(here), may_differ=may_differ)
     return here[-1][1] if resumed else None
 
 
@@ -141,26 +146,30 @@ def _step_of(state: Path) -> int:
 
 
 class _CtrlC:
-    """The first Ctrl-C asks the loop to stop after the step in flight (a checkpoint follows);
-    a second one interrupts at once."""
+    """The first Ctrl-C (SIGINT) or SIGTERM (torchrun's agent and batch schedulers stop jobs with
+    it) asks the loop to stop after the step in flight, a checkpoint follows; a second signal
+    stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.seen = False
-        self._previous = None
+        self._previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
         self.seen = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         print("\nadmrt train: stopping after this step (Ctrl-C again to stop at once)", file=sys.stderr)
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -228,9 +237,9 @@ def _train(args, preset, cfg, dataset, test, device, rank, world, folder) -> int
     if rank == 0:
         try:
             folder.lock()
-            state = _resume_point(args, out, folder, _record(args, preset, cfg, len(dataset)))
+            state = _resume_point(args, cfg, out, folder, _record(args, preset, cfg, len(dataset)))
             decision[1] = None if state is None else str(state)
-        except (ValueError, OSError) as exc:
+        except (CommandError, ValueError, OSError) as exc:  # every rank learns of it (no rank left waiting)
             decision[0] = str(exc)
     if world > 1:
         torch.distributed.broadcast_object_list(decision, src=0)

@@ -60,6 +60,11 @@ KIND_OF_TASK = {"diffusion": "unet", "classifier": "classifier", "upsampler": "s
 RESUMABLE_CHANGES = ("steps", "microbatch", "fused_kernels")
 
 
+def resumable_changes(config: "TrainConfig") -> tuple[str, ...]:
+    """RESUMABLE_CHANGES for this run: not `steps` when the learning rate anneals over them."""
+    return tuple(k for k in RESUMABLE_CHANGES if not (k == "steps" and config.anneal_lr))
+
+
 class NonFiniteError(ValueError):
     """The loss or the weights became NaN/Inf: the run stops; no such checkpoint is written."""
 
@@ -492,10 +497,12 @@ class Trainer:
         out = Path(out_dir or self.out_dir)
         self.check_finite()  # never a checkpoint of diverged weights
         rng = self._rng_states()
+        tag = f"{self.step:06d}"
+        path = out / f"state_{tag}.safetensors"
         if self.rank != 0:
+            self.last_saved = path  # every rank knows the last checkpoint (rank 0 writes it)
             return None
         out.mkdir(parents=True, exist_ok=True)
-        tag = f"{self.step:06d}"
         meta = {"step": self.step, "train_config": self.config.to_json(), "world_size": self.world,
                 "dataset_size": len(self.dataset)}
         admrt.save_model(self.model, out / f"model_{tag}.safetensors", preset=self.preset,
@@ -508,7 +515,6 @@ class Trainer:
         tensors.update({f"sampler/{k}": v for k, v in self.sampler.state_dict().items()})
         state_meta = {**meta, "optimizer": opt_meta, "scaler": self.scaler.state_dict(),
                       "model_file": f"model_{tag}.safetensors"}
-        path = out / f"state_{tag}.safetensors"
         _atomic_save_tensors(tensors, path, {k: json.dumps(v) if not isinstance(v, str) else v
                                              for k, v in state_meta.items()})
         self.last_saved = path
@@ -554,10 +560,10 @@ class Trainer:
 
     def _check_resumable(self, state_path: Path, saved: dict, meta: dict) -> None:
         """A resumed run continues the same run: the settings that decide a step (all of
-        TrainConfig but RESUMABLE_CHANGES) and the data set's size must be the checkpoint's."""
+        TrainConfig but resumable_changes) and the data set's size must be the checkpoint's."""
         now = json.loads(self.config.to_json())
         changed = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-                   if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
+                   if k not in resumable_changes(self.config) and saved.get(k) != now.get(k)]
         size = meta.get("dataset_size")
         if size is not None and int(size) != len(self.dataset):
             changed.append(f"data set size: {int(size)} -> {len(self.dataset)}")

@@ -195,4 +195,7 @@ class Evaluator:
     def image_shape(source) -> tuple[int, int, int]:
         """(H, W, C) of a batch (path or uint8 NHWC array), from the .npz header for a path."""
         shape = source.shape if isinstance(source, np.ndarray) else npz.array_info(source)[0]
+        if len(shape) != 4:
+            raise ValueError(f"{'images' if isinstance(source, np.ndarray) else source}: expected uint8 "
+                             f"(N, H, W, 1|3) images, got shape {tuple(shape)}")
         return tuple(int(d) for d in shape[1:])

@@ -261,10 +261,16 @@ int main(int argc, char** argv) {
       std::map<std::string, std::pair<const admrt::json::Value*, const admrt::json::Value*>> fields;
       for (const auto& [key, value] : previous.as_object(record_path.string())) fields[key].first = &value;
       for (const auto& [key, value] : record.object) fields[key].second = &value;
+      // A key the record lacks (written by an older admrt) is not a change: it is added.
       std::string changed;
-      for (const auto& [key, pair] : fields)
-        if (!pair.first || !pair.second || !same(*pair.first, *pair.second))
+      for (const auto& [key, pair] : fields) {
+        if (!pair.first) {
+          write_record = true;
+          continue;
+        }
+        if (!pair.second || !same(*pair.first, *pair.second))
           changed += (changed.empty() ? "" : "; ") + key + ": " + show(pair.first) + " -> " + show(pair.second);
+      }
       if (!changed.empty() && finished_shards(out) > 0)
         throw std::invalid_argument("--out='" + out.string() + "' holds a run with other arguments (" + changed +
                                     "); rerun with the recorded values to resume it, or use another --out (or "
