@@ -204,12 +204,12 @@ def test_sample_resume_refuses_other_weights_dtype_or_reference_batch_size(tmp_p
     assert record["weights"][0].startswith("sha256:") and record["device"] == "cpu"
     assert (record["dtype"], record["backend"], record["batch_size"]) == ("fp32", "eager", 2)
     (out / "shards" / "shard_00001.npz").unlink()
+    original = weights.read_bytes()
     torch.manual_seed(1)
     admrt.save_model(admrt.create_model("tiny-cond"), weights)  # other weights under the same name
     line = cli_error(run)
     assert "weights: [" in line and record["weights"][0] in line, line
-    torch.manual_seed(0)
-    admrt.save_model(admrt.create_model("tiny-cond"), weights)
+    weights.write_bytes(original)  # (the file's bytes are fingerprinted: safetensors' header order varies)
     assert "dtype: 'fp32' -> 'bf16'" in cli_error(run + ["--dtype", "bf16"])
     # Seeded noise does not depend on the batch size: a resume may change it.
     assert main(run + ["--batch-size", "1"]) == 0
@@ -281,13 +281,13 @@ def _interrupt_when(cmd, ready, timeout=300.0) -> subprocess.CompletedProcess:
 
 def test_ctrl_c_in_sample_keeps_the_finished_shards(tmp_path):
     out = tmp_path / "run"
-    cmd = [a if a != "ddim2" else "ddim50" for a in SAMPLE] + ["--num", "40", "--out", out]
+    cmd = [a if a != "ddim2" else "ddim50" for a in SAMPLE] + ["--num", "80", "--out", out]
     res = _interrupt_when(cmd, lambda: len(list((out / "shards").glob("shard_*.npz"))) >= 1)
     assert res.returncode == 130, res.stderr
     assert res.stderr.strip().splitlines()[-1] == (
         "admrt sample: interrupted; the finished shards are kept: rerun the same command to resume")
     done = len(list((out / "shards").glob("shard_*.npz")))
-    assert 1 <= done < 20 and not list(out.rglob("*.tmp"))
+    assert 1 <= done < 40 and not list(out.rglob("*.tmp"))
 
 
 def test_ctrl_c_in_train_writes_a_checkpoint_and_the_rerun_resumes(tmp_path, images):
