@@ -268,9 +268,11 @@ def test_errors_are_one_line_with_exit_codes_and_debug_shows_the_traceback(tmp_p
 
 
 def _interrupt_when(cmd, ready, timeout=300.0) -> subprocess.CompletedProcess:
-    """Start `admrt CMD`, send SIGINT once ready() holds, and wait."""
+    """Start `admrt CMD`, send SIGINT once ready() holds, and wait. The child gets SIGINT's default
+    disposition: a test run started in the background (`.ci/run &`) inherits it ignored."""
     proc = subprocess.Popen([sys.executable, "-m", "admrt.cli", *map(str, cmd)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     start = time.time()
     while not ready() and proc.poll() is None and time.time() - start < timeout:
         time.sleep(0.2)
