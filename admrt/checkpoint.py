@@ -161,8 +161,19 @@ def _read_safetensors(path: Path) -> tuple[dict, Preset | None]:
     except Exception as exc:
         raise ValueError(f"path={str(path)!r}: cannot read the safetensors file (truncated or "
                          f"corrupted?): {exc}") from exc
-    stored = Preset.from_json(meta[METADATA_KEY]) if METADATA_KEY in meta else None
-    return state, stored
+    return state, _preset_of(meta)
+
+
+def stored_preset(path) -> Preset | None:
+    """The preset an admrt .safetensors file records (None: it records none); tensors unread."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return _preset_of(f.metadata() or {})
+
+
+def _preset_of(meta: dict) -> Preset | None:
+    return Preset.from_json(meta[METADATA_KEY]) if METADATA_KEY in meta else None
 
 
 def save_model(model: nn.Module, path, *, preset: Preset | None = None, extra_metadata: dict | None = None) -> Path:

@@ -38,18 +38,11 @@ class RunFolderError(ValueError):
 
 
 class RunFolder:
-    """OUT's lock and record for one command (`with RunFolder(out, "admrt sample") as run: ...`)."""
+    """OUT's lock and record for one command: `lock()`, `check_record(...)`, then `unlock()`."""
 
     def __init__(self, out, command: str):
         self.out, self.command = Path(out), command
         self._lock_file = None
-
-    def __enter__(self) -> "RunFolder":
-        self.lock()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.unlock()
 
     def lock(self) -> None:
         """Take OUT/.lock, or raise naming the process that holds it; then clean stale .tmp files."""

@@ -95,11 +95,11 @@ class LoadedModels(NamedTuple):
     model: object
     classifier: object
     upsampler: object
-    weights: tuple  # a fingerprint per role: the file's sha256, or "random (seed 0)"; None: no such role
+    sources: tuple  # per role: the weights file (a Path), "random (seed 0)", or None (no such role)
 
 
 def _load(spec: str, preset, role: str, device: str):
-    """(module, fingerprint of its weights) for a path, bundled name or preset name."""
+    """(module, where its weights come from) for a path, bundled name or preset name."""
     import admrt
     from admrt.checkpoint import bundled_path
 
@@ -108,7 +108,7 @@ def _load(spec: str, preset, role: str, device: str):
             module = admrt.load_model(spec, preset=preset, device=device)
         except (ValueError, OSError) as exc:
             raise CommandError(f"--{role}={spec!r}: {exc}") from None
-        return module, file_fingerprint(spec if Path(spec).exists() else bundled_path(spec))
+        return module, Path(spec) if Path(spec).exists() else bundled_path(spec)
     if spec in admrt.PRESETS:
         print(f"admrt sample: {role} {spec!r}: no weights found (no file, not bundled); using RANDOM weights "
               "of that preset (initialised from seed 0): the images will be noise", file=sys.stderr)
@@ -265,7 +265,7 @@ def _record(args, shard_size, engine, loaded, device) -> dict:
     record.update(shard_size=shard_size, batch_size=args.batch_size, backend=args.backend,
                   device=device_description(device),
                   models=[getattr(m, "preset", None) and m.preset.name for m in loaded[:3]],
-                  weights=list(loaded.weights))
+                  weights=[file_fingerprint(s) if isinstance(s, Path) else s for s in loaded.sources])
     if args.noise == "seeded":  # shards drawn with another noise map must not be mixed in
         from admrt.engine.engine import SEEDED_NOISE_FORMAT
         record["seeded_noise"] = SEEDED_NOISE_FORMAT

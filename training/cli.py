@@ -113,7 +113,7 @@ def _record(args, preset, cfg, dataset_size: int) -> dict:
 
 def _resume_point(args, cfg, out: Path, folder: RunFolder, record: dict) -> Path | None:
     """The checkpoint this run continues (None: a new run), after the run-folder checks."""
-    from .trainers import latest_checkpoint, resumable_changes, state_files
+    from .trainers import latest_checkpoint, resumable_changes, state_files, step_of
 
     here = state_files(out)
     may_differ = resumable_changes(cfg)
@@ -124,7 +124,7 @@ def _resume_point(args, cfg, out: Path, folder: RunFolder, record: dict) -> Path
     if args.resume:
         state = latest_checkpoint(args.resume)
         if state.parent.resolve() == out.resolve():
-            later = [step for step, p in here if p.resolve() != state.resolve() and step > _step_of(state)]
+            later = [step for step, p in here if p.resolve() != state.resolve() and step > step_of(state)]
             if later:
                 raise CommandError(f"--resume={args.resume!r}: {out} has later checkpoints of this run (steps "
                                    f"{', '.join(map(str, later[:5]))}); resume from the latest, or delete those "
@@ -139,10 +139,6 @@ def _resume_point(args, cfg, out: Path, folder: RunFolder, record: dict) -> Path
         return state
     resumed = folder.check_record(record, finished=len(here), may_differ=may_differ)
     return here[-1][1] if resumed else None
-
-
-def _step_of(state: Path) -> int:
-    return int(state.stem.split("_")[-1])
 
 
 class _CtrlC:
@@ -229,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
 def _train(args, preset, cfg, dataset, test, device, rank, world, folder) -> int:
     import admrt
 
-    from .trainers import Trainer, evaluate, timer
+    from .trainers import Trainer, evaluate, step_of, timer
 
     out = folder.out
     # Rank 0 holds the folder and decides where the run starts; every rank follows.
@@ -277,7 +273,7 @@ def _train(args, preset, cfg, dataset, test, device, rank, world, folder) -> int
                         break
             else:
                 trainer.train(cfg.steps, stop=lambda: ctrl_c.seen, **train)
-            if trainer.last_saved is None or _step_of(trainer.last_saved) != trainer.step:
+            if trainer.last_saved is None or step_of(trainer.last_saved) != trainer.step:
                 trainer.save()  # the end (or the stop) always has a checkpoint
         except KeyboardInterrupt:
             kept = f"the last checkpoint is {trainer.last_saved}" if trainer.last_saved else "no checkpoint was written"

@@ -47,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import admrt
+from admrt.checkpoint import stored_preset
 from admrt.config import Preset
 from admrt.diffusion import build_tables, model_timesteps, q_sample
 
@@ -534,7 +535,7 @@ class Trainer:
         tag = f"{step:06d}"
         self._check_resumable(state_path, json.loads(meta["train_config"]), meta)
         model_path = folder / f"model_{tag}.safetensors"
-        stored = _stored_preset(model_path)
+        stored = stored_preset(model_path) if model_path.is_file() else None
         if stored is not None and (stored.model, stored.diffusion) != (self.preset.model, self.preset.diffusion):
             raise ValueError(f"resume={str(state_path)!r}: the run trains preset {stored.name!r}, this trainer "
                              f"{self.preset.name!r} (" + _config_diff(stored, self.preset) + ")")
@@ -579,6 +580,11 @@ class Trainer:
 _STATE_RE = re.compile(r"^state_(\d+)\.safetensors$")
 
 
+def step_of(state_path) -> int:
+    """The step of a state_*.safetensors checkpoint, from its name."""
+    return int(_STATE_RE.match(Path(state_path).name).group(1))
+
+
 def state_files(folder) -> list[tuple[int, Path]]:
     """(step, path) of the complete checkpoints (state_*.safetensors) in `folder`, by step."""
     p = Path(folder)
@@ -612,18 +618,6 @@ def _load_weights(model: nn.Module, path: Path, preset_name: str = "?") -> None:
     state = load_file(str(path))
     check_state_dict(model, state, source=path.name, preset_name=preset_name)
     model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()}, strict=True)
-
-
-def _stored_preset(path: Path) -> Preset | None:
-    from safetensors import safe_open
-
-    from admrt.checkpoint import METADATA_KEY
-
-    if not path.is_file():
-        return None
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
-    return Preset.from_json(meta[METADATA_KEY]) if METADATA_KEY in meta else None
 
 
 def _config_diff(a: Preset, b: Preset) -> str:
