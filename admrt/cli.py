@@ -15,10 +15,12 @@ import importlib
 import os
 import sys
 
+from admrt.export import MissingPackageError
+
 COMMANDS = {
     "sample": ("admrt.engine.cli", "sample images with a model (default: the bundled Fashion-MNIST stack)"),
     "train": ("admrt.training.cli", "train the diffusion UNet, the noisy classifier or the upsampler"),
-    "export": ("admrt.export.cli", "export the stack for the Python-free runtime (AOTInductor packages)"),
+    "export": ("admrt.export.cli", "export the stack: AOTInductor packages (Python-free runtime), ONNX, TensorRT engines"),
     "eval": ("admrt.evaluation.cli", "FID, sFID, IS, precision/recall; guidance sweeps"),
     "bench": ("admrt.benchmark", "throughput and latency of the engine against the reference"),
 }
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         kept = f"; {exc}" if isinstance(exc, Interrupted) and str(exc) else ""
         print(f"{prog}: interrupted{kept}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (CommandError, ValueError, OSError) as exc:
+    except (CommandError, ValueError, OSError, MissingPackageError) as exc:
         if debug:
             raise
         print(f"{prog}: {error_line(exc)}", file=sys.stderr)

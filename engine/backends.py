@@ -7,9 +7,11 @@
 shape). "aoti" exports each unit with a dynamic batch and compiles it with AOTInductor when the
 Engine is built (minutes on CPU; admrt.export.aoti), and the core runs the C++ units with no
 Python in the loop; a package exported once is loaded with `Engine.from_package` instead. Inductor's default mode captures no CUDA graphs of its own, so the core's whole-step
-graph holds the compiled kernels. Compiled packages (AOTInductor, ONNX Runtime, TensorRT)
-register theirs with `register_backend` from admrt.export; an unknown name is an error listing
-what is registered.
+graph holds the compiled kernels. "onnxruntime" exports each unit to ONNX (admrt.export.onnx)
+and runs it in an onnxruntime session, its buffers bound to the core's by pointer; "tensorrt"
+builds TensorRT engines from that ONNX (admrt.export.tensorrt; needs TensorRT and a GPU). Neither
+runs inside the core's CUDA-graph capture. Others register with `register_backend`; an unknown
+name is an error listing what is registered.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ GradientFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 class Backend:
     denoiser: Callable[[Denoiser], DenoiserFn]
     classifier_gradient: Callable[[ClassifierGradient], GradientFn]
+    capturable: bool = True   # whether its units can run inside the core's CUDA-graph capture
 
 
 def _compile_denoiser(unit: Denoiser) -> DenoiserFn:
@@ -68,7 +71,8 @@ def _aoti_unit(unit, load):
     import tempfile
     from pathlib import Path
 
-    from admrt.export.aoti import compile_unit, example_inputs
+    from admrt.export.aoti import compile_unit
+    from admrt.export.stack import example_inputs
 
     info = unit.info
     device = device_of(unit)
@@ -83,18 +87,37 @@ def _aoti_unit(unit, load):
         return load(str(path), str(device))
 
 
+def _onnxruntime_unit(unit):
+    from admrt.export.onnx import onnxruntime_unit
+    return onnxruntime_unit(unit)
+
+
+def _tensorrt_denoiser(unit):
+    from admrt.export.tensorrt import tensorrt_denoiser
+    return tensorrt_denoiser(unit)
+
+
+def _tensorrt_gradient(unit):
+    from admrt.export.tensorrt import tensorrt_gradient
+    return tensorrt_gradient(unit)
+
+
 _BACKENDS: dict[str, Backend] = {
     "eager": Backend(denoiser=lambda unit: unit, classifier_gradient=lambda unit: unit),
     "compile": Backend(denoiser=_compile_denoiser, classifier_gradient=_CompiledGradient),
     "aoti": Backend(denoiser=lambda unit: _aoti_unit(unit, _load_denoiser),
                     classifier_gradient=lambda unit: _aoti_unit(unit, _load_gradient)),
+    # ONNX Runtime runs its kernels on its own terms (allocations, streams): never captured
+    "onnxruntime": Backend(denoiser=_onnxruntime_unit, classifier_gradient=_onnxruntime_unit, capturable=False),
+    "tensorrt": Backend(denoiser=_tensorrt_denoiser, classifier_gradient=_tensorrt_gradient, capturable=False),
 }
 
 
 def register_backend(name: str, denoiser: Callable[[Denoiser], DenoiserFn],
-                     classifier_gradient: Callable[[ClassifierGradient], GradientFn]) -> None:
-    """Make `Engine(..., backend=name)` run `denoiser(unit)` and `classifier_gradient(unit)`."""
-    _BACKENDS[name] = Backend(denoiser, classifier_gradient)
+                     classifier_gradient: Callable[[ClassifierGradient], GradientFn], capturable: bool = True) -> None:
+    """Make `Engine(..., backend=name)` run `denoiser(unit)` and `classifier_gradient(unit)`;
+    capturable=False: the core runs its steps uncaptured on CUDA."""
+    _BACKENDS[name] = Backend(denoiser, classifier_gradient, capturable)
 
 
 def backend_names() -> list[str]:

@@ -84,7 +84,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
                    help="precision of the networks' body convolutions (default fp32; fp16 with --gd-flags "
                         "'--use_fp16 True')")
-    p.add_argument("--backend", default="eager", help="eager | compile | a registered compiled backend (default eager)")
+    p.add_argument("--backend", default="eager",
+                   help="eager | compile | aoti | onnxruntime | tensorrt (engine/backends.py), or one registered "
+                        "with admrt.engine.register_backend (default eager)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--out", default="samples", help="the run folder (default ./samples): run.json, shards/, the final "
                                                     ".npz and grid.png; a rerun of the same command resumes it")

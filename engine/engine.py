@@ -98,7 +98,8 @@ class Engine:
     classifier: noisy classifier (EncoderUNet, admrt's or guided-diffusion's) for guidance, or None.
     upsampler: SuperRes model (admrt's or guided-diffusion's) conditioned on the base model's uint8
         output, or None.
-    backend: "eager", "compile" (torch.compile, fullgraph), or one registered by admrt.export.
+    backend: "eager", "compile" (torch.compile, fullgraph), "aoti" (AOTInductor), "onnxruntime",
+        "tensorrt" (engine/backends.py), or one registered with register_backend.
     dtype: "fp32" | "fp16" | "bf16" for the networks' body convolutions (norms, embeddings and
         heads stay fp32). Applied to inference copies (admrt.engine.Denoiser /
         ClassifierGradient): the given modules are not changed.
@@ -124,7 +125,10 @@ class Engine:
         self.backend_name, self.dtype = backend, dtype
         backend_impl = get_backend(backend)
         self.device = device_of(model, device)
-        self.cuda_graphs = bool(cuda_graphs)
+        self.cuda_graphs = bool(cuda_graphs) and backend_impl.capturable
+        if cuda_graphs and not backend_impl.capturable and self.device.type == "cuda":
+            _log_once(f"backend={backend!r} runs the steps uncaptured (its runtime is not captured in the core's "
+                      "CUDA graphs)")
         units = dict(dtype=dtype, channels_last=channels_last, device=self.device)
 
         self.base = self._stage(model, "model", diffusion, ("unet",), backend_impl, units)

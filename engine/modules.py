@@ -177,7 +177,8 @@ class ClassifierGradient(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self._grad(self.net, x_t, t, y)
 
-    def graph(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, dynamic_batch: bool = False) -> nn.Module:
+    def graph(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, dynamic_batch: bool = False,
+              decompositions: Optional[dict] = None) -> nn.Module:
         """Forward and backward as one traced graph: a module (x_t, t, y) -> gradient with no
         autograd inside, for torch.export / AOTInductor / ONNX and torch.compile(fullgraph=True).
         dynamic_batch: trace with a symbolic batch dimension, every other dimension static
@@ -197,7 +198,7 @@ class ClassifierGradient(nn.Module):
             return self._grad(call, x, timesteps, labels)
 
         if not dynamic_batch:
-            gm = make_fx(fn, tracing_mode="fake")(weights, x_t, t, y)
+            gm = make_fx(fn, decomposition_table=decompositions, tracing_mode="fake")(weights, x_t, t, y)
             return _GradientGraph(gm, weights)
         mode = FakeTensorMode(shape_env=ShapeEnv())
 
@@ -207,7 +208,7 @@ class ClassifierGradient(nn.Module):
 
         fake_weights = [mode.from_tensor(w, static_shapes=True) for w in weights]
         with mode:  # make_fx takes the fake inputs' symbols (as AOTAutograd traces)
-            gm = make_fx(fn, tracing_mode="real")(fake_weights, *(batch_symbolic(a) for a in (x_t, t, y)))
+            gm = make_fx(fn, decomposition_table=decompositions, tracing_mode="real")(fake_weights, *(batch_symbolic(a) for a in (x_t, t, y)))
         return _GradientGraph(gm, weights)
 
 

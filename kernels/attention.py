@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ._trace import reference_backward, size_hint
 
@@ -47,6 +48,17 @@ def qkv_attention_reference(qkv: torch.Tensor, num_heads: int, *, legacy_order: 
     weight = torch.softmax(weight.to(ct), dim=-1).type(weight.dtype)
     out = torch.einsum("bts,bcs->bct", weight, v)  # (B*H, C, T)
     return out.reshape(bs, -1, length)
+
+
+def qkv_attention_sdpa(qkv: torch.Tensor, num_heads: int, *, legacy_order: bool) -> torch.Tensor:
+    """The reference's result through F.scaled_dot_product_attention (logits scaled by 1/sqrt(C)
+    once instead of q and k by C**-1/4 each): the form the ONNX exporter lowers to one `Attention`
+    node at opset 23. Its softmax runs in the input's precision, so admrt exports it for fp32 graphs."""
+    bs, _, length = qkv.shape
+    q, k, v = (t.reshape(bs, num_heads, -1, length).transpose(-1, -2)       # (B, H, T, C)
+               for t in split_qkv(qkv, num_heads, legacy_order))
+    out = F.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(q.shape[-1]))  # (B, H, T, C)
+    return out.transpose(-1, -2).reshape(bs, -1, length)
 
 
 try:  # Triton is optional: without it only the reference runs.

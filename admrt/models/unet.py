@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from admrt import kernels
 from admrt.config import ModelConfig
 
 from .layers import (AttentionBlock, AttentionPool2d, Downsample, FusedOpsMixin, GroupNorm32,
@@ -123,9 +124,10 @@ class ADMBase(nn.Module):
 
     def set_fused_kernels(self, enabled: bool | str) -> "ADMBase":
         """Fused Triton kernels (GroupNorm/AdaGN/SiLU, attention): True | False | "auto" (default:
-        fused on CUDA, torch reference elsewhere) | "require" (see admrt.kernels)."""
-        if enabled not in (True, False, "auto", "require"):
-            raise ValueError(f"enabled={enabled!r}: expected True, False, 'auto' or 'require'")
+        fused on CUDA, torch reference elsewhere) | "require", or an exporter's form "sdpa" | "opaque"
+        (see admrt.kernels)."""
+        if enabled not in kernels.FUSED_MODES:
+            raise ValueError(f"enabled={enabled!r}: expected one of {kernels.FUSED_MODES}")
         for m in self.modules():
             if isinstance(m, FusedOpsMixin):
                 m.fused = enabled

@@ -139,8 +139,8 @@ def test_bad_inputs_give_clear_errors(cond, clf):
         eng.sample(classes=[1], noise="fancy")
     with pytest.raises(ValueError, match="dtype='fp8'"):
         admrt.Engine(cond, dtype="fp8")
-    with pytest.raises(ValueError, match="backend='tensorrt'"):
-        admrt.Engine(cond, backend="tensorrt")
+    with pytest.raises(ValueError, match="backend='openvino'"):
+        admrt.Engine(cond, backend="openvino")
     with pytest.raises(ValueError, match="expected a noisy classifier"):
         admrt.Engine(cond, classifier=cond)
     with pytest.raises(ValueError, match="guidance: expected one scale or 2"):

@@ -235,7 +235,6 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(stack, tmp_path, case, 
 
 def test_export_refuses_to_overwrite_and_checks_arguments(stack, tmp_path, cli_error):
     d, _, pkg = stack
-    from admrt.cli import main
     before = sorted(p.name for p in pkg.iterdir())
     assert "exists; choose another folder or pass --force" in cli_error(
         ["export", "aoti", "--model", d / "base.safetensors", "--out", pkg])

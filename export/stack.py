@@ -1,0 +1,113 @@
+"""What every export format shares (AOTInductor packages, ONNX, TensorRT): the stack's checks
+(base UNet, optional noisy classifier and upsampler that fit it), the step plans and their
+coefficient tables (built once, by admrt.diffusion), each model's manifest entry, example inputs
+and the weights fingerprint that run records compare."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+
+def check_stack(model: nn.Module, classifier: Optional[nn.Module] = None,
+                upsampler: Optional[nn.Module] = None) -> tuple[list, dict]:
+    """([(role, module)], {role: ModelInfo}) for a base UNet with an optional classifier and
+    upsampler; raises ValueError naming the role whose kind or size does not fit."""
+    from admrt.engine.modules import ModelInfo
+
+    infos = {"model": ModelInfo.of(model, "model")}
+    if infos["model"].kind != "unet":
+        raise ValueError(f"model: expected a diffusion UNet, got a {infos['model'].kind!r} model")
+    roles = [("model", model)]
+    if classifier is not None:
+        infos["classifier"] = ModelInfo.of(classifier, "classifier").fitted(infos["model"].image_size)
+        if infos["classifier"].kind != "classifier":
+            raise ValueError(f"classifier: expected a noisy classifier, got a {infos['classifier'].kind!r} model")
+        roles.append(("classifier", classifier))
+    if upsampler is not None:
+        infos["upsampler"] = ModelInfo.of(upsampler, "upsampler")
+        if infos["upsampler"].kind != "superres":
+            raise ValueError(f"upsampler: expected a SuperRes model, got a {infos['upsampler'].kind!r} model")
+        if infos["upsampler"].low_res_size not in (None, infos["model"].image_size):
+            raise ValueError(f"upsampler: conditioned on {infos['upsampler'].low_res_size}px images, but the model "
+                             f"samples {infos['model'].image_size}px")
+        roles.append(("upsampler", upsampler))
+    return roles, infos
+
+
+def parse_step_plans(steps: str | Sequence[str]) -> list[str]:
+    """"ddim25,250" -> ["ddim25", "250"]: the step plans whose tables the package carries. Each is
+    "ddimN" (DDIM) or "N" (DDPM respaced to N steps); the first is the default."""
+    items = [s.strip() for s in (steps.split(",") if isinstance(steps, str) else steps)]
+    plans = []
+    for item in items:
+        count = item[4:] if item.startswith("ddim") else item
+        if not count.isdigit() or int(count) <= 0:
+            raise ValueError(f"steps={item!r}: expected 'ddimN' or 'N' with N a positive int (a package's step "
+                             "plans are comma-separated, so sectioned respacings 'a,b,c' are not available)")
+        if item not in plans:
+            plans.append(item)
+    if not plans:
+        raise ValueError(f"steps={steps!r}: expected at least one step plan such as 'ddim25'")
+    return plans
+
+
+def schedule_entry(diffusion, plan: str) -> dict:
+    """A step plan's method, step counts and coefficient tables (admrt.diffusion.build_tables)."""
+    from admrt.diffusion import build_tables
+
+    tables = build_tables(diffusion, plan)
+    return {"method": "ddim" if plan.startswith("ddim") else "ddpm",
+            "num_steps": tables.num_timesteps,
+            "original_num_steps": tables.original_num_steps,
+            "rescale_timesteps": tables.rescale_timesteps,
+            "tables": {name: t.tolist() for name, t in tables.tensors().items()}}
+
+
+def model_entry(module: nn.Module, info, role: str, file: str, plans: list[str]) -> dict:
+    """A model's manifest entry: its file, shapes, preset, and (diffusion models) variance,
+    diffusion process and the coefficient tables of each step plan."""
+    from admrt.diffusion import default_variance
+
+    preset = getattr(module, "preset", None)
+    entry = {"file": file, "kind": info.kind, "image_size": info.image_size,
+             "in_channels": info.in_channels, "out_channels": info.out_channels,
+             "num_classes": info.num_classes, "low_res_size": info.low_res_size,
+             "preset": None if preset is None else json.loads(preset.to_json())}
+    if role != "classifier":
+        if preset is None:
+            raise ValueError(f"{role}: it records no preset, so its diffusion process is unknown; load it with "
+                             "admrt.load_model(..., preset=...)")
+        entry["variance"] = default_variance(info.learn_sigma, preset.diffusion)
+        entry["diffusion"] = dataclasses.asdict(preset.diffusion)
+        entry["schedules"] = {plan: schedule_entry(preset.diffusion, plan) for plan in plans}
+    return entry
+
+
+def example_inputs(info, batch: int, device, low_res_size=None, seed=0) -> list[torch.Tensor]:
+    """Random (x_t, t, y[, low_res]) for a unit with ModelInfo `info` (checks and tracing)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, info.in_channels, info.image_size, info.image_size, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g).float()
+    k = info.num_classes or (info.out_channels if info.kind == "classifier" else 1)
+    y = torch.randint(0, k, (batch,), generator=g)
+    args = [x, t, y]
+    if low_res_size is not None:
+        args.append(torch.rand(batch, info.in_channels, low_res_size, low_res_size, generator=g) * 2 - 1)
+    return [a.to(device) for a in args]
+
+
+def weights_fingerprint(modules: dict) -> str:
+    """sha256 (first 16 hex digits) of the exported modules' weights: role, key, dtype, shape and
+    bytes of every tensor; run records compare it (admrt/runfolder.py)."""
+    h = hashlib.sha256()
+    for role in sorted(modules):
+        for key, value in sorted(modules[role].state_dict().items()):
+            t = value.detach().cpu().contiguous()
+            h.update(f"{role}/{key}/{t.dtype}/{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()[:16]

@@ -1,0 +1,216 @@
+"""ONNX export and the onnxruntime backend: every exported file passes onnx.checker and, run in
+onnxruntime from one file at batch 1 and 5, matches eager (fp32: <= 1e-5 relative to max(1, |eager|))
+for the denoiser, the upsampler, the classifier and its gradient, on the bundled and tiny presets;
+`admrt sample --backend onnxruntime` gives eager's images; the custom-domain (--fused-ops) form runs
+through onnxruntime-extensions; bad arguments are one clear line each.
+
+The bundled stack is exported once per session through the CLI (about a minute on 2 cores)."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx", reason="ONNX export needs onnx, onnxscript and onnxruntime (pip install "
+                                          "'admrt[export]')")
+ort = pytest.importorskip("onnxruntime")
+
+import admrt  # noqa: E402
+from admrt.engine import ClassifierGradient, Denoiser  # noqa: E402
+from admrt.export.onnx import (FILES, ClassifierLogits, OnnxRuntimeUnit, export_onnx, export_unit_onnx,  # noqa: E402
+                               gradient_decompositions, session)
+from admrt.export.onnx_ops import custom_nodes  # noqa: E402
+from admrt.export.stack import example_inputs  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gd_reference import random_model  # noqa: E402
+
+FP32_TOLERANCE = 1e-5
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).abs().max()) / max(1.0, float(want.abs().max()))
+
+
+def check_against_eager(path: Path, unit, *, fused_ops=False, low_res=None, tolerance=FP32_TOLERANCE):
+    """Run the file in onnxruntime at batch 1 and 5 (one session) against the eager unit."""
+    onnx.checker.check_model(str(path), full_check=not fused_ops)
+    runner = OnnxRuntimeUnit(session(path, fused_ops=fused_ops), _shape_of(unit))
+    n_inputs = len(runner.inputs)
+    for batch in (1, 5):
+        args = example_inputs(unit.info, batch, "cpu", low_res, seed=10 + batch)[:n_inputs]
+        got, want = runner(*args), unit(*args)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        assert relative_error(got, want) <= tolerance, (path.name, batch, relative_error(got, want))
+
+
+def _shape_of(unit):
+    from admrt.export.onnx import _output_shape
+    return _output_shape(unit)
+
+
+def node_types(path: Path) -> dict:
+    model = onnx.load(str(path), load_external_data=False)
+    counts = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+@pytest.fixture(scope="module")
+def bundled(tmp_path_factory):
+    """The bundled stack exported by `admrt export onnx` (its defaults), and the loaded models."""
+    from admrt.cli import main
+
+    out = tmp_path_factory.mktemp("onnx") / "bundled"
+    assert main(["export", "onnx", "--out", str(out)]) == 0
+    models = {"model": admrt.load_model("fashion16-cond"), "classifier": admrt.load_model("fashion16-classifier"),
+              "upsampler": admrt.load_model("fashion-upsample16-32")}
+    return out, models
+
+
+def test_bundled_export_files_metadata_and_runtime(bundled):
+    out, models = bundled
+    assert sorted(p.name for p in out.iterdir()) == sorted(FILES.values())
+    denoiser = Denoiser(models["model"])
+    grad = ClassifierGradient(models["classifier"])
+    units = {"model": (denoiser, None), "classifier": (ClassifierLogits(grad), None),
+             "classifier_grad": (grad, None), "upsampler": (Denoiser(models["upsampler"]), 16)}
+    for name, (unit, low) in units.items():
+        path = out / FILES[name]
+        check_against_eager(path, unit, low_res=low)
+        model = onnx.load(str(path), load_external_data=False)
+        assert min(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 23
+        batch = model.graph.input[0].type.tensor_type.shape.dim[0]
+        assert batch.dim_param and not batch.dim_value  # one file, any batch
+        meta = json.loads({p.key: p.value for p in model.metadata_props}["admrt"])
+        assert meta["role"] == name and meta["dtype"] == "fp32" and meta["opset"] == 23
+        assert meta["model"]["preset"]["name"] == models["classifier" if "classifier" in name else name].preset.name
+    meta = json.loads({p.key: p.value for p in onnx.load(str(out / FILES["model"]),
+                                                        load_external_data=False).metadata_props}["admrt"])
+    schedule = meta["model"]["schedules"]["ddim25"]
+    assert schedule["method"] == "ddim" and len(schedule["tables"]["timestep_map"]) == 25
+    assert meta["model"]["diffusion"]["noise_schedule"] == models["model"].preset.diffusion.noise_schedule
+    # fp32 graphs at opset 23: attention as ONNX Attention, group norm as GroupNormalization
+    for name in ("model", "classifier", "upsampler"):
+        types = node_types(out / FILES[name])
+        assert types.get("Attention", 0) > 0 and types.get("GroupNormalization", 0) > 0, (name, types)
+
+
+def test_sample_backend_onnxruntime_gives_eager_images(bundled, tmp_path):
+    from admrt.cli import main
+
+    common = ["sample", "--model", "fashion16-cond", "--classifier", "fashion16-classifier", "--upsampler", "none",
+              "--num", "6", "--batch-size", "4", "--steps", "ddim8", "--guidance", "2", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "eager")]) == 0
+    assert main([*common, "--backend", "onnxruntime", "--out", str(tmp_path / "ort")]) == 0
+    eager = np.load(next((tmp_path / "eager").glob("*.npz")))
+    ort_run = np.load(next((tmp_path / "ort").glob("*.npz")))
+    assert np.array_equal(eager["arr_1"], ort_run["arr_1"])
+    assert np.abs(eager["arr_0"].astype(int) - ort_run["arr_0"]).max() <= 1
+    record = json.loads((tmp_path / "ort" / "run.json").read_text())
+    assert record["backend"] == "onnxruntime"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return {"model": random_model("tiny-cond"), "classifier": random_model("tiny-classifier"),
+            "upsampler": random_model("tiny-upsample")}
+
+
+def test_tiny_stack_export_and_upsampler_unit(tiny, tmp_path):
+    report = export_onnx(tiny["model"], tiny["classifier"], out=tmp_path / "t", steps="ddim4,10", opset=22,
+                         log=lambda m: None)
+    assert set(report.errors) == {"model", "classifier", "classifier_grad"}
+    assert all(e is not None and e <= FP32_TOLERANCE for e in report.errors.values())
+    grad = ClassifierGradient(tiny["classifier"])
+    check_against_eager(tmp_path / "t" / FILES["model"], Denoiser(tiny["model"]))
+    check_against_eager(tmp_path / "t" / FILES["classifier_grad"], grad)
+    check_against_eager(tmp_path / "t" / FILES["classifier"], ClassifierLogits(grad))
+    # opset 22 has no Attention node: the plain path, with its fp32 softmax
+    types = node_types(tmp_path / "t" / FILES["model"])
+    assert "Attention" not in types and types.get("Softmax", 0) > 0 and types.get("GroupNormalization", 0) > 0
+    up = Denoiser(tiny["upsampler"])
+    export_unit_onnx(up, tmp_path / "up.onnx")
+    check_against_eager(tmp_path / "up.onnx", up, low_res=8)
+
+
+def test_fp16_graph_is_typed_with_fp32_norms(tiny, tmp_path):
+    unit = Denoiser(tiny["model"], "fp16")
+    export_unit_onnx(unit, tmp_path / "d16.onnx")
+    model = onnx.load(str(tmp_path / "d16.onnx"))
+    FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    conv_weights = [inits[n.input[1]] for n in model.graph.node if n.op_type == "Conv" and n.input[1] in inits]
+    assert FLOAT16 in conv_weights                                  # the body's convolutions in fp16
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.initializer and [])}
+    types.update(inits)
+    for node in model.graph.node:
+        if node.op_type == "GroupNormalization":                    # statistics in fp32
+            assert types[node.input[0]] == FLOAT, node.name
+    assert [o.type.tensor_type.elem_type for o in model.graph.output] == [FLOAT]
+    check_against_eager(tmp_path / "d16.onnx", unit, tolerance=2e-2)
+
+
+def test_fused_ops_form_runs_through_onnxruntime_extensions(tiny, tmp_path):
+    pytest.importorskip("onnxruntime_extensions", reason="runs the custom nodes' reference ops")
+    report = export_onnx(tiny["model"], tiny["classifier"], out=tmp_path / "f", fused_ops=True, log=lambda m: None)
+    assert all(e is not None and e <= FP32_TOLERANCE for e in report.errors.values()), report.errors
+    counts = custom_nodes(onnx.load(str(tmp_path / "f" / FILES["model"])))
+    # one node per fused call: a plain and an AdaGN norm per ResBlock, a norm and the attention per
+    # AttentionBlock, and the output head's norm
+    blocks = [type(m).__name__ for m in tiny["model"].modules()]
+    res, attn = blocks.count("ResBlock"), blocks.count("AttentionBlock")
+    assert counts == {"GroupNormAct": res + attn + 1, "AdaGroupNormAct": res, "QKVAttention": attn}, counts
+    assert "GroupNormalization" not in node_types(tmp_path / "f" / FILES["model"])
+    grad_counts = custom_nodes(onnx.load(str(tmp_path / "f" / FILES["classifier_grad"])))
+    assert grad_counts["QKVAttention"] > 0     # the gradient graph's forward keeps the nodes
+    check_against_eager(tmp_path / "f" / FILES["model"], Denoiser(tiny["model"]), fused_ops=True)
+    check_against_eager(tmp_path / "f" / FILES["classifier_grad"], ClassifierGradient(tiny["classifier"]),
+                        fused_ops=True)
+
+
+def test_convolution_backward_decomposition_matches_autograd():
+    """The gradient graph's input gradient of strided and padded convolutions (odd sizes need
+    output padding), silu and 2x2 pooling, against autograd."""
+    aten = torch.ops.aten
+    table = gradient_decompositions()
+    torch.manual_seed(0)
+    for size, stride, kernel, padding in ((9, 2, 3, 1), (8, 2, 3, 1), (7, 1, 1, 0), (6, 1, 3, 1)):
+        x = torch.randn(2, 4, size, size, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(5, 4, kernel, kernel, dtype=torch.float64)
+        y = torch.nn.functional.conv2d(x, w, stride=stride, padding=padding)
+        g = torch.randn_like(y)
+        (want,) = torch.autograd.grad(y, x, g)
+        got, _, _ = table[aten.convolution_backward.default](
+            g, x, w, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1, [True, False, False])
+        assert torch.allclose(got, want), (size, stride)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    (want,) = torch.autograd.grad(torch.nn.functional.silu(x), x, g)
+    assert torch.allclose(table[aten.silu_backward.default](g, x), want)
+    pooled = torch.nn.functional.avg_pool2d(x, 2)
+    gp = torch.randn_like(pooled)
+    (want,) = torch.autograd.grad(pooled, x, gp)
+    assert torch.allclose(table[aten.avg_pool2d_backward.default](gp, x, [2, 2], [2, 2], [0, 0], False, True, None),
+                          want)
+
+
+def test_bad_arguments_are_one_clear_line(cli_error, tmp_path):
+    out = tmp_path / "o"
+    assert "--model='no-such-model': not a file, a bundled model or a preset name" in cli_error(
+        ["export", "onnx", "--model", "no-such-model", "--out", out])
+    assert "--opset=17: expected one of 21, 22, 23" in cli_error(["export", "onnx", "--opset", "17", "--out", out])
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert "cannot create it in" in cli_error(["export", "onnx", "--out", blocker / "sub" / "o"])
+    out.mkdir()
+    assert "exists; choose another folder or pass --force" in cli_error(["export", "onnx", "--out", out])
+    assert not (tmp_path / "file" / "sub").exists() and list(out.iterdir()) == []
+    with pytest.raises(ValueError, match="dtype='bf16': expected one of"):
+        export_unit_onnx(Denoiser(random_model("tiny-cond"), "bf16"), tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
