@@ -11,6 +11,8 @@ run by default (seeded noise) in each variant:
     admrt compile [+ graphs]  backend="compile" (torch.compile fullgraph of both units)
     admrt aoti package [+ graphs]  an AOTInductor package of both units (admrt export aoti, with
                            --package), run by the C++ Context through Engine.from_package
+    admrt onnxruntime      backend="onnxruntime": both units exported to ONNX and run in onnxruntime
+                           sessions (I/O bound to the core's buffers), every step uncaptured
     admrt-sample (process)  the Python-free program on the same package, as a user runs it: the
                            whole process (start, package load, sampling, .npz written)
 
@@ -107,9 +109,20 @@ def measure(args) -> dict:
         engines.append(("admrt + graphs", "eager", True))
     if args.compile:
         engines.append(("admrt compile" + (" + graphs" if device.type == "cuda" else ""), "compile", True))
+    if args.onnxruntime:
+        engines.append(("admrt onnxruntime", "onnxruntime", False))
     built = {}
     for name, backend, graphs in engines:
-        built[name] = admrt.Engine(model, classifier=clf, backend=backend, dtype=args.dtype, cuda_graphs=graphs)
+        t0 = time.perf_counter()
+        try:
+            built[name] = admrt.Engine(model, classifier=clf, backend=backend, dtype=args.dtype, cuda_graphs=graphs)
+        except Exception as exc:  # e.g. onnxruntime without a CUDA provider: a FAILED row, the others go on
+            results["rows"].append({"impl": name, "error": f"{type(exc).__name__}: {exc}"})
+            print(f"{name}: FAILED: {type(exc).__name__}: {exc}", flush=True)
+            continue
+        if backend == "onnxruntime":
+            results["onnxruntime_export_s"] = time.perf_counter() - t0  # ONNX export + check + sessions, apart
+            print(f"onnxruntime: exported and loaded in {results['onnxruntime_export_s']:.1f} s", flush=True)
         variants[name] = (lambda eng: lambda: eng.sample(  # noqa: E731
             classes=classes, num=n, steps=args.steps, guidance=guidance, seeds=1, batch_size=n).images)(built[name])
 
@@ -207,6 +220,11 @@ def _env(device) -> dict:
     else:
         import os
         env["device"] = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {platform.machine()})"
+    try:
+        import onnxruntime
+        env["onnxruntime"] = f"{onnxruntime.__version__} ({', '.join(onnxruntime.get_available_providers())})"
+    except ImportError:
+        pass
     return env
 
 
@@ -224,6 +242,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="also time backend='compile' (fullgraph)")
+    p.add_argument("--onnxruntime", action="store_true",
+                   help="also time backend='onnxruntime' (both units exported to ONNX, onnxruntime sessions; CUDA "
+                        "needs onnxruntime-gpu)")
     p.add_argument("--package", action="store_true",
                    help="also time an AOTInductor package (Engine.from_package) and the admrt-sample program on it; "
                         "the export and compile time is reported apart")

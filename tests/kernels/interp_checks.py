@@ -390,7 +390,27 @@ def double_backward_attn_case():
     return _double_backward_case("qkv_attention", [(*pair(True), [qkv]), (*pair(False), [qkv])])
 
 
+def opaque_ops_case():
+    """fused="opaque" (one custom op each, the form the ONNX export keeps as custom nodes) runs the
+    fused kernels under the interpreter and matches the references, gradients included."""
+    import torch
+    from admrt.kernels import group_norm_act, group_norm_act_reference, qkv_attention, qkv_attention_reference
+    torch.manual_seed(3)
+    x = torch.randn(2, 64, 3, 5, dtype=torch.float64)
+    w, b = 1 + 0.3 * torch.randn(64, dtype=torch.float64), 0.3 * torch.randn(64, dtype=torch.float64)
+    sc, sh = 0.5 * torch.randn(2, 64, dtype=torch.float64), 0.5 * torch.randn(2, 64, dtype=torch.float64)
+    ok_gn, gn = _compare(
+        lambda *a: group_norm_act(*a[:3], num_groups=32, scale=a[3], shift=a[4], fused="opaque"),
+        lambda *a: group_norm_act_reference(*a[:3], num_groups=32, scale=a[3], shift=a[4]), [x, w, b, sc, sh],
+        "float16")
+    qkv = torch.randn(2, 3 * 2 * 32, 37, dtype=torch.float64)
+    ok_attn, attn = _compare(lambda q: qkv_attention(q, 2, legacy_order=True, fused="opaque"),
+                             lambda q: qkv_attention_reference(q, 2, legacy_order=True), [qkv], "float32")
+    return ok_gn and ok_attn, {"group_norm_act": gn, "qkv_attention": attn}
+
+
 OTHER_CASES = {
+    "opaque_ops": opaque_ops_case,
     "gn_split_invariance": gn_split_invariance_case,
     "export_dynamic_batch": export_dynamic_batch_case,
     "make_fx_grad": make_fx_grad_case,
