@@ -42,6 +42,7 @@ import torch
 
 import admrt
 from admrt.cli import CommandError
+from admrt.export import MissingPackageError
 from admrt.diffusion import space_timesteps
 from admrt.reference import reference_model, reference_sample, set_reference_dtype, to_uint8_nhwc
 
@@ -116,9 +117,9 @@ def measure(args) -> dict:
         t0 = time.perf_counter()
         try:
             built[name] = admrt.Engine(model, classifier=clf, backend=backend, dtype=args.dtype, cuda_graphs=graphs)
-        except Exception as exc:  # e.g. onnxruntime without a CUDA provider: a FAILED row, the others go on
-            results["rows"].append({"impl": name, "error": f"{type(exc).__name__}: {exc}"})
-            print(f"{name}: FAILED: {type(exc).__name__}: {exc}", flush=True)
+        except MissingPackageError as exc:  # onnxruntime without a CUDA provider: a FAILED row, the others go on
+            results["rows"].append({"impl": name, "error": str(exc)})
+            print(f"{name}: FAILED: {exc}", flush=True)
             continue
         if backend == "onnxruntime":
             results["onnxruntime_export_s"] = time.perf_counter() - t0  # ONNX export + check + sessions, apart
@@ -156,7 +157,9 @@ def measure(args) -> dict:
             failed[name] = f"{type(exc).__name__}: {exc}"
             print(f"{name}: FAILED: {failed[name]}", flush=True)
             continue
-        peak[name] = _peak(device) - base / 2 ** 30 if device.type == "cuda" else float("nan")
+        # torch's allocator only: onnxruntime's own CUDA arena is not seen (NaN for its row)
+        peak[name] = (_peak(device) - base / 2 ** 30 if device.type == "cuda" and "onnxruntime" not in name
+                      else float("nan"))
     live = [k for k in variants if k not in failed]
     times = {k: [] for k in live}
     for _ in range(args.reps):  # alternate: A B C A B C ...

@@ -72,14 +72,11 @@ def _aoti_unit(unit, load):
     from pathlib import Path
 
     from admrt.export.aoti import compile_unit
-    from admrt.export.stack import example_inputs
+    from admrt.export.stack import example_inputs, low_res_size
 
     info = unit.info
     device = device_of(unit)
-    low = info.low_res_size if info.kind == "superres" else None
-    if info.kind == "superres" and low is None:
-        raise ValueError("backend='aoti': the upsampler records no low_res_size; load it with an admrt preset")
-    example = example_inputs(info, 2, device, low)
+    example = example_inputs(info, 2, device, low_res_size(info))   # the Engine fitted the unit's info
     traced = unit.graph(*example, dynamic_batch=True) if isinstance(unit, ClassifierGradient) else unit
     with tempfile.TemporaryDirectory(prefix="admrt-aoti-") as tmp:
         path = Path(tmp) / "unit.pt2"

@@ -13,6 +13,7 @@ CUDA graph and replays it.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -135,7 +136,7 @@ class Engine:
         self.upsampler = None
         if upsampler is not None:
             self.upsampler = self._stage(upsampler, "upsampler", upsampler_diffusion, ("superres",), backend_impl,
-                                         units)
+                                         units, low_res_size=self.base.info.image_size)
             low = self.upsampler.info.low_res_size
             if low is not None and low != self.base.info.image_size:
                 raise ValueError(f"upsampler: conditioned on {low}x{low} images, but the model samples "
@@ -157,7 +158,9 @@ class Engine:
                 raise ValueError(f"classifier: in_channels={info.in_channels} differs from the model's "
                                  f"{base.in_channels}")
             self.classifier_info = info.fitted(base.image_size)
-            self._grad = backend_impl.classifier_gradient(ClassifierGradient(classifier, **units))
+            unit = ClassifierGradient(classifier, **units)
+            unit.info = self.classifier_info   # compiled backends trace it at the base model's size
+            self._grad = backend_impl.classifier_gradient(unit)
         self._contexts: dict[str, tuple[tuple, object]] = {}  # role -> (key, _core.Sampler)
 
     @staticmethod
@@ -167,7 +170,7 @@ class Engine:
         from .package import PackageEngine
         return PackageEngine(folder, device=None if device is None else str(device), cuda_graphs=cuda_graphs)
 
-    def _stage(self, module, role, diffusion, expect, backend_impl, units) -> _Stage:
+    def _stage(self, module, role, diffusion, expect, backend_impl, units, low_res_size=None) -> _Stage:
         info = ModelInfo.of(module, role)
         if info.kind not in expect:
             raise ValueError(f"{role}: expected a model of kind {expect}, got {info.kind!r}")
@@ -177,7 +180,10 @@ class Engine:
                 raise ValueError(f"{role}: it records no preset, so its diffusion process is unknown; pass "
                                  f"{'diffusion' if role == 'model' else 'upsampler_diffusion'}=DiffusionConfig(...)")
             diffusion = preset.diffusion
-        return _Stage(role, info, diffusion, backend_impl.denoiser(Denoiser(module, **units)))
+        unit = Denoiser(module, **units)
+        if info.kind == "superres" and info.low_res_size is None:   # a guided-diffusion SuperResModel
+            unit.info = dataclasses.replace(info, low_res_size=low_res_size)
+        return _Stage(role, info, diffusion, backend_impl.denoiser(unit))
 
     @property
     def num_classes(self) -> Optional[int]:

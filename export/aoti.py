@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .stack import check_stack, example_inputs, model_entry, parse_step_plans, weights_fingerprint
+from .stack import (check_stack, example_inputs, low_res_size, model_entry, parse_step_plans, staging_folder,
+                    weights_fingerprint)
 
 PACKAGE_FORMAT = "admrt-aoti"
 FORMAT_VERSION = 1
@@ -79,9 +78,6 @@ def export_aoti(model: nn.Module, classifier: Optional[nn.Module] = None, upsamp
     from admrt.engine.modules import device_of
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"out={str(out)!r}: exists; choose another folder or pass overwrite (--force) "
-                              "to replace it")
     if not isinstance(max_batch, int) or max_batch < 2:
         raise ValueError(f"max_batch={max_batch!r}: expected an int >= 2")
     if dtype not in CHECK_TOLERANCE:
@@ -100,15 +96,12 @@ def export_aoti(model: nn.Module, classifier: Optional[nn.Module] = None, upsamp
                    for role, module in roles},
         "weights": weights_fingerprint(dict(roles)),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the package from other users
     seconds, errors = {}, {}
-    try:
+    with staging_folder(out, overwrite) as tmp:
         units = {}
         for role, module in roles:
             info = infos[role]
-            low = info.low_res_size or (infos["model"].image_size if role == "upsampler" else None)
+            low = low_res_size(info, infos["model"].image_size)
             example = example_inputs(info, 2, device, low)
             if role == "classifier":
                 unit = ClassifierGradient(module, dtype, device=device)
@@ -122,12 +115,6 @@ def export_aoti(model: nn.Module, classifier: Optional[nn.Module] = None, upsamp
             units[role] = (unit, low)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         errors = check_package(tmp, units, infos, dtype, device)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return ExportReport(out, seconds, errors)
 
 

@@ -29,10 +29,10 @@ onnxruntime against eager at batch 1 and 5, and only then renames the folder int
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 import warnings
@@ -45,7 +45,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import MissingPackageError
-from .stack import check_stack, example_inputs, model_entry, parse_step_plans, weights_fingerprint
+from .stack import (check_stack, example_inputs, low_res_size, model_entry, parse_step_plans, relative_error,
+                    staging_folder, weights_fingerprint)
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +57,19 @@ FILES = {"model": "denoiser.onnx", "classifier": "classifier.onnx", "classifier_
 OPSETS = (21, 22, 23)   # GroupNormalization with per-channel scale needs 21; Attention 23
 DEFAULT_OPSET = 23
 DTYPES = ("fp32", "fp16")
-# Agreement of onnxruntime with eager on random inputs: max |diff| / max(1, max |eager|).
+# Agreement of onnxruntime with eager on random inputs: max |diff| / max |eager| (stack.relative_error).
 CHECK_TOLERANCE = {"fp32": 1e-5, "fp16": 2e-2}
 CHECK_BATCHES = (1, 5)
 
 
+class ExportCheckError(ValueError):
+    """An exported graph disagrees with eager (nothing is written)."""
+
+
 @dataclass(frozen=True)
 class ExportReport:
-    """What export_onnx wrote: per file, the export seconds and the error against eager
-    (max |diff| / max(1, max |eager|)), or None where onnxruntime could not run it."""
+    """What export_onnx wrote: per file, the export seconds and the error against eager in
+    onnxruntime (stack.relative_error), or None where it was not checked (check=False)."""
 
     out: Path
     seconds: dict
@@ -90,12 +95,13 @@ def _convolution_backward(grad_output, input, weight, bias_sizes, stride, paddin
                           output_padding, groups, output_mask):
     """The input gradient of a convolution as the transposed convolution of grad_output."""
     if transposed or output_mask[1] or output_mask[2]:
-        raise NotImplementedError("admrt's ONNX gradient graph takes input gradients of convolutions only")
+        raise NotImplementedError(f"convolution_backward: admrt's ONNX gradient graph takes the input gradient of "
+                                  f"a plain convolution only (got transposed={transposed}, output_mask={output_mask})")
     spatial = weight.dim() - 2
     # output_padding restores the input size that the strided forward rounded down
     extra = [input.shape[2 + i] - ((grad_output.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
                                    + dilation[i] * (weight.shape[2 + i] - 1) + 1) for i in range(spatial)]
-    transpose = F.conv_transpose2d if spatial == 2 else F.conv_transpose1d
+    transpose = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[spatial]
     return transpose(grad_output, weight, None, stride, padding, extra, groups, dilation), None, None
 
 
@@ -106,10 +112,16 @@ def _silu_backward(grad_output, x):
 
 def _avg_pool2d_backward(grad_output, x, kernel_size, stride, padding, ceil_mode, count_include_pad,
                          divisor_override):
-    if list(kernel_size) != [2, 2] or list(stride or kernel_size) != [2, 2] or any(padding) or divisor_override:
+    if (list(kernel_size) != [2, 2] or list(stride or kernel_size) != [2, 2] or any(padding) or ceil_mode
+            or divisor_override):
         raise NotImplementedError(f"avg_pool2d_backward: admrt's ONNX gradient graph takes 2x2 pooling of stride 2 "
-                                  f"(ADM's), got kernel {kernel_size}, stride {stride}, padding {padding}")
-    return F.interpolate(grad_output, scale_factor=2, mode="nearest") / 4
+                                  f"(ADM's), got kernel {kernel_size}, stride {stride}, padding {padding}, "
+                                  f"ceil_mode {ceil_mode}")
+    spread = F.interpolate(grad_output, scale_factor=2, mode="nearest") / 4
+    extra_h, extra_w = x.shape[-2] - spread.shape[-2], x.shape[-1] - spread.shape[-1]
+    if extra_h or extra_w:   # an odd side's last row / column fell outside every window: gradient zero
+        spread = F.pad(spread, (0, extra_w, 0, extra_h))
+    return spread
 
 
 def gradient_decompositions() -> dict:
@@ -150,6 +162,10 @@ def check_options(dtype: str, opset: int) -> None:
     if opset not in OPSETS:
         raise ValueError(f"opset={opset!r}: expected one of {OPSETS} (GroupNormalization needs opset 21, the "
                          "Attention node 23)")
+    import onnx
+    if opset > onnx.defs.onnx_opset_version():
+        raise MissingPackageError(f"opset={opset}: the installed onnx {onnx.__version__} knows opsets up to "
+                                  f"{onnx.defs.onnx_opset_version()}; upgrade it (pip install -U onnx onnxruntime)")
 
 
 @contextlib.contextmanager
@@ -158,6 +174,9 @@ def _ops_form(net: nn.Module, form):
     from admrt.models.layers import FusedOpsMixin
 
     blocks = [m for m in net.modules() if isinstance(m, FusedOpsMixin)]
+    if form == "opaque" and not blocks:
+        raise ValueError(f"fused_ops: {type(net).__name__} is not an admrt model, so it has no fused ops to export "
+                         "as custom nodes; load the weights with admrt.load_model(..., preset=...)")
     before = [m.fused for m in blocks]
     for m in blocks:
         m.fused = form
@@ -168,26 +187,20 @@ def _ops_form(net: nn.Module, form):
             m.fused = value
 
 
-def _low_res_size(info) -> Optional[int]:
-    if info.kind != "superres":
-        return None
-    if info.low_res_size is None:
-        raise ValueError("upsampler: it records no low_res_size; load it with an admrt preset")
-    return info.low_res_size
-
-
 def export_unit_onnx(unit: nn.Module, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
                      fused_ops: bool = False, metadata: Optional[dict] = None) -> float:
     """Export one unit (Denoiser, ClassifierGradient or ClassifierLogits) to `path` with a dynamic
-    batch; metadata goes to metadata_props["admrt"] as JSON. Returns the seconds it took."""
+    batch; metadata goes to metadata_props["admrt"] as JSON. Returns the seconds it took. The
+    unit's info must give the image size (and an upsampler's low-res size): ModelInfo.fitted."""
+    require_onnx()
+    import onnx_ir
     from torch.export import Dim
 
     from admrt.engine.modules import ClassifierGradient
 
-    require_onnx()
     check_options(unit.dtype, opset)
     info = unit.info
-    example = example_inputs(info, 2, _device(unit), _low_res_size(info))
+    example = example_inputs(info, 2, _device(unit), low_res_size(info))
     names, output = signature(unit)
     example = example[:len(names)]
     gradient = isinstance(unit, ClassifierGradient)
@@ -196,13 +209,21 @@ def export_unit_onnx(unit: nn.Module, path: str | os.PathLike, *, opset: int = D
     batch = Dim("batch", min=1)
     t0 = time.perf_counter()
     with _ops_form(unit.net, form), warnings.catch_warnings(), _quiet_registration():
-        warnings.simplefilter("ignore")  # the exporter's deprecation chatter
+        for category in (DeprecationWarning, FutureWarning):  # the exporter's own deprecation notices
+            warnings.filterwarnings("ignore", category=category)
+        warnings.filterwarnings("ignore", module=r"(torch\.onnx|torch\.export|torch\._export|onnxscript|onnx_ir)")
         traced = unit.graph(*example, dynamic_batch=True, decompositions=gradient_decompositions()) \
             if gradient else unit
+        traced.eval()   # the wrappers' own mode (their networks are inference copies, already in eval)
         program = torch.onnx.export(
             traced, tuple(example), dynamo=True, opset_version=opset, verbose=False,
             dynamic_shapes=tuple({0: batch} for _ in example), input_names=names, output_names=[output],
             custom_translation_table=_translations() if fused_ops else None)
+    fixed = [v.name for v in program.model.graph.inputs if not isinstance(v.shape[0], onnx_ir.SymbolicDim)]
+    if fixed:
+        raise ValueError(f"{type(unit.net).__name__}: the ONNX exporter fixed the batch of inputs {fixed} to "
+                         f"{example[0].shape[0]} (it could not trace this module with a dynamic batch); load the "
+                         "weights into an admrt model (admrt.load_model(..., preset=...)) to export it")
     program.model.metadata_props["admrt"] = json.dumps(metadata or {})
     program.save(str(path))
     return time.perf_counter() - t0
@@ -233,19 +254,32 @@ def _device(unit: nn.Module) -> torch.device:
 # -- onnxruntime: sessions and the backend -------------------------------------------------------
 
 def providers_for(device: torch.device) -> list:
-    """onnxruntime's execution providers for a device; an error naming what is installed when
-    the device's provider is not."""
+    """onnxruntime's execution providers for a device; MissingPackageError naming what is
+    installed when the device's provider is not."""
     import onnxruntime as ort
 
     if device.type == "cpu":
         return ["CPUExecutionProvider"]
     available = ort.get_available_providers()
     if device.type != "cuda" or "CUDAExecutionProvider" not in available:
-        raise RuntimeError(f"backend='onnxruntime' on {device}: needs onnxruntime-gpu's CUDAExecutionProvider; the "
-                           f"installed onnxruntime offers {available} (pip install onnxruntime-gpu)")
-    stream = torch.cuda.current_stream(device).cuda_stream   # ORT's kernels queue behind torch's work
-    return [("CUDAExecutionProvider", {"device_id": device.index or 0, "user_compute_stream": str(stream)}),
+        raise MissingPackageError(f"backend='onnxruntime' on {device}: needs onnxruntime-gpu's CUDAExecutionProvider; "
+                                  f"the installed onnxruntime offers {available} (pip install onnxruntime-gpu)")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = torch.cuda.current_stream(index).cuda_stream   # ORT's kernels queue behind torch's work
+    return [("CUDAExecutionProvider", {"device_id": index, "user_compute_stream": str(stream)}),
             "CPUExecutionProvider"]
+
+
+def session_options():
+    """onnxruntime's CPU threads share torch's budget (torch.get_num_threads()) and sleep between
+    calls: the core's torch ops run between two unit calls, and spinning workers would hold
+    their cores (on 2 cores, guided sampling at batch 16 ran 0.8x eager with spinning on)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
 
 def session(path: str | os.PathLike, device: torch.device | str = "cpu", *, fused_ops: bool = False):
@@ -256,37 +290,59 @@ def session(path: str | os.PathLike, device: torch.device | str = "cpu", *, fuse
     providers = providers_for(torch.device(device))
     if fused_ops:
         from .onnx_ops import reference_session
-        return reference_session(path, providers)
-    return ort.InferenceSession(str(path), providers=providers)
+        return reference_session(path, providers, session_options())
+    return ort.InferenceSession(str(path), session_options(), providers=providers)
 
 
-_NUMPY_TYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
+_ONNX_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64}
 
 
 class OnnxRuntimeUnit:
     """An exported unit in an onnxruntime session, called as the C++ core calls units:
-    unit(x_t, t, y[, low_res]) -> fp32 tensor on the inputs' device. Inputs and the output are
-    bound to torch's buffers by pointer (I/O binding): nothing is copied per step."""
+    unit(x_t, t, y[, low_res]) -> fp32 tensor on the inputs' device (a trailing None, the core's
+    absent low_res, is dropped). Inputs and the output are bound to torch's buffers by pointer
+    (I/O binding): nothing is copied per step. On CUDA the session runs on the stream that was
+    current when it was made, with no host synchronisation at the end of a call."""
 
     def __init__(self, ort_session, output_shape):
         import numpy as np
+        import onnxruntime as ort
+
         self.np = np
         self.session = ort_session
-        self.inputs = [i.name for i in ort_session.get_inputs()]
+        self.inputs = [(i.name, _ONNX_TYPES[i.type]) for i in ort_session.get_inputs()]
         self.output = ort_session.get_outputs()[0].name
         self.output_shape = output_shape   # (x_t shape) -> output shape
+        options = dict(ort_session.get_provider_options()).get("CUDAExecutionProvider")
+        self.stream = int(options["user_compute_stream"]) if options and options.get("user_compute_stream") else None
+        self.run_options = ort.RunOptions()
+        if self.stream is not None:
+            self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
 
     def __call__(self, *args: Optional[torch.Tensor]) -> torch.Tensor:
-        tensors = [a.contiguous() for a in args if a is not None][:len(self.inputs)]
-        x = tensors[0]
+        while args and args[-1] is None:
+            args = args[:-1]
+        if len(args) != len(self.inputs):
+            raise TypeError(f"onnxruntime unit: got {len(args)} inputs, expected {len(self.inputs)} "
+                            f"({', '.join(n for n, _ in self.inputs)})")
+        x = args[0]
+        if self.stream is not None and torch.cuda.current_stream(x.device).cuda_stream != self.stream:
+            raise RuntimeError("onnxruntime unit: called on another CUDA stream than the one its session was made "
+                               "on (user_compute_stream); sample on the stream the Engine was built on")
         binding = self.session.io_binding()
-        for name, a in zip(self.inputs, tensors):
-            binding.bind_input(name, a.device.type, a.device.index or 0, self.np.dtype(_NUMPY_TYPES[a.dtype]),
+        kept = []
+        for (name, dtype), a in zip(self.inputs, args):
+            if a.dtype != dtype or a.device != x.device:
+                raise TypeError(f"onnxruntime unit: input {name!r} is {a.dtype} on {a.device}; the graph takes "
+                                f"{dtype} on {x.device}")
+            a = a.contiguous()
+            kept.append(a)
+            binding.bind_input(name, a.device.type, a.device.index or 0, self.np.dtype(str(dtype)[6:]),
                                tuple(a.shape), a.data_ptr())
         out = torch.empty(self.output_shape(x.shape), dtype=torch.float32, device=x.device)
         binding.bind_output(self.output, out.device.type, out.device.index or 0, self.np.float32, tuple(out.shape),
                             out.data_ptr())
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, self.run_options)
         return out
 
 
@@ -303,14 +359,16 @@ def _output_shape(unit):
 
 
 def onnxruntime_unit(unit: nn.Module, *, opset: int = DEFAULT_OPSET) -> OnnxRuntimeUnit:
-    """The Engine backend "onnxruntime": export the unit to a temporary file, load it in a
-    session on the unit's device, and return the callable the core runs."""
+    """The Engine backend "onnxruntime": export the unit to a temporary file, check it against
+    eager at batch 1 and 5, and return the session's callable for the core. The unit's info
+    must be complete (the Engine fits it: ModelInfo.fitted, the upsampler's low-res size)."""
     require_onnx()
     device = _device(unit)
     providers_for(device)   # fail before the export's minute when the device has no provider
     with tempfile.TemporaryDirectory(prefix="admrt-onnx-") as tmp:
         path = Path(tmp) / "unit.onnx"
         export_unit_onnx(unit, path, opset=opset)
+        check_file(path, unit, device)
         return OnnxRuntimeUnit(session(path, device), _output_shape(unit))
 
 
@@ -320,26 +378,33 @@ def export_onnx(model: nn.Module, classifier: Optional[nn.Module] = None, upsamp
                 *, out: str | os.PathLike, steps: str | Sequence[str] = "ddim25",
                 upsampler_steps: str | Sequence[str] | None = None, dtype: str = "fp32",
                 opset: int = DEFAULT_OPSET, fused_ops: bool = False, device: str | torch.device | None = None,
-                overwrite: bool = False, log=print) -> ExportReport:
+                check: bool = True, overwrite: bool = False, log=print) -> ExportReport:
     """Export the stack (base model, optional classifier and upsampler) as ONNX files in the
-    folder `out` (see the module docstring), checked against eager in onnxruntime.
+    folder `out` (see the module docstring), each checked against eager in onnxruntime.
 
     steps / upsampler_steps: the step plans whose tables the metadata carries (the first is the
-    default). dtype: the bodies' precision, "fp32" | "fp16". fused_ops: the custom-node form.
+    default). dtype: the bodies' precision, "fp32" | "fp16". fused_ops: the custom-node form
+    (checked in onnxruntime through onnxruntime-extensions' fp32 reference ops). check=False:
+    onnx.checker only (e.g. fp16 custom-node graphs, which no runtime here can run).
     """
     from admrt import __version__
     from admrt.engine import ClassifierGradient, Denoiser
     from admrt.engine.modules import device_of
 
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"out={str(out)!r}: exists; choose another folder or pass overwrite (--force) "
-                              "to replace it")
     require_onnx()
     check_options(dtype, opset)
     plans = parse_step_plans(steps)
     up_plans = plans if upsampler_steps is None else parse_step_plans(upsampler_steps)
     device = device_of(model, device)
+    if check:
+        providers_for(device)
+        if fused_ops and dtype != "fp32":
+            raise ValueError(f"dtype={dtype!r} with fused_ops: the custom nodes' reference ops (onnxruntime-extensions) "
+                             "run fp32 graphs only, so the export cannot be checked here; pass check=False "
+                             "(--no-check) to write it checked by onnx.checker only")
+        if fused_ops:
+            from .onnx_ops import require_extensions
+            require_extensions()
     roles, infos = check_stack(model, classifier, upsampler)
     common = {"format": FORMAT, "format_version": FORMAT_VERSION, "admrt_version": __version__,
               "torch_version": torch.__version__, "dtype": dtype, "opset": opset, "fused_ops": fused_ops,
@@ -349,64 +414,47 @@ def export_onnx(model: nn.Module, classifier: Optional[nn.Module] = None, upsamp
     for role, module in roles:
         if role == "classifier":
             grad = ClassifierGradient(module, dtype, device=device)
+            grad.info = infos[role]   # fitted to the base model's image size
             units["classifier"] = (module, ClassifierLogits(grad))
             units["classifier_grad"] = (module, grad)
         else:
-            units[role] = (module, Denoiser(module, dtype, device=device))
+            unit = Denoiser(module, dtype, device=device)
+            unit.info = dataclasses.replace(infos[role], low_res_size=low_res_size(infos[role],
+                                                                                   infos["model"].image_size))
+            units[role] = (module, unit)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the folder from other users
     seconds, errors = {}, {}
-    try:
+    with staging_folder(Path(out), overwrite) as tmp:
         for name, (module, unit) in units.items():
             role = "classifier" if name.startswith("classifier") else name
             names, output = signature(unit)
-            entry = model_entry(module, infos[role], role, FILES[name], up_plans if role == "upsampler" else plans)
+            entry = model_entry(module, unit.info, role, FILES[name], up_plans if role == "upsampler" else plans)
             metadata = {**common, "role": name, "inputs": names, "output": output, "model": entry}
             log(f"admrt export: {name}: exporting {FILES[name]} ({dtype}, opset {opset}"
                 f"{', custom-domain fused ops' if fused_ops else ''})")
             seconds[name] = export_unit_onnx(unit, tmp / FILES[name], opset=opset, fused_ops=fused_ops,
                                              metadata=metadata)
-            errors[name] = check_file(tmp / FILES[name], unit, dtype, device, fused_ops=fused_ops, log=log)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return ExportReport(out, seconds, errors)
+            errors[name] = check_file(tmp / FILES[name], unit, device, fused_ops=fused_ops) if check else None
+            if not check:
+                import onnx
+                onnx.checker.check_model(str(tmp / FILES[name]), full_check=True)
+    return ExportReport(Path(out), seconds, errors)
 
 
-def check_file(path: Path, unit: nn.Module, dtype: str, device: torch.device, *, fused_ops: bool = False,
-               log=print) -> Optional[float]:
+def check_file(path: Path, unit: nn.Module, device: torch.device, *, fused_ops: bool = False) -> float:
     """onnx.checker on the file, then onnxruntime against the eager unit at batch 1 and 5 from the
-    one file; raises if they disagree. None where onnxruntime cannot run it here (a custom-node
-    graph without onnxruntime-extensions, or fp16 custom nodes: its Python ops are fp32)."""
+    one file; ExportCheckError if they disagree (stack.relative_error above CHECK_TOLERANCE)."""
     import onnx
 
-    onnx.checker.check_model(str(path), full_check=not fused_ops)
-    if fused_ops and dtype != "fp32":
-        log(f"admrt export: {path.name}: checked by onnx.checker only (the reference custom ops run fp32 graphs)")
-        return None
-    if fused_ops:
-        try:
-            import onnxruntime_extensions  # noqa: F401
-        except ImportError:
-            log(f"admrt export: {path.name}: checked by onnx.checker only (onnxruntime-extensions, which runs the "
-                "custom nodes, is not installed)")
-            return None
+    onnx.checker.check_model(str(path), full_check=True)
     runner = OnnxRuntimeUnit(session(path, device, fused_ops=fused_ops), _output_shape(unit))
-    info = unit.info
+    names, _ = signature(unit)
     worst = 0.0
     for batch in CHECK_BATCHES:
-        example = example_inputs(info, batch, device, _low_res_size(info), seed=batch)
-        names, _ = signature(unit)
-        example = example[:len(names)]
-        want = unit(*example)
-        got = runner(*example)
-        worst = max(worst, float((got - want).abs().max()) / max(1.0, float(want.abs().max())))
-    if not worst <= CHECK_TOLERANCE[dtype]:
-        raise RuntimeError(f"admrt export: {path.name}: onnxruntime differs from eager by {worst:.3g} (relative), more "
-                           f"than {CHECK_TOLERANCE[dtype]} for {dtype}; nothing was written")
+        example = example_inputs(unit.info, batch, device, low_res_size(unit.info), seed=batch)[:len(names)]
+        worst = max(worst, relative_error(runner(*example), unit(*example)))
+    tolerance = CHECK_TOLERANCE[unit.dtype]
+    if not worst <= tolerance:
+        raise ExportCheckError(f"{path.name}: onnxruntime differs from eager by {worst:.3g} (relative to the largest "
+                               f"output), more than {tolerance} for {unit.dtype}; nothing was written")
     return worst

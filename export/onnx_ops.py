@@ -28,11 +28,15 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
+from pathlib import Path
 from typing import Optional
 
 import onnx
 import torch
 from onnx.defs import OpSchema
+
+from . import MissingPackageError
 
 DOMAIN = "admrt"
 VERSION = 1
@@ -145,23 +149,36 @@ def _register_reference_ops() -> None:
     _registered = True
 
 
-def reference_session(path: str | os.PathLike, providers: Optional[list[str]] = None):
+def reference_session(path: str | os.PathLike, providers: Optional[list] = None, options=None):
     """An onnxruntime InferenceSession of an admrt custom-node graph whose nodes run admrt's
     torch references (fp32 graphs), through onnxruntime-extensions."""
     import onnxruntime as ort
-    try:
-        from onnxruntime_extensions import get_library_path
-    except ImportError:
-        raise RuntimeError("running a --fused-ops graph in onnxruntime needs onnxruntime-extensions, which is not "
-                           "installed (pip install onnxruntime-extensions)") from None
+
+    require_extensions()
+    from onnxruntime_extensions import get_library_path
+
     _register_reference_ops()
-    model = onnx.load(str(path))
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)   # weights beyond 2 GB stay in their files
     for node in model.graph.node:
         if node.domain == DOMAIN:
             node.domain = EXTENSIONS_DOMAIN
     imports = [o for o in model.opset_import if o.domain not in (DOMAIN, EXTENSIONS_DOMAIN)]
     del model.opset_import[:]
     model.opset_import.extend(imports + [onnx.helper.make_opsetid(EXTENSIONS_DOMAIN, 1)])
-    options = ort.SessionOptions()
+    options = options or ort.SessionOptions()
     options.register_custom_ops_library(get_library_path())
-    return ort.InferenceSession(model.SerializeToString(), options, providers=providers or ["CPUExecutionProvider"])
+    # beside the original, so that external-data locations (relative to the model) resolve
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.stem}.", suffix=".contrib.onnx") as copy:
+        copy.write(model.SerializeToString())
+        copy.flush()
+        return ort.InferenceSession(copy.name, options, providers=providers or ["CPUExecutionProvider"])
+
+
+def require_extensions() -> None:
+    """MissingPackageError unless onnxruntime-extensions (which runs the reference ops) is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime_extensions") is None:
+        raise MissingPackageError("running a --fused-ops graph in onnxruntime (its check) needs onnxruntime-extensions, "
+                                  "not installed here: pip install onnxruntime-extensions (or pass --no-check)")

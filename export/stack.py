@@ -4,9 +4,14 @@ coefficient tables (built once, by admrt.diffusion), each model's manifest entry
 and the weights fingerprint that run records compare."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -111,3 +116,41 @@ def weights_fingerprint(modules: dict) -> str:
             h.update(f"{role}/{key}/{t.dtype}/{tuple(t.shape)}".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return "sha256:" + h.hexdigest()[:16]
+
+
+def low_res_size(info, base_image_size: Optional[int] = None) -> Optional[int]:
+    """The low-res side an upsampler is conditioned on: its preset's, else the base model's (a
+    guided-diffusion SuperResModel records none); None for other models."""
+    if info.kind != "superres":
+        return None
+    size = info.low_res_size or base_image_size
+    if size is None:
+        raise ValueError("upsampler: it records no low_res_size and no base model gives one; load it with an "
+                         "admrt preset")
+    return size
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| (floored at 1e-12): what the exports' checks compare."""
+    return float((got.float() - want.float()).abs().max()) / max(float(want.abs().max()), 1e-12)
+
+
+@contextlib.contextmanager
+def staging_folder(out: Path, overwrite: bool):
+    """A temporary folder beside `out`, renamed to `out` when the block succeeds (replacing it
+    when overwrite) and removed when it fails: an export is all there or not at all."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"out={str(out)!r}: exists; choose another folder or pass overwrite (--force) "
+                              "to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the folder from other users
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

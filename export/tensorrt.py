@@ -42,6 +42,7 @@ import onnx
 import torch
 
 from . import MissingPackageError
+from .stack import staging_folder
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +276,9 @@ class TensorRTUnit:
             raise ValueError(f"input_names={self.input_names}: the engine's inputs {sorted(missing)} are missing")
         self.dtypes = {n: _TORCH_DTYPES[self.engine.get_tensor_dtype(n).name] for n in names}
 
-    def __call__(self, *tensors: torch.Tensor):
+    def __call__(self, *tensors: Optional[torch.Tensor]):
+        while tensors and tensors[-1] is None:   # the core passes low_res=None to a base denoiser
+            tensors = tensors[:-1]
         if len(tensors) != len(self.input_names):
             raise TypeError(f"TensorRTUnit: got {len(tensors)} tensors, expected {len(self.input_names)} "
                             f"({', '.join(self.input_names)})")
@@ -325,23 +328,24 @@ def onnx_entry(onnx_path: str | os.PathLike) -> dict:
 
 def export_tensorrt(onnx_folder: str | os.PathLike, out: str | os.PathLike, *, min_batch: int = 1,
                     opt_batch: Optional[int] = None, max_batch: int = DEFAULT_MAX_BATCH,
-                    use_plugins: Optional[bool] = None, cache_dir: str | os.PathLike | None = None) -> Path:
+                    use_plugins: Optional[bool] = None, cache_dir: str | os.PathLike | None = None,
+                    overwrite: bool = False) -> Path:
     """An engine per .onnx file of `onnx_folder` (an `admrt export onnx` folder) into the new folder
     `out`: <name>.engine and manifest.json (format, TensorRT version, GPU, batch profile, and per
     model its engine file, cache key, inputs, outputs and admrt metadata). Written into a
-    temporary folder beside `out` and renamed into place; an existing `out` is an error."""
+    temporary folder beside `out` and renamed into place; an existing `out` is an error unless
+    overwrite."""
     trt = require_tensorrt()
     onnx_folder, out = Path(onnx_folder), Path(out)
     files = sorted(onnx_folder.glob("*.onnx"))
     if not files:
         raise FileNotFoundError(f"onnx_folder={str(onnx_folder)!r}: no .onnx files")
-    if out.exists():
-        raise FileExistsError(f"out={str(out)!r} exists; remove it or choose another folder")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"out={str(out)!r}: exists; choose another folder or pass overwrite (--force) to "
+                              "replace it")
     batch = BatchProfile(min_batch, max_batch if opt_batch is None else opt_batch, max_batch)
     gpu_name, capability = _gpu()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp-"))
-    try:
+    with staging_folder(out, overwrite) as tmp:
         models = {}
         for path in files:
             engine = build_engine(path, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
@@ -353,10 +357,6 @@ def export_tensorrt(onnx_folder: str | os.PathLike, out: str | os.PathLike, *, m
                     "gpu": gpu_name, "compute_capability": list(capability),
                     "batch": {"min": batch.min, "opt": batch.opt, "max": batch.max}, "models": models}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -13,7 +13,8 @@ Dispatch, per call:
   no warning (on a CPU without the interpreter the reference is the documented path).
 - fused="require": the fused op or a RuntimeError.
 - fused=False: the torch reference.
-Two more forms exist for graph exporters (admrt.export.onnx), not for running:
+Two more forms exist for graph exporters (admrt.export.onnx sets them while it traces; they run,
+but "sdpa" runs group norm as the torch reference even on CUDA):
 - fused="sdpa": group norm as the reference; attention through F.scaled_dot_product_attention
   (`qkv_attention_sdpa`), which the ONNX exporter lowers to one `Attention` node (opset 23).
 - fused="opaque": each op as one torch custom op, `torch.ops.admrt.group_norm_act` /

@@ -19,19 +19,15 @@ ort = pytest.importorskip("onnxruntime")
 
 import admrt  # noqa: E402
 from admrt.engine import ClassifierGradient, Denoiser  # noqa: E402
-from admrt.export.onnx import (FILES, ClassifierLogits, OnnxRuntimeUnit, export_onnx, export_unit_onnx,  # noqa: E402
-                               gradient_decompositions, session)
+from admrt.export.onnx import (FILES, ClassifierLogits, ExportCheckError, OnnxRuntimeUnit, check_file,  # noqa: E402
+                               export_onnx, export_unit_onnx, gradient_decompositions, session)
 from admrt.export.onnx_ops import custom_nodes  # noqa: E402
-from admrt.export.stack import example_inputs  # noqa: E402
+from admrt.export.stack import example_inputs, relative_error  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gd_reference import random_model  # noqa: E402
+from gd_reference import oracle_twin, random_model  # noqa: E402
 
 FP32_TOLERANCE = 1e-5
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got - want).abs().max()) / max(1.0, float(want.abs().max()))
 
 
 def check_against_eager(path: Path, unit, *, fused_ops=False, low_res=None, tolerance=FP32_TOLERANCE):
@@ -146,8 +142,7 @@ def test_fp16_graph_is_typed_with_fp32_norms(tiny, tmp_path):
     conv_weights = [inits[n.input[1]] for n in model.graph.node if n.op_type == "Conv" and n.input[1] in inits]
     assert FLOAT16 in conv_weights                                  # the body's convolutions in fp16
     inferred = onnx.shape_inference.infer_shapes(model)
-    types = {v.name: v.type.tensor_type.elem_type for v in
-             list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.initializer and [])}
+    types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
     types.update(inits)
     for node in model.graph.node:
         if node.op_type == "GroupNormalization":                    # statistics in fp32
@@ -180,24 +175,31 @@ def test_convolution_backward_decomposition_matches_autograd():
     aten = torch.ops.aten
     table = gradient_decompositions()
     torch.manual_seed(0)
-    for size, stride, kernel, padding in ((9, 2, 3, 1), (8, 2, 3, 1), (7, 1, 1, 0), (6, 1, 3, 1)):
-        x = torch.randn(2, 4, size, size, dtype=torch.float64, requires_grad=True)
-        w = torch.randn(5, 4, kernel, kernel, dtype=torch.float64)
-        y = torch.nn.functional.conv2d(x, w, stride=stride, padding=padding)
+    conv = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}
+    # (spatial dims, size, stride, kernel, padding, dilation, groups)
+    for dims, size, stride, kernel, padding, dilation, groups in (
+            (2, 9, 2, 3, 1, 1, 1), (2, 8, 2, 3, 1, 1, 1), (2, 7, 1, 1, 0, 1, 1), (2, 6, 1, 3, 1, 1, 1),
+            (1, 11, 1, 1, 0, 1, 1), (1, 10, 2, 3, 1, 1, 2), (2, 9, 1, 3, 2, 2, 2), (3, 5, 2, 3, 1, 1, 1)):
+        x = torch.randn(2, 4, *[size] * dims, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(6, 4 // groups, *[kernel] * dims, dtype=torch.float64)
+        y = conv[dims](x, w, stride=stride, padding=padding, dilation=dilation, groups=groups)
         g = torch.randn_like(y)
         (want,) = torch.autograd.grad(y, x, g)
         got, _, _ = table[aten.convolution_backward.default](
-            g, x, w, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1, [True, False, False])
-        assert torch.allclose(got, want), (size, stride)
+            g, x, w, None, [stride] * dims, [padding] * dims, [dilation] * dims, False, [0] * dims, groups,
+            [True, False, False])
+        assert got.shape == want.shape and torch.allclose(got, want), (dims, size, stride, dilation, groups)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
     g = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     (want,) = torch.autograd.grad(torch.nn.functional.silu(x), x, g)
     assert torch.allclose(table[aten.silu_backward.default](g, x), want)
-    pooled = torch.nn.functional.avg_pool2d(x, 2)
-    gp = torch.randn_like(pooled)
-    (want,) = torch.autograd.grad(pooled, x, gp)
-    assert torch.allclose(table[aten.avg_pool2d_backward.default](gp, x, [2, 2], [2, 2], [0, 0], False, True, None),
-                          want)
+    for size in (8, 7):   # an odd side's last row and column get no gradient
+        x = torch.randn(2, 3, size, size, dtype=torch.float64, requires_grad=True)
+        pooled = torch.nn.functional.avg_pool2d(x, 2)
+        gp = torch.randn_like(pooled)
+        (want,) = torch.autograd.grad(pooled, x, gp)
+        got = table[aten.avg_pool2d_backward.default](gp, x, [2, 2], [2, 2], [0, 0], False, True, None)
+        assert got.shape == want.shape and torch.allclose(got, want), size
 
 
 def test_bad_arguments_are_one_clear_line(cli_error, tmp_path):
@@ -214,3 +216,38 @@ def test_bad_arguments_are_one_clear_line(cli_error, tmp_path):
     with pytest.raises(ValueError, match="dtype='bf16': expected one of"):
         export_unit_onnx(Denoiser(random_model("tiny-cond"), "bf16"), tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_check_catches_a_wrong_graph(tiny, tmp_path):
+    """The export check compares with eager relative to the largest output: a file whose weights are off
+    by 0.1% is refused, and so is a classifier gradient's (its values are all well below 1)."""
+    unit = Denoiser(tiny["model"])
+    export_unit_onnx(unit, tmp_path / "d.onnx")
+    assert check_file(tmp_path / "d.onnx", unit, torch.device("cpu")) <= FP32_TOLERANCE
+    with pytest.raises(ExportCheckError, match="onnxruntime differs from eager by"):
+        check_file(tmp_path / "d.onnx", _perturbed(unit), torch.device("cpu"))
+    grad = ClassifierGradient(tiny["classifier"])
+    export_unit_onnx(grad, tmp_path / "g.onnx")
+    with pytest.raises(ExportCheckError):
+        check_file(tmp_path / "g.onnx", _perturbed(grad, 1e-2), torch.device("cpu"))
+
+
+def _perturbed(unit, scale=1e-3):
+    """The unit with every weight moved by a relative `scale`: what a wrong graph looks like."""
+    import copy
+    wrong = copy.deepcopy(unit)
+    with torch.no_grad():
+        for p in wrong.net.parameters():
+            p.mul_(1 + scale)
+    return wrong
+
+
+def test_backend_onnxruntime_runs_guided_diffusion_modules(tiny):
+    """guided-diffusion's own modules (with the preset's diffusion) through the onnxruntime backend give
+    what the eager backend gives with them."""
+    model, clf = oracle_twin(tiny["model"]), oracle_twin(tiny["classifier"])
+    kw = dict(classes=[1, 2, 3], steps="ddim4", guidance=1.0, seeds=[1, 2, 3], keep_float=True)
+    diffusion = tiny["model"].preset.diffusion
+    got = admrt.Engine(model, classifier=clf, backend="onnxruntime", diffusion=diffusion).sample(**kw)
+    want = admrt.Engine(model, classifier=clf, diffusion=diffusion).sample(**kw)
+    assert np.abs(got.samples - want.samples).max() <= 1e-4

@@ -363,4 +363,4 @@ def test_tensorrt_denoiser_matches_eager(tmp_path):
     engine = trt_export.tensorrt_denoiser(unit, max_batch=4, cache_dir=tmp_path)
     x, t, y = torch.randn(3, 3, 8, 8).cuda(), torch.rand(3).cuda() * 999, torch.randint(0, 10, (3,)).cuda()
     with torch.no_grad():
-        torch.testing.assert_close(engine(x, t, y), unit(x, t, y), rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(engine(x, t, y, None), unit(x, t, y), rtol=1e-3, atol=1e-3)  # as the core calls
