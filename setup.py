@@ -108,8 +108,8 @@ setup(
     install_requires=["torch>=2.6", "numpy", "safetensors", "tqdm", "pillow"],
     extras_require={
         "test": ["pytest", "guided-diffusion-sdk==1.0.0", "scipy", "triton>=3.6,<3.8; platform_system=='Linux'",
-                 "onnx>=1.17", "onnxscript", "onnxruntime>=1.20", "onnxruntime-extensions"],
-        "export": ["onnx>=1.17", "onnxscript", "onnxruntime>=1.20", "onnxruntime-extensions"],
+                 "onnx>=1.18", "onnxscript", "onnxruntime>=1.22", "onnxruntime-extensions"],
+        "export": ["onnx>=1.18", "onnxscript", "onnxruntime>=1.22", "onnxruntime-extensions"],
     },
     entry_points={"console_scripts": ["admrt=admrt.cli:main"]},
     zip_safe=False,

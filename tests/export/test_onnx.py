@@ -5,6 +5,7 @@ for the denoiser, the upsampler, the classifier and its gradient, on the bundled
 through onnxruntime-extensions; bad arguments are one clear line each.
 
 The bundled stack is exported once per session through the CLI (about a minute on 2 cores)."""
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -213,6 +214,12 @@ def test_bad_arguments_are_one_clear_line(cli_error, tmp_path):
     out.mkdir()
     assert "exists; choose another folder or pass --force" in cli_error(["export", "onnx", "--out", out])
     assert not (tmp_path / "file" / "sub").exists() and list(out.iterdir()) == []
+    # TensorRT is not installable here: one line naming it, and nothing written
+    if importlib.util.find_spec("tensorrt") is None:
+        for argv in (["sample", "--backend", "tensorrt", "--num", "1", "--out", tmp_path / "s"],
+                     ["export", "tensorrt", "--out", tmp_path / "e"]):
+            assert "needs the Python package `tensorrt`" in cli_error(argv)
+            assert not (tmp_path / argv[-1]).exists()
     with pytest.raises(ValueError, match="dtype='bf16': expected one of"):
         export_unit_onnx(Denoiser(random_model("tiny-cond"), "bf16"), tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()

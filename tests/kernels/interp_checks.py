@@ -404,9 +404,16 @@ def opaque_ops_case():
         lambda *a: group_norm_act_reference(*a[:3], num_groups=32, scale=a[3], shift=a[4]), [x, w, b, sc, sh],
         "float16")
     qkv = torch.randn(2, 3 * 2 * 32, 37, dtype=torch.float64)
-    ok_attn, attn = _compare(lambda q: qkv_attention(q, 2, legacy_order=True, fused="opaque"),
-                             lambda q: qkv_attention_reference(q, 2, legacy_order=True), [qkv], "float32")
-    return ok_gn and ok_attn, {"group_norm_act": gn, "qkv_attention": attn}
+    results, ok = {"group_norm_act": gn}, ok_gn
+    for legacy in (True, False):
+        ok_attn, attn = _compare(lambda q: qkv_attention(q, 2, legacy_order=legacy, fused="opaque"),
+                                 lambda q: qkv_attention_reference(q, 2, legacy_order=legacy), [qkv], "float32")
+        results[f"qkv_attention_legacy_{legacy}"], ok = attn, ok and ok_attn
+    plain_ok, plain = _compare(lambda *a: group_norm_act(*a, num_groups=32, act="none", fused="opaque"),
+                               lambda *a: group_norm_act_reference(*a, num_groups=32, act="none"), [x, w, b],
+                               "float32")
+    results["group_norm_plain"] = plain
+    return ok and plain_ok, results
 
 
 OTHER_CASES = {

@@ -66,8 +66,11 @@ def test_group_norm_opaque_form_matches_reference_and_traces_as_one_op(ada):
 
 
 def test_models_accept_the_forms_and_reject_others():
+    from admrt.models.layers import FusedOpsMixin
+
     model = admrt.create_model("tiny-cond")
     for form in ("sdpa", "opaque", "auto"):
         model.set_fused_kernels(form)
+        assert {m.fused for m in model.modules() if isinstance(m, FusedOpsMixin)} == {form}
     with pytest.raises(ValueError, match="enabled='fast': expected one of"):
         model.set_fused_kernels("fast")
