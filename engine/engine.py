@@ -13,7 +13,6 @@ CUDA graph and replays it.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -180,9 +179,9 @@ class Engine:
                 raise ValueError(f"{role}: it records no preset, so its diffusion process is unknown; pass "
                                  f"{'diffusion' if role == 'model' else 'upsampler_diffusion'}=DiffusionConfig(...)")
             diffusion = preset.diffusion
+        info = info.fitted(low_res_size=low_res_size)
         unit = Denoiser(module, **units)
-        if info.kind == "superres" and info.low_res_size is None:   # a guided-diffusion SuperResModel
-            unit.info = dataclasses.replace(info, low_res_size=low_res_size)
+        unit.info = info   # compiled backends trace it with the low-res size the stack gives
         return _Stage(role, info, diffusion, backend_impl.denoiser(unit))
 
     @property
@@ -327,7 +326,7 @@ class Engine:
         p.batch_size = batch
         p.image_shape = [info.in_channels, info.image_size, info.image_size]
         if info.kind == "superres":
-            low = info.low_res_size or self.base.info.image_size
+            low = info.low_res_size
             p.low_res_shape = [info.in_channels, low, low]
         p.device = self.device
         ctx = _core.Sampler(stage.denoiser, self._grad if guided else None, plan.schedule, p)

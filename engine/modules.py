@@ -70,9 +70,14 @@ class ModelInfo:
             raise TypeError(f"{role}: expected an admrt model (with .config) or a guided-diffusion UNetModel, "
                             f"SuperResModel or EncoderUNetModel, got {type(module).__name__}") from None
 
-    def fitted(self, image_size: int) -> "ModelInfo":
-        """This info with image_size set where the module leaves it open (see image_size)."""
-        return self if self.image_size is not None else dataclasses.replace(self, image_size=image_size)
+    def fitted(self, image_size: Optional[int] = None, low_res_size: Optional[int] = None) -> "ModelInfo":
+        """This info with the sizes the module leaves open set from the stack it runs in: image_size
+        (a guided-diffusion classifier's pool takes any size) and an upsampler's low_res_size (a
+        guided-diffusion SuperResModel records none: the base model's image size)."""
+        return dataclasses.replace(
+            self, image_size=self.image_size if self.image_size is not None else image_size,
+            low_res_size=self.low_res_size if self.low_res_size is not None or self.kind != "superres"
+            else low_res_size)
 
 
 def is_channels_last(module: nn.Module) -> bool:

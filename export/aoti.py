@@ -20,15 +20,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from .stack import (check_stack, example_inputs, low_res_size, model_entry, parse_step_plans, staging_folder,
-                    weights_fingerprint)
+from .stack import (ExportReport, check_stack, example_inputs, low_res_size, model_entry, parse_step_plans,
+                    staging_folder, weights_fingerprint)
 
 PACKAGE_FORMAT = "admrt-aoti"
 FORMAT_VERSION = 1
@@ -36,16 +35,6 @@ MANIFEST = "manifest.json"
 FILES = {"model": "denoiser.pt2", "classifier": "classifier_grad.pt2", "upsampler": "upsampler.pt2"}
 # Agreement of a loaded package with eager on random inputs: max |diff| / max(1, max |eager|).
 CHECK_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
-
-
-@dataclass(frozen=True)
-class ExportReport:
-    """What `export_aoti` wrote and measured: per unit, the export and compile seconds and the
-    error of the loaded package against eager (max |diff| / max(1, max |eager|))."""
-
-    out: Path
-    seconds: dict
-    errors: dict
 
 
 def compile_unit(unit: nn.Module, example: list, path: Path, max_batch: int) -> tuple[float, float]:
@@ -101,7 +90,7 @@ def export_aoti(model: nn.Module, classifier: Optional[nn.Module] = None, upsamp
         units = {}
         for role, module in roles:
             info = infos[role]
-            low = low_res_size(info, infos["model"].image_size)
+            low = low_res_size(info)
             example = example_inputs(info, 2, device, low)
             if role == "classifier":
                 unit = ClassifierGradient(module, dtype, device=device)

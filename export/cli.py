@@ -90,10 +90,12 @@ def _check_common(args) -> None:
         raise CommandError(f"--out={args.out!r}: exists; choose another folder or pass --force to replace it")
     _check_writable(Path(args.out))
     if getattr(args, "opset", None) is not None:
-        from .onnx import OPSETS
-        if args.opset not in OPSETS:
-            raise CommandError(f"--opset={args.opset}: expected one of {', '.join(map(str, OPSETS))} "
-                               "(GroupNormalization needs opset 21, the Attention node 23)")
+        from .onnx import check_options, require_onnx
+        require_onnx()
+        try:
+            check_options(args.dtype, args.opset)
+        except ValueError as exc:
+            raise CommandError(f"--{exc}") from None
 
 
 def _check_writable(out: Path) -> None:

@@ -29,24 +29,23 @@ onnxruntime against eager at batch 1 and 5, and only then renames the folder int
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import MissingPackageError
-from .stack import (check_stack, example_inputs, low_res_size, model_entry, parse_step_plans, relative_error,
-                    staging_folder, weights_fingerprint)
+from .stack import (ExportReport, check_stack, example_inputs, low_res_size, model_entry, parse_step_plans,
+                    relative_error, staging_folder, weights_fingerprint)
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +63,6 @@ CHECK_BATCHES = (1, 5)
 
 class ExportCheckError(ValueError):
     """An exported graph disagrees with eager (nothing is written)."""
-
-
-@dataclass(frozen=True)
-class ExportReport:
-    """What export_onnx wrote: per file, the export seconds and the error against eager in
-    onnxruntime (stack.relative_error), or None where it was not checked (check=False)."""
-
-    out: Path
-    seconds: dict
-    errors: dict
 
 
 class ClassifierLogits(nn.Module):
@@ -160,8 +149,8 @@ def check_options(dtype: str, opset: int) -> None:
         raise ValueError(f"dtype={dtype!r}: expected one of {DTYPES} for ONNX (onnxruntime's CPU provider runs no "
                          "bf16 attention, so a bf16 export could not be checked)")
     if opset not in OPSETS:
-        raise ValueError(f"opset={opset!r}: expected one of {OPSETS} (GroupNormalization needs opset 21, the "
-                         "Attention node 23)")
+        raise ValueError(f"opset={opset!r}: expected one of {', '.join(map(str, OPSETS))} (GroupNormalization "
+                         "needs opset 21, the Attention node 23)")
     import onnx
     if opset > onnx.defs.onnx_opset_version():
         raise MissingPackageError(f"opset={opset}: the installed onnx {onnx.__version__} knows opsets up to "
@@ -294,7 +283,9 @@ def session(path: str | os.PathLike, device: torch.device | str = "cpu", *, fuse
     return ort.InferenceSession(str(path), session_options(), providers=providers)
 
 
-_ONNX_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64}
+# an ONNX input's type -> (the torch dtype the core passes, the numpy type I/O binding names)
+_ONNX_TYPES = {"tensor(float)": (torch.float32, np.float32), "tensor(float16)": (torch.float16, np.float16),
+               "tensor(int64)": (torch.int64, np.int64)}
 
 
 class OnnxRuntimeUnit:
@@ -305,10 +296,8 @@ class OnnxRuntimeUnit:
     current when it was made, with no host synchronisation at the end of a call."""
 
     def __init__(self, ort_session, output_shape):
-        import numpy as np
         import onnxruntime as ort
 
-        self.np = np
         self.session = ort_session
         self.inputs = [(i.name, _ONNX_TYPES[i.type]) for i in ort_session.get_inputs()]
         self.output = ort_session.get_outputs()[0].name
@@ -324,23 +313,22 @@ class OnnxRuntimeUnit:
             args = args[:-1]
         if len(args) != len(self.inputs):
             raise TypeError(f"onnxruntime unit: got {len(args)} inputs, expected {len(self.inputs)} "
-                            f"({', '.join(n for n, _ in self.inputs)})")
+                            f"({', '.join(name for name, _ in self.inputs)})")
         x = args[0]
         if self.stream is not None and torch.cuda.current_stream(x.device).cuda_stream != self.stream:
             raise RuntimeError("onnxruntime unit: called on another CUDA stream than the one its session was made "
                                "on (user_compute_stream); sample on the stream the Engine was built on")
         binding = self.session.io_binding()
         kept = []
-        for (name, dtype), a in zip(self.inputs, args):
+        for (name, (dtype, np_type)), a in zip(self.inputs, args):
             if a.dtype != dtype or a.device != x.device:
                 raise TypeError(f"onnxruntime unit: input {name!r} is {a.dtype} on {a.device}; the graph takes "
                                 f"{dtype} on {x.device}")
             a = a.contiguous()
             kept.append(a)
-            binding.bind_input(name, a.device.type, a.device.index or 0, self.np.dtype(str(dtype)[6:]),
-                               tuple(a.shape), a.data_ptr())
+            binding.bind_input(name, a.device.type, a.device.index or 0, np_type, tuple(a.shape), a.data_ptr())
         out = torch.empty(self.output_shape(x.shape), dtype=torch.float32, device=x.device)
-        binding.bind_output(self.output, out.device.type, out.device.index or 0, self.np.float32, tuple(out.shape),
+        binding.bind_output(self.output, out.device.type, out.device.index or 0, np.float32, tuple(out.shape),
                             out.data_ptr())
         self.session.run_with_iobinding(binding, self.run_options)
         return out
@@ -368,8 +356,7 @@ def onnxruntime_unit(unit: nn.Module, *, opset: int = DEFAULT_OPSET) -> OnnxRunt
     with tempfile.TemporaryDirectory(prefix="admrt-onnx-") as tmp:
         path = Path(tmp) / "unit.onnx"
         export_unit_onnx(unit, path, opset=opset)
-        check_file(path, unit, device)
-        return OnnxRuntimeUnit(session(path, device), _output_shape(unit))
+        return check_file(path, unit, device)[1]
 
 
 # -- the stack -> a folder -------------------------------------------------------------------------
@@ -399,9 +386,9 @@ def export_onnx(model: nn.Module, classifier: Optional[nn.Module] = None, upsamp
     if check:
         providers_for(device)
         if fused_ops and dtype != "fp32":
-            raise ValueError(f"dtype={dtype!r} with fused_ops: the custom nodes' reference ops (onnxruntime-extensions) "
-                             "run fp32 graphs only, so the export cannot be checked here; pass check=False "
-                             "(--no-check) to write it checked by onnx.checker only")
+            raise ValueError(f"dtype={dtype!r} with fused_ops: the custom nodes' reference ops "
+                             "(onnxruntime-extensions) run fp32 graphs only, so the export cannot be checked here; "
+                             "pass check=False (--no-check) to write it checked by onnx.checker only")
         if fused_ops:
             from .onnx_ops import require_extensions
             require_extensions()
@@ -414,13 +401,12 @@ def export_onnx(model: nn.Module, classifier: Optional[nn.Module] = None, upsamp
     for role, module in roles:
         if role == "classifier":
             grad = ClassifierGradient(module, dtype, device=device)
-            grad.info = infos[role]   # fitted to the base model's image size
+            grad.info = infos[role]   # fitted to the stack (check_stack)
             units["classifier"] = (module, ClassifierLogits(grad))
             units["classifier_grad"] = (module, grad)
         else:
             unit = Denoiser(module, dtype, device=device)
-            unit.info = dataclasses.replace(infos[role], low_res_size=low_res_size(infos[role],
-                                                                                   infos["model"].image_size))
+            unit.info = infos[role]
             units[role] = (module, unit)
 
     seconds, errors = {}, {}
@@ -434,16 +420,20 @@ def export_onnx(model: nn.Module, classifier: Optional[nn.Module] = None, upsamp
                 f"{', custom-domain fused ops' if fused_ops else ''})")
             seconds[name] = export_unit_onnx(unit, tmp / FILES[name], opset=opset, fused_ops=fused_ops,
                                              metadata=metadata)
-            errors[name] = check_file(tmp / FILES[name], unit, device, fused_ops=fused_ops) if check else None
-            if not check:
+            if check:
+                errors[name] = check_file(tmp / FILES[name], unit, device, fused_ops=fused_ops)[0]
+            else:
                 import onnx
                 onnx.checker.check_model(str(tmp / FILES[name]), full_check=True)
+                errors[name] = None
     return ExportReport(Path(out), seconds, errors)
 
 
-def check_file(path: Path, unit: nn.Module, device: torch.device, *, fused_ops: bool = False) -> float:
+def check_file(path: Path, unit: nn.Module, device: torch.device, *,
+               fused_ops: bool = False) -> tuple[float, OnnxRuntimeUnit]:
     """onnx.checker on the file, then onnxruntime against the eager unit at batch 1 and 5 from the
-    one file; ExportCheckError if they disagree (stack.relative_error above CHECK_TOLERANCE)."""
+    one file: (the error, the checked runner); ExportCheckError if they disagree
+    (stack.relative_error above CHECK_TOLERANCE)."""
     import onnx
 
     onnx.checker.check_model(str(path), full_check=True)
@@ -457,4 +447,4 @@ def check_file(path: Path, unit: nn.Module, device: torch.device, *, fused_ops: 
     if not worst <= tolerance:
         raise ExportCheckError(f"{path.name}: onnxruntime differs from eager by {worst:.3g} (relative to the largest "
                                f"output), more than {tolerance} for {unit.dtype}; nothing was written")
-    return worst
+    return worst, runner

@@ -117,14 +117,9 @@ def custom_nodes(model: onnx.ModelProto) -> dict[str, int]:
 
 # -- the reference runtime: onnxruntime-extensions' Python ops over admrt's torch references ----
 
-_registered = False
-
-
+@functools.lru_cache(maxsize=None)
 def _register_reference_ops() -> None:
-    """Python custom ops (fp32) for the three node types, in onnxruntime-extensions' domain."""
-    global _registered
-    if _registered:
-        return
+    """Python custom ops (fp32) for the three node types, in onnxruntime-extensions' domain (once)."""
     from onnxruntime_extensions import PyCustomOpDef as dt
     from onnxruntime_extensions import onnx_op
 
@@ -146,7 +141,6 @@ def _register_reference_ops() -> None:
             attrs={"num_heads": dt.dt_int64, "legacy_order": dt.dt_int64})(
         lambda qkv, num_heads, legacy_order: qkv_attention_reference(
             torch.from_numpy(qkv), int(num_heads), legacy_order=bool(legacy_order)).numpy())
-    _registered = True
 
 
 def reference_session(path: str | os.PathLike, providers: Optional[list] = None, options=None):
@@ -180,5 +174,5 @@ def require_extensions() -> None:
     import importlib.util
 
     if importlib.util.find_spec("onnxruntime_extensions") is None:
-        raise MissingPackageError("running a --fused-ops graph in onnxruntime (its check) needs onnxruntime-extensions, "
-                                  "not installed here: pip install onnxruntime-extensions (or pass --no-check)")
+        raise MissingPackageError("running a --fused-ops graph in onnxruntime (its check) needs "
+                                  "onnxruntime-extensions, not installed here: pip install onnxruntime-extensions (or pass --no-check)")

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -18,10 +19,21 @@ import torch
 import torch.nn as nn
 
 
+@dataclass(frozen=True)
+class ExportReport:
+    """What an export wrote and measured, per unit: seconds (aoti: (export, compile)) and the
+    error against eager of the unit as its runtime loads it (aoti: max |diff| / max(1, max |eager|);
+    onnx: relative_error, None where not checked)."""
+
+    out: Path
+    seconds: dict
+    errors: dict
+
+
 def check_stack(model: nn.Module, classifier: Optional[nn.Module] = None,
                 upsampler: Optional[nn.Module] = None) -> tuple[list, dict]:
-    """([(role, module)], {role: ModelInfo}) for a base UNet with an optional classifier and
-    upsampler; raises ValueError naming the role whose kind or size does not fit."""
+    """([(role, module)], {role: ModelInfo fitted to the stack}) for a base UNet with an optional
+    classifier and upsampler; raises ValueError naming the role whose kind or size does not fit."""
     from admrt.engine.modules import ModelInfo
 
     infos = {"model": ModelInfo.of(model, "model")}
@@ -40,6 +52,7 @@ def check_stack(model: nn.Module, classifier: Optional[nn.Module] = None,
         if infos["upsampler"].low_res_size not in (None, infos["model"].image_size):
             raise ValueError(f"upsampler: conditioned on {infos['upsampler'].low_res_size}px images, but the model "
                              f"samples {infos['model'].image_size}px")
+        infos["upsampler"] = infos["upsampler"].fitted(low_res_size=infos["model"].image_size)
         roles.append(("upsampler", upsampler))
     return roles, infos
 
@@ -118,16 +131,15 @@ def weights_fingerprint(modules: dict) -> str:
     return "sha256:" + h.hexdigest()[:16]
 
 
-def low_res_size(info, base_image_size: Optional[int] = None) -> Optional[int]:
-    """The low-res side an upsampler is conditioned on: its preset's, else the base model's (a
-    guided-diffusion SuperResModel records none); None for other models."""
+def low_res_size(info) -> Optional[int]:
+    """The low-res side an upsampler is conditioned on (None for other models); its info must be
+    fitted to the stack (ModelInfo.fitted) when the module records none."""
     if info.kind != "superres":
         return None
-    size = info.low_res_size or base_image_size
-    if size is None:
+    if info.low_res_size is None:
         raise ValueError("upsampler: it records no low_res_size and no base model gives one; load it with an "
                          "admrt preset")
-    return size
+    return info.low_res_size
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

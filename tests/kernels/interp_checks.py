@@ -416,8 +416,32 @@ def opaque_ops_case():
     return ok and plain_ok, results
 
 
+def onnx_export_vs_fused_case():
+    """ONNX export (admrt.export.onnx) of a tiny denoiser and classifier gradient, checked in
+    onnxruntime against the eager units running the fused kernels (and their backward)."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from admrt.engine import ClassifierGradient, Denoiser
+    from admrt.export.onnx import check_file, export_unit_onnx
+    from admrt.kernels import fused_available
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from gd_reference import random_model
+
+    assert fused_available(torch.zeros(1)), "the eager units would run the torch reference"
+    errors = {}
+    with tempfile.TemporaryDirectory() as d:
+        for name, unit in (("denoiser", Denoiser(random_model("tiny-cond"))),
+                           ("classifier_grad", ClassifierGradient(random_model("tiny-classifier")))):
+            export_unit_onnx(unit, Path(d) / f"{name}.onnx")
+            errors[name] = check_file(Path(d) / f"{name}.onnx", unit, torch.device("cpu"))[0]  # raises when off
+    return True, errors
+
+
 OTHER_CASES = {
     "opaque_ops": opaque_ops_case,
+    "onnx_export_vs_fused": onnx_export_vs_fused_case,
     "gn_split_invariance": gn_split_invariance_case,
     "export_dynamic_batch": export_dynamic_batch_case,
     "make_fx_grad": make_fx_grad_case,
