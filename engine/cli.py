@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from admrt.cli import CommandError, Interrupted
+from admrt.distributed import leave_process_group
 from admrt.io import atomic_write
 from admrt.runfolder import RunFolder, device_description, file_fingerprint
 
@@ -296,11 +297,13 @@ def run(args: argparse.Namespace) -> int:
         if device.startswith("cuda") and args.device is None:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    finished = False
     try:
-        return _run(args, device, rank, world, dist)
+        code = _run(args, device, rank, world, dist)
+        finished = True
+        return code
     finally:
-        if dist is not None:
-            dist.destroy_process_group()
+        leave_process_group(synchronize=finished)
 
 
 def _labels(args, engine) -> np.ndarray | None:

@@ -8,6 +8,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import admrt  # noqa: E402
+from admrt.distributed import leave_process_group  # noqa: E402
 from admrt.training.trainers import TrainConfig, Trainer, init_distributed  # noqa: E402
 from conftest import TinyData, tiny_preset  # noqa: E402
 
@@ -38,4 +39,4 @@ if __name__ == "__main__":
     res = result(tr, tr.train())
     if rank == 0:
         torch.save(res, sys.argv[1])
-    torch.distributed.destroy_process_group()
+    leave_process_group()  # both ranks wait for rank 0's save, then leave together
