@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from admrt.cli import CommandError, Interrupted
-from admrt.distributed import leave_process_group
+from admrt.distributed import leaving_process_group
 from admrt.io import atomic_write
 from admrt.runfolder import RunFolder, device_description, file_fingerprint
 
@@ -297,13 +297,8 @@ def run(args: argparse.Namespace) -> int:
         if device.startswith("cuda") and args.device is None:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    finished = False
-    try:
-        code = _run(args, device, rank, world, dist)
-        finished = True
-        return code
-    finally:
-        leave_process_group(synchronize=finished)
+    with leaving_process_group():
+        return _run(args, device, rank, world, dist)
 
 
 def _labels(args, engine) -> np.ndarray | None:

@@ -170,7 +170,7 @@ class _CtrlC:
 
 def run(args: argparse.Namespace) -> int:
     import admrt
-    from admrt.distributed import leave_process_group
+    from admrt.distributed import leaving_process_group
 
     from .data import FashionMNIST, make_dataset
     from .trainers import KIND_OF_TASK, TrainConfig, init_distributed
@@ -217,14 +217,11 @@ def run(args: argparse.Namespace) -> int:
         torch.backends.cudnn.benchmark = True
     out = Path(args.out)
     folder = RunFolder(out, "admrt train")
-    finished = False
-    try:
-        code = _train(args, preset, cfg, dataset, test, device, rank, world, folder)
-        finished = True
-        return code
-    finally:
-        folder.unlock()
-        leave_process_group(synchronize=finished)
+    with leaving_process_group():
+        try:
+            return _train(args, preset, cfg, dataset, test, device, rank, world, folder)
+        finally:
+            folder.unlock()
 
 
 def _train(args, preset, cfg, dataset, test, device, rank, world, folder) -> int:

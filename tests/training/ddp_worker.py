@@ -8,7 +8,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import admrt  # noqa: E402
-from admrt.distributed import leave_process_group  # noqa: E402
+from admrt.distributed import leaving_process_group  # noqa: E402
 from admrt.training.trainers import TrainConfig, Trainer, init_distributed  # noqa: E402
 from conftest import TinyData, tiny_preset  # noqa: E402
 
@@ -35,8 +35,8 @@ def result(tr: Trainer, metrics: dict) -> dict[str, torch.Tensor]:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     rank, world, _ = init_distributed()
-    tr = make_trainer(microbatch=2)
-    res = result(tr, tr.train())
-    if rank == 0:
-        torch.save(res, sys.argv[1])
-    leave_process_group()  # both ranks wait for rank 0's save, then leave together
+    with leaving_process_group():  # both ranks wait for rank 0's save, then leave together
+        tr = make_trainer(microbatch=2)
+        res = result(tr, tr.train())
+        if rank == 0:
+            torch.save(res, sys.argv[1])
