@@ -164,12 +164,12 @@ def _check_int32(value: int, what: str) -> None:
 
 def group_norm_tiles(channels: int, length: int, num_groups: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_C, BLOCK_L, channels per program, channel blocks, L tiles) for (B, C, L) contiguous:
-    admrt's tile plan (kernels/group_norm.py `_plan`, NCHW) with one split, one program per
-    (sample, channel block) walking all of L."""
+    admrt's two-pass tiles (kernels/group_norm.py `_two_pass_tiles`, NCHW) with one split, one
+    program per (sample, channel block) walking all of L."""
     if num_groups < 1 or channels % num_groups:
         raise ValueError(f"num_groups={num_groups}: expected a divisor of the channel count {channels}")
     _check_int32(channels * length, "C * L")
-    block_c, block_l, cpp, n_cb, _, _ = _gn._plan(1, channels, length, num_groups, False, torch.device("cpu"))
+    block_c, block_l, cpp, n_cb = _gn._two_pass_tiles(channels, length, num_groups, False)
     return block_c, block_l, cpp, n_cb, triton.cdiv(length, block_l)
 
 

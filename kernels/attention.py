@@ -9,9 +9,10 @@ Output is (B, H*C, T), the layout proj_out expects.
 
 The fused path is flash attention (Dao et al. 2022; the Triton tutorial's online softmax in the
 log2 domain) with loads strided straight out of the qkv tensor: no reshapes, no T x T matrix.
-Forward keeps the row log-sum-exp for the backward; the backward writes dq, dk, dv into one
-(B, 3*H*C, T) tensor in the same channel order as qkv (two kernels: dk/dv per key block, dq
-per query block; no atomics). A backward under create_graph=True (double backward) runs
+Forward keeps the row log-sum-exp for the backward; the backward is one launch (`_attn_bwd_kernel`: dk/dv of a
+key block, then dq of a query block, per program; the softmax row term formed in the kernel;
+no atomics, so results are deterministic) and writes dq, dk, dv into one (B, 3*H*C, T) tensor
+in the same channel order as qkv. A backward under create_graph=True (double backward) runs
 through `qkv_attention_reference` (kernels/_trace.py).
 """
 from __future__ import annotations
@@ -146,66 +147,68 @@ if HAS_TRITON:
         tl.store(LSE + bh * T + rm, m_i + tl.log2(l_i), mask=mmask)
 
     @triton.jit
-    def _attn_bwd_dkdv_kernel(QKV, DO, LSE, DELTA, DQKV, T, H, CH, qk_scale, sm_scale,
-                              LEGACY: tl.constexpr, PREC: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        pid_n = tl.program_id(0)
+    def _attn_bwd_kernel(QKV, O, DO, LSE, DQKV, T, H, CH, qk_scale, sm_scale,
+                         LEGACY: tl.constexpr, PREC: tl.constexpr,
+                         BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
+                         BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_D: tl.constexpr):
+        """dq, dk, dv of one (batch, head) in one launch (FlashAttention-2's backward split, Dao 2023,
+        Alg. 2, without atomics): program j computes dk, dv of key block j (phase 1, looping over
+        the query blocks) and then dq of query block j (phase 2, looping over the key blocks).
+        BLOCK_N1 == BLOCK_M2, so both phases cover T with one grid. The softmax backward's row term
+        delta_i = sum_c dO_ic O_ic is formed from the dO and O tiles each phase loads anyway (no
+        pre-pass); P is recomputed from the forward's log-sum-exp (log2 domain)."""
+        pid = tl.program_id(0)
         bh = tl.program_id(1)
         q_off, k_off, v_off, o_off = _head_offsets(bh, H, CH, T, LEGACY)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rd = tl.arange(0, BLOCK_D)
         dmask = rd < CH
+        # -- phase 1: dk, dv of keys rn (BLOCK_N1) --------------------------------------------
+        rn = pid * BLOCK_N1 + tl.arange(0, BLOCK_N1)
         nmask = rn < T
         kv_mask = nmask[:, None] & dmask[None, :]
-        k = tl.load(QKV + k_off + rd[None, :] * T + rn[:, None], mask=kv_mask, other=0.0)   # (N, D)
-        v = tl.load(QKV + v_off + rd[None, :] * T + rn[:, None], mask=kv_mask, other=0.0)   # (N, D)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        for start_m in range(0, T, BLOCK_M):
-            rm = start_m + tl.arange(0, BLOCK_M)
+        k = tl.load(QKV + k_off + rd[None, :] * T + rn[:, None], mask=kv_mask, other=0.0)   # (N1, D)
+        v = tl.load(QKV + v_off + rd[None, :] * T + rn[:, None], mask=kv_mask, other=0.0)   # (N1, D)
+        dk = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
+        for start_m in range(0, T, BLOCK_M1):
+            rm = start_m + tl.arange(0, BLOCK_M1)
             mmask = rm < T
-            qt = tl.load(QKV + q_off + rd[:, None] * T + rm[None, :], mask=dmask[:, None] & mmask[None, :], other=0.0)  # (D, M)
-            do = tl.load(DO + o_off + rd[None, :] * T + rm[:, None], mask=mmask[:, None] & dmask[None, :], other=0.0)   # (M, D)
+            md_mask = mmask[:, None] & dmask[None, :]
+            qt = tl.load(QKV + q_off + rd[:, None] * T + rm[None, :], mask=dmask[:, None] & mmask[None, :], other=0.0)  # (D, M1)
+            do = tl.load(DO + o_off + rd[None, :] * T + rm[:, None], mask=md_mask, other=0.0)   # (M1, D)
+            o = tl.load(O + o_off + rd[None, :] * T + rm[:, None], mask=md_mask, other=0.0)     # (M1, D)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)                             # (M1,)
             lse = tl.load(LSE + bh * T + rm, mask=mmask, other=0.0)
-            delta = tl.load(DELTA + bh * T + rm, mask=mmask, other=0.0)
-            st = _mm(k, qt, None, PREC)
-            pt = tl.where(nmask[:, None] & mmask[None, :], tl.exp2(st * qk_scale - lse[None, :]), 0.0)  # P^T (N, M)
-            dv = _mm(pt.to(do.dtype), do, dv, PREC)
-            dpt = _mm(v, tl.trans(do), None, PREC)
-            dst = pt * (dpt - delta[None, :])
-            dk = _mm(dst.to(qt.dtype), tl.trans(qt), dk, PREC)
+            st = _mm(k, qt, None, PREC)                                                         # S^T (N1, M1)
+            pt = tl.where(nmask[:, None] & mmask[None, :], tl.exp2(st * qk_scale - lse[None, :]), 0.0)
+            dv = _mm(pt.to(do.dtype), do, dv, PREC)                                             # dV += P^T dO
+            dpt = _mm(v, tl.trans(do), None, PREC)                                              # dP^T = V dO^T
+            dst = pt * (dpt - delta[None, :])                                                   # dS^T
+            dk = _mm(dst.to(qt.dtype), tl.trans(qt), dk, PREC)                                  # dK += dS^T Q
         dk = dk * sm_scale
         tl.store(DQKV + k_off + rd[None, :] * T + rn[:, None], dk.to(DQKV.dtype.element_ty), mask=kv_mask)
         tl.store(DQKV + v_off + rd[None, :] * T + rn[:, None], dv.to(DQKV.dtype.element_ty), mask=kv_mask)
-
-    @triton.jit
-    def _attn_bwd_dq_kernel(QKV, DO, LSE, DELTA, DQKV, T, H, CH, qk_scale, sm_scale,
-                            LEGACY: tl.constexpr, PREC: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        q_off, k_off, v_off, o_off = _head_offsets(bh, H, CH, T, LEGACY)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rd = tl.arange(0, BLOCK_D)
-        dmask = rd < CH
+        # -- phase 2: dq of queries rm (BLOCK_M2) ----------------------------------------------
+        rm = pid * BLOCK_M2 + tl.arange(0, BLOCK_M2)
         mmask = rm < T
         qm = mmask[:, None] & dmask[None, :]
-        q = tl.load(QKV + q_off + rd[None, :] * T + rm[:, None], mask=qm, other=0.0)   # (M, D)
-        do = tl.load(DO + o_off + rd[None, :] * T + rm[:, None], mask=qm, other=0.0)   # (M, D)
+        q = tl.load(QKV + q_off + rd[None, :] * T + rm[:, None], mask=qm, other=0.0)   # (M2, D)
+        do = tl.load(DO + o_off + rd[None, :] * T + rm[:, None], mask=qm, other=0.0)   # (M2, D)
+        o = tl.load(O + o_off + rd[None, :] * T + rm[:, None], mask=qm, other=0.0)     # (M2, D)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         lse = tl.load(LSE + bh * T + rm, mask=mmask, other=0.0)
-        delta = tl.load(DELTA + bh * T + rm, mask=mmask, other=0.0)
-        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for start_n in range(0, T, BLOCK_N):
-            rn = start_n + tl.arange(0, BLOCK_N)
+        dq = tl.zeros([BLOCK_M2, BLOCK_D], tl.float32)
+        for start_n in range(0, T, BLOCK_N2):
+            rn = start_n + tl.arange(0, BLOCK_N2)
             nmask = rn < T
             tmask = dmask[:, None] & nmask[None, :]
-            kt = tl.load(QKV + k_off + rd[:, None] * T + rn[None, :], mask=tmask, other=0.0)   # (D, N)
-            vt = tl.load(QKV + v_off + rd[:, None] * T + rn[None, :], mask=tmask, other=0.0)   # (D, N)
+            kt = tl.load(QKV + k_off + rd[:, None] * T + rn[None, :], mask=tmask, other=0.0)   # (D, N2)
+            vt = tl.load(QKV + v_off + rd[:, None] * T + rn[None, :], mask=tmask, other=0.0)   # (D, N2)
             s = _mm(q, kt, None, PREC)
             dp = _mm(do, vt, None, PREC)
             p = tl.where(mmask[:, None] & nmask[None, :], tl.exp2(s * qk_scale - lse[:, None]), 0.0)
             ds = p * (dp - delta[:, None])
-            dq = _mm(ds.to(kt.dtype), tl.trans(kt), dq, PREC)
+            dq = _mm(ds.to(kt.dtype), tl.trans(kt), dq, PREC)                                 # dQ += dS K
         dq = dq * sm_scale
         tl.store(DQKV + q_off + rd[None, :] * T + rm[:, None], dq.to(DQKV.dtype.element_ty), mask=qm)
 
@@ -221,22 +224,35 @@ def _prec(dtype: torch.dtype) -> int:
 
 
 def _attn_blocks(ch: int, T, dtype: torch.dtype, kind: str):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim ch; kind in fwd | dkdv | dq.
-    T may be a SymInt: the blocks come from its example value (the kernels mask any T)."""
+    """Launch blocks for head dim ch; the rule (from the H100 runs in bench/README.md):
+
+    kind "fwd": (BLOCK_M, BLOCK_N, num_warps, num_stages).
+    kind "bwd": (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages), with
+    BLOCK_N1 == BLOCK_M2 (one grid for both phases of `_attn_bwd_kernel`): narrow query blocks
+    against wide key blocks for dk/dv, and the transpose for dq, as FlashAttention-2's backward.
+    fp32 or head dims above 128 take small square blocks (their tiles must fit shared memory).
+    Every block is clipped to T rounded up to a power of two (>= 16). T may be a SymInt: the
+    blocks come from its example value (the kernels mask any T)."""
     bd = max(16, triton.next_power_of_2(ch))
     small_t = max(16, triton.next_power_of_2(size_hint(T)))
-    if INTERPRET:
-        return min(32, small_t), min(32, small_t), 4, 1
     wide = bd > 128 or dtype == torch.float32
     if kind == "fwd":
+        if INTERPRET:
+            return min(32, small_t), min(32, small_t), 4, 1
         if bd > 128 and dtype == torch.float32:   # keep q, k, v tiles inside shared memory
             return min(32, small_t), min(32, small_t), 8, 1
         bm, bn, w, st = (64, 32, 8, 2) if wide else (128, 64, 8 if bd > 64 else 4, 3)
-    elif kind == "dkdv":
-        bm, bn, w, st = (32, 32, 8, 1) if wide else (32, 128 if bd <= 64 else 64, 4 if bd <= 64 else 8, 2)
+        return min(bm, small_t), min(bn, small_t), w, st
+    if kind != "bwd":
+        raise ValueError(f"kind={kind!r}: expected 'fwd' or 'bwd'")
+    if INTERPRET:
+        narrow, broad, w, st = 16, 32, 4, 1
+    elif wide:
+        narrow, broad, w, st = 32, 32, 8, 1
     else:
-        bm, bn, w, st = (32, 32, 8, 1) if wide else (128 if bd <= 64 else 64, 32, 4 if bd <= 64 else 8, 2)
-    return min(bm, small_t), min(bn, small_t), w, st
+        narrow, broad, w, st = 32, 128 if bd <= 64 else 64, 4 if bd <= 64 else 8, 2
+    narrow, broad = min(narrow, small_t), min(broad, small_t)
+    return narrow, broad, broad, narrow, w, st
 
 
 if HAS_TRITON:
@@ -269,18 +285,12 @@ if HAS_TRITON:
         B, width, T = qkv.shape
         ch = width // (3 * num_heads)
         dout = dout.contiguous()
-        # delta_i = sum_c dO_ic O_ic (the softmax backward's row term), (B*H, T) fp32
-        delta = (dout.float() * out.float()).reshape(B * num_heads, ch, T).sum(1)
         dqkv = torch.empty_like(qkv)
-        bd = max(16, triton.next_power_of_2(ch))
-        common = dict(LEGACY=legacy_order, PREC=_prec(qkv.dtype), BLOCK_D=bd)
-        args = (qkv, dout, lse, delta, dqkv, T, num_heads, ch, _LOG2E / math.sqrt(ch), 1 / math.sqrt(ch))
-        bm, bn, w, st = _attn_blocks(ch, T, qkv.dtype, "dkdv")
-        wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(T, bn), B * num_heads)](
-            *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, **common)
-        bm, bn, w, st = _attn_blocks(ch, T, qkv.dtype, "dq")
-        wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(T, bm), B * num_heads)](
-            *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, **common)
+        bm1, bn1, bm2, bn2, w, st = _attn_blocks(ch, T, qkv.dtype, "bwd")
+        wrap_triton(_attn_bwd_kernel)[(triton.cdiv(T, bn1), B * num_heads)](
+            qkv, out, dout, lse, dqkv, T, num_heads, ch, _LOG2E / math.sqrt(ch), 1 / math.sqrt(ch),
+            LEGACY=legacy_order, PREC=_prec(qkv.dtype), BLOCK_M1=bm1, BLOCK_N1=bn1, BLOCK_M2=bm2,
+            BLOCK_N2=bn2, BLOCK_D=max(16, triton.next_power_of_2(ch)), num_warps=w, num_stages=st)
         return dqkv
 
     @_qkv_attention_bwd.register_fake

@@ -10,24 +10,38 @@ followed by SiLU, and the AdaGN of ResBlock._forward with use_scale_shift_norm
 Layout: x is (B, C, *spatial), NCHW-contiguous or channels_last; the kernels see it as
 (B, C, L) with strides (sb, sc, sl), so both layouts run without copies.
 
-Fused forward (two launches):
+Two paths, chosen per shape by `plan_group_norm` (the rule is stated there):
+
+One pass (a (sample, group) slice fits one program): `_gn_onepass_fwd_kernel` loads the
+slice once into registers, takes the group mean and then the variance of (x - mean) from the
+same registers (exact two-level sums in fp32, no cancellation), and applies the folded affine
+y = act(a * x + d) before storing: x is read once, y written once, one launch.
+`_gn_onepass_bwd_kernel` likewise loads x and dy once and writes dx (one launch).
+Small slices share a program (several whole groups per program), so small shapes are a
+single short launch.
+
+Two passes (slices too large for one program):
   1. `_gn_stats_kernel`: grid (B, channel blocks, L splits). Per-channel partial sums of
      (x - K) and (x - K)^2 in fp32, K = the group's first element (a shift that keeps the
      one-pass variance free of cancellation).
   2. `_gn_fwd_kernel`: same grid (after one small sum over the splits), walks its tiles in
-     reverse so it starts on what is still in L2. Folds the group reduction, mean/rstd, gamma/beta and scale/shift into one
-     per-(b, c) affine y = act(a * x + d).
-Backward (two launches): `_gn_bwd_reduce_kernel` gives per-(b, c) sums S1 = sum dz and
-S2 = sum dz * xhat (dz = dL/d(pre-activation)); `_gn_bwd_dx_kernel` turns them into
-dx = rstd * (A dz - mean_g(A dz) - xhat * mean_g(A dz xhat)), A = gamma * (1 + scale), and
-writes per-(b, c) dscale = gamma S2 + beta S1, dshift = S1 and the per-sample parts of
-dgamma = (1 + scale) S2, dbeta = (1 + scale) S1. A backward under create_graph=True (double
-backward) runs through `group_norm_act_reference` (kernels/_trace.py).
+     reverse so it starts on what is still in L2. Folds the group reduction, mean/rstd,
+     gamma/beta and scale/shift into one per-(b, c) affine y = act(a * x + d).
+  Backward (two launches): `_gn_bwd_reduce_kernel` gives per-(b, c) sums S1 = sum dz and
+  S2 = sum dz * xhat (dz = dL/d(pre-activation)); `_gn_bwd_dx_kernel` turns them into
+  dx = rstd * (A dz - mean_g(A dz) - xhat * mean_g(A dz xhat)), A = gamma * (1 + scale).
+Both paths write per-(b, c) dscale = gamma S2 + beta S1, dshift = S1 and the per-sample parts
+of dgamma = (1 + scale) S2, dbeta = (1 + scale) S1 (summed over the batch in torch).
+
+Batch invariance: the plan depends on (C, L, groups, layout) only, never on the batch size or
+the device, so each sample's result is bitwise the same at any batch size and position.
+A backward under create_graph=True (double backward) runs through `group_norm_act_reference`
+(kernels/_trace.py).
 """
 from __future__ import annotations
 
-import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -267,6 +281,75 @@ if HAS_TRITON:
             dx = rstd[:, None] * (A[:, None] * dz - m1[:, None] - xh * m2[:, None])
             tl.store(ob + c[:, None] * soc + rl[None, :] * sol, dx.to(DX.dtype.element_ty), mask=m)
 
+    @triton.jit
+    def _gn_onepass_tile(b, cb, C, L, sxb, sxc, sxl, CPG, CPP,
+                         BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+        """Channel lanes c, their masks and offsets of one program's whole slice (BLOCK_C, BLOCK_L)."""
+        rc = tl.arange(0, BLOCK_C)
+        c = cb * CPP + rc
+        cmask = (rc < CPP) & (c < C)
+        rl = tl.arange(0, BLOCK_L)
+        m = cmask[:, None] & (rl < L)[None, :]
+        off = b.to(tl.int64) * sxb + c[:, None] * sxc + rl[None, :] * sxl
+        # same[i, j]: lanes i and j belong to one group (several whole groups share a program)
+        g = c // CPG
+        same = (g[:, None] == g[None, :]) & cmask[None, :]
+        return c, cmask, m, off, same
+
+    @triton.jit
+    def _gn_onepass_fwd_kernel(X, Y, W, BIAS, SCALE, SHIFT, MEAN, RSTD,
+                               C, L, G, sxb, sxc, sxl, syb, syc, syl, CPG, CPP, inv_n, eps,
+                               HAS_ADA: tl.constexpr, SILU: tl.constexpr,
+                               BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+        b = tl.program_id(0)
+        cb = tl.program_id(1)
+        c, cmask, m, off, same = _gn_onepass_tile(b, cb, C, L, sxb, sxc, sxl, CPG, CPP, BLOCK_C, BLOCK_L)
+        xv = tl.load(X + off, mask=m, other=0.0).to(tl.float32)               # the slice, read once
+        # group mean, then the variance of (x - mean) from the same registers (exact, fp32)
+        mean = tl.sum(tl.where(same, tl.sum(xv, 1)[None, :], 0.0), 1) * inv_n
+        dv = tl.where(m, xv - mean[:, None], 0.0)
+        var = tl.sum(tl.where(same, tl.sum(dv * dv, 1)[None, :], 0.0), 1) * inv_n
+        rstd = 1.0 / tl.sqrt(var + eps)
+        first = cmask & (c % CPG == 0)
+        tl.store(MEAN + b * G + c // CPG, mean, mask=first)
+        tl.store(RSTD + b * G + c // CPG, rstd, mask=first)
+        a, d, A, w, bb, sc = _gn_affine(W, BIAS, SCALE, SHIFT, b, c, cmask, C, mean, rstd, HAS_ADA)
+        z = xv * a[:, None] + d[:, None]
+        if SILU:
+            z = z / (1.0 + tl.exp(-z))
+        yoff = b.to(tl.int64) * syb + c[:, None] * syc + tl.arange(0, BLOCK_L)[None, :] * syl
+        tl.store(Y + yoff, z.to(Y.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _gn_onepass_bwd_kernel(X, DY, DX, MEAN, RSTD, W, BIAS, SCALE, SHIFT, DSCALE, DSHIFT, DWP, DBP,
+                               C, L, G, sxb, sxc, sxl, sdb, sdc, sdl, sob, soc, sol, CPG, CPP, inv_n,
+                               HAS_ADA: tl.constexpr, SILU: tl.constexpr,
+                               BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+        b = tl.program_id(0)
+        cb = tl.program_id(1)
+        c, cmask, m, off, same = _gn_onepass_tile(b, cb, C, L, sxb, sxc, sxl, CPG, CPP, BLOCK_C, BLOCK_L)
+        mean = tl.load(MEAN + b * G + c // CPG, mask=cmask, other=0.0)
+        rstd = tl.load(RSTD + b * G + c // CPG, mask=cmask, other=0.0)
+        a, d, A, w, bb, sc = _gn_affine(W, BIAS, SCALE, SHIFT, b, c, cmask, C, mean, rstd, HAS_ADA)
+        rl = tl.arange(0, BLOCK_L)
+        xv = tl.load(X + off, mask=m, other=0.0).to(tl.float32)
+        dyv = tl.load(DY + b.to(tl.int64) * sdb + c[:, None] * sdc + rl[None, :] * sdl,
+                      mask=m, other=0.0).to(tl.float32)
+        dz = tl.where(m, _gn_dz(xv, dyv, a, d, SILU), 0.0)
+        xh = (xv - mean[:, None]) * rstd[:, None]
+        s1 = tl.sum(dz, 1)                                                     # sum_l dz
+        s2 = tl.sum(dz * xh, 1)                                                # sum_l dz * xhat
+        m1 = tl.sum(tl.where(same, (A * s1)[None, :], 0.0), 1) * inv_n         # mean_g(dxhat)
+        m2 = tl.sum(tl.where(same, (A * s2)[None, :], 0.0), 1) * inv_n         # mean_g(dxhat * xhat)
+        tl.store(DWP + b * C + c, sc * s2, mask=cmask)
+        tl.store(DBP + b * C + c, sc * s1, mask=cmask)
+        if HAS_ADA:
+            tl.store(DSCALE + b * C + c, w * s2 + bb * s1, mask=cmask)
+            tl.store(DSHIFT + b * C + c, s1, mask=cmask)
+        dx = rstd[:, None] * (A[:, None] * dz - m1[:, None] - xh * m2[:, None])
+        tl.store(DX + b.to(tl.int64) * sob + c[:, None] * soc + rl[None, :] * sol,
+                 dx.to(DX.dtype.element_ty), mask=m)
+
     INTERPRET = not isinstance(_gn_stats_kernel, triton.runtime.jit.JITFunction)
 else:
     INTERPRET = False
@@ -293,41 +376,93 @@ def _as_bcl(t: torch.Tensor):
     return t, st
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2
+# One program's tile in the one-pass path holds the whole slice in registers as fp32: at most
+# ONEPASS_MAX_ELEMS elements (64 KB), spread over up to 16 warps (32 values per thread; the
+# backward holds x and dy, 64). Larger slices take the two-pass path.
+ONEPASS_MAX_ELEMS = 16384
+ONEPASS_ELEMS_PER_THREAD = 32
+# Two-pass path: each program of a row walks TWOPASS_TILES tiles, so the split of L depends on
+# L and the tile only (never on the batch or the device: batch-invariant results).
+TWOPASS_TILES = 4
 
 
-def _plan(B, C: int, L, num_groups: int, channels_last: bool, device: torch.device):
-    """Tile shapes and the split of L: (BLOCK_C, BLOCK_L, CPP, n_cblocks, TILES, SPLIT).
+@dataclass(frozen=True)
+class GroupNormPlan:
+    """How one group norm launches (forward and backward use the same plan).
 
-    B and L may be SymInts (dynamic shapes under torch.compile / torch.export): block sizes and
-    the split come from their example values, without a guard; TILES covers the actual L. Any
-    split gives the same result up to fp32 rounding (the partial sums are summed).
+    onepass: one program per (sample, channel block) holds its whole slice; else two passes.
+    block_c x block_l: the program's tile; cpp: channels per program (whole groups);
+    n_cblocks: channel blocks per sample; tiles, split: two-pass only, tiles per program and
+    programs per row of L (split * tiles * block_l >= L); 1, 1 in the one-pass path.
+    The grid is (B, n_cblocks, split).
     """
-    b, l = size_hint(B), size_hint(L)
+
+    onepass: bool
+    block_c: int
+    block_l: int
+    cpp: int
+    n_cblocks: int
+    tiles: int
+    split: int
+    num_warps: int
+
+    @property
+    def path(self) -> str:
+        return "onepass" if self.onepass else "twopass"
+
+
+def plan_group_norm(C: int, L, num_groups: int, channels_last: bool) -> GroupNormPlan:
+    """The launch plan of a (B, C, L) group norm; the rule:
+
+    - One pass when L is a fixed size (not symbolic) and the slice of one group, cpg = C/groups
+      channels x L positions, each padded to a power of two, holds at most ONEPASS_MAX_ELEMS
+      elements. Whole groups are then packed into one program: in channels_last until 64
+      channels (128 contiguous bytes at fp16) or the tile budget; in NCHW while the tile stays
+      under 2048 elements (a small slice per program costs more in launch than in work).
+      num_warps = tile / (32 threads * 32 values), between 1 and 16.
+    - Two passes otherwise (and for a symbolic L, which any tiling covers): tiles of 4096
+      (NCHW) or 2048 (channels_last) elements, whole groups per program, TWOPASS_TILES tiles per
+      program along L.
+    The batch size plays no part, so the plan is the same at every batch (dynamic batch traces
+    without guards, and results do not depend on the batch).
+    """
+    cpg = C // num_groups
+    fixed_l = not isinstance(L, torch.SymInt)
+    if fixed_l:
+        L = int(L)
+        cpg_p, l_p = triton.next_power_of_2(cpg), triton.next_power_of_2(L)
+        if cpg_p * l_p <= ONEPASS_MAX_ELEMS:
+            if channels_last:
+                gpp = max(1, min(num_groups, 64 // cpg))
+            else:
+                gpp = max(1, min(num_groups, 2048 // (cpg_p * l_p)))
+            while gpp > 1 and triton.next_power_of_2(gpp * cpg) * l_p > ONEPASS_MAX_ELEMS:
+                gpp -= 1
+            block_c = triton.next_power_of_2(gpp * cpg)
+            warps = min(16, max(1, block_c * l_p // (32 * ONEPASS_ELEMS_PER_THREAD)))
+            return GroupNormPlan(True, block_c, l_p, gpp * cpg, triton.cdiv(num_groups, gpp), 1, 1,
+                                 triton.next_power_of_2(warps))
+    block_c, block_l, cpp, n_cb = _two_pass_tiles(C, size_hint(L), num_groups, channels_last)
+    n_tiles = triton.cdiv(size_hint(L), block_l)
+    split = triton.cdiv(n_tiles, TWOPASS_TILES)
+    tiles = triton.cdiv(triton.cdiv(L, block_l), split)   # covers the actual L (a SymInt too)
+    return GroupNormPlan(False, block_c, block_l, cpp, n_cb, tiles, split, 4)
+
+
+def _two_pass_tiles(C: int, l: int, num_groups: int, channels_last: bool):
+    """(BLOCK_C, BLOCK_L, channels per program, channel blocks) of the two-pass kernels."""
     cpg = C // num_groups
     if channels_last:   # contiguous along C: several whole groups per program for long rows
         gpp = max(1, min(num_groups, 64 // cpg))
-        tile = 2048
         cpp = gpp * cpg
         block_c = triton.next_power_of_2(cpp)
-        block_l = max(16, min(triton.next_power_of_2(l), max(16, tile // block_c)))
+        block_l = max(16, min(triton.next_power_of_2(l), max(16, 2048 // block_c)))
     else:               # contiguous along L: whole groups per program, rows as long as L allows
-        tile = 4096
-        block_l = max(16, min(triton.next_power_of_2(l), max(64, tile // triton.next_power_of_2(cpg))))
-        gpp = max(1, min(num_groups, (tile // block_l) // cpg))
+        block_l = max(16, min(triton.next_power_of_2(l), max(64, 4096 // triton.next_power_of_2(cpg))))
+        gpp = max(1, min(num_groups, (4096 // block_l) // cpg))
         cpp = gpp * cpg
         block_c = triton.next_power_of_2(cpp)
-    n_cb = triton.cdiv(num_groups, gpp)
-    n_tiles = triton.cdiv(l, block_l)
-    want = max(1, triton.cdiv(16 * _num_sms(device), b * n_cb))   # enough loads in flight
-    split = min(n_tiles, want, 1024)
-    split = triton.cdiv(n_tiles, triton.cdiv(n_tiles, split))       # no idle splits at the example L
-    tiles = triton.cdiv(triton.cdiv(L, block_l), split)             # split * tiles * BLOCK_L >= L
-    return block_c, block_l, cpp, n_cb, tiles, split
+    return block_c, block_l, cpp, triton.cdiv(num_groups, gpp)
 
 
 if HAS_TRITON:
@@ -344,21 +479,29 @@ if HAS_TRITON:
         syb, syc, syl = _bcl_strides(y)
         mean = torch.empty((B, num_groups), device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
-        bc, bl, cpp, n_cb, tiles, split = _plan(B, C, L, num_groups, sxc == 1 and C > 1, x.device)
-        psum = torch.empty((B, C, split), device=x.device, dtype=torch.float32)
-        psq = torch.empty_like(psum)
-        grid = (B, n_cb, split)
+        plan = plan_group_norm(C, L, num_groups, sxc == 1 and C > 1)
         cpg = C // num_groups
-        wrap_triton(_gn_stats_kernel)[grid](x, psum, psq, C, L, sxb, sxc, sxl, cpg, cpp, tiles, split,
-                                            BLOCK_C=bc, BLOCK_L=bl, num_warps=4)
         has_ada = scale is not None
+        sc_arg, sh_arg = (scale, shift) if has_ada else (weight, bias)   # unread without AdaGN
+        common = dict(HAS_ADA=has_ada, SILU=silu, BLOCK_C=plan.block_c, BLOCK_L=plan.block_l,
+                      num_warps=plan.num_warps)
+        if plan.onepass:
+            wrap_triton(_gn_onepass_fwd_kernel)[(B, plan.n_cblocks)](
+                x, y, weight, bias, sc_arg, sh_arg, mean, rstd, C, L, num_groups,
+                sxb, sxc, sxl, syb, syc, syl, cpg, plan.cpp, 1.0 / (cpg * L), eps, **common)
+            return y, mean, rstd
+        grid = (B, plan.n_cblocks, plan.split)
+        psum = torch.empty((B, C, plan.split), device=x.device, dtype=torch.float32)
+        psq = torch.empty_like(psum)
+        wrap_triton(_gn_stats_kernel)[grid](x, psum, psq, C, L, sxb, sxc, sxl, cpg, plan.cpp, plan.tiles,
+                                            plan.split, BLOCK_C=plan.block_c, BLOCK_L=plan.block_l,
+                                            num_warps=plan.num_warps)
         # fold the split here (one small reduction) so each apply program reads one value per channel
         psum, psq = psum.sum(2), psq.sum(2)
         wrap_triton(_gn_fwd_kernel)[grid](
-            x, y, psum, psq, weight, bias, scale if has_ada else weight, shift if has_ada else bias,
-            mean, rstd, C, L, num_groups, sxb, sxc, sxl, syb, syc, syl, cpg, cpp, tiles, 1,
-            1.0 / (cpg * L), eps, HAS_ADA=has_ada, SILU=silu, BLOCK_C=bc, BLOCK_L=bl, BLOCK_S=2,
-            num_warps=4)
+            x, y, psum, psq, weight, bias, sc_arg, sh_arg, mean, rstd, C, L, num_groups,
+            sxb, sxc, sxl, syb, syc, syl, cpg, plan.cpp, plan.tiles, 1, 1.0 / (cpg * L), eps,
+            BLOCK_S=2, **common)
         return y, mean, rstd
 
     @_group_norm_act_fwd.register_fake
@@ -381,28 +524,33 @@ if HAS_TRITON:
         sdb, sdc, sdl = _bcl_strides(dy)
         dx = torch.empty_like(x)
         sob, soc, sol = _bcl_strides(dx)
-        bc, bl, cpp, n_cb, tiles, split = _plan(B, C, L, G, sxc == 1 and C > 1, x.device)
-        ps1 = torch.empty((B, C, split), device=x.device, dtype=torch.float32)
-        ps2 = torch.empty_like(ps1)
-        has_ada = scale is not None
-        sc_arg = scale if has_ada else weight
-        sh_arg = shift if has_ada else bias
-        grid = (B, n_cb, split)
+        plan = plan_group_norm(C, L, G, sxc == 1 and C > 1)
         cpg = C // G
-        wrap_triton(_gn_bwd_reduce_kernel)[grid](
-            x, dy, mean, rstd, weight, bias, sc_arg, sh_arg, ps1, ps2, C, L, G,
-            sxb, sxc, sxl, sdb, sdc, sdl, cpg, cpp, tiles, split,
-            HAS_ADA=has_ada, SILU=silu, BLOCK_C=bc, BLOCK_L=bl, num_warps=4)
-        dwp = torch.empty((B, C), device=x.device, dtype=torch.float32)
+        has_ada = scale is not None
+        sc_arg, sh_arg = (scale, shift) if has_ada else (weight, bias)   # unread without AdaGN
+        dwp = torch.empty((B, C), device=x.device, dtype=torch.float32)  # per-sample dgamma, dbeta
         dbp = torch.empty_like(dwp)
         dscale = torch.empty((B, C) if has_ada else (0,), device=x.device, dtype=torch.float32)
         dshift = torch.empty_like(dscale)
-        ps1, ps2 = ps1.sum(2), ps2.sum(2)
-        wrap_triton(_gn_bwd_dx_kernel)[grid](
-            x, dy, dx, mean, rstd, weight, bias, sc_arg, sh_arg, ps1, ps2,
-            dscale if has_ada else dwp, dshift if has_ada else dbp, dwp, dbp, C, L, G,
-            sxb, sxc, sxl, sdb, sdc, sdl, sob, soc, sol, cpg, cpp, tiles, 1, 1.0 / (cpg * L),
-            HAS_ADA=has_ada, SILU=silu, BLOCK_C=bc, BLOCK_L=bl, BLOCK_S=2, num_warps=4)
+        ds_arg, dh_arg = (dscale, dshift) if has_ada else (dwp, dbp)     # unwritten without AdaGN
+        common = dict(HAS_ADA=has_ada, SILU=silu, BLOCK_C=plan.block_c, BLOCK_L=plan.block_l,
+                      num_warps=plan.num_warps)
+        if plan.onepass:
+            wrap_triton(_gn_onepass_bwd_kernel)[(B, plan.n_cblocks)](
+                x, dy, dx, mean, rstd, weight, bias, sc_arg, sh_arg, ds_arg, dh_arg, dwp, dbp, C, L, G,
+                sxb, sxc, sxl, sdb, sdc, sdl, sob, soc, sol, cpg, plan.cpp, 1.0 / (cpg * L), **common)
+        else:
+            grid = (B, plan.n_cblocks, plan.split)
+            ps1 = torch.empty((B, C, plan.split), device=x.device, dtype=torch.float32)
+            ps2 = torch.empty_like(ps1)
+            wrap_triton(_gn_bwd_reduce_kernel)[grid](
+                x, dy, mean, rstd, weight, bias, sc_arg, sh_arg, ps1, ps2, C, L, G,
+                sxb, sxc, sxl, sdb, sdc, sdl, cpg, plan.cpp, plan.tiles, plan.split, **common)
+            ps1, ps2 = ps1.sum(2), ps2.sum(2)
+            wrap_triton(_gn_bwd_dx_kernel)[grid](
+                x, dy, dx, mean, rstd, weight, bias, sc_arg, sh_arg, ps1, ps2, ds_arg, dh_arg, dwp, dbp,
+                C, L, G, sxb, sxc, sxl, sdb, sdc, sdl, sob, soc, sol, cpg, plan.cpp, plan.tiles, 1,
+                1.0 / (cpg * L), BLOCK_S=2, **common)
         return dx, dwp.sum(0).to(weight.dtype), dbp.sum(0).to(bias.dtype), dscale, dshift
 
     @_group_norm_act_bwd.register_fake
@@ -429,6 +577,7 @@ if HAS_TRITON:
                                                 eps=ctx.eps, scale=scale, shift=shift, act=act)
             grads = reference_backward("group_norm_act", ref, (x, weight, bias, scale, shift), dy)
             return (*grads, None, None, None)
+        dy, _ = _as_bcl(dy)   # any layout autograd hands over whose spatial dims flatten (else a copy)
         dx, dw, db, dscale, dshift = torch.ops.admrt.group_norm_act_bwd(
             dy, x, weight, bias, scale, shift, mean, rstd, ctx.silu)
         if scale is not None:

@@ -6,7 +6,8 @@ Tolerance rule (STYLE.md): the kernel's error against an fp64 reference is at mo
 error of the torch reference run in the same dtype, plus a small atol; errors are relative
 Frobenius norms ||out - ref|| / ||ref||. Prints one JSON line per case.
 
-Besides the kernel-vs-reference cases: the split of L changes nothing beyond rounding; the fused
+Besides the kernel-vs-reference cases: the split of L changes nothing beyond rounding; each
+sample's result is bitwise the same at any batch size; the fused
 ops under torch.export (dynamic batch), make_fx of torch.autograd.grad, and
 torch.compile(fullgraph=True); double backward through them (OTHER_CASES).
 
@@ -19,21 +20,37 @@ import json
 import os
 import sys
 
-# name: (dtype, shape, num_groups, channels_last, act, adagn, offset)
+# name: (dtype, shape, num_groups, channels_last, act, adagn, offset, path); path "auto" takes
+# the plan's choice, "onepass" / "twopass" force it (the case fails if the forced path is not the
+# one that ran).
 GN_CASES = {
-    "gn_fp32_nchw_silu": ("float32", (2, 64, 5, 7), 32, False, "silu", False, 0.0),
-    "gn_fp16_nchw_silu_ada": ("float16", (2, 64, 3, 5), 32, False, "silu", True, 0.0),
-    "gn_bf16_cl_silu_ada": ("bfloat16", (2, 64, 4, 3), 32, True, "silu", True, 0.0),
-    "gn_fp32_cl_none": ("float32", (2, 64, 3, 3), 32, True, "none", False, 0.0),
-    "gn_fp16_c192_nchw_ada": ("float16", (1, 192, 3, 5), 32, False, "silu", True, 0.0),
-    "gn_bf16_c576_cl_none_ada": ("bfloat16", (1, 576, 2, 3), 32, True, "none", True, 0.0),
-    "gn_fp32_c1152_nchw": ("float32", (1, 1152, 2, 2), 32, False, "silu", False, 0.0),
-    "gn_fp32_1d_tokens": ("float32", (2, 64, 9), 32, False, "none", False, 0.0),
-    "gn_fp32_offset_mean": ("float32", (2, 64, 4, 4), 32, False, "silu", True, 300.0),
-    "gn_fp32_split_nchw": ("float32", (1, 32, 64, 64), 2, False, "silu", True, 0.0),
-    "gn_fp16_split_cl": ("float16", (1, 32, 64, 64), 2, True, "silu", False, 0.0),
+    "gn_fp32_nchw_silu": ("float32", (2, 64, 5, 7), 32, False, "silu", False, 0.0, "auto"),
+    "gn_fp16_nchw_silu_ada": ("float16", (2, 64, 3, 5), 32, False, "silu", True, 0.0, "auto"),
+    "gn_bf16_cl_silu_ada": ("bfloat16", (2, 64, 4, 3), 32, True, "silu", True, 0.0, "auto"),
+    "gn_fp32_cl_none": ("float32", (2, 64, 3, 3), 32, True, "none", False, 0.0, "auto"),
+    "gn_fp16_c192_nchw_ada": ("float16", (1, 192, 3, 5), 32, False, "silu", True, 0.0, "auto"),
+    "gn_bf16_c576_cl_none_ada": ("bfloat16", (1, 576, 2, 3), 32, True, "none", True, 0.0, "auto"),
+    "gn_fp32_c1152_nchw": ("float32", (1, 1152, 2, 2), 32, False, "silu", False, 0.0, "auto"),
+    "gn_fp32_1d_tokens": ("float32", (2, 64, 9), 32, False, "none", False, 0.0, "auto"),
+    "gn_fp32_offset_mean": ("float32", (2, 64, 4, 4), 32, False, "silu", True, 300.0, "auto"),
+    "gn_fp32_split_nchw": ("float32", (1, 32, 64, 64), 2, False, "silu", True, 0.0, "auto"),
+    "gn_fp16_split_cl": ("float16", (1, 32, 64, 64), 2, True, "silu", False, 0.0, "auto"),
+    # each path forced, both layouts, AdaGN and SiLU on and off, odd sizes (cpg 3 or 6, L 35)
+    "gn_onepass_fp32_nchw_ada_silu": ("float32", (3, 48, 5, 7), 8, False, "silu", True, 0.0, "onepass"),
+    "gn_onepass_fp16_nchw_plain_none": ("float16", (2, 48, 5, 7), 8, False, "none", False, 0.0, "onepass"),
+    "gn_onepass_bf16_cl_ada_none": ("bfloat16", (2, 48, 5, 7), 16, True, "none", True, 0.0, "onepass"),
+    "gn_onepass_fp32_cl_plain_silu": ("float32", (3, 48, 7, 5), 16, True, "silu", False, 0.0, "onepass"),
+    "gn_twopass_fp32_nchw_ada_silu": ("float32", (3, 48, 5, 7), 8, False, "silu", True, 0.0, "twopass"),
+    "gn_twopass_fp16_nchw_plain_none": ("float16", (2, 48, 5, 7), 8, False, "none", False, 0.0, "twopass"),
+    "gn_twopass_bf16_cl_ada_none": ("bfloat16", (2, 48, 5, 7), 16, True, "none", True, 0.0, "twopass"),
+    "gn_twopass_fp32_cl_plain_silu": ("float32", (3, 48, 7, 5), 16, True, "silu", False, 0.0, "twopass"),
+    "gn_twopass_fp32_offset_mean": ("float32", (2, 64, 4, 4), 32, False, "silu", True, 300.0, "twopass"),
+    # several groups per program with a partial last block: NCHW 8 of 12 groups, cl 21 of 32
+    "gn_onepass_fp16_nchw_partial_block": ("float16", (2, 36, 5, 7), 12, False, "silu", True, 0.0, "onepass"),
+    "gn_onepass_fp32_cl_partial_block": ("float32", (2, 96, 3, 3), 32, True, "silu", True, 0.0, "onepass"),
 }
-# name: (dtype, batch, heads, head_dim, T, legacy_order)
+# name: (dtype, batch, heads, head_dim, T, legacy_order); the interpreter's backward blocks are
+# 16 queries x 32 keys, so T = 50, 65, 96 take several blocks of each with a partial last one.
 ATTN_CASES = {
     "attn_fp32_legacy_d32_t37": ("float32", 2, 2, 32, 37, True),
     "attn_fp16_new_d64_t33": ("float16", 1, 2, 64, 33, False),
@@ -41,6 +58,10 @@ ATTN_CASES = {
     "attn_fp32_new_d192_t17": ("float32", 1, 1, 192, 17, False),
     "attn_fp16_legacy_d256_t20": ("float16", 1, 1, 256, 20, True),
     "attn_bf16_new_d128_t65": ("bfloat16", 1, 2, 128, 65, False),
+    "attn_fp16_legacy_d128_t50": ("float16", 1, 1, 128, 50, True),
+    "attn_fp32_new_d32_t65_pool": ("float32", 2, 1, 32, 65, False),   # AttentionPool2d: T = HW + 1
+    "attn_bf16_legacy_d32_t96": ("bfloat16", 1, 2, 32, 96, True),
+    "attn_fp16_new_d64_t16": ("float16", 2, 3, 64, 16, False),
 }
 ATOL = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 8e-3}
 
@@ -86,7 +107,7 @@ def _compare(fn_fused, fn_ref, inputs, dtype_name):
 def gn_case(name):
     import torch
     from admrt.kernels import group_norm_act, group_norm_act_reference
-    dtype, shape, groups, cl, act, ada, offset = GN_CASES[name]
+    dtype, shape, groups, cl, act, ada, offset, path = GN_CASES[name]
     torch.manual_seed(hash(name) % 1000)
     B, C = shape[:2]
     x = torch.randn(shape, dtype=torch.float64) * 1.5 + offset
@@ -107,29 +128,117 @@ def gn_case(name):
     def ref(x, w, b, sc, sh):
         return group_norm_act_reference(prep(x), w, b, num_groups=groups, scale=sc, shift=sh, act=act)
 
-    return _compare(fused, ref, [x, w, b, sc, sh], dtype)
+    L = 1
+    for n in shape[2:]:
+        L *= n
+    with forced_gn_path(path):
+        ran = group_norm_path(shape[1], L, groups, cl)
+        ok, errs = _compare(fused, ref, [x, w, b, sc, sh], dtype)
+    errs["path"] = ran
+    return ok and path in ("auto", ran), errs
+
+
+def group_norm_path(C, L, groups, channels_last) -> str:
+    from admrt.kernels import group_norm as G
+    return G.plan_group_norm(C, L, groups, channels_last and C > 1).path
+
+
+class forced_gn_path:
+    """Within the block, group norm takes the given path ("auto": the plan's own choice)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        from admrt.kernels import group_norm as G
+        self.saved = G.ONEPASS_MAX_ELEMS
+        if self.path != "auto":
+            G.ONEPASS_MAX_ELEMS = 1 << 30 if self.path == "onepass" else 0
+
+    def __exit__(self, *exc):
+        from admrt.kernels import group_norm as G
+        G.ONEPASS_MAX_ELEMS = self.saved
 
 
 def gn_split_invariance_case():
-    """The split of L (chosen from the batch and the device) changes nothing beyond fp32 rounding."""
+    """The split of L in the two-pass path changes nothing beyond fp32 rounding."""
     import torch
     from admrt.kernels import group_norm as G
     torch.manual_seed(0)
     x, w, b = torch.randn(1, 32, 64, 64), torch.randn(32), torch.randn(32)
     sc, sh = torch.randn(1, 32), torch.randn(1, 32)
     gy = torch.randn(x.shape)
-    results, splits, num_sms = [], [], G._num_sms
+    results, splits, tiles = [], [], G.TWOPASS_TILES
     try:
-        for sms in (1, 64):   # the split grows with the device's SM count
-            G._num_sms = lambda device, sms=sms: sms
-            splits.append(G._plan(1, 32, 64 * 64, 2, False, x.device)[5])
+        for per_program in (1, 4):
+            G.TWOPASS_TILES = per_program
+            plan = G.plan_group_norm(32, 64 * 64, 2, False)
+            assert not plan.onepass, plan
+            splits.append(plan.split)
             xs = [t.clone().requires_grad_() for t in (x, w, b, sc, sh)]
             y = G.group_norm_act_fused(*xs[:3], num_groups=2, scale=xs[3], shift=xs[4])
             results.append([y, *torch.autograd.grad(y, xs, gy)])
     finally:
-        G._num_sms = num_sms
+        G.TWOPASS_TILES = tiles
     errs = [_rel(a, b) for a, b in zip(*results)]
-    return splits[0] < splits[1] and max(errs) < 1e-5, {"splits": splits, "errs": errs}
+    return splits[0] > splits[1] and max(errs) < 1e-5, {"splits": splits, "errs": errs}
+
+
+def _batch_invariance(fn, inputs, batched):
+    """fn at batch 3, and at batch 1 on sample 1 alone: sample 1's output and input gradients
+    (for the same output gradient) must be bitwise equal. inputs: batch-3 tensors; batched: which
+    of them carry the batch dim (the others, e.g. weights, are shared)."""
+    import torch
+    gy = None
+    outs = []
+    for pick, own in ((slice(None), slice(1, 2)), (slice(1, 2), slice(0, 1))):
+        xs = [(t[pick] if bat else t).detach().clone().requires_grad_() for t, bat in zip(inputs, batched)]
+        y = fn(*xs)
+        if gy is None:
+            gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.dtype)
+        grads = torch.autograd.grad(y, [t for t, bat in zip(xs, batched) if bat], gy[pick].contiguous())
+        outs.append([y[own]] + [d[own] for d in grads])
+    diffs = [(a.double() - b.double()).abs().max().item() for a, b in zip(*outs)]
+    return max(diffs) == 0.0, {"max_abs_diff": diffs}
+
+
+def gn_batch_invariance_case():
+    """Each sample's group norm (output, dx, dscale, dshift) is bitwise the same at batch 1 and 3,
+    on both paths and both layouts: the plan never depends on the batch."""
+    import torch
+    from admrt.kernels import group_norm_act
+    torch.manual_seed(4)
+    ok, detail = True, {}
+    for path in ("onepass", "twopass"):
+        for cl in (False, True):
+            x = torch.randn(3, 32, 64, 64 if path == "twopass" else 2) * 2 + 1
+            if cl:
+                x = x.to(memory_format=torch.channels_last)
+            w, b = torch.randn(32), torch.randn(32)
+            sc, sh = torch.randn(3, 32), torch.randn(3, 32)
+
+            def fn(x, w, b, sc, sh):
+                return group_norm_act(x, w, b, num_groups=2, scale=sc, shift=sh, fused="require")
+            with forced_gn_path(path):
+                assert group_norm_path(32, x.shape[2] * x.shape[3], 2, cl) == path
+                case_ok, detail[f"{path}_{'cl' if cl else 'nchw'}"] = _batch_invariance(
+                    fn, [x, w, b, sc, sh], [True, False, False, True, True])
+            ok = ok and case_ok
+    return ok, detail
+
+
+def attn_batch_invariance_case():
+    """Each sample's attention output and dqkv are bitwise the same at batch 1 and 3."""
+    import torch
+    from admrt.kernels import qkv_attention
+    torch.manual_seed(6)
+    ok, detail = True, {}
+    for legacy in (True, False):
+        qkv = torch.randn(3, 3 * 2 * 32, 50)
+        case_ok, detail[f"legacy_{legacy}"] = _batch_invariance(
+            lambda t: qkv_attention(t, 2, legacy_order=legacy, fused="require"), [qkv], [True])
+        ok = ok and case_ok
+    return ok, detail
 
 
 def attn_case(name):
@@ -443,6 +552,8 @@ OTHER_CASES = {
     "opaque_ops": opaque_ops_case,
     "onnx_export_vs_fused": onnx_export_vs_fused_case,
     "gn_split_invariance": gn_split_invariance_case,
+    "gn_batch_invariance": gn_batch_invariance_case,
+    "attn_batch_invariance": attn_batch_invariance_case,
     "export_dynamic_batch": export_dynamic_batch_case,
     "make_fx_grad": make_fx_grad_case,
     "compile_fullgraph_aot_eager": compile_fullgraph_aot_eager_case,

@@ -66,17 +66,31 @@ def _kernels(graph):
 
 
 WRITES = {"_gn_stats_kernel": ["PSQ", "PSUM"], "_gn_fwd_kernel": ["MEAN", "RSTD", "Y"],
-          "_attn_fwd_kernel": ["LSE", "O"], "_attn_bwd_dkdv_kernel": ["DQKV"], "_attn_bwd_dq_kernel": ["DQKV"],
+          "_gn_onepass_fwd_kernel": ["MEAN", "RSTD", "Y"],
+          "_attn_fwd_kernel": ["LSE", "O"], "_attn_bwd_kernel": ["DQKV"],
           "_gn_bwd_reduce_kernel": ["PS1", "PS2"],
-          "_gn_bwd_dx_kernel": ["DBP", "DSCALE", "DSHIFT", "DWP", "DX"]}
+          "_gn_bwd_dx_kernel": ["DBP", "DSCALE", "DSHIFT", "DWP", "DX"],
+          "_gn_onepass_bwd_kernel": ["DBP", "DSCALE", "DSHIFT", "DWP", "DX"]}
 
 
-def _decomposed(module, batch):
+class TwoPassNorm(torch.nn.Module):
+    """A group norm whose slices (8 channels x 64 x 64) take the two-pass path."""
+
+    def forward(self, x, weight, bias, scale, shift):
+        return K.group_norm_act_fused(x, weight, bias, num_groups=1, scale=scale, shift=shift, act="silu")
+
+
+def two_pass_inputs(batch, device="meta"):
+    x, w, b, sc, sh, _ = checks.block_inputs(batch, device=device)
+    return (torch.empty(batch, 8, 64, 64, device=device), w, b, sc, sh)
+
+
+def _decomposed(module, batch, inputs=None, dynamic_shapes=None):
     params = inspect.signature(torch.export.ExportedProgram.run_decompositions).parameters
     if "decompose_custom_triton_ops" not in params:
         pytest.skip("this torch cannot decompose triton_ops in run_decompositions")
-    inputs = checks.block_inputs(batch, device="meta")
-    ep = torch.export.export(module, inputs, dynamic_shapes=checks.block_dynamic_shapes())
+    inputs = checks.block_inputs(batch, device="meta") if inputs is None else inputs
+    ep = torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes or checks.block_dynamic_shapes())
     return ep.run_decompositions(decompose_custom_triton_ops=True)
 
 
@@ -94,9 +108,8 @@ def _batch_range(ep):
     return [(int(r.lower), int(r.upper)) for r in ep.range_constraints.values()]
 
 
-FWD_KERNELS = ["_attn_fwd_kernel"] * 2 + ["_gn_stats_kernel", "_gn_fwd_kernel"]
-BWD_KERNELS = ["_attn_bwd_dkdv_kernel"] * 2 + ["_attn_bwd_dq_kernel"] * 2 + ["_gn_bwd_reduce_kernel",
-                                                                           "_gn_bwd_dx_kernel"]
+FWD_KERNELS = ["_attn_fwd_kernel"] * 2 + ["_gn_onepass_fwd_kernel"]     # the block's slices fit one program
+BWD_KERNELS = ["_attn_bwd_kernel"] * 2 + ["_gn_onepass_bwd_kernel"]
 
 
 @pytest.mark.parametrize("batch", [2, 7])   # export specialises an example size of 1
@@ -116,16 +129,43 @@ def test_backward_bodies_trace_with_symbolic_batch():
     assert _batch_range(ep) == [(1, 64)]
 
 
-def test_plan_reads_a_symbolic_batch_without_guards():
+def test_two_pass_bodies_trace_with_symbolic_batch():
+    """Forward and backward of the two-pass path (slices too large for one program)."""
+    from torch.export import Dim
+    from torch.fx.experimental.proxy_tensor import make_fx
+    batch = Dim("batch", min=1, max=64)
+    dynamic = ({0: batch}, None, None, {0: batch}, {0: batch})
+    ep = _decomposed(TwoPassNorm(), 2, two_pass_inputs(2), dynamic)
+    assert _kernel_names(ep.graph) == ["_gn_fwd_kernel", "_gn_stats_kernel"]
+
+    def grads(*inputs):
+        xs = [t.detach().requires_grad_() for t in inputs]
+        return torch.autograd.grad(TwoPassNorm()(*xs).square().sum(), xs)
+    gm = make_fx(grads, tracing_mode="symbolic")(*two_pass_inputs(2))
+    ep = _decomposed(gm, 2, two_pass_inputs(2), dynamic)
+    assert _kernel_names(ep.graph) == sorted(["_gn_stats_kernel", "_gn_fwd_kernel", "_gn_bwd_reduce_kernel",
+                                              "_gn_bwd_dx_kernel"])
+    assert _batch_range(ep) == [(1, 64)]
+
+
+def test_plan_of_a_symbolic_length_is_two_pass_without_guards(monkeypatch):
+    """The plan takes no batch; a symbolic L (dynamic spatial size) takes the two-pass path, whose
+    tiles cover any L, reading the example value without a guard."""
     from torch._dynamo.source import ConstantSource
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    G = K._group_norm
     env = ShapeEnv()
-    plan = K._group_norm._plan
-    meta = torch.device("meta")
-    for b in (1, 3, 64):
-        B = env.create_symintnode(env.create_symbol(b, ConstantSource(f"B{b}")), hint=b)
-        assert plan(B, 32, 64 * 64, 2, False, meta) == plan(b, 32, 64 * 64, 2, False, meta)
+    symbolic = {}
+    for n in (16, 4096):
+        L = env.create_symintnode(env.create_symbol(n, ConstantSource(f"L{n}")), hint=n)
+        symbolic[n] = G.plan_group_norm(32, L, 2, False)
     assert not env.guards, env.guards
+    monkeypatch.setattr(G, "ONEPASS_MAX_ELEMS", 0)   # the concrete sizes' two-pass plans
+    for n, p in symbolic.items():
+        q = G.plan_group_norm(32, n, 2, False)
+        assert not p.onepass and isinstance(p.tiles, torch.SymInt), p
+        assert (p.block_c, p.block_l, p.cpp, p.n_cblocks, p.split) == (q.block_c, q.block_l, q.cpp, q.n_cblocks,
+                                                                        q.split)
 
 
 def test_compile_joint_graph_holds_every_kernel_with_symbolic_batch():
