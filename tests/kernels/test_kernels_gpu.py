@@ -1,5 +1,7 @@
-"""Fused kernels on a GPU (marked gpu; skipped without CUDA): at full ADM-256 / ADM-64 shapes,
-and through Inductor and AOTInductor with a dynamic batch.
+"""Fused kernels on a GPU (marked gpu; skipped without CUDA): at every ADM shape of
+bench/bench_kernels.py (both group norm paths and layouts; attention head dims 32..256, both
+orders, the classifier's T = HW + 1), batch invariance, and through Inductor and AOTInductor
+with a dynamic batch.
 
 Same tolerance rule as the interpreter checks: relative error against fp64 at most twice the
 torch reference's error in the same dtype, plus a small atol.
@@ -42,17 +44,27 @@ def _check(fused, ref, inputs, dtype):
         assert ek <= 2 * et + ATOL[dtype], f"{name}: kernel {ek:.3g} vs torch {et:.3g}"
 
 
+# (B, C, H, W) of every group norm shape in bench/bench_kernels.py (ADM-256, ADM-128, ADM-64)
+GN_SHAPES = [(2, 256, 256, 256), (4, 256, 128, 128), (4, 512, 64, 64), (4, 512, 32, 32), (4, 1024, 16, 16),
+             (4, 1024, 8, 8), (8, 256, 64, 64), (8, 512, 32, 32), (8, 192, 64, 64), (8, 384, 32, 32),
+             (8, 576, 16, 16), (16, 768, 8, 8)]
+
+
+def _gn_inputs(shape):
+    B, C = shape[:2]
+    x = torch.randn(shape, device="cuda", dtype=torch.float64)
+    w = 1 + 0.3 * torch.randn(C, device="cuda", dtype=torch.float64)
+    b = 0.3 * torch.randn(C, device="cuda", dtype=torch.float64)
+    sc = 0.5 * torch.randn(B, C, device="cuda", dtype=torch.float64)
+    sh = 0.5 * torch.randn(B, C, device="cuda", dtype=torch.float64)
+    sc._keep32 = sh._keep32 = True
+    return [x, w, b, sc, sh]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(2, 256, 256, 256), (4, 512, 32, 32), (4, 1024, 8, 8), (8, 192, 64, 64), (8, 576, 16, 16)])
+@pytest.mark.parametrize("shape", GN_SHAPES)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_group_norm_adagn_silu_full_shapes(shape, dtype, channels_last):
-    B, C = shape[:2]
-    dev = "cuda"
-    x = torch.randn(shape, device=dev, dtype=torch.float64)
-    w = 1 + 0.3 * torch.randn(C, device=dev, dtype=torch.float64)
-    b = 0.3 * torch.randn(C, device=dev, dtype=torch.float64)
-    sc = 0.5 * torch.randn(B, C, device=dev, dtype=torch.float64)
-    sh = 0.5 * torch.randn(B, C, device=dev, dtype=torch.float64)
     mf = torch.channels_last if channels_last else torch.contiguous_format
 
     def fused(x, w, b, sc, sh):
@@ -60,14 +72,47 @@ def test_group_norm_adagn_silu_full_shapes(shape, dtype, channels_last):
 
     def ref(x, w, b, sc, sh):
         return K.group_norm_act_reference(x.to(memory_format=mf), w, b, scale=sc, shift=sh)
-    sc._keep32 = sh._keep32 = True
-    _check(fused, ref, [x, w, b, sc, sh], dtype)
+    _check(fused, ref, _gn_inputs(shape), dtype)
+
+
+@pytest.mark.parametrize("path", ["onepass", "twopass"])
+@pytest.mark.parametrize("act,ada", [("silu", True), ("none", False)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_both_paths(path, act, ada, channels_last, monkeypatch):
+    """Each path forced at an ADM-256 res-32 shape (one-pass by the plan's rule)."""
+    monkeypatch.setattr(K._group_norm, "ONEPASS_MAX_ELEMS", 1 << 30 if path == "onepass" else 0)
+    assert K._group_norm.plan_group_norm(512, 32 * 32, 32, channels_last).path == path
+    mf = torch.channels_last if channels_last else torch.contiguous_format
+    inputs = _gn_inputs((4, 512, 32, 32))
+
+    def fused(x, w, b, sc=None, sh=None):
+        return K.group_norm_act(x.to(memory_format=mf), w, b, scale=sc, shift=sh, act=act, fused="require")
+
+    def ref(x, w, b, sc=None, sh=None):
+        return K.group_norm_act_reference(x.to(memory_format=mf), w, b, scale=sc, shift=sh, act=act)
+    _check(fused, ref, inputs if ada else inputs[:3], torch.float16)
+
+
+@pytest.mark.parametrize("shape", [(3, 512, 32, 32), (3, 256, 128, 128)])   # one-pass, two-pass
+def test_group_norm_batch_invariant(shape):
+    """Each sample's output is bitwise the same alone and inside a batch (the plan ignores B)."""
+    x = torch.randn(shape, device="cuda", dtype=torch.float16)
+    w, b = torch.randn(shape[1], device="cuda"), torch.randn(shape[1], device="cuda")
+    sc, sh = torch.randn(shape[:2], device="cuda"), torch.randn(shape[:2], device="cuda")
+    whole = K.group_norm_act(x, w, b, scale=sc, shift=sh, fused="require")
+    alone = K.group_norm_act(x[1:2], w, b, scale=sc[1:2], shift=sh[1:2], fused="require")
+    assert torch.equal(whole[1:2], alone)
+
+
+# (B, H, D, T, legacy): every attention shape of bench/bench_kernels.py, head dims 32..256, both
+# orders, the classifier's AttentionPool2d (T = HW + 1, new order)
+ATTN_SHAPES = [(4, 8, 64, 1024, True), (4, 16, 64, 256, True), (4, 16, 64, 64, True), (8, 6, 64, 1024, False),
+               (8, 9, 64, 256, True), (8, 12, 64, 64, True), (4, 32, 32, 256, True), (2, 4, 128, 1024, True),
+               (4, 4, 128, 64, False), (8, 8, 64, 65, False), (2, 4, 192, 257, False), (2, 2, 256, 65, True)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("B,H,D,T,legacy", [(4, 8, 64, 1024, True), (4, 16, 64, 256, True), (4, 16, 64, 64, True),
-                                            (8, 6, 64, 1024, False), (2, 4, 192, 257, False), (2, 2, 256, 65, True),
-                                            (2, 4, 128, 1024, True)])
+@pytest.mark.parametrize("B,H,D,T,legacy", ATTN_SHAPES)
 def test_attention_full_shapes(B, H, D, T, legacy, dtype):
     qkv = torch.randn(B, 3 * H * D, T, device="cuda", dtype=torch.float64)
 
@@ -77,6 +122,15 @@ def test_attention_full_shapes(B, H, D, T, legacy, dtype):
     def ref(qkv):
         return K.qkv_attention_reference(qkv, H, legacy_order=legacy)
     _check(fused, ref, [qkv], dtype)
+
+
+def test_attention_backward_batch_invariant():
+    qkv = torch.randn(3, 3 * 8 * 64, 256, device="cuda", dtype=torch.float16, requires_grad=True)
+    dout = torch.randn(3, 8 * 64, 256, device="cuda", dtype=torch.float16)
+    (whole,) = torch.autograd.grad(K.qkv_attention(qkv, 8, legacy_order=True, fused="require"), qkv, dout)
+    one = qkv[1:2].detach().requires_grad_()
+    (alone,) = torch.autograd.grad(K.qkv_attention(one, 8, legacy_order=True, fused="require"), one, dout[1:2])
+    assert torch.equal(whole[1:2], alone)
 
 
 # torch.compile / AOTInductor with a dynamic batch, and double backward, on the block of
@@ -94,8 +148,7 @@ def test_inductor_compile_dynamic_batch():
     with torch._inductor.config.patch(force_disable_caches=True):
         errs, code = run_and_get_code(checks.compile_block, "inductor", "cuda", (2, 5, 33))
     code = "\n".join(code)
-    for name in ("_gn_stats_kernel", "_gn_fwd_kernel", "_attn_fwd_kernel", "_gn_bwd_reduce_kernel",
-                 "_gn_bwd_dx_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+    for name in ("_gn_onepass_fwd_kernel", "_attn_fwd_kernel", "_gn_onepass_bwd_kernel", "_attn_bwd_kernel"):
         assert name in code, name
     assert max(errs.values()) < 1e-5, errs
 

@@ -148,6 +148,17 @@ def test_two_pass_bodies_trace_with_symbolic_batch():
     assert _batch_range(ep) == [(1, 64)]
 
 
+def test_dynamic_spatial_size_traces_the_two_pass_path():
+    """With the height and width dynamic too, the body traces the two-pass kernels (whose tiles
+    cover any L) and keeps the whole declared range."""
+    from torch.export import Dim
+    batch, side = Dim("batch", min=1, max=64), Dim("side", min=2, max=256)
+    ep = _decomposed(TwoPassNorm(), 2, two_pass_inputs(2),
+                     ({0: batch, 2: side, 3: side}, None, None, {0: batch}, {0: batch}))
+    assert _kernel_names(ep.graph) == ["_gn_fwd_kernel", "_gn_stats_kernel"]
+    assert sorted(_batch_range(ep)) == [(1, 64), (2, 256)]
+
+
 def test_plan_of_a_symbolic_length_is_two_pass_without_guards(monkeypatch):
     """The plan takes no batch; a symbolic L (dynamic spatial size) takes the two-pass path, whose
     tiles cover any L, reading the example value without a guard."""
