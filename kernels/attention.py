@@ -199,14 +199,14 @@ if HAS_TRITON:
         lse = tl.load(LSE + bh * T + rm, mask=mmask, other=0.0)
         dq = tl.zeros([BLOCK_M2, BLOCK_D], tl.float32)
         for start_n in range(0, T, BLOCK_N2):
-            rn = start_n + tl.arange(0, BLOCK_N2)
-            nmask = rn < T
-            tmask = dmask[:, None] & nmask[None, :]
-            kt = tl.load(QKV + k_off + rd[:, None] * T + rn[None, :], mask=tmask, other=0.0)   # (D, N2)
-            vt = tl.load(QKV + v_off + rd[:, None] * T + rn[None, :], mask=tmask, other=0.0)   # (D, N2)
+            rk = start_n + tl.arange(0, BLOCK_N2)   # not rn: phase 1's rn has BLOCK_N1 lanes
+            kmask = rk < T
+            tmask = dmask[:, None] & kmask[None, :]
+            kt = tl.load(QKV + k_off + rd[:, None] * T + rk[None, :], mask=tmask, other=0.0)   # (D, N2)
+            vt = tl.load(QKV + v_off + rd[:, None] * T + rk[None, :], mask=tmask, other=0.0)   # (D, N2)
             s = _mm(q, kt, None, PREC)
             dp = _mm(do, vt, None, PREC)
-            p = tl.where(mmask[:, None] & nmask[None, :], tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+            p = tl.where(mmask[:, None] & kmask[None, :], tl.exp2(s * qk_scale - lse[:, None]), 0.0)
             ds = p * (dp - delta[:, None])
             dq = _mm(ds.to(kt.dtype), tl.trans(kt), dq, PREC)                                 # dQ += dS K
         dq = dq * sm_scale
@@ -224,24 +224,35 @@ def _prec(dtype: torch.dtype) -> int:
 
 
 def _attn_blocks(ch: int, T, dtype: torch.dtype, kind: str):
-    """Launch blocks for head dim ch; the rule (from the H100 runs in bench/README.md):
+    """Launch blocks for head dim ch and length T; the rule:
 
-    kind "fwd": (BLOCK_M, BLOCK_N, num_warps, num_stages).
+    kind "fwd": (BLOCK_M, BLOCK_N, num_warps, num_stages): 128 x 64, 4 warps (8 above head dim
+    64), 3 stages, as measured on the H100 (bench/README.md).
     kind "bwd": (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages), with
-    BLOCK_N1 == BLOCK_M2 (one grid for both phases of `_attn_bwd_kernel`): narrow query blocks
-    against wide key blocks for dk/dv, and the transpose for dq, as FlashAttention-2's backward.
+    BLOCK_N1 == BLOCK_M2 (one grid for both phases of `_attn_bwd_kernel`): 32 queries against
+    64 keys for dk/dv and the transpose for dq, 4 warps (8 above head dim 64), 2 stages; the
+    wider 128-key block spills at 4 warps on sm_90 (bench/results/kernel_resources_sm90.md).
+    T not a multiple of 16 (the classifier's T = HW + 1) gets no vectorised loads and spills at
+    those blocks: 8 warps, 32-key forward blocks, one backward stage.
     fp32 or head dims above 128 take small square blocks (their tiles must fit shared memory).
     Every block is clipped to T rounded up to a power of two (>= 16). T may be a SymInt: the
     blocks come from its example value (the kernels mask any T)."""
     bd = max(16, triton.next_power_of_2(ch))
-    small_t = max(16, triton.next_power_of_2(size_hint(T)))
+    t = size_hint(T)
+    small_t = max(16, triton.next_power_of_2(t))
     wide = bd > 128 or dtype == torch.float32
+    unaligned = t % 16 != 0
     if kind == "fwd":
         if INTERPRET:
             return min(32, small_t), min(32, small_t), 4, 1
         if bd > 128 and dtype == torch.float32:   # keep q, k, v tiles inside shared memory
             return min(32, small_t), min(32, small_t), 8, 1
-        bm, bn, w, st = (64, 32, 8, 2) if wide else (128, 64, 8 if bd > 64 else 4, 3)
+        if wide:
+            bm, bn, w, st = 64, 32, 8, 2
+        elif unaligned:
+            bm, bn, w, st = 128, 32, 8, 2
+        else:
+            bm, bn, w, st = 128, 64, 8 if bd > 64 else 4, 3
         return min(bm, small_t), min(bn, small_t), w, st
     if kind != "bwd":
         raise ValueError(f"kind={kind!r}: expected 'fwd' or 'bwd'")
@@ -250,7 +261,9 @@ def _attn_blocks(ch: int, T, dtype: torch.dtype, kind: str):
     elif wide:
         narrow, broad, w, st = 32, 32, 8, 1
     else:
-        narrow, broad, w, st = 32, 128 if bd <= 64 else 64, 4 if bd <= 64 else 8, 2
+        narrow, broad = 32, 64
+        w = 8 if (bd > 64 or unaligned) else 4
+        st = 1 if unaligned else 2
     narrow, broad = min(narrow, small_t), min(broad, small_t)
     return narrow, broad, broad, narrow, w, st
 

@@ -10,7 +10,7 @@ followed by SiLU, and the AdaGN of ResBlock._forward with use_scale_shift_norm
 Layout: x is (B, C, *spatial), NCHW-contiguous or channels_last; the kernels see it as
 (B, C, L) with strides (sb, sc, sl), so both layouts run without copies.
 
-Two paths, chosen per shape by `plan_group_norm` (the rule is stated there):
+Two paths, chosen per shape and direction by `plan_group_norm` (the rule is stated there):
 
 One pass (a (sample, group) slice fits one program): `_gn_onepass_fwd_kernel` loads the
 slice once into registers, takes the group mean and then the variance of (x - mean) from the
@@ -376,11 +376,12 @@ def _as_bcl(t: torch.Tensor):
     return t, st
 
 
-# One program's tile in the one-pass path holds the whole slice in registers as fp32: at most
-# ONEPASS_MAX_ELEMS elements (64 KB), spread over up to 16 warps (32 values per thread; the
-# backward holds x and dy, 64). Larger slices take the two-pass path.
-ONEPASS_MAX_ELEMS = 16384
-ONEPASS_ELEMS_PER_THREAD = 32
+# One-pass budgets, per direction: (largest padded tile of one program, fp32 values per thread
+# per tile). A tile above the budget takes the two-pass path. Set from the sm_90a register
+# report of every ADM plan (bench/kernel_resources.py; tests/kernels/test_kernel_resources.py
+# keeps them free of spills): the forward holds x (and y) as fp32, 64 values per thread; the
+# backward holds x, dy, dz and xhat, so it gets half the tile and 32 values per thread.
+ONEPASS_BUDGET = {"forward": (16384, 64), "backward": (8192, 32)}
 # Two-pass path: each program of a row walks TWOPASS_TILES tiles, so the split of L depends on
 # L and the tile only (never on the batch or the device: batch-invariant results).
 TWOPASS_TILES = 4
@@ -411,35 +412,40 @@ class GroupNormPlan:
         return "onepass" if self.onepass else "twopass"
 
 
-def plan_group_norm(C: int, L, num_groups: int, channels_last: bool) -> GroupNormPlan:
-    """The launch plan of a (B, C, L) group norm; the rule:
+def plan_group_norm(C: int, L, num_groups: int, channels_last: bool,
+                    direction: str = "forward") -> GroupNormPlan:
+    """The launch plan of a (B, C, L) group norm's forward or backward; the rule:
 
     - One pass when L is a fixed size (not symbolic) and the slice of one group, cpg = C/groups
-      channels x L positions, each padded to a power of two, holds at most ONEPASS_MAX_ELEMS
-      elements. Whole groups are then packed into one program: in channels_last until 64
-      channels (128 contiguous bytes at fp16) or the tile budget; in NCHW while the tile stays
-      under 2048 elements (a small slice per program costs more in launch than in work).
-      num_warps = tile / (32 threads * 32 values), between 1 and 16.
+      channels x L positions, each padded to a power of two, fits the direction's budget
+      (ONEPASS_BUDGET: 16384 elements forward, 8192 backward). Whole groups are then packed
+      into one program: in channels_last until 64 channels (128 contiguous bytes at fp16) or
+      the budget; in NCHW while the tile stays under 2048 elements (a small slice per program
+      costs more in launch than in work). num_warps = tile / (32 threads * values per thread),
+      between 4 and 16.
     - Two passes otherwise (and for a symbolic L, which any tiling covers): tiles of 4096
       (NCHW) or 2048 (channels_last) elements, whole groups per program, TWOPASS_TILES tiles per
       program along L.
     The batch size plays no part, so the plan is the same at every batch (dynamic batch traces
-    without guards, and results do not depend on the batch).
+    without guards, and results do not depend on the batch). The backward may take the two-pass
+    path where the forward took one pass (the saved mean and rstd are the same).
     """
+    if direction not in ONEPASS_BUDGET:
+        raise ValueError(f"direction={direction!r}: expected one of {tuple(ONEPASS_BUDGET)}")
+    budget, per_thread = ONEPASS_BUDGET[direction]
     cpg = C // num_groups
-    fixed_l = not isinstance(L, torch.SymInt)
-    if fixed_l:
+    if not isinstance(L, torch.SymInt):
         L = int(L)
         cpg_p, l_p = triton.next_power_of_2(cpg), triton.next_power_of_2(L)
-        if cpg_p * l_p <= ONEPASS_MAX_ELEMS:
+        if cpg_p * l_p <= budget:
             if channels_last:
                 gpp = max(1, min(num_groups, 64 // cpg))
             else:
                 gpp = max(1, min(num_groups, 2048 // (cpg_p * l_p)))
-            while gpp > 1 and triton.next_power_of_2(gpp * cpg) * l_p > ONEPASS_MAX_ELEMS:
+            while gpp > 1 and triton.next_power_of_2(gpp * cpg) * l_p > budget:
                 gpp -= 1
             block_c = triton.next_power_of_2(gpp * cpg)
-            warps = min(16, max(1, block_c * l_p // (32 * ONEPASS_ELEMS_PER_THREAD)))
+            warps = min(16, max(4, block_c * l_p // (32 * per_thread)))
             return GroupNormPlan(True, block_c, l_p, gpp * cpg, triton.cdiv(num_groups, gpp), 1, 1,
                                  triton.next_power_of_2(warps))
     block_c, block_l, cpp, n_cb = _two_pass_tiles(C, size_hint(L), num_groups, channels_last)
@@ -479,7 +485,7 @@ if HAS_TRITON:
         syb, syc, syl = _bcl_strides(y)
         mean = torch.empty((B, num_groups), device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
-        plan = plan_group_norm(C, L, num_groups, sxc == 1 and C > 1)
+        plan = plan_group_norm(C, L, num_groups, sxc == 1 and C > 1, "forward")
         cpg = C // num_groups
         has_ada = scale is not None
         sc_arg, sh_arg = (scale, shift) if has_ada else (weight, bias)   # unread without AdaGN
@@ -524,7 +530,7 @@ if HAS_TRITON:
         sdb, sdc, sdl = _bcl_strides(dy)
         dx = torch.empty_like(x)
         sob, soc, sol = _bcl_strides(dx)
-        plan = plan_group_norm(C, L, G, sxc == 1 and C > 1)
+        plan = plan_group_norm(C, L, G, sxc == 1 and C > 1, "backward")
         cpg = C // G
         has_ada = scale is not None
         sc_arg, sh_arg = (scale, shift) if has_ada else (weight, bias)   # unread without AdaGN

@@ -35,6 +35,8 @@ GN_CASES = {
     "gn_fp32_offset_mean": ("float32", (2, 64, 4, 4), 32, False, "silu", True, 300.0, "auto"),
     "gn_fp32_split_nchw": ("float32", (1, 32, 64, 64), 2, False, "silu", True, 0.0, "auto"),
     "gn_fp16_split_cl": ("float16", (1, 32, 64, 64), 2, True, "silu", False, 0.0, "auto"),
+    "gn_fp32_mixed_paths_nchw": ("float32", (2, 32, 32, 32), 2, False, "silu", True, 0.0, "auto"),
+    "gn_bf16_mixed_paths_cl": ("bfloat16", (2, 32, 32, 32), 2, True, "silu", False, 0.0, "auto"),
     # each path forced, both layouts, AdaGN and SiLU on and off, odd sizes (cpg 3 or 6, L 35)
     "gn_onepass_fp32_nchw_ada_silu": ("float32", (3, 48, 5, 7), 8, False, "silu", True, 0.0, "onepass"),
     "gn_onepass_fp16_nchw_plain_none": ("float16", (2, 48, 5, 7), 8, False, "none", False, 0.0, "onepass"),
@@ -48,6 +50,13 @@ GN_CASES = {
     # several groups per program with a partial last block: NCHW 8 of 12 groups, cl 21 of 32
     "gn_onepass_fp16_nchw_partial_block": ("float16", (2, 36, 5, 7), 12, False, "silu", True, 0.0, "onepass"),
     "gn_onepass_fp32_cl_partial_block": ("float32", (2, 96, 3, 3), 32, True, "silu", True, 0.0, "onepass"),
+}
+# "auto" cases whose paths the rule fixes: (forward, backward)
+GN_AUTO_PATHS = {
+    "gn_fp32_split_nchw": ["twopass", "twopass"],
+    "gn_fp32_nchw_silu": ["onepass", "onepass"],
+    "gn_fp32_mixed_paths_nchw": ["onepass", "twopass"],   # tile 16384: over the backward's budget
+    "gn_bf16_mixed_paths_cl": ["onepass", "twopass"],
 }
 # name: (dtype, batch, heads, head_dim, T, legacy_order); the interpreter's backward blocks are
 # 16 queries x 32 keys, so T = 50, 65, 96 take several blocks of each with a partial last one.
@@ -132,32 +141,36 @@ def gn_case(name):
     for n in shape[2:]:
         L *= n
     with forced_gn_path(path):
-        ran = group_norm_path(shape[1], L, groups, cl)
+        ran = [group_norm_path(shape[1], L, groups, cl, d) for d in ("forward", "backward")]
         ok, errs = _compare(fused, ref, [x, w, b, sc, sh], dtype)
     errs["path"] = ran
-    return ok and path in ("auto", ran), errs
+    expect = {"auto": GN_AUTO_PATHS.get(name), "onepass": ["onepass"] * 2, "twopass": ["twopass"] * 2}[path]
+    return ok and ran == (expect or ran), errs
 
 
-def group_norm_path(C, L, groups, channels_last) -> str:
+def group_norm_path(C, L, groups, channels_last, direction="forward") -> str:
     from admrt.kernels import group_norm as G
-    return G.plan_group_norm(C, L, groups, channels_last and C > 1).path
+    return G.plan_group_norm(C, L, groups, channels_last and C > 1, direction).path
 
 
 class forced_gn_path:
-    """Within the block, group norm takes the given path ("auto": the plan's own choice)."""
+    """Within the block, group norm's forward and backward take the given path ("auto": the
+    plan's own choice), through the one-pass budgets."""
 
     def __init__(self, path):
         self.path = path
 
     def __enter__(self):
         from admrt.kernels import group_norm as G
-        self.saved = G.ONEPASS_MAX_ELEMS
+        self.saved = dict(G.ONEPASS_BUDGET)
         if self.path != "auto":
-            G.ONEPASS_MAX_ELEMS = 1 << 30 if self.path == "onepass" else 0
+            tile = 1 << 30 if self.path == "onepass" else 0
+            for direction, (_, per_thread) in self.saved.items():
+                G.ONEPASS_BUDGET[direction] = (tile, per_thread)
 
     def __exit__(self, *exc):
         from admrt.kernels import group_norm as G
-        G.ONEPASS_MAX_ELEMS = self.saved
+        G.ONEPASS_BUDGET.update(self.saved)
 
 
 def gn_split_invariance_case():
@@ -220,7 +233,7 @@ def gn_batch_invariance_case():
             def fn(x, w, b, sc, sh):
                 return group_norm_act(x, w, b, num_groups=2, scale=sc, shift=sh, fused="require")
             with forced_gn_path(path):
-                assert group_norm_path(32, x.shape[2] * x.shape[3], 2, cl) == path
+                assert group_norm_path(32, x.shape[2] * x.shape[3], 2, cl, "backward") == path
                 case_ok, detail[f"{path}_{'cl' if cl else 'nchw'}"] = _batch_invariance(
                     fn, [x, w, b, sc, sh], [True, False, False, True, True])
             ok = ok and case_ok

@@ -80,8 +80,10 @@ def test_group_norm_adagn_silu_full_shapes(shape, dtype, channels_last):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_group_norm_both_paths(path, act, ada, channels_last, monkeypatch):
     """Each path forced at an ADM-256 res-32 shape (one-pass by the plan's rule)."""
-    monkeypatch.setattr(K._group_norm, "ONEPASS_MAX_ELEMS", 1 << 30 if path == "onepass" else 0)
-    assert K._group_norm.plan_group_norm(512, 32 * 32, 32, channels_last).path == path
+    budget = K._group_norm.ONEPASS_BUDGET
+    for direction, (_, per_thread) in list(budget.items()):
+        monkeypatch.setitem(budget, direction, (1 << 30 if path == "onepass" else 0, per_thread))
+        assert K._group_norm.plan_group_norm(512, 32 * 32, 32, channels_last, direction).path == path
     mf = torch.channels_last if channels_last else torch.contiguous_format
     inputs = _gn_inputs((4, 512, 32, 32))
 

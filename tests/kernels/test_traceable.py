@@ -171,7 +171,7 @@ def test_plan_of_a_symbolic_length_is_two_pass_without_guards(monkeypatch):
         L = env.create_symintnode(env.create_symbol(n, ConstantSource(f"L{n}")), hint=n)
         symbolic[n] = G.plan_group_norm(32, L, 2, False)
     assert not env.guards, env.guards
-    monkeypatch.setattr(G, "ONEPASS_MAX_ELEMS", 0)   # the concrete sizes' two-pass plans
+    monkeypatch.setitem(G.ONEPASS_BUDGET, "forward", (0, 64))   # the concrete sizes' two-pass plans
     for n, p in symbolic.items():
         q = G.plan_group_norm(32, n, 2, False)
         assert not p.onepass and isinstance(p.tiles, torch.SymInt), p
