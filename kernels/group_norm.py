@@ -162,15 +162,7 @@ if HAS_TRITON:
         first = cmask & (c % CPG == 0) & (s == 0)
         tl.store(MEAN + b * G + c // CPG, mean, mask=first)
         tl.store(RSTD + b * G + c // CPG, rstd, mask=first)
-        w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
-        bb = tl.load(BIAS + c, mask=cmask, other=0.0).to(tl.float32)
-        a = rstd * w
-        d = bb - mean * a
-        if HAS_ADA:
-            sc = 1.0 + tl.load(SCALE + b * C + c, mask=cmask, other=0.0).to(tl.float32)
-            sh = tl.load(SHIFT + b * C + c, mask=cmask, other=0.0).to(tl.float32)
-            a = a * sc
-            d = d * sc + sh
+        a, d, A, w, bb, sc = _gn_affine(W, BIAS, SCALE, SHIFT, b, c, cmask, C, mean, rstd, HAS_ADA)
         xb = X + b.to(tl.int64) * sxb
         yb = Y + b.to(tl.int64) * syb
         for i in range(TILES):

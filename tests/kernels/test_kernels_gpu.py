@@ -78,12 +78,8 @@ def test_group_norm_adagn_silu_full_shapes(shape, dtype, channels_last):
 @pytest.mark.parametrize("path", ["onepass", "twopass"])
 @pytest.mark.parametrize("act,ada", [("silu", True), ("none", False)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_group_norm_both_paths(path, act, ada, channels_last, monkeypatch):
+def test_group_norm_both_paths(path, act, ada, channels_last):
     """Each path forced at an ADM-256 res-32 shape (one-pass by the plan's rule)."""
-    budget = K._group_norm.ONEPASS_BUDGET
-    for direction, (_, per_thread) in list(budget.items()):
-        monkeypatch.setitem(budget, direction, (1 << 30 if path == "onepass" else 0, per_thread))
-        assert K._group_norm.plan_group_norm(512, 32 * 32, 32, channels_last, direction).path == path
     mf = torch.channels_last if channels_last else torch.contiguous_format
     inputs = _gn_inputs((4, 512, 32, 32))
 
@@ -92,7 +88,10 @@ def test_group_norm_both_paths(path, act, ada, channels_last, monkeypatch):
 
     def ref(x, w, b, sc=None, sh=None):
         return K.group_norm_act_reference(x.to(memory_format=mf), w, b, scale=sc, shift=sh, act=act)
-    _check(fused, ref, inputs if ada else inputs[:3], torch.float16)
+    with checks.forced_gn_path(path):
+        for direction in ("forward", "backward"):
+            assert checks.group_norm_path(512, 32 * 32, 32, channels_last, direction) == path
+        _check(fused, ref, inputs if ada else inputs[:3], torch.float16)
 
 
 @pytest.mark.parametrize("shape", [(3, 512, 32, 32), (3, 256, 128, 128)])   # one-pass, two-pass
