@@ -6,6 +6,9 @@ imagenet256-classifier), the same labels and guidance scale; the reference runs 
 ddim_sample_loop / p_sample_loop with classifier_sample.py's cond_fn. admrt runs the path users
 run by default (seeded noise) in each variant:
 
+    guided-diffusion (reference)  its own loop in its own mixed precision (convert_to_fp16's policy)
+    guided-diffusion + torch.compile  the same loop with its UNet and classifier wrapped in
+                           torch.compile (default mode): what a user would try first
     admrt eager            the Sampler context, every step run uncaptured (cuda_graphs=False)
     admrt + graphs         the same, one whole step captured as a CUDA graph and replayed (CUDA only)
     admrt compile [+ graphs]  backend="compile" (torch.compile fullgraph of both units)
@@ -20,7 +23,10 @@ Each variant is first run once cold (its compile / capture / autotune time is re
 then the variants are timed alternately, A B C A B C ..., for --reps rounds: median, min and max
 (device synchronised around each whole loop). Peak memory is what a variant allocated on top of
 what was live before it was built. Images are compared with the reference in a separate,
-untimed run with reference noise (guided-diffusion's draw order, uncaptured).
+untimed run with reference noise (guided-diffusion's draw order, uncaptured). Work is counted
+by `step_flops` (torch's FLOP counter on meta tensors: the denoiser's forward, the classifier's
+forward and its input-gradient backward), so each row also gives achieved TFLOP/s and, on a
+device with a measured matrix rate (MATMUL_PEAK_TFLOPS), its percentage of that rate.
 
     admrt bench --preset imagenet64-cond --classifier imagenet64-classifier \
         --batch 32 --steps ddim25 --dtype fp16 --compile --out bench/results
@@ -44,9 +50,28 @@ import admrt
 from admrt.cli import CommandError
 from admrt.export import MissingPackageError
 from admrt.diffusion import space_timesteps
+from admrt.models.unet import resolve_dtype
 from admrt.reference import reference_model, reference_sample, set_reference_dtype, to_uint8_nhwc
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = ("fp16", "bf16", "fp32")
+
+# Dense matrix-multiply rates measured on the devices this project is run on (TFLOP/s, bf16/fp16
+# inputs, fp32 accumulation): the yardstick of "% of the matmul rate". The H100's 798 is the rate
+# the throughput issue states as measured; the H200's is the device tool's "about 790".
+MATMUL_PEAK_TFLOPS = {"H100": 798.0, "H200": 790.0}
+
+# The implementations a run can time, by id (what --impls and the pytest suite take) -> row name.
+IMPLS = {
+    "gd": "guided-diffusion (reference)",
+    "gd-compile": "guided-diffusion + torch.compile",
+    "eager": "admrt eager",
+    "graphs": "admrt + graphs",
+    "compile": "admrt compile + graphs",
+    "onnxruntime": "admrt onnxruntime",
+    "aoti": "admrt aoti package + graphs",
+    "admrt-sample": "admrt-sample (process)",
+}
+REFERENCE_IMPLS = ("gd", "gd-compile")
 
 
 def _timed(fn, device):
@@ -69,9 +94,102 @@ def _random_weights(*modules) -> None:
                     p.copy_(torch.randn_like(p) * (0.5 / p[0].numel() ** 0.5))
 
 
+def impl_name(impl: str, device: torch.device) -> str:
+    """The row name of an implementation id; without CUDA there are no graphs to name."""
+    name = IMPLS[impl]
+    return name.replace(" + graphs", "") if device.type != "cuda" else name
+
+
+def default_impls(args) -> list[str]:
+    """The ids `admrt bench` times when --impls is not given: from its flags."""
+    impls = [] if args.skip_reference else ["gd"]
+    impls += ["gd-compile"] if args.reference_compile else []
+    impls += ["eager"] + (["graphs"] if torch.device(args.device).type == "cuda" else [])
+    impls += ["compile"] if args.compile else []
+    impls += ["onnxruntime"] if args.onnxruntime else []
+    impls += ["aoti", "admrt-sample"] if args.package else []
+    return impls
+
+
+def step_flops(preset, classifier_preset=None) -> dict:
+    """FLOPs of one sampling step per image, counted by torch's FLOP counter on meta tensors
+    (convolutions, matrix products and attention's batched products; elementwise work is not
+    counted): the denoiser's forward, and for guidance the classifier's forward and its backward
+    to the input only (classifier_sample.py's cond_fn: no weight gradients); their total, and the
+    convolutions' part of it. ADM-256's forward is 2.24 TFLOP (DiT, Table 6: 1120 GMAC)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from admrt.engine.modules import ClassifierGradient, Denoiser
+
+    preset = admrt.get_preset(preset)
+    size = preset.model.image_size
+    meta = torch.device("meta")
+    x = torch.zeros(1, preset.model.in_channels, size, size, device=meta)
+    t = torch.zeros(1, dtype=torch.long, device=meta)
+    counts, convolution = {}, 0
+
+    def conv(counter):  # the convolutions' share (their kernels are timed apart by bench/profile_step.py)
+        return sum(v for op, v in counter.get_flop_counts()["Global"].items() if "convolution" in str(op))
+
+    with meta:
+        denoiser = Denoiser(admrt.create_model(preset), device=meta)
+    low_res = None
+    if preset.model.kind == "superres":
+        low = preset.model.low_res_size
+        low_res = torch.zeros(1, preset.model.in_channels, low, low, device=meta)
+    with FlopCounterMode(display=False) as counter:
+        denoiser(x, t, t, low_res)
+    counts["denoiser"] = counter.get_total_flops()
+    convolution += conv(counter)
+    if classifier_preset:
+        with meta:
+            unit = ClassifierGradient(admrt.create_model(admrt.get_preset(classifier_preset)), device=meta)
+        x_in = x.clone().requires_grad_(True)
+        with FlopCounterMode(display=False) as counter:   # autograd.grad under the counter is refused:
+            logits = unit.net(x_in, t)                     # forward and backward counted apart
+        counts["classifier_forward"] = counter.get_total_flops()
+        convolution += conv(counter)
+        with FlopCounterMode(display=False) as counter:
+            torch.log_softmax(logits.float(), -1)[:, 0].sum().backward()
+        counts["classifier_backward"] = counter.get_total_flops()
+        convolution += conv(counter)
+    counts["total"] = sum(counts.values())
+    counts["convolution"] = convolution
+    return counts
+
+
+def matmul_peak_tflops(device_name: str):
+    """The measured matrix rate of a device (MATMUL_PEAK_TFLOPS), or None where none is known."""
+    return next((v for k, v in MATMUL_PEAK_TFLOPS.items() if k in device_name), None)
+
+
+def _reference_variants(impls, preset, cpreset, model, clf, args, y, shape, device) -> dict:
+    """guided-diffusion's own loop on the same weights: as it is, and/or with torch.compile."""
+    dtype = resolve_dtype(args.dtype)
+    ref_model = reference_model(preset.model).to(device)
+    ref_model.load_state_dict(model.state_dict())
+    ref_clf = None
+    if cpreset is not None:
+        ref_clf = reference_model(cpreset.model).to(device)
+        ref_clf.load_state_dict(clf.state_dict())
+    for m in (ref_model, ref_clf):
+        if m is not None:
+            m.eval()
+            set_reference_dtype(m, dtype)
+    variants = {}
+    for impl in impls:
+        net, cnet = ref_model, ref_clf
+        if impl == "gd-compile":  # separate wrappers over the same modules
+            net = torch.compile(ref_model)
+            cnet = torch.compile(ref_clf) if ref_clf is not None else None
+        variants[impl_name(impl, device)] = (lambda net, cnet: lambda: to_uint8_nhwc(reference_sample(  # noqa: E731
+            net, cnet, preset, args.steps, args.guidance, y, shape, device, seed=1)))(net, cnet)
+    return variants
+
+
 def measure(args) -> dict:
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
+    impls = args.impls or default_impls(args)
     torch.manual_seed(0)
     preset = admrt.get_preset(args.preset)
     cpreset = admrt.get_preset(args.classifier) if args.classifier else None
@@ -89,31 +207,19 @@ def measure(args) -> dict:
     y = torch.tensor(classes, device=device) if classes is not None else None
     guidance = args.guidance if clf is not None else None
     steps = len(space_timesteps(preset.diffusion.steps, args.steps))  # sampling steps per batch
-    results = {"config": {k: str(v) for k, v in vars(args).items()}, "rows": []}
+    results = {"config": {k: (v if k == "impls" else str(v)) for k, v in vars(args).items()}, "rows": []}
+    results["config"]["impls"] = impls
+    flops = step_flops(preset, cpreset)
+    results["flops_per_image_step"] = flops
 
-    variants = {}  # name -> callable returning uint8 images (or the reference's tensor)
-    if not args.skip_reference:
-        ref_model = reference_model(preset.model).to(device)
-        ref_model.load_state_dict(model.state_dict())
-        ref_clf = None
-        if cpreset is not None:
-            ref_clf = reference_model(cpreset.model).to(device)
-            ref_clf.load_state_dict(clf.state_dict())
-        for m in (ref_model, ref_clf):
-            if m is not None:
-                m.eval()
-                set_reference_dtype(m, dtype)
-        variants["guided-diffusion (reference)"] = lambda: to_uint8_nhwc(reference_sample(  # noqa: E731
-            ref_model, ref_clf, preset, args.steps, args.guidance, y, (n, ch, size, size), device, seed=1))
-    engines = [("admrt eager", "eager", False)]
-    if device.type == "cuda":
-        engines.append(("admrt + graphs", "eager", True))
-    if args.compile:
-        engines.append(("admrt compile" + (" + graphs" if device.type == "cuda" else ""), "compile", True))
-    if args.onnxruntime:
-        engines.append(("admrt onnxruntime", "onnxruntime", False))
+    # name -> callable returning uint8 images (or the reference's tensor)
+    variants = _reference_variants([i for i in impls if i in REFERENCE_IMPLS], preset, cpreset, model, clf,
+                                   args, y, (n, ch, size, size), device)
+    engines = {"eager": ("eager", False), "graphs": ("eager", True), "compile": ("compile", True),
+               "onnxruntime": ("onnxruntime", False)}
     built = {}
-    for name, backend, graphs in engines:
+    for impl in (i for i in impls if i in engines):
+        name, (backend, graphs) = impl_name(impl, device), engines[impl]
         t0 = time.perf_counter()
         try:
             built[name] = admrt.Engine(model, classifier=clf, backend=backend, dtype=args.dtype, cuda_graphs=graphs)
@@ -127,7 +233,7 @@ def measure(args) -> dict:
         variants[name] = (lambda eng: lambda: eng.sample(  # noqa: E731
             classes=classes, num=n, steps=args.steps, guidance=guidance, seeds=1, batch_size=n).images)(built[name])
 
-    if args.package:
+    if "aoti" in impls or "admrt-sample" in impls:
         from admrt.engine import sample_program
         from admrt.export.aoti import export_aoti
         folder = Path(tempfile.mkdtemp(prefix="admrt-bench-")) / "pkg"
@@ -136,15 +242,17 @@ def measure(args) -> dict:
                     max_batch=max(2, n), log=lambda _m: None)
         results["package_export_s"] = time.perf_counter() - t0  # export + AOT compile + check, apart
         print(f"package: exported and compiled in {results['package_export_s']:.1f} s", flush=True)
-        pkg = admrt.Engine.from_package(folder, cuda_graphs=True)
-        suffix = " + graphs" if device.type == "cuda" else ""
-        variants["admrt aoti package" + suffix] = lambda: pkg.sample(  # noqa: E731
-            classes=classes, num=n, steps=args.steps, guidance=guidance, seeds=1, batch_size=n).images
-        runs = iter(range(10 ** 6))  # a fresh run folder each time (a rerun would only resume)
-        cmd = [sample_program, "--package", str(folder), "--num", str(n), "--batch-size", str(n), "--seed", "1",
-               "--steps", args.steps, "--no-progress"] + (["--guidance", str(guidance)] if guidance is not None else [])
-        variants["admrt-sample (process)"] = lambda: subprocess.run(  # noqa: E731
-            cmd + ["--out", str(folder.parent / f"run{next(runs)}")], check=True, capture_output=True)
+        if "aoti" in impls:
+            pkg = admrt.Engine.from_package(folder, cuda_graphs=True)
+            variants[impl_name("aoti", device)] = lambda: pkg.sample(  # noqa: E731
+                classes=classes, num=n, steps=args.steps, guidance=guidance, seeds=1, batch_size=n).images
+        if "admrt-sample" in impls:
+            runs = iter(range(10 ** 6))  # a fresh run folder each time (a rerun would only resume)
+            cmd = [sample_program, "--package", str(folder), "--num", str(n), "--batch-size", str(n), "--seed", "1",
+                   "--steps", args.steps, "--no-progress"] + (["--guidance", str(guidance)] if guidance is not None
+                                                              else [])
+            variants[impl_name("admrt-sample", device)] = lambda: subprocess.run(  # noqa: E731
+                cmd + ["--out", str(folder.parent / f"run{next(runs)}")], check=True, capture_output=True)
 
     # cold run of each variant: compilation, capture, autotuning, allocator; peak memory
     cold, peak, failed = {}, {}, {}
@@ -166,32 +274,38 @@ def measure(args) -> dict:
         for name in live:
             times[name].append(_timed(variants[name], device)[0])
 
+    env = _env(device)
+    peak_rate = matmul_peak_tflops(env["device"])
     for name in variants:
         if name in failed:
             results["rows"].append({"impl": name, "error": failed[name]})
             continue
         med = statistics.median(times[name])
+        tflops = flops["total"] * n * steps / med / 1e12
         row = {"impl": name, "median_s": med, "min_s": min(times[name]), "max_s": max(times[name]),
                "times_s": times[name], "cold_s": cold[name], "cold_minus_warm_s": cold[name] - med,
-               "images_per_s": n / med, "ms_per_step": 1e3 * med / steps, "peak_mem_gib": peak[name]}
+               "images_per_s": n / med, "ms_per_step": 1e3 * med / steps, "peak_mem_gib": peak[name],
+               "achieved_tflops": tflops,
+               "pct_of_matmul_peak": 100 * tflops / peak_rate if peak_rate else None}
         results["rows"].append(row)
-        print(f"{name:30s} {n / med:9.2f} img/s  {1e3 * med:9.1f} ms/batch [{1e3 * row['min_s']:.1f}, "
-              f"{1e3 * row['max_s']:.1f}]  {1e3 * med / steps:7.2f} ms/step  cold +{row['cold_minus_warm_s']:.1f} s"
-              f"  peak {peak[name]:6.2f} GiB", flush=True)
-    ref_row = next((r for r in results["rows"] if r["impl"].startswith("guided") and "median_s" in r), None)
+        print(f"{name:34s} {n / med:9.2f} img/s  {1e3 * med:9.1f} ms/batch [{1e3 * row['min_s']:.1f}, "
+              f"{1e3 * row['max_s']:.1f}]  {1e3 * med / steps:7.2f} ms/step  {tflops:7.2f} TFLOP/s"
+              f"  cold +{row['cold_minus_warm_s']:.1f} s  peak {peak[name]:6.2f} GiB", flush=True)
+    ref_row = next((r for r in results["rows"] if r["impl"] == IMPLS["gd"] and "median_s" in r), None)
     if ref_row:
         for row in results["rows"]:
             if "median_s" in row:
                 row["speedup_vs_reference"] = ref_row["median_s"] / row["median_s"]
+    if IMPLS["gd"] in variants and IMPLS["gd"] not in failed and built:
         # image parity, untimed: the reference's noise order, uncaptured
-        ref_img = variants["guided-diffusion (reference)"]().cpu().int()
+        ref_img = variants[IMPLS["gd"]]().cpu().int()
         eng = next(iter(built.values()))
         ours = eng.sample(classes=classes, num=n, steps=args.steps, guidance=guidance, seeds=1, batch_size=n,
                           noise="reference").images
         diff = (torch.as_tensor(ours).int() - ref_img).abs()
         results["image_diff_vs_reference"] = {"max_abs_uint8": int(diff.max()),
                                               "mean_abs_uint8": float(diff.float().mean())}
-    results["env"] = _env(device)
+    results["env"] = env
     print(json.dumps({k: v for k, v in results.items() if k not in ("rows", "config")}, indent=1, default=str))
     return results
 
@@ -239,7 +353,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=16, help="images per batch (one sampling loop)")
     p.add_argument("--steps", default="ddim25", help="ddimN (DDIM) or N (DDPM respaced) steps per loop")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier scale")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16",
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp16",
                    help="precision of the networks' bodies, on both sides")
     p.add_argument("--reps", type=int, default=5, help="timed rounds, variants alternating")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -251,6 +365,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--package", action="store_true",
                    help="also time an AOTInductor package (Engine.from_package) and the admrt-sample program on it; "
                         "the export and compile time is reported apart")
+    p.add_argument("--reference-compile", action="store_true",
+                   help="also time guided-diffusion's loop with its networks wrapped in torch.compile (default mode)")
+    p.add_argument("--impls", type=lambda v: [i.strip() for i in v.split(",") if i.strip()], default=None,
+                   help=f"comma-separated implementations to time instead of the flags' choice: {', '.join(IMPLS)}")
     p.add_argument("--skip-reference", action="store_true",
                    help="do not time guided-diffusion, nor compare images with it (admrt's variants only)")
     p.add_argument("--out", type=Path, default=None,
@@ -270,21 +388,50 @@ def _check(args) -> None:
     for flag, value in (("--batch", args.batch), ("--reps", args.reps)):
         if value <= 0:
             raise CommandError(f"{flag}={value}: expected a positive int")
+    for impl in args.impls or ():
+        if impl not in IMPLS:
+            raise CommandError(f"--impls={','.join(args.impls)!r}: unknown implementation {impl!r}; expected some of "
+                               f"{list(IMPLS)}")
+    if args.impls is not None and not args.impls:
+        raise CommandError(f"--impls='': expected some of {list(IMPLS)}")
     try:
         torch.device(args.device)
     except RuntimeError:
         raise CommandError(f"--device={args.device!r}: expected cpu, cuda or cuda:N") from None
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise CommandError(f"--device={args.device!r}: no CUDA device on this machine")
+    if "graphs" in (args.impls or ()) and torch.device(args.device).type != "cuda":
+        raise CommandError(f"--impls={','.join(args.impls)!r}: 'graphs' (CUDA-graph replay) needs a CUDA --device, "
+                           f"got {args.device!r}")
+
+
+def parse_args(argv) -> argparse.Namespace:
+    """`admrt bench` arguments from a list (the pytest suite builds its configurations with it)."""
+    parser = argparse.ArgumentParser(prog="admrt bench")
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def result_path(out: Path, args) -> Path:
+    """One JSON per configuration: sampling_<preset>_<dtype>_b<batch>_<steps>.json."""
+    return Path(out) / f"sampling_{args.preset}_{args.dtype}_b{args.batch}_{args.steps}.json"
+
+
+def write_results(results: dict, out: Path, args) -> Path:
+    """Write a configuration's results atomically (a run stopped mid-write leaves no half file)."""
+    path = result_path(out, args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=str))
+    tmp.replace(path)
+    return path
 
 
 def run(args) -> int:
     _check(args)
     results = measure(args)
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        name = f"sampling_{args.preset}_{args.dtype}_b{args.batch}_{args.steps}.json"
-        (args.out / name).write_text(json.dumps(results, indent=1, default=str))
+        write_results(results, args.out, args)
     return 0
 
 
