@@ -51,7 +51,8 @@ from admrt.cli import CommandError
 from admrt.export import MissingPackageError
 from admrt.diffusion import space_timesteps
 from admrt.models.unet import resolve_dtype
-from admrt.reference import reference_model, reference_sample, set_reference_dtype, to_uint8_nhwc
+from admrt.reference import (reference_cascade, reference_model, reference_sample, set_reference_dtype,
+                             to_uint8_nhwc)
 
 DTYPE_NAMES = ("fp16", "bf16", "fp32")
 
@@ -163,27 +164,36 @@ def matmul_peak_tflops(device_name: str):
     return next((v for k, v in MATMUL_PEAK_TFLOPS.items() if k in device_name), None)
 
 
-def _reference_variants(impls, preset, cpreset, model, clf, args, y, shape, device) -> dict:
-    """guided-diffusion's own loop on the same weights: as it is, and/or with torch.compile."""
+def _reference_variants(impls, stack, args, y, device) -> dict:
+    """guided-diffusion's own loops on the same weights (the cascade's two when an upsampler is
+    benchmarked): as they are, and/or with torch.compile."""
     dtype = resolve_dtype(args.dtype)
-    ref_model = reference_model(preset.model).to(device)
-    ref_model.load_state_dict(model.state_dict())
-    ref_clf = None
-    if cpreset is not None:
-        ref_clf = reference_model(cpreset.model).to(device)
-        ref_clf.load_state_dict(clf.state_dict())
-    for m in (ref_model, ref_clf):
-        if m is not None:
-            m.eval()
-            set_reference_dtype(m, dtype)
+    nets = {}
+    for role, (preset, module) in stack.items():
+        if module is not None:
+            ref = reference_model(preset.model).to(device)
+            ref.load_state_dict(module.state_dict())
+            ref.eval()
+            set_reference_dtype(ref, dtype)
+            nets[role] = ref
+    model, up = stack["model"][0], stack["upsampler"][0]
+    n, size, ch = args.batch, model.model.image_size, model.model.in_channels
     variants = {}
     for impl in impls:
-        net, cnet = ref_model, ref_clf
+        net = dict(nets)
         if impl == "gd-compile":  # separate wrappers over the same modules
-            net = torch.compile(ref_model)
-            cnet = torch.compile(ref_clf) if ref_clf is not None else None
-        variants[impl_name(impl, device)] = (lambda net, cnet: lambda: to_uint8_nhwc(reference_sample(  # noqa: E731
-            net, cnet, preset, args.steps, args.guidance, y, shape, device, seed=1)))(net, cnet)
+            net = {role: torch.compile(m) for role, m in nets.items()}
+        if up is None:
+            run = (lambda net: lambda: reference_sample(  # noqa: E731
+                net["model"], net.get("classifier"), model, args.steps, args.guidance, y, (n, ch, size, size),
+                device, seed=1))(net)
+        else:
+            up_size = up.model.image_size
+            run = (lambda net: lambda: reference_cascade(  # noqa: E731
+                net["model"], net.get("classifier"), net["upsampler"], model, up, args.steps,
+                args.upsampler_steps or args.steps, args.guidance, y, (n, ch, size, size), (n, ch, up_size, up_size),
+                device, seed=1))(net)
+        variants[impl_name(impl, device)] = (lambda run: lambda: to_uint8_nhwc(run()))(run)  # noqa: E731
     return variants
 
 
@@ -193,11 +203,15 @@ def measure(args) -> dict:
     torch.manual_seed(0)
     preset = admrt.get_preset(args.preset)
     cpreset = admrt.get_preset(args.classifier) if args.classifier else None
+    upreset = admrt.get_preset(args.upsampler) if args.upsampler else None
     model = admrt.create_model(preset)
     clf = admrt.create_model(cpreset) if cpreset else None
-    _random_weights(model, clf)
+    up = admrt.create_model(upreset) if upreset else None
+    _random_weights(model, clf, up)
     model.to(device)
     clf = clf.to(device) if clf is not None else None
+    up = up.to(device) if up is not None else None
+    stack = {"model": (preset, model), "classifier": (cpreset, clf), "upsampler": (upreset, up)}
 
     n, size, ch = args.batch, preset.model.image_size, preset.model.in_channels
     num_classes = cpreset.model.out_channels if cpreset is not None else preset.model.num_classes
@@ -207,14 +221,20 @@ def measure(args) -> dict:
     y = torch.tensor(classes, device=device) if classes is not None else None
     guidance = args.guidance if clf is not None else None
     steps = len(space_timesteps(preset.diffusion.steps, args.steps))  # sampling steps per batch
+    up_steps = len(space_timesteps(upreset.diffusion.steps, args.upsampler_steps or args.steps)) if upreset else 0
     results = {"config": {k: (v if k == "impls" else str(v)) for k, v in vars(args).items()}, "rows": []}
     results["config"]["impls"] = impls
     flops = step_flops(preset, cpreset)
     results["flops_per_image_step"] = flops
+    work = flops["total"] * steps   # FLOPs per image of one whole loop (both stages of a cascade)
+    if upreset is not None:
+        results["upsampler_flops_per_image_step"] = step_flops(upreset)
+        work += results["upsampler_flops_per_image_step"]["total"] * up_steps
+    sample_kw = dict(classes=classes, num=n, steps=args.steps, guidance=guidance, seeds=1, batch_size=n,
+                     upsampler_steps=args.upsampler_steps or None)
 
     # name -> callable returning uint8 images (or the reference's tensor)
-    variants = _reference_variants([i for i in impls if i in REFERENCE_IMPLS], preset, cpreset, model, clf,
-                                   args, y, (n, ch, size, size), device)
+    variants = _reference_variants([i for i in impls if i in REFERENCE_IMPLS], stack, args, y, device)
     engines = {"eager": ("eager", False), "graphs": ("eager", True), "compile": ("compile", True),
                "onnxruntime": ("onnxruntime", False)}
     built = {}
@@ -222,7 +242,8 @@ def measure(args) -> dict:
         name, (backend, graphs) = impl_name(impl, device), engines[impl]
         t0 = time.perf_counter()
         try:
-            built[name] = admrt.Engine(model, classifier=clf, backend=backend, dtype=args.dtype, cuda_graphs=graphs)
+            built[name] = admrt.Engine(model, classifier=clf, upsampler=up, backend=backend, dtype=args.dtype,
+                                       cuda_graphs=graphs, channels_last=args.channels_last or None)
         except MissingPackageError as exc:  # onnxruntime without a CUDA provider: a FAILED row, the others go on
             results["rows"].append({"impl": name, "error": str(exc)})
             print(f"{name}: FAILED: {exc}", flush=True)
@@ -230,8 +251,7 @@ def measure(args) -> dict:
         if backend == "onnxruntime":
             results["onnxruntime_export_s"] = time.perf_counter() - t0  # ONNX export + check + sessions, apart
             print(f"onnxruntime: exported and loaded in {results['onnxruntime_export_s']:.1f} s", flush=True)
-        variants[name] = (lambda eng: lambda: eng.sample(  # noqa: E731
-            classes=classes, num=n, steps=args.steps, guidance=guidance, seeds=1, batch_size=n).images)(built[name])
+        variants[name] = (lambda eng: lambda: eng.sample(**sample_kw).images)(built[name])  # noqa: E731
 
     if "aoti" in impls or "admrt-sample" in impls:
         from admrt.engine import sample_program
@@ -281,15 +301,15 @@ def measure(args) -> dict:
             results["rows"].append({"impl": name, "error": failed[name]})
             continue
         med = statistics.median(times[name])
-        tflops = flops["total"] * n * steps / med / 1e12
+        tflops = work * n / med / 1e12
         row = {"impl": name, "median_s": med, "min_s": min(times[name]), "max_s": max(times[name]),
                "times_s": times[name], "cold_s": cold[name], "cold_minus_warm_s": cold[name] - med,
-               "images_per_s": n / med, "ms_per_step": 1e3 * med / steps, "peak_mem_gib": peak[name],
+               "images_per_s": n / med, "ms_per_step": 1e3 * med / (steps + up_steps), "peak_mem_gib": peak[name],
                "achieved_tflops": tflops,
                "pct_of_matmul_peak": 100 * tflops / peak_rate if peak_rate else None}
         results["rows"].append(row)
         print(f"{name:34s} {n / med:9.2f} img/s  {1e3 * med:9.1f} ms/batch [{1e3 * row['min_s']:.1f}, "
-              f"{1e3 * row['max_s']:.1f}]  {1e3 * med / steps:7.2f} ms/step  {tflops:7.2f} TFLOP/s"
+              f"{1e3 * row['max_s']:.1f}]  {row['ms_per_step']:7.2f} ms/step  {tflops:7.2f} TFLOP/s"
               f"  cold +{row['cold_minus_warm_s']:.1f} s  peak {peak[name]:6.2f} GiB", flush=True)
     ref_row = next((r for r in results["rows"] if r["impl"] == IMPLS["gd"] and "median_s" in r), None)
     if ref_row:
@@ -300,8 +320,7 @@ def measure(args) -> dict:
         # image parity, untimed: the reference's noise order, uncaptured
         ref_img = variants[IMPLS["gd"]]().cpu().int()
         eng = next(iter(built.values()))
-        ours = eng.sample(classes=classes, num=n, steps=args.steps, guidance=guidance, seeds=1, batch_size=n,
-                          noise="reference").images
+        ours = eng.sample(**sample_kw, noise="reference").images
         diff = (torch.as_tensor(ours).int() - ref_img).abs()
         results["image_diff_vs_reference"] = {"max_abs_uint8": int(diff.max()),
                                               "mean_abs_uint8": float(diff.float().mean())}
@@ -353,8 +372,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=16, help="images per batch (one sampling loop)")
     p.add_argument("--steps", default="ddim25", help="ddimN (DDIM) or N (DDPM respaced) steps per loop")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier scale")
+    p.add_argument("--upsampler", default="",
+                   help="an upsampler's architecture (e.g. upsample64-256): time the cascade, the guided model's "
+                        "samples then the upsampler's loop on them (unguided), as the reference scripts run it")
+    p.add_argument("--upsampler-steps", default="", help="the upsampler's steps (default: --steps)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp16",
                    help="precision of the networks' bodies, on both sides")
+    p.add_argument("--channels-last", action="store_true",
+                   help="run admrt's networks in NHWC (Engine(channels_last=True)); guided-diffusion stays as it is")
     p.add_argument("--reps", type=int, default=5, help="timed rounds, variants alternating")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -382,7 +407,7 @@ def main(argv=None) -> int:
 
 def _check(args) -> None:
     """Bad arguments: one line naming the argument, the value and what was expected."""
-    for flag, name in (("--preset", args.preset), ("--classifier", args.classifier)):
+    for flag, name in (("--preset", args.preset), ("--classifier", args.classifier), ("--upsampler", args.upsampler)):
         if name and name not in admrt.PRESETS:
             raise CommandError(f"{flag}={name!r}: unknown preset; expected one of {sorted(admrt.PRESETS)}")
     for flag, value in (("--batch", args.batch), ("--reps", args.reps)):
@@ -400,6 +425,10 @@ def _check(args) -> None:
         raise CommandError(f"--device={args.device!r}: expected cpu, cuda or cuda:N") from None
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise CommandError(f"--device={args.device!r}: no CUDA device on this machine")
+    packaged = {"aoti", "admrt-sample"} & set(args.impls or default_impls(args))
+    if args.upsampler and packaged:
+        raise CommandError(f"--upsampler={args.upsampler!r}: the package variants ({', '.join(sorted(packaged))}) "
+                           "time the guided stage only; leave them out (--impls, --package)")
     if "graphs" in (args.impls or ()) and torch.device(args.device).type != "cuda":
         raise CommandError(f"--impls={','.join(args.impls)!r}: 'graphs' (CUDA-graph replay) needs a CUDA --device, "
                            f"got {args.device!r}")
@@ -414,7 +443,8 @@ def parse_args(argv) -> argparse.Namespace:
 
 def result_path(out: Path, args) -> Path:
     """One JSON per configuration: sampling_<preset>_<dtype>_b<batch>_<steps>.json."""
-    return Path(out) / f"sampling_{args.preset}_{args.dtype}_b{args.batch}_{args.steps}.json"
+    stack = args.preset + (f"+{args.upsampler}" if args.upsampler else "")
+    return Path(out) / f"sampling_{stack}_{args.dtype}_b{args.batch}_{args.steps}.json"
 
 
 def write_results(results: dict, out: Path, args) -> Path:

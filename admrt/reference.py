@@ -56,12 +56,14 @@ def set_reference_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def reference_sample(model, classifier, preset: Preset, steps: str, guidance: float, y, shape, device,
-                     seed: int | None, variance: str | None = None, method: str | None = None) -> torch.Tensor:
+                     seed: int | None, variance: str | None = None, method: str | None = None,
+                     low_res: torch.Tensor | None = None) -> torch.Tensor:
     """The reference's ddim_sample_loop ("ddimN", or method="ddim": its use_ddim) or p_sample_loop
     with classifier_sample.py's cond_fn and model_fn, after torch.manual_seed(seed) (seed None:
     the global generator as it is), on the process of preset.diffusion (predict_xstart,
     rescale_timesteps and sigma_small included). variance: "learned_range" | "fixed_large" |
     "fixed_small"; None: learned_range for a learned-sigma model, else as sigma_small says.
+    low_res: an upsampler's conditioning images in [-1, 1] (super_res_sample.py's model_kwargs).
     Returns the float sample (N, C, H, W) in [-1, 1]."""
     script_util, _ = _gd()
     d = preset.diffusion
@@ -80,15 +82,29 @@ def reference_sample(model, classifier, preset: Preset, steps: str, guidance: fl
 
     class_cond = getattr(model, "num_classes", None) is not None
 
-    def model_fn(x, t, y=None):
+    def model_fn(x, t, y=None, low_res=None):
+        if low_res is not None:   # SuperResModel (super_res_sample.py): conditioned on low_res
+            return model(x, t, low_res=low_res, y=y if class_cond else None)
         return model(x, t, y if class_cond else None)
 
     use_ddim = steps.startswith("ddim") if method is None else method == "ddim"
     loop = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
     if seed is not None:
         torch.manual_seed(seed)
-    return loop(model_fn, shape, clip_denoised=True, model_kwargs={"y": y} if y is not None else {},
+    kwargs = {k: v for k, v in (("y", y), ("low_res", low_res)) if v is not None}
+    return loop(model_fn, shape, clip_denoised=True, model_kwargs=kwargs,
                 cond_fn=cond_fn if (classifier is not None and guidance) else None, device=device)
+
+
+def reference_cascade(model, classifier, upsampler, preset: Preset, up_preset: Preset, steps: str, up_steps: str,
+                      guidance: float, y, shape, up_shape, device, seed: int) -> torch.Tensor:
+    """ADM-G then ADM-U as the reference scripts run them: classifier_sample.py's loop, its samples
+    quantised to uint8 and read back in [-1, 1] as super_res_sample.py reads its low-res file,
+    then the upsampler's loop (unguided); one torch.manual_seed(seed) before both. Returns the
+    upsampler's float sample."""
+    base = reference_sample(model, classifier, preset, steps, guidance, y, shape, device, seed)
+    low_res = to_uint8_nhwc(base).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return reference_sample(upsampler, None, up_preset, up_steps, 0.0, y, up_shape, device, None, low_res=low_res)
 
 
 def to_uint8_nhwc(sample: torch.Tensor) -> torch.Tensor:

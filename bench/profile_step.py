@@ -196,7 +196,8 @@ def markdown(result: dict) -> str:
              f"backend {c['backend']}{'' if c['no_graphs'] == 'False' else ', uncaptured'}, {c['steps']}",
              "", f"{env['device']}, torch {env['torch']}{', triton ' + env['triton'] if 'triton' in env else ''}, "
              f"{env['date'][:10]}. Step {result['step_ms']:.2f} ms ({result['images_per_s']:.2f} images/s, "
-             f"{result['achieved_tflops']:.3g} TFLOP/s), kernels busy {result['busy_ms_per_step']:.2f} ms of it; "
+             f"{result['achieved_tflops']:.3g} TFLOP/s), {'operators' if env['device'].startswith('cpu') else 'kernels'} "
+             f"busy {result['busy_ms_per_step']:.2f} ms of it; "
              f"cold (compile, capture) {result['cold_s']:.1f} s.", "",
              "| category | ms/step | % of step | achieved |", "|---|---|---|---|"]
     for row in result["categories"]:

@@ -28,7 +28,8 @@ def load(folder: Path) -> list[dict]:
         run["file"] = path.name
         _backfill_work(run)
         runs.append(run)
-    return sorted(runs, key=lambda r: (r["config"]["preset"], r["config"]["steps"], int(r["config"]["batch"])))
+    return sorted(runs, key=lambda r: (r["config"]["preset"], r["config"].get("upsampler") or "", r["config"]["steps"],
+                                       int(r["config"]["batch"])))
 
 
 def _backfill_work(run: dict) -> None:
@@ -67,17 +68,28 @@ def table(runs: list[dict]) -> str:
         for row in run["rows"]:
             diff = _diff(run, row["impl"])
             diff_text = f"{diff['mean_abs_uint8']:.3f} / {diff['max_abs_uint8']}" if diff else "—"
-            head = f"| {c['preset']} + {c.get('classifier') or 'none'} | {c['batch']} | {c['steps']} | {c['dtype']} | {row['impl']} "
+            head = f"| {_stack(c)} | {c['batch']} | {c['steps']} | {c['dtype']} | {row['impl']} "
             if "error" in row:
                 lines.append(head + f"| FAILED: {row['error'][:120]} |" + " |" * 9)
                 continue
             lines.append(
                 head + f"| {row['images_per_s']:.2f} | {1e3 * row['median_s']:.0f} ({1e3 * min(row['times_s']):.0f}-"
-                f"{1e3 * max(row['times_s']):.0f}) | {row['ms_per_step']:.1f} | {_fmt(row.get('achieved_tflops'))} "
+                f"{1e3 * max(row['times_s']):.0f}) | {row['ms_per_step']:.1f} | {_fmt(row.get('achieved_tflops'), '{:.3g}')} "
                 f"| {_fmt(row.get('pct_of_matmul_peak'), '{:.1f}')} | {_fmt(row.get('peak_mem_gib'))} "
-                f"| {_fmt(row.get('cold_minus_warm_s'), '{:.0f}')} | **{_fmt(row.get('speedup_vs_reference'))}x** "
+                f"| {_fmt(_cold(row), '{:.0f}')} | **{_fmt(row.get('speedup_vs_reference'))}x** "
                 f"| {diff_text} |")
     return "\n".join(lines)
+
+
+def _cold(row: dict):
+    """The cold run's extra time (compile, capture); within the timing noise of 0 for eager runs."""
+    extra = row.get("cold_minus_warm_s")
+    return None if extra is None else max(extra, 0.0)
+
+
+def _stack(c: dict) -> str:
+    up = c.get("upsampler")
+    return f"{c['preset']} + {c.get('classifier') or 'none'}" + (f" -> {up}" if up else "")
 
 
 def _diff(run, impl):
@@ -90,7 +102,7 @@ def _diff(run, impl):
 
 def _find(runs, preset, batch, steps="ddim25"):
     return next((r for r in runs if r["config"]["preset"] == preset and int(r["config"]["batch"]) == batch
-                 and r["config"]["steps"] == steps), None)
+                 and r["config"]["steps"] == steps and not r["config"].get("upsampler")), None)
 
 
 def _best_admrt(run):
@@ -131,7 +143,7 @@ def targets(runs: list[dict]) -> str:
         ref = next((r for r in run["rows"] if r["impl"] == REFERENCE and "peak_mem_gib" in r), None)
         for row in run["rows"]:
             if ref and row["impl"].startswith("admrt") and row.get("peak_mem_gib", math.nan) > ref["peak_mem_gib"]:
-                worse.append(f"{run['config']['preset']} b{run['config']['batch']} {row['impl']}")
+                worse.append(f"{_stack(run['config'])} b{run['config']['batch']} {row['impl']}")
     measured = any(not math.isnan(r.get("peak_mem_gib", math.nan)) for run in runs for r in run["rows"])
     out.append(f"| peak memory <= guided-diffusion's at every row | "
                f"{'over at: ' + ', '.join(worse) if worse else ('none over' if measured else 'not measured (CPU)')} "
@@ -154,7 +166,7 @@ def plot(runs: list[dict]) -> str:
         c = run["config"]
         for row in run["rows"]:
             if "images_per_s" in row:
-                panels[f"{c['preset']} {c['steps']} {c['dtype']}"][row["impl"]].append((int(c["batch"]), row["images_per_s"]))
+                panels[(f"{c['preset']}{' -> ' + c['upsampler'] if c.get('upsampler') else ''}", f"{c['steps']} {c['dtype']}")][row["impl"]].append((int(c["batch"]), row["images_per_s"]))
     impls = sorted({i for p in panels.values() for i in p})
     color = {impl: COLORS[k % len(COLORS)] for k, impl in enumerate(impls)}
     w, h, pad = 300, 220, 40
@@ -175,11 +187,12 @@ def plot(runs: list[dict]) -> str:
             return x0 + pad + (math.log2(b) - xmin) / (xmax - xmin) * (w - pad - 20)
 
         def sy(v, ymin=ymin, ymax=ymax):
-            return h - 30 - (math.log10(v) - ymin) / (ymax - ymin) * (h - 60)
+            return h - 30 - (math.log10(v) - ymin) / (ymax - ymin) * (h - 70)
 
-        svg.append(f'<text x="{x0 + pad}" y="15" font-weight="bold">{title}</text>')
+        svg.append(f'<text x="{x0 + pad}" y="13" font-weight="bold">{title[0]}</text>')
+        svg.append(f'<text x="{x0 + pad}" y="26">{title[1]}</text>')
         svg.append(f'<line x1="{x0 + pad}" y1="{h - 30}" x2="{x0 + w - 20}" y2="{h - 30}" stroke="black"/>')
-        svg.append(f'<line x1="{x0 + pad}" y1="30" x2="{x0 + pad}" y2="{h - 30}" stroke="black"/>')
+        svg.append(f'<line x1="{x0 + pad}" y1="40" x2="{x0 + pad}" y2="{h - 30}" stroke="black"/>')
         for e in range(ymin, ymax + 1):
             svg.append(f'<text x="{x0 + pad - 4}" y="{sy(10 ** e) + 4:.1f}" text-anchor="end">{10 ** e:g}</text>')
         for b in sorted({b for b, _ in points}):

@@ -3,9 +3,9 @@
 # pytest-benchmark suite (bench/test_throughput.py) with its table and plot (bench/report.py).
 #   bash bench/run_throughput.sh carry     # here, before the device calls: copy the pure-Python
 #                                          # packages the GPU machine lacks into .carry/ (ignored)
-#   bash bench/run_throughput.sh profile   # one device call: install, the step's profiles
-#                                          # (ADM-256 b64 and b1, ADM-64 b64; compile and eager
-#                                          # backends, both captured) -> $OUT/profile_*.{json,md}
+#   bash bench/run_throughput.sh profile   # one device call: install, the captured step's
+#                                          # profiles (ADM-256 b64 and b1, ADM-64 b64 on the default
+#                                          # engine; ADM-256 b64 compiled) -> $OUT/profiles.tgz
 #   bash bench/run_throughput.sh suite     # one device call: the GPU matrix, most important rows
 #                                          # first, stopped at SUITE_TIMEOUT (530 s) so the call
 #                                          # fits 10 minutes; every finished configuration is a
@@ -14,7 +14,7 @@
 #                                          # there from $OUT/throughput_gpu.tgz
 #   bash bench/run_throughput.sh cpu       # here: the CPU matrix -> bench/results/throughput_cpu
 # Knobs: REPS (timed rounds per configuration: 3 on GPU, 5 on CPU), SELECT (a pytest -k
-# expression, e.g. "imagenet256 and b64"), SUITE_TIMEOUT, PROFILE_TIMEOUT (500).
+# expression, e.g. "imagenet256 and b64"), SUITE_TIMEOUT, CALL_LIMIT (560: the profiles' budget).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 mode=${1:-cpu}
@@ -34,16 +34,20 @@ carry)
 profile)
     OUT=${OUT:-bench/results/profile_gpu}; mkdir -p "$OUT"; export PYTHONPATH=$PWD/.carry
     stage install; install
-    P="timeout ${PROFILE_TIMEOUT:-500} python3 bench/profile_step.py --out $OUT --dtype fp16 --reps 3"
-    for backend in compile eager; do
-        stage "profile ADM-256 b64 $backend"; $P --backend $backend --batch 64 > "$OUT/log_256_b64_$backend.txt" 2>&1; echo "rc $?"
-    done
-    stage "profile ADM-256 b1 compile"; $P --backend compile --batch 1 > "$OUT/log_256_b1.txt" 2>&1; echo "rc $?"
-    stage "profile ADM-64 b64 compile"; $P --backend compile --batch 64 --preset imagenet64-cond \
-        --classifier imagenet64-classifier > "$OUT/log_64_b64.txt" 2>&1; echo "rc $?"
+    # each profile gets what is left of CALL_LIMIT (560 s), so the call ends inside 10 minutes;
+    # one compiled profile (a cold compile of ADM-256 takes minutes), the rest the default engine
+    prof() {
+        left=$(( ${CALL_LIMIT:-560} - SECONDS )); [ $left -gt 30 ] || { echo "skipped (time): $*"; return; }
+        stage "profile $*"
+        timeout $left python3 bench/profile_step.py --out "$OUT" --dtype fp16 --reps 3 "$@" \
+            > "$OUT/log_$(echo "$*" | tr -c 'a-z0-9' _).txt" 2>&1; echo "rc $?"
+    }
+    prof --backend eager --batch 64
+    prof --backend eager --batch 1
+    prof --backend eager --batch 64 --preset imagenet64-cond --classifier imagenet64-classifier
+    prof --backend compile --batch 64
     cat "$OUT"/profile_*.md
-    tar czf "$OUT/profiles.tgz" -C "$OUT" $(cd "$OUT" && ls profile_* log_* 2>/dev/null)
-    rm -f "$OUT"/profile_* "$OUT"/log_* ;;   # at most 8 files come back from a device call: one archive
+    (cd "$OUT" && tar czf profiles.tgz profile_* log_* && rm -f profile_* log_*) ;;  # <= 8 files come back
 suite)
     OUT=${OUT:-/tmp/throughput_out}; mkdir -p "$OUT"; export PYTHONPATH=$PWD/.carry
     stage install; install
@@ -57,7 +61,7 @@ suite)
 cpu)
     mkdir -p bench/results/throughput_cpu
     stage suite
-    python3 -m pytest bench/ -q -p no:cacheprovider --bench-matrix cpu --bench-reps "${REPS:-5}" \
+    python3 -m pytest bench/ -q -p no:cacheprovider --bench-matrix cpu --bench-reps "${REPS:-5}" --bench-skip-done \
         --bench-out bench/results/throughput_cpu --benchmark-json=bench/results/throughput_cpu/benchmark.json \
         ${SELECT:+-k "$SELECT"} 2>&1 | tail -30
     python3 bench/report.py bench/results/throughput_cpu

@@ -26,23 +26,26 @@ from admrt import benchmark as bm
 
 DEVICE = torch.device(bm.parse_args([]).device)   # admrt bench's default: cuda when available
 
-# (model, classifier, batches, steps): the throughput issue's matrix, most important first (a
-# device call that runs out of time has done those), and matrices a CPU can run.
+# (model, classifier, batches, steps, upsampler): the throughput issue's matrix, most important
+# first (a device call that runs out of time has done those), and matrices a CPU can run. With an
+# upsampler the case is the cascade: the guided model's loop, then the upsampler's on its samples.
 MATRICES = {
     "gpu": [
-        ("imagenet256-cond", "imagenet256-classifier", (64, 1), "ddim25"),
-        ("imagenet64-cond", "imagenet64-classifier", (64,), "ddim25"),
-        ("imagenet256-cond", "imagenet256-classifier", (8,), "ddim25"),
-        ("imagenet64-cond", "imagenet64-classifier", (1, 8), "ddim25"),
-        ("imagenet128-cond", "imagenet128-classifier", (1, 8, 64), "ddim25"),
-        ("imagenet512-cond", "imagenet512-classifier", (1, 8, 16), "ddim25"),
-        ("imagenet256-cond", "imagenet256-classifier", (64,), "250"),
+        ("imagenet256-cond", "imagenet256-classifier", (64, 1), "ddim25", ""),
+        ("imagenet64-cond", "imagenet64-classifier", (64,), "ddim25", ""),
+        ("imagenet256-cond", "imagenet256-classifier", (8,), "ddim25", ""),
+        ("imagenet64-cond", "imagenet64-classifier", (1, 8), "ddim25", ""),
+        ("imagenet128-cond", "imagenet128-classifier", (1, 8, 64), "ddim25", ""),
+        ("imagenet64-cond", "imagenet64-classifier", (1, 8, 64), "ddim25", "upsample64-256"),
+        ("imagenet512-cond", "imagenet512-classifier", (1, 8, 16), "ddim25", ""),
+        ("imagenet256-cond", "imagenet256-classifier", (64,), "250", ""),
     ],
     "cpu": [
-        ("fashion16-cond", "fashion16-classifier", (1, 16), "ddim25"),
-        ("tiny-cond", "tiny-classifier", (1, 8), "ddim25"),
+        ("fashion16-cond", "fashion16-classifier", (1, 16), "ddim25", ""),
+        ("tiny-cond", "tiny-classifier", (1, 8), "ddim25", ""),
+        ("fashion16-cond", "fashion16-classifier", (4,), "ddim25", "fashion-upsample16-32"),
     ],
-    "smoke": [("tiny-cond", "tiny-classifier", (2,), "ddim2")],
+    "smoke": [("tiny-cond", "tiny-classifier", (2,), "ddim2", "")],
 }
 IMPLS = {"gpu": ("gd", "gd-compile", "eager", "graphs", "compile"),
          "cpu": ("gd", "gd-compile", "eager", "compile"),
@@ -53,17 +56,17 @@ EXTRA = ("images_per_s", "ms_per_step", "median_s", "cold_minus_warm_s", "peak_m
 _measured: dict[str, dict] = {}   # configuration id -> results, shared by its cases
 
 
-def _config_id(model, batch, steps, dtype) -> str:
-    return f"{model}-b{batch}-{steps}-{dtype}"
+def _config_id(model, upsampler, batch, steps, dtype) -> str:
+    return f"{model}{'+' + upsampler if upsampler else ''}-b{batch}-{steps}-{dtype}"
 
 
 def pytest_generate_tests(metafunc):
     if "case" not in metafunc.fixturenames:
         return
     matrix, dtype = metafunc.config.getoption("--bench-matrix"), metafunc.config.getoption("--bench-dtype")
-    cases = [(model, clf, batch, steps, dtype, impl)
-             for model, clf, batches, steps in MATRICES[matrix] for batch in batches for impl in IMPLS[matrix]]
-    metafunc.parametrize("case", cases, ids=[f"{_config_id(m, b, s, d)}-{i}" for m, _c, b, s, d, i in cases])
+    cases = [(model, clf, up, batch, steps, dtype, impl) for model, clf, batches, steps, up in MATRICES[matrix]
+             for batch in batches for impl in IMPLS[matrix]]
+    metafunc.parametrize("case", cases, ids=[f"{_config_id(m, u, b, s, d)}-{i}" for m, _c, u, b, s, d, i in cases])
 
 
 def _out(config) -> Path:
@@ -79,15 +82,15 @@ def _selected_impls(session, case) -> list[str]:
 
 
 def _measure(request, case) -> dict:
-    model, clf, batch, steps, dtype, _impl = case
-    key = _config_id(model, batch, steps, dtype)
+    model, clf, up, batch, steps, dtype, _impl = case
+    key = _config_id(model, up, batch, steps, dtype)
     if key in _measured:
         return _measured[key]
     config = request.config
     impls = _selected_impls(request.session, case)
     args = bm.parse_args(["--preset", model, "--classifier", clf, "--batch", str(batch), "--steps", steps,
                           "--dtype", dtype, "--reps", str(config.getoption("--bench-reps")),
-                          "--impls", ",".join(impls)])
+                          "--impls", ",".join(impls), "--upsampler", up])
     bm._check(args)
     path = bm.result_path(_out(config), args)
     if config.getoption("--bench-skip-done") and path.exists():
@@ -116,7 +119,7 @@ def _record(benchmark, row: dict, group: str) -> None:
 
 
 def test_guided_sampling(benchmark, request, case):
-    model, _clf, batch, steps, dtype, impl = case
+    model, _clf, up, batch, steps, dtype, impl = case
     results = _measure(request, case)
     name = bm.impl_name(impl, DEVICE)
     row = next((r for r in results["rows"] if r["impl"] == name), None)
@@ -126,4 +129,4 @@ def test_guided_sampling(benchmark, request, case):
     diff = results.get("image_diff_vs_reference")
     if diff is not None:
         benchmark.extra_info["image_diff_vs_reference"] = diff
-    _record(benchmark, row, _config_id(model, batch, steps, dtype))
+    _record(benchmark, row, _config_id(model, up, batch, steps, dtype))

@@ -111,3 +111,21 @@ def test_step_flops_match_the_papers_count():
     assert 25 * flops["total"] == pytest.approx(63e12, rel=0.02)
     assert 0.9 * flops["total"] < flops["convolution"] < flops["total"]
     assert bm.step_flops("imagenet64-cond")["total"] == bm.step_flops("imagenet64-cond")["denoiser"]
+
+
+def test_cascade_bench_matches_the_reference_scripts(tmp_path):
+    """`admrt bench --upsampler`: admrt's cascade against classifier_sample.py then
+    super_res_sample.py on its uint8 samples (reference_cascade), the same images with the
+    reference noise; the work of both stages counted."""
+    args = bm.parse_args(["--preset", "fashion16-cond", "--classifier", "fashion16-classifier", "--upsampler",
+                          "fashion-upsample16-32", "--batch", "2", "--steps", "ddim2", "--upsampler-steps", "ddim3",
+                          "--dtype", "fp32", "--reps", "1", "--device", "cpu", "--impls", "gd,eager", "--out",
+                          str(tmp_path)])
+    assert bm.run(args) == 0
+    path = tmp_path / "sampling_fashion16-cond+fashion-upsample16-32_fp32_b2_ddim2.json"
+    run = json.loads(path.read_text())
+    assert run["image_diff_vs_reference"] == {"max_abs_uint8": 0, "mean_abs_uint8": 0.0}
+    row = next(r for r in run["rows"] if r["impl"] == "admrt eager")
+    work = 2 * run["flops_per_image_step"]["total"] + 3 * run["upsampler_flops_per_image_step"]["total"]
+    assert row["achieved_tflops"] == pytest.approx(2 * work / row["median_s"] / 1e12)
+    assert row["ms_per_step"] == pytest.approx(1e3 * row["median_s"] / 5)

@@ -53,6 +53,9 @@ def test_sample_help(capsys):
     (["--batch", "0", "--device", "cpu"], "--batch=0: expected a positive int"),
     (["--reps", "0", "--device", "cpu"], "--reps=0: expected a positive int"),
     (["--device", "gpu0"], "--device='gpu0': expected cpu, cuda or cuda:N"),
+    (["--impls", "gd,fast", "--device", "cpu"], "--impls='gd,fast': unknown implementation 'fast'; expected some of"),
+    (["--impls", ",", "--device", "cpu"], "--impls='': expected some of"),
+    (["--impls", "eager,graphs", "--device", "cpu"], "'graphs' (CUDA-graph replay) needs a CUDA --device, got 'cpu'"),
 ])
 def test_bench_rejects_bad_arguments_in_one_line(argv, message, cli_error):
     assert message in cli_error(["bench", *argv])
