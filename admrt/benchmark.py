@@ -213,7 +213,7 @@ def measure(args) -> dict:
     up = up.to(device) if up is not None else None
     stack = {"model": (preset, model), "classifier": (cpreset, clf), "upsampler": (upreset, up)}
 
-    n, size, ch = args.batch, preset.model.image_size, preset.model.in_channels
+    n = args.batch
     num_classes = cpreset.model.out_channels if cpreset is not None else preset.model.num_classes
     if preset.model.num_classes:
         num_classes = min(num_classes, preset.model.num_classes)

@@ -12,9 +12,13 @@ not remove). Convolutions also get their achieved TFLOP/s (the FLOPs torch's cou
 step's convolutions, admrt.benchmark.step_flops, over their kernel time).
 
 By unit: the denoiser, the classifier's forward and its whole gradient, each run alone on the
-step's inputs (on CUDA captured in a graph of its own and replayed), timed as the median of
---reps; the classifier's backward is the gradient minus the forward, and "sampler update, noise
-and overhead" is the step minus the two units.
+step's inputs (on CUDA captured in a graph of its own and replayed; with --backend compile the
+classifier's forward is compiled alone too), timed as the median of --reps; the classifier's
+backward is the gradient minus the forward, and "sampler update, noise and overhead" is the step
+minus the two units.
+
+On CPU the categories cover torch operators only: with --backend compile, Inductor's generated
+C++ kernels are not operators, so there the category table is partial (the units are not).
 """
 from __future__ import annotations
 
@@ -170,9 +174,10 @@ def profile(args) -> dict:
     y = torch.tensor(classes or [0] * n, device=device)
     units = {"denoiser": _unit_ms(eng.base.denoiser, (x, t, y, None), device, args.reps)}
     if clf is not None:
-        grad_net = eng._grad.unit.net if hasattr(eng._grad, "unit") else eng._grad.net
+        net = (eng._grad.unit if args.backend == "compile" else eng._grad).net   # the unit's inference copy
+        forward = torch.compile(net, fullgraph=True, dynamic=False) if args.backend == "compile" else net
         with torch.no_grad():
-            units["classifier forward"] = _unit_ms(grad_net, (x, t), device, args.reps)
+            units["classifier forward"] = _unit_ms(forward, (x, t), device, args.reps)
         grad_ms = _unit_ms(eng._grad, (x, t, y), device, args.reps)
         units["classifier backward (gradient - forward)"] = grad_ms - units["classifier forward"]
     units["sampler update, noise and overhead (step - units)"] = step_ms - sum(units.values())
@@ -219,7 +224,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", default="ddim25")
     p.add_argument("--guidance", type=float, default=1.0)
     p.add_argument("--dtype", choices=bm.DTYPE_NAMES, default="fp16")
-    p.add_argument("--backend", default="compile", help="the Engine backend profiled (eager, compile, ...)")
+    p.add_argument("--backend", default="compile", choices=("eager", "compile"),
+                   help="the Engine backend profiled (its units are timed alone too, as modules)")
     p.add_argument("--no-graphs", action="store_true", help="profile the uncaptured step")
     p.add_argument("--reps", type=int, default=5, help="timed loops (and unit replays), median")
     p.add_argument("--top", type=int, default=15, help="kernels listed by time")

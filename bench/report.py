@@ -55,11 +55,14 @@ def _fmt(value, spec="{:.2f}") -> str:
     return spec.format(value)
 
 
+ENV_FIELDS = (("device", ""), ("torch", "torch "), ("triton", "triton "), ("cuda", "CUDA "))
+
+
 def table(runs: list[dict]) -> str:
-    envs = {(r["env"].get("device"), r["env"].get("torch"), r["env"].get("triton"), r["env"].get("cuda")) for r in runs}
+    envs = sorted({", ".join(f"{label}{r['env'][key]}" for key, label in ENV_FIELDS if r["env"].get(key))
+                   for r in runs})
     dates = sorted(r["env"]["date"][:10] for r in runs)
-    lines = [f"Device and versions: {'; '.join(', '.join(f'{k} {v}' for k, v in zip(('', 'torch', 'triton', 'CUDA'), e) if v).strip() for e in sorted(envs, key=str))}.",
-             f"Dates: {dates[0]} to {dates[-1]}." if dates else "", "",
+    lines = [f"Device and versions: {'; '.join(envs)}.", f"Dates: {dates[0]} to {dates[-1]}.", "",
              "| model + classifier | batch | steps | dtype | impl | images/s | batch ms (min-max) | ms/step | TFLOP/s "
              "| % matmul | peak GiB | cold extra s | x reference | images vs reference (uint8 mean / max) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -166,13 +169,15 @@ def plot(runs: list[dict]) -> str:
         c = run["config"]
         for row in run["rows"]:
             if "images_per_s" in row:
-                panels[(f"{c['preset']}{' -> ' + c['upsampler'] if c.get('upsampler') else ''}", f"{c['steps']} {c['dtype']}")][row["impl"]].append((int(c["batch"]), row["images_per_s"]))
+                panel = (_stack(c).replace(f" + {c.get('classifier') or 'none'}", ""), f"{c['steps']} {c['dtype']}")
+                panels[panel][row["impl"]].append((int(c["batch"]), row["images_per_s"]))
     impls = sorted({i for p in panels.values() for i in p})
     color = {impl: COLORS[k % len(COLORS)] for k, impl in enumerate(impls)}
     w, h, pad = 300, 220, 40
     width = max(1, len(panels)) * w + 20
     height = h + 30 + 16 * len(impls)
-    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           'font-family="sans-serif" font-size="11">',
            f'<rect width="{width}" height="{height}" fill="white"/>']
     for k, (title, lines) in enumerate(sorted(panels.items())):
         x0 = 10 + k * w
@@ -222,7 +227,8 @@ def main(argv=None) -> int:
         print(f"report: {args.folder}: no sampling_*.json there (run `pytest bench/ --bench-out {args.folder}`)",
               file=sys.stderr)
         return 1
-    text = f"# Guided sampling throughput\n\n{table(runs)}\n\n## Targets\n\n{targets(runs)}\n\n![images/s vs batch](images_per_s.svg)\n"
+    text = (f"# Guided sampling throughput\n\n{table(runs)}\n\n## Targets\n\n{targets(runs)}\n\n"
+            "![images/s vs batch](images_per_s.svg)\n")
     (args.folder / "table.md").write_text(text)
     (args.folder / "images_per_s.svg").write_text(plot(runs))
     print(text)
