@@ -167,6 +167,8 @@ def matmul_peak_tflops(device_name: str):
 def _reference_variants(impls, stack, args, y, device) -> dict:
     """guided-diffusion's own loops on the same weights (the cascade's two when an upsampler is
     benchmarked): as they are, and/or with torch.compile."""
+    if not impls:
+        return {}
     dtype = resolve_dtype(args.dtype)
     nets = {}
     for role, (preset, module) in stack.items():
@@ -309,7 +311,7 @@ def measure(args) -> dict:
                "pct_of_matmul_peak": 100 * tflops / peak_rate if peak_rate else None}
         results["rows"].append(row)
         print(f"{name:34s} {n / med:9.2f} img/s  {1e3 * med:9.1f} ms/batch [{1e3 * row['min_s']:.1f}, "
-              f"{1e3 * row['max_s']:.1f}]  {row['ms_per_step']:7.2f} ms/step  {tflops:7.2f} TFLOP/s"
+              f"{1e3 * row['max_s']:.1f}]  {row['ms_per_step']:7.2f} ms/step  {tflops:7.3g} TFLOP/s"
               f"  cold +{row['cold_minus_warm_s']:.1f} s  peak {peak[name]:6.2f} GiB", flush=True)
     ref_row = next((r for r in results["rows"] if r["impl"] == IMPLS["gd"] and "median_s" in r), None)
     if ref_row:
