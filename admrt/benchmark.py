@@ -95,6 +95,17 @@ def _random_weights(*modules) -> None:
                     p.copy_(torch.randn_like(p) * (0.5 / p[0].numel() ** 0.5))
 
 
+def random_stack(device, model: str, classifier: str = "", upsampler: str = "") -> dict:
+    """The benchmarked networks by role ("model", "classifier", "upsampler") -> (preset, module
+    or None): the presets' architectures with seeded random weights (_random_weights), on device."""
+    torch.manual_seed(0)
+    presets = {role: admrt.get_preset(name) if name else None
+               for role, name in (("model", model), ("classifier", classifier), ("upsampler", upsampler))}
+    modules = {role: admrt.create_model(preset) if preset else None for role, preset in presets.items()}
+    _random_weights(*modules.values())
+    return {role: (presets[role], m.to(device) if m is not None else None) for role, m in modules.items()}
+
+
 def impl_name(impl: str, device: torch.device) -> str:
     """The row name of an implementation id; without CUDA there are no graphs to name."""
     name = IMPLS[impl]
@@ -202,18 +213,8 @@ def _reference_variants(impls, stack, args, y, device) -> dict:
 def measure(args) -> dict:
     device = torch.device(args.device)
     impls = args.impls or default_impls(args)
-    torch.manual_seed(0)
-    preset = admrt.get_preset(args.preset)
-    cpreset = admrt.get_preset(args.classifier) if args.classifier else None
-    upreset = admrt.get_preset(args.upsampler) if args.upsampler else None
-    model = admrt.create_model(preset)
-    clf = admrt.create_model(cpreset) if cpreset else None
-    up = admrt.create_model(upreset) if upreset else None
-    _random_weights(model, clf, up)
-    model.to(device)
-    clf = clf.to(device) if clf is not None else None
-    up = up.to(device) if up is not None else None
-    stack = {"model": (preset, model), "classifier": (cpreset, clf), "upsampler": (upreset, up)}
+    stack = random_stack(device, args.preset, args.classifier, args.upsampler)
+    (preset, model), (cpreset, clf), (upreset, up) = stack.values()
 
     n = args.batch
     num_classes = cpreset.model.out_channels if cpreset is not None else preset.model.num_classes

@@ -3,6 +3,7 @@
     pytest bench/ --benchmark-json=bench/results/throughput.json   # the matrix for this machine
     pytest bench/ --bench-matrix gpu -k "imagenet256 and b64"       # one configuration's rows
 """
+import pytest
 import torch
 
 
@@ -22,6 +23,9 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    reps = config.getoption("--bench-reps")
+    if reps <= 0:
+        raise pytest.UsageError(f"--bench-reps={reps}: expected a positive int")
     cuda = torch.cuda.is_available()
     if config.getoption("--bench-matrix") is None:
         config.option.bench_matrix = "gpu" if cuda else "cpu"

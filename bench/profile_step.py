@@ -111,14 +111,8 @@ def _events(prof, device) -> list[tuple[str, float]]:
 
 def profile(args) -> dict:
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    preset = admrt.get_preset(args.preset)
-    cpreset = admrt.get_preset(args.classifier) if args.classifier else None
-    model = admrt.create_model(preset)
-    clf = admrt.create_model(cpreset) if cpreset else None
-    bm._random_weights(model, clf)
-    model.to(device)
-    clf = clf.to(device) if clf is not None else None
+    stack = bm.random_stack(device, args.preset, args.classifier)
+    (preset, model), (cpreset, clf) = stack["model"], stack["classifier"]
     eng = admrt.Engine(model, classifier=clf, backend=args.backend, dtype=args.dtype,
                        cuda_graphs=not args.no_graphs)
     n = args.batch
@@ -235,8 +229,9 @@ def main(argv=None) -> int:
     for flag, name in (("--preset", args.preset), ("--classifier", args.classifier)):
         if name and name not in admrt.PRESETS:
             p.error(f"{flag}={name!r}: unknown preset; expected one of {sorted(admrt.PRESETS)}")
-    if args.batch <= 0 or args.reps <= 0:
-        p.error(f"--batch={args.batch} --reps={args.reps}: expected positive ints")
+    for flag, value in (("--batch", args.batch), ("--reps", args.reps), ("--top", args.top)):
+        if value <= 0:
+            p.error(f"{flag}={value}: expected a positive int")
     result = profile(args)
     text = markdown(result)
     print(text)
