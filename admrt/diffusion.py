@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from dataclasses import dataclass, fields
 from typing import Sequence
 
@@ -64,7 +63,6 @@ def betas_for_schedule(noise_schedule: str, num_timesteps: int) -> np.ndarray:
 # Respacing
 # ---------------------------------------------------------------------------------------------
 
-_SECTIONS = re.compile(r"^\s*\d+\s*(,\s*\d+\s*)*$")
 
 
 def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int]) -> list[int]:
@@ -72,31 +70,29 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
 
     section_counts: "N" or N (N steps strided over the whole process), "a,b,c" or [a, b, c]
     (the process cut into equal sections, a steps in the first, ...), or "ddimN" (the DDIM
-    paper's fixed integer stride giving exactly N steps). Within a section the stride is the
+    paper's fixed integer stride giving exactly N steps); text is parsed by the core's StepPlan
+    (its grammar: engine/csrc/plan.h), and a parsed StepPlan is taken as is. Within a section the stride is the
     float (size-1)/(count-1), accumulated and rounded with Python's round (half to even), so
     "25" of 1000 keeps 0, 42, 83, 125, 166, ...
     """
     if num_timesteps <= 0:
         raise ValueError(f"num_timesteps={num_timesteps}: expected a positive int")
-    if isinstance(section_counts, str):
-        spec = section_counts.strip()
-        if spec.startswith("ddim"):
-            digits = spec[len("ddim"):]
-            if not digits.isdigit() or int(digits) <= 0:
-                raise ValueError(f"steps={section_counts!r}: expected 'ddimN' with N a positive int")
-            desired = int(digits)
+    if isinstance(section_counts, str) or hasattr(section_counts, "ddim_steps"):
+        # The one parser of step plans is the core's (engine/csrc/plan.h): "ddimN" or counts.
+        from admrt.engine._core import StepPlan
+
+        plan = section_counts if hasattr(section_counts, "ddim_steps") else StepPlan.parse(section_counts)
+        if plan.ddim_steps:
+            desired = plan.ddim_steps
             for stride in range(1, num_timesteps):
                 kept = range(0, num_timesteps, stride)
                 if len(kept) == desired:
                     return list(kept)
             if desired == num_timesteps:  # the reference only tries strides >= 1 below T
                 return list(range(num_timesteps))
-            raise ValueError(f"steps={section_counts!r}: no integer stride gives exactly {desired} "
+            raise ValueError(f"steps={plan.respacing!r}: no integer stride gives exactly {desired} "
                              f"of {num_timesteps} timesteps")
-        if not _SECTIONS.match(spec):
-            raise ValueError(f"steps={section_counts!r}: expected 'N', 'a,b,c' (steps per section) "
-                             "or 'ddimN'")
-        counts = [int(x) for x in spec.split(",")]
+        counts = list(plan.sections)
     elif isinstance(section_counts, (int, np.integer)):
         counts = [int(section_counts)]
     else:
@@ -240,6 +236,8 @@ def build_tables(config: DiffusionConfig,
     T steps). Built once per (config, respacing) and cached; the tensors are float64 on CPU."""
     if not isinstance(config, DiffusionConfig):
         raise TypeError(f"config: expected an admrt.DiffusionConfig, got {type(config).__name__}")
+    if hasattr(respacing, "respacing"):  # a parsed StepPlan: its respacing (the method shares the tables)
+        respacing = respacing.respacing
     if respacing is not None and not isinstance(respacing, str):
         respacing = (int(respacing),) if isinstance(respacing, (int, np.integer)) else tuple(
             int(x) for x in respacing)

@@ -249,7 +249,7 @@ def _package_engine(args, device):
     try:
         engine = Engine.from_package(args.package, device=device)
         args.batch_size = args.batch_size or engine.default_batch_size
-        ctx = engine.context(args.steps, args.upsampler_steps, args.batch_size, args.eta)
+        ctx = engine.context(args.steps, args.upsampler_steps, args.batch_size, eta=args.eta)
     except (ValueError, RuntimeError) as exc:
         raise CommandError(f"{exc}") from None
     args.steps, args.upsampler_steps = ctx.params.steps, ctx.params.upsampler_steps or None
@@ -258,19 +258,19 @@ def _package_engine(args, device):
 
 def _record(args, shard_size, engine, loaded, device) -> dict:
     """What a rerun must match to resume (written to OUT/run.json)."""
+    from admrt.engine.engine import SEEDED_NOISE_FORMAT
     if args.package is not None:  # the same record as admrt-sample writes (engine/csrc/tools/admrt_sample.cpp)
         return {"package": str(Path(args.package).resolve()), "steps": args.steps,
                 "upsampler_steps": args.upsampler_steps, "guidance": args.guidance, "classes": args.classes,
                 "num": args.num, "seed": args.seed, "eta": args.eta, "noise": "seeded", "shard_size": shard_size,
-                "seeded_noise": engine.package.seeded_noise, "weights": engine.package.weights,
-                "device": "cuda" if engine.package.device.startswith("cuda") else "cpu"}
+                "seeded_noise": SEEDED_NOISE_FORMAT, "weights": engine.stack.weights,
+                "device": "cuda" if engine.stack.device.startswith("cuda") else "cpu"}
     record = {key: getattr(args, key) for key in RUN_KEYS if key != "shard_size"}
     record.update(shard_size=shard_size, batch_size=args.batch_size, backend=args.backend,
                   device=device_description(device),
                   models=[getattr(m, "preset", None) and m.preset.name for m in loaded[:3]],
                   weights=[file_fingerprint(s) if isinstance(s, Path) else s for s in loaded.sources])
     if args.noise == "seeded":  # shards drawn with another noise map must not be mixed in
-        from admrt.engine.engine import SEEDED_NOISE_FORMAT
         record["seeded_noise"] = SEEDED_NOISE_FORMAT
     return record
 
@@ -318,7 +318,7 @@ def _validate(args, engine, labels, shard_size) -> None:
     behind): the engine's own checks of `sample`, phrased with the command's options."""
     if args.package is not None:
         try:
-            engine.context(args.steps, args.upsampler_steps, args.batch_size, args.eta).validate(
+            engine.context(args.steps, args.upsampler_steps, args.batch_size, eta=args.eta).validate(
                 [] if labels is None else labels.tolist(), [] if args.guidance is None else [args.guidance],
                 args.num)
         except (ValueError, RuntimeError) as exc:

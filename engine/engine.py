@@ -1,20 +1,23 @@
 """The Engine: guided ADM sampling (ADM-G) and the two-stage cascade (ADM-G -> ADM-U) of
 Dhariwal & Nichol (2021), on the C++ core.
 
-Python only prepares: coefficient tables (admrt.diffusion), the two units (Denoiser,
-ClassifierGradient) through a backend, labels validated once, guidance scales and seeds per
-sample, and fixed-size batches (the last one padded). Every step of the reverse process runs in
-a C++ `Sampler` context (engine/csrc/sampler.cpp), which on CUDA captures one whole step as a
-CUDA graph and replays it.
+Python only prepares the model handle: the two units (Denoiser, ClassifierGradient) through a
+backend, each stage's shapes and default variance, and its coefficient tables per step plan
+(admrt.diffusion.build_tables). Everything a request does -- validation, per-image seeds,
+fixed-size batches with the last one padded, the cascade, progress, cancel -- is the C++
+driver's (engine/csrc/context.cpp, admrt::Context), the same code an exported package runs
+under `admrt-sample`; every step runs in a C++ `Sampler` context (engine/csrc/sampler.cpp),
+which on CUDA captures one whole step as a CUDA graph and replays it.
 
     eng = admrt.Engine(model, classifier=clf, dtype="fp16")
     out = eng.sample(classes=[1, 2, 3], steps="ddim25", guidance=1.0, seeds=[7, 8, 9])
     out.images  # uint8 (N, H, W, C);  out.labels  # int64 (N,)
+
+    eng = admrt.Engine.from_package("stack.aoti")       # an exported package, same driver
 """
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -23,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from admrt.config import DiffusionConfig
-from admrt.diffusion import DiffusionTables, build_tables, default_variance
+from admrt.diffusion import build_tables, default_variance
 
 from . import _core
 from .backends import get_backend
@@ -31,22 +34,20 @@ from .modules import ClassifierGradient, Denoiser, ModelInfo, device_of
 
 log = logging.getLogger(__name__)
 
-METHODS = {"ddpm": _core.Method.DDPM, "ddim": _core.Method.DDIM}
-VARIANCES = {"learned_range": _core.Variance.LEARNED_RANGE, "fixed_small": _core.Variance.FIXED_SMALL,
-             "fixed_large": _core.Variance.FIXED_LARGE}
-NOISE_MODES = {"seeded": _core.NoiseMode.SEEDED, "reference": _core.NoiseMode.REFERENCE}
-# What an image's seed means (engine/csrc/philox.h); recorded by `admrt sample` in run.json.
-SEEDED_NOISE_FORMAT = "philox4x32-10 box-muller keyed (seed, draw, element)"
+# What an image's seed means (engine/csrc/philox.h); run records carry it. One source: the core.
+SEEDED_NOISE_FORMAT = _core.SEEDED_NOISE_FORMAT
 _SEED_MOD = 2 ** 64
-_UPSAMPLER_STREAM = _core.UPSAMPLER_STREAM  # the upsampler stage's seed is derive_seed(seed, this)
+_VARIANCES = {"learned_range": _core.Variance.LEARNED_RANGE, "fixed_small": _core.Variance.FIXED_SMALL,
+              "fixed_large": _core.Variance.FIXED_LARGE}
 
 Progress = Union[bool, Callable[[int, int], None], None]
+Steps = Union[str, int, Sequence[int], None]
 
 
 @dataclass(frozen=True)
 class SampleResult:
     """images: uint8 (N, H, W, C), final stage; labels: int64 (N,) or None (unconditional, no
-    guidance); seeds: the per-sample seeds (seeded noise); base_images: uint8 low-res stage of a
+    guidance); seeds: the per-sample seeds (uint64); base_images: uint8 low-res stage of a
     cascade, else None; samples: float32 (N, C, H, W) x_0 of the final stage, before
     quantisation (only with sample(keep_float=True))."""
 
@@ -58,36 +59,12 @@ class SampleResult:
 
 
 @dataclass(frozen=True)
-class _Stage:
+class StageInfo:
+    """A stage of a Python-built stack: its network's shapes and its diffusion process."""
+
     role: str
     info: ModelInfo
     diffusion: DiffusionConfig
-    denoiser: Callable  # the backend's callable over the stage's Denoiser
-
-
-@dataclass(frozen=True)
-class _Plan:
-    method: object    # _core.Method
-    tables: DiffusionTables
-    schedule: object  # _core.Schedule
-    variance: object  # _core.Variance
-    respacing: object
-
-
-def _parse_steps(steps: Union[str, int, Sequence[int]]) -> tuple[str, Union[str, tuple[int, ...]]]:
-    """(method, respacing): "ddimN" -> DDIM, anything else ("250", "10,10,5", 25) -> DDPM."""
-    if isinstance(steps, str):
-        return ("ddim" if steps.strip().startswith("ddim") else "ddpm"), steps.strip()
-    if isinstance(steps, (int, np.integer)):
-        return "ddpm", (int(steps),)
-    return "ddpm", tuple(int(s) for s in steps)
-
-
-def _choice(table: dict, value, name: str):
-    """One parser for the core's enums: the string a user gave -> the bound enum value."""
-    if value not in table:
-        raise ValueError(f"{name}={value!r}: expected one of {tuple(table)}")
-    return table[value]
 
 
 class Engine:
@@ -110,6 +87,8 @@ class Engine:
     diffusion / upsampler_diffusion: the processes the models were trained with; by default
         their presets' (an admrt model records it), else an error asks for it.
     device: where to sample; default: the model's device.
+
+    Engine.from_package(folder) runs an exported AOTInductor package through the same driver.
     """
 
     def __init__(self, model: nn.Module, classifier: Optional[nn.Module] = None,
@@ -125,281 +104,260 @@ class Engine:
         self.backend_name, self.dtype = backend, dtype
         backend_impl = get_backend(backend)
         self.device = device_of(model, device)
-        self.cuda_graphs = bool(cuda_graphs) and backend_impl.capturable
+        self.cuda_graphs = bool(cuda_graphs)
         if cuda_graphs and not backend_impl.capturable and self.device.type == "cuda":
             _log_once(f"backend={backend!r} runs the steps uncaptured (its runtime is not captured in the core's "
                       "CUDA graphs)")
         units = dict(dtype=dtype, channels_last=channels_last, device=self.device)
 
-        self.base = self._stage(model, "model", diffusion, ("unet",), backend_impl, units)
+        base_info = ModelInfo.of(model, "model")
+        self.base = StageInfo("model", base_info, _diffusion_of(model, "model", diffusion))
         self.upsampler = None
         if upsampler is not None:
-            self.upsampler = self._stage(upsampler, "upsampler", upsampler_diffusion, ("superres",), backend_impl,
-                                         units, low_res_size=self.base.info.image_size)
-            low = self.upsampler.info.low_res_size
-            if low is not None and low != self.base.info.image_size:
-                raise ValueError(f"upsampler: conditioned on {low}x{low} images, but the model samples "
-                                 f"{self.base.info.image_size}x{self.base.info.image_size}")
-            if self.upsampler.info.in_channels != self.base.info.in_channels:
-                raise ValueError(f"upsampler: in_channels={self.upsampler.info.in_channels} differs from the "
-                                 f"model's {self.base.info.in_channels}")
+            info = ModelInfo.of(upsampler, "upsampler").fitted(low_res_size=base_info.image_size)
+            self.upsampler = StageInfo("upsampler", info, _diffusion_of(upsampler, "upsampler", upsampler_diffusion))
         self.classifier_info = None
-        self._grad = None
         if classifier is not None:
-            info = ModelInfo.of(classifier, "classifier")
-            if info.kind != "classifier":
-                raise ValueError(f"classifier: expected a noisy classifier (EncoderUNet), got a {info.kind!r} model")
-            size, base = info.image_size, self.base.info
-            if size is not None and size != base.image_size:
-                raise ValueError(f"classifier: it classifies {size}x{size} images, but the model samples "
-                                 f"{base.image_size}x{base.image_size}")
-            if info.in_channels != base.in_channels:
-                raise ValueError(f"classifier: in_channels={info.in_channels} differs from the model's "
-                                 f"{base.in_channels}")
-            self.classifier_info = info.fitted(base.image_size)
-            unit = ClassifierGradient(classifier, **units)
-            unit.info = self.classifier_info   # compiled backends trace it at the base model's size
-            self._grad = backend_impl.classifier_gradient(unit)
-        self._contexts: dict[str, tuple[tuple, object]] = {}  # role -> (key, _core.Sampler)
+            self.classifier_info = ModelInfo.of(classifier, "classifier").fitted(base_info.image_size)
 
-    @staticmethod
-    def from_package(folder, device: Union[str, torch.device, None] = None, cuda_graphs: bool = True):
-        """An exported AOTInductor package (`admrt export aoti`) run by the C++ Context that the
-        Python-free `admrt-sample` runs (engine/package.py): same batching, cascade and seeds."""
-        from .package import PackageEngine
-        return PackageEngine(folder, device=None if device is None else str(device), cuda_graphs=cuda_graphs)
+        # The eager units first: the core checks that the stages fit together (kinds, sizes,
+        # channels) before a backend spends time compiling them.
+        modules = {"model": model, "classifier": classifier, "upsampler": upsampler}
+        eager = {role: _unit(modules[role], role, info, units) for role, info in self._infos().items()}
+        self.stack = self._build_stack(eager, capturable=True)
+        if backend != "eager":
+            compiled = {role: (backend_impl.classifier_gradient(unit) if role == "classifier"
+                               else backend_impl.denoiser(unit)) for role, unit in eager.items()}
+            self.stack = self._build_stack(compiled, capturable=backend_impl.capturable)
+        self._context_key, self._context = None, None
 
-    def _stage(self, module, role, diffusion, expect, backend_impl, units, low_res_size=None) -> _Stage:
-        info = ModelInfo.of(module, role)
-        if info.kind not in expect:
-            raise ValueError(f"{role}: expected a model of kind {expect}, got {info.kind!r}")
-        if diffusion is None:
-            preset = getattr(module, "preset", None)
-            if preset is None:
-                raise ValueError(f"{role}: it records no preset, so its diffusion process is unknown; pass "
-                                 f"{'diffusion' if role == 'model' else 'upsampler_diffusion'}=DiffusionConfig(...)")
-            diffusion = preset.diffusion
-        info = info.fitted(low_res_size=low_res_size)
-        unit = Denoiser(module, **units)
-        unit.info = info   # compiled backends trace it with the low-res size the stack gives
-        return _Stage(role, info, diffusion, backend_impl.denoiser(unit))
+    @classmethod
+    def from_package(cls, folder, device: Union[str, torch.device, None] = None,
+                     cuda_graphs: bool = True) -> "Engine":
+        """An exported AOTInductor package (`admrt export aoti`), loaded once and run by the C++
+        driver that the Python-free `admrt-sample` runs: same validation, batching, cascade and
+        seeds. Its precision, device type and step plans were fixed at export."""
+        self = cls.__new__(cls)
+        self.stack = _core.Stack.load_package(str(folder), "" if device is None else str(device))
+        self.backend_name, self.dtype = "aoti", self.stack.dtype
+        self.device = torch.device(self.stack.device)
+        self.cuda_graphs = bool(cuda_graphs)
+        self.base = self.upsampler = self.classifier_info = None
+        self._context_key, self._context = None, None
+        return self
+
+    # -----------------------------------------------------------------------------------------
+
+    @property
+    def package(self) -> Optional[str]:
+        """The package folder this engine runs, or None for models given from Python."""
+        return self.stack.package or None
 
     @property
     def num_classes(self) -> Optional[int]:
         """Labels the run accepts: the classifier's classes if guided, else the model's."""
-        if self.classifier_info is not None:
-            return self.classifier_info.out_channels
-        return self.base.info.num_classes
+        return self.stack.num_classes
 
-    def steps_per_batch(self, steps: Union[str, int] = "ddim25", upsampler_steps: Union[str, int, None] = None) -> int:
+    @property
+    def default_batch_size(self) -> int:
+        return min(16, self.stack.max_batch) if self.stack.max_batch else 16
+
+    def context(self, steps: Steps = None, upsampler_steps: Steps = None, batch_size: Optional[int] = None, *,
+                eta: float = 0.0, noise: str = "seeded", method: Optional[str] = None,
+                variance: Optional[str] = None, clip_denoised: bool = True, check_finite: bool = True,
+                keep_float: bool = False, keep: bool = True):
+        """The C++ driver (`_core.Context`) for these settings. The last one is kept while the
+        settings stay the same (its buffers and captured graphs are reused); keep=False makes a
+        fresh one without replacing it. Raises ValueError for a bad setting (one message for
+        every front end: the core's)."""
+        if batch_size is None:
+            batch_size = self.default_batch_size
+        for name, value in (("batch_size", batch_size),):
+            if not _is_int(value):
+                raise TypeError(f"{name}={value!r}: expected a positive int")
+        if not isinstance(eta, (int, float, np.floating, np.integer)) or isinstance(eta, bool):
+            raise TypeError(f"eta={eta!r}: expected a finite eta >= 0")
+        p = _core.Context.default_params()
+        p.steps, p.upsampler_steps = _plan_text(steps, "steps"), _plan_text(upsampler_steps, "upsampler_steps")
+        p.method, p.variance = method or "", variance or ""
+        p.noise, p.batch_size, p.eta = str(noise), int(batch_size), float(eta)
+        p.clip_denoised, p.check_finite, p.keep_float = bool(clip_denoised), bool(check_finite), bool(keep_float)
+        p.cuda_graphs = self.cuda_graphs
+        key = (p.steps, p.upsampler_steps, p.method, p.variance, p.noise, p.batch_size, p.eta, p.clip_denoised,
+               p.check_finite, p.keep_float)
+        if keep and self._context is not None and self._context_key == key:
+            return self._context
+        if not keep:
+            return _core.Context(self.stack, p)
+        self._context_key, self._context = None, None  # free the old buffers and graphs first
+        self._context = _core.Context(self.stack, p)
+        self._context_key = key
+        return self._context
+
+    def steps_per_batch(self, steps: Steps = None, upsampler_steps: Steps = None, **settings) -> int:
         """Network evaluations of one batch (both stages of a cascade): for progress bars."""
-        n = len(build_tables(self.base.diffusion, _parse_steps(steps)[1]).timestep_map)
-        if self.upsampler is not None:
-            up = steps if upsampler_steps is None else upsampler_steps
-            n += len(build_tables(self.upsampler.diffusion, _parse_steps(up)[1]).timestep_map)
-        return n
+        return self.context(steps, upsampler_steps, keep=False, **settings).steps_per_batch()
 
-    def sample(self, classes: Optional[Sequence[int]] = None, steps: Union[str, int] = "ddim25",
+    def sample(self, classes: Optional[Sequence[int]] = None, steps: Steps = None,
                guidance: Union[float, Sequence[float], None] = None,
-               seeds: Union[int, Sequence[int], None] = None, batch_size: int = 16, *,
+               seeds: Union[int, Sequence[int], None] = None, batch_size: Optional[int] = None, *,
                num: Optional[int] = None, eta: float = 0.0, clip_denoised: bool = True,
                noise: str = "seeded", variance: Optional[str] = None, method: Optional[str] = None,
-               upsampler_steps: Union[str, int, None] = None, check_finite: bool = True,
+               upsampler_steps: Steps = None, check_finite: bool = True,
                keep_float: bool = False, progress: Progress = False) -> SampleResult:
         """Sample len(classes) images (or `num`).
 
         classes: one label per image; None: `num` images with labels 0, 1, ..., cycling over the
             classes (class-conditional or guided), or unlabelled (unconditional, unguided).
-        steps: "ddimN" (DDIM), or "N" / "a,b,c" / N (DDPM on the respaced process).
+        steps: a step plan (grammar: engine/csrc/plan.h): "ddimN" (DDIM), "N" / "a,b,c" / N (DDPM
+            on the respaced process), "ddim:250" (DDIM over that respacing). Default: "ddim25", or a
+            package's first plan (a package runs the respacings it was exported with).
         guidance: classifier scale, one for all or one per image; None: 1.0 with a classifier,
             0 without. Non-zero needs a classifier.
         seeds: one per image, or an int s for s, s+1, ...; None: 0, 1, .... In "seeded" noise an
             image depends only on its seed (and class, scale, steps), not on the batch or the
             device. In "reference" noise one generator draws as guided-diffusion does: seeded
             with the first seed, or the global torch generator when seeds is None.
-        batch_size: images per network call; every batch has min(batch_size, N) images, the
-            last one padded (and the padding dropped), so one captured step serves them all.
+        batch_size: images per network call (default 16, or a package's bound if smaller); every
+            batch has min(batch_size, N) images, the last one padded (and the padding dropped),
+            so one captured step serves them all.
         variance: "learned_range" | "fixed_small" | "fixed_large"; None: learned_range for a
             learned-sigma model, else fixed_small or fixed_large as its diffusion's sigma_small
             says (the reference's create_gaussian_diffusion).
         method: "ddpm" | "ddim" to override what `steps` implies (guided-diffusion's use_ddim over
             a respacing such as "250"); both stages of a cascade.
-        upsampler_steps: the cascade's second stage (default: `steps`).
+        upsampler_steps: the cascade's second stage (default: `steps`, or a package's default).
         check_finite: raise if a model output, gradient or the sample is NaN/Inf, naming the
             first bad step (a device flag per step, read once after each batch).
         keep_float: also return the float x_0 (result.samples).
         progress: True for a tqdm bar, or a callable(done, total) over all steps of the run.
         """
-        labels, n, scales, noise_mode, seed_arr, base_plan, up_plan = self._prepare(
-            classes, steps, guidance, seeds, batch_size, num, eta, noise, variance, method, upsampler_steps)
-        generator = None
-        if noise == "reference" and seeds is not None:
-            generator = torch.Generator(self.device).manual_seed(int(seed_arr[0]))
+        ctx = self.context(steps, upsampler_steps, batch_size, eta=eta, noise=noise, method=method,
+                           variance=variance, clip_denoised=clip_denoised, check_finite=check_finite,
+                           keep_float=keep_float)
         if noise == "reference" and self.cuda_graphs and self.device.type == "cuda":
             _log_once("noise='reference' runs the steps uncaptured (guided-diffusion's draw order comes from "
                       "torch's generator); seeded noise is captured in CUDA graphs")
-        guided = self._grad is not None and bool(np.any(scales != 0))  # decided once, on the host
-        common = dict(noise=noise_mode, eta=float(eta), clip_denoised=bool(clip_denoised),
-                      check_finite=bool(check_finite))
-
-        bsz = min(int(batch_size), n)
-        batches = math.ceil(n / bsz)
-        total = batches * (base_plan.tables.num_timesteps + (up_plan.tables.num_timesteps if up_plan else 0))
-        bar, on_step = _progress(progress, total)
-        images, base_images, floats = [], [], []
+        request = _request(classes, guidance, seeds, num)
+        bar, on_step = _progress(progress)
         try:
-            for start in range(0, n, bsz):
-                real = min(bsz, n - start)
-                idx = _padded_index(start, real, bsz)    # the last batch repeats its last image
-                y = None if labels is None else torch.as_tensor(labels[idx], device=self.device)
-                b_seeds = seed_arr[idx]
-                g = torch.tensor(scales[idx], dtype=torch.float32, device=self.device) if guided else None
-                ctx = self._context(self.base, base_plan, bsz, guided, common)
-                x = ctx.sample(y=y, guidance=g, seeds=_seed_tensor(b_seeds, self.device), generator=generator,
-                               progress=on_step)
-                img = _core.to_uint8_nhwc(x)
-                if self.upsampler is not None:
-                    base_images.append(img[:real].cpu().numpy())
-                    # ADM-U is conditioned on the saved low-res samples (uint8 -> [-1, 1]).
-                    low_res = img.permute(0, 3, 1, 2).float() / 127.5 - 1
-                    up_seeds = np.asarray([_core.derive_seed(int(s), _UPSAMPLER_STREAM) for s in b_seeds],
-                                          dtype=np.uint64)
-                    ctx = self._context(self.upsampler, up_plan, bsz, False, common)
-                    x = ctx.sample(y=y, low_res=low_res, seeds=_seed_tensor(up_seeds, self.device),
-                                   generator=generator, progress=on_step)
-                    img = _core.to_uint8_nhwc(x)
-                images.append(img[:real].cpu().numpy())
-                if keep_float:
-                    floats.append(x[:real].cpu().numpy())
+            images, labels, base, floats, seed_list = ctx.sample(*request, progress=on_step)
         finally:
             if bar is not None:
                 bar.close()
-        return SampleResult(
-            images=np.concatenate(images), labels=labels, seeds=seed_arr,
-            base_images=np.concatenate(base_images) if base_images else None,
-            samples=np.concatenate(floats) if floats else None)
+        return SampleResult(images=images.numpy(), labels=None if labels is None else labels.numpy(),
+                            seeds=np.asarray(seed_list, dtype=np.uint64),
+                            base_images=None if base is None else base.numpy(),
+                            samples=None if floats is None else floats.numpy())
 
-    def check(self, classes: Optional[Sequence[int]] = None, steps: Union[str, int] = "ddim25",
+    def check(self, classes: Optional[Sequence[int]] = None, steps: Steps = None,
               guidance: Union[float, Sequence[float], None] = None,
-              seeds: Union[int, Sequence[int], None] = None, batch_size: int = 16, *,
+              seeds: Union[int, Sequence[int], None] = None, batch_size: Optional[int] = None, *,
               num: Optional[int] = None, eta: float = 0.0, noise: str = "seeded", variance: Optional[str] = None,
-              method: Optional[str] = None, upsampler_steps: Union[str, int, None] = None) -> None:
+              method: Optional[str] = None, upsampler_steps: Steps = None) -> None:
         """Validate `sample`'s arguments without sampling (what a run checks before it writes
         anything): raises the error `sample` would."""
-        self._prepare(classes, steps, guidance, seeds, batch_size, num, eta, noise, variance, method,
-                      upsampler_steps)
+        ctx = self.context(steps, upsampler_steps, batch_size, eta=eta, noise=noise, method=method,
+                           variance=variance, keep=False)
+        classes_, guidance_, seeds_, num_ = _request(classes, guidance, seeds, num)
+        ctx.validate(classes_, guidance_, seeds_, num_)
 
     # -----------------------------------------------------------------------------------------
 
-    def _prepare(self, classes, steps, guidance, seeds, batch_size, num, eta, noise, variance, method,
-                 upsampler_steps):
-        labels, n = self._labels(classes, num)
-        scales = self._guidance(guidance, n)
-        noise_mode = _choice(NOISE_MODES, noise, "noise")
-        seed_arr = _seeds(seeds, n)
-        if not _is_int(batch_size) or batch_size <= 0:
-            raise ValueError(f"batch_size={batch_size!r}: expected a positive int")
-        if not isinstance(eta, (int, float, np.floating, np.integer)) or not (eta >= 0 and math.isfinite(eta)):
-            raise ValueError(f"eta={eta!r}: expected a finite eta >= 0")
-        base_plan = self._plan(self.base, steps, method, variance)
-        up_plan = None
+    def _infos(self) -> dict[str, ModelInfo]:
+        infos = {"model": self.base.info}
+        if self.classifier_info is not None:
+            infos["classifier"] = self.classifier_info
         if self.upsampler is not None:
-            up_plan = self._plan(self.upsampler, steps if upsampler_steps is None else upsampler_steps, method,
-                                 None)
-        return labels, n, scales, noise_mode, seed_arr, base_plan, up_plan
+            infos["upsampler"] = self.upsampler.info
+        return infos
 
-    def _context(self, stage: _Stage, plan: _Plan, batch: int, guided: bool, common: dict):
-        """The stage's Sampler context for this plan and batch size: kept while they stay the
-        same (its buffers and captured graph are reused), rebuilt when they change."""
-        key = (plan.method, plan.respacing, plan.variance, batch, guided, tuple(sorted(common.items())))
-        cached = self._contexts.get(stage.role)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        self._contexts.pop(stage.role, None)  # free the old buffers and graph first
-        info = stage.info
-        p = _core.default_params()
-        p.method, p.variance = plan.method, plan.variance
-        p.prediction = _core.Prediction.XSTART if stage.diffusion.predict_xstart else _core.Prediction.EPS
-        p.eta, p.clip_denoised, p.check_finite = common["eta"], common["clip_denoised"], common["check_finite"]
-        p.noise = common["noise"]
-        p.cuda_graphs = self.cuda_graphs
-        p.batch_size = batch
-        p.image_shape = [info.in_channels, info.image_size, info.image_size]
-        if info.kind == "superres":
-            low = info.low_res_size
-            p.low_res_shape = [info.in_channels, low, low]
-        p.device = self.device
-        ctx = _core.Sampler(stage.denoiser, self._grad if guided else None, plan.schedule, p)
-        self._contexts[stage.role] = (key, ctx)
-        return ctx
+    def _build_stack(self, units: dict, capturable: bool):
+        """The core's model handle over these units (each stage's shapes, variance, tables)."""
+        stages = {}
+        for role, info in self._infos().items():
+            stage = self.upsampler if role == "upsampler" else self.base
+            shape = [info.in_channels, info.image_size or self.base.info.image_size,
+                     info.image_size or self.base.info.image_size]
+            kwargs = dict(role=role, kind=info.kind, image_shape=shape, num_classes=info.num_classes,
+                          out_channels=info.out_channels, unit=units[role])
+            if role == "classifier":
+                kwargs["num_classes"] = info.out_channels
+            else:
+                diffusion = stage.diffusion
+                kwargs.update(variance=_VARIANCES[default_variance(info.learn_sigma, diffusion)],
+                              prediction=_core.Prediction.XSTART if diffusion.predict_xstart else _core.Prediction.EPS,
+                              schedule=_schedule_builder(diffusion))
+                if info.kind == "superres":
+                    low = info.low_res_size
+                    kwargs["low_res_shape"] = [] if low is None else [info.in_channels, low, low]
+            stages[role] = _core.Stage(**kwargs)
+        return _core.Stack(stages["model"], stages.get("classifier"), stages.get("upsampler"),
+                           device=str(self.device), dtype=self.dtype, capturable=capturable)
 
-    def _labels(self, classes, num) -> tuple[Optional[np.ndarray], int]:
-        """Labels validated once, on the host, before sampling (nothing checks them per step)."""
-        k = self.num_classes
-        if num is not None and (not _is_int(num) or num <= 0):
-            raise ValueError(f"num={num!r}: expected a positive int")
-        if classes is None:
-            if num is None:
-                raise ValueError("num=None: give classes=[...] or a positive num")
-            return (None if k is None else np.arange(num, dtype=np.int64) % k), int(num)
-        labels = _whole_numbers(classes, "classes")
-        if num is not None and num != labels.size:
-            raise ValueError(f"num={num}: differs from len(classes)={labels.size}")
-        if labels.size == 0:
-            raise ValueError("classes=[]: expected at least one class")
-        if k is None:
-            raise ValueError("classes: the model is unconditional and there is no classifier; pass num= instead")
-        bad = np.unique(labels[(labels < 0) | (labels >= k)])
-        if bad.size:
-            raise ValueError(f"classes: {bad[:5].tolist()} out of range; expected ids in [0, {k})")
-        model_k = self.base.info.num_classes
-        if model_k is not None and model_k < k and labels.max() >= model_k:
-            raise ValueError(f"classes: {labels[labels >= model_k][:5].tolist()} out of range for the model; "
-                             f"expected ids in [0, {model_k})")
-        return labels, int(labels.size)
 
-    def _guidance(self, guidance, n) -> np.ndarray:
-        if guidance is None:
-            guidance = 1.0 if self._grad is not None else 0.0
+def _diffusion_of(module: nn.Module, role: str, diffusion: Optional[DiffusionConfig]) -> DiffusionConfig:
+    if diffusion is not None:
+        return diffusion
+    preset = getattr(module, "preset", None)
+    if preset is None:
+        raise ValueError(f"{role}: it records no preset, so its diffusion process is unknown; pass "
+                         f"{'diffusion' if role == 'model' else 'upsampler_diffusion'}=DiffusionConfig(...)")
+    return preset.diffusion
+
+
+def _unit(module: nn.Module, role: str, info: ModelInfo, units: dict):
+    """The eager unit of a stage: Denoiser or ClassifierGradient over an inference copy."""
+    unit = ClassifierGradient(module, **units) if role == "classifier" else Denoiser(module, **units)
+    unit.info = info   # compiled backends trace it with the sizes the stack gives
+    return unit
+
+
+def _schedule_builder(diffusion: DiffusionConfig):
+    """plan -> the core's Schedule of `diffusion` respaced by the plan (admrt.diffusion)."""
+    def schedule(plan):
+        tables = build_tables(diffusion, plan)
+        return _core.Schedule(tables.tensors(), tables.original_num_steps, tables.rescale_timesteps)
+    return schedule
+
+
+def _plan_text(steps: Steps, name: str) -> str:
+    """A step plan as the core parses it: text as given, an int N as "N", ints as "a,b,c"."""
+    if steps is None:
+        return ""
+    if isinstance(steps, str):
+        return steps
+    if _is_int(steps):
+        return str(int(steps))
+    if isinstance(steps, (list, tuple)) and steps and all(_is_int(s) for s in steps):
+        return ",".join(str(int(s)) for s in steps)
+    raise TypeError(f"{name}={steps!r}: expected a step plan such as 'ddim25', '250' or '10,10,5'")
+
+
+def _request(classes, guidance, seeds, num) -> tuple[list, list, list, int]:
+    """Python values as the core takes them (classes, guidance, seeds, num); types are checked
+    here, values by the core."""
+    if num is not None and not _is_int(num):
+        raise TypeError(f"num={num!r}: expected a positive int")
+    class_list = [] if classes is None else _whole_numbers(classes, "classes").tolist()
+    if guidance is None:
+        scales = []
+    else:
         try:
-            scales = np.broadcast_to(np.asarray(guidance, dtype=np.float64), (n,)) if np.ndim(guidance) == 0 \
-                else np.asarray(guidance, dtype=np.float64)
+            scales = [float(g) for g in np.atleast_1d(np.asarray(guidance, dtype=np.float64))]
         except (TypeError, ValueError):
             raise TypeError(f"guidance={guidance!r}: expected a number or one number per image") from None
-        if scales.shape != (n,):
-            raise ValueError(f"guidance: expected one scale or {n} (one per image), got {scales.size}")
-        if not np.isfinite(scales).all():
-            raise ValueError(f"guidance={guidance!r}: expected finite scales")
-        if self._grad is None and np.any(scales != 0):
-            raise ValueError(f"guidance={guidance!r} needs a classifier, and this engine has none "
-                             "(Engine(..., classifier=...)); or pass guidance=0")
-        return scales
-
-    def _plan(self, stage: _Stage, steps, method, variance) -> _Plan:
-        implied, respacing = _parse_steps(steps)
-        method = method or implied
-        method_enum = _choice(METHODS, method, "method")
-        tables = build_tables(stage.diffusion, respacing)
-        if variance is None:
-            variance = default_variance(stage.info.learn_sigma, stage.diffusion)
-        variance_enum = _choice(VARIANCES, variance, "variance")
-        if variance == "learned_range" and not stage.info.learn_sigma:
-            raise ValueError(f"variance='learned_range': the model outputs {stage.info.out_channels} channels, "
-                             f"not 2*{stage.info.in_channels} (eps and variance values)")
-        schedule = _core.Schedule(tables.tensors(), tables.original_num_steps, tables.rescale_timesteps)
-        return _Plan(method_enum, tables, schedule, variance_enum, respacing)
-
-
-def _padded_index(start: int, real: int, size: int) -> np.ndarray:
-    """Indices of a batch of `size` starting at `start` with `real` images, the last repeated."""
-    idx = np.arange(start, start + size)
-    idx[real:] = start + real - 1
-    return idx
-
-
-def _seed_tensor(seeds: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint64 seeds as the int64 bit patterns the core takes."""
-    return torch.from_numpy(np.ascontiguousarray(seeds, dtype=np.uint64).view(np.int64)).to(device)
+    if seeds is None:
+        seed_list = []
+    elif np.ndim(seeds) == 0:
+        if not _is_int(seeds):
+            raise TypeError(f"seeds={seeds!r}: expected an int or one int per image")
+        seed_list = [int(seeds) % _SEED_MOD]
+    else:
+        if not all(_is_int(s) for s in seeds):
+            raise TypeError(f"seeds: expected ints, got {[s for s in seeds if not _is_int(s)][:3]}")
+        seed_list = [int(s) % _SEED_MOD for s in seeds]
+    return class_list, scales, seed_list, -1 if num is None else int(num)
 
 
 _logged: set[str] = set()
@@ -409,26 +367,6 @@ def _log_once(message: str) -> None:
     if message not in _logged:
         _logged.add(message)
         log.info(message)
-
-
-def _seeds(seeds, n) -> np.ndarray:
-    """Per-image seeds as uint64 (Python ints reduced mod 2**64)."""
-    if seeds is None:
-        base = [0]
-    elif np.ndim(seeds) == 0:
-        base = [int(seeds)]
-    else:
-        base = None
-    if base is not None:
-        if not _is_int(seeds if seeds is not None else 0):
-            raise TypeError(f"seeds={seeds!r}: expected an int or one int per image")
-        return np.asarray([(base[0] + i) % _SEED_MOD for i in range(n)], dtype=np.uint64)
-    if not all(_is_int(s) for s in seeds):
-        raise TypeError(f"seeds: expected ints, got {[s for s in seeds if not _is_int(s)][:3]}")
-    arr = [int(s) % _SEED_MOD for s in seeds]
-    if len(arr) != n:
-        raise ValueError(f"seeds: expected {n} (one per image) or one int, got {len(arr)}")
-    return np.asarray(arr, dtype=np.uint64)
 
 
 def _is_int(x) -> bool:
@@ -449,16 +387,16 @@ def _whole_numbers(values, name: str) -> np.ndarray:
     return arr.astype(np.int64).reshape(-1)
 
 
-def _progress(progress: Progress, total: int):
+def _progress(progress: Progress):
+    """(bar to close, callback(done, total)) for sample(progress=...)."""
     if progress is None or progress is False:
         return None, None
     if callable(progress) and progress is not True:
-        done = [0]
-
-        def step(_k, _n):
-            done[0] += 1
-            progress(done[0], total)
-        return None, step
+        return None, progress
     from tqdm.auto import tqdm
-    bar = tqdm(total=total, unit="step", desc="sampling")
-    return bar, lambda _k, _n: bar.update(1)
+    bar = tqdm(unit="step", desc="sampling")
+
+    def step(done, total):
+        bar.total = total
+        bar.update(1)
+    return bar, step

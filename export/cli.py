@@ -28,8 +28,9 @@ def _add_stack_arguments(a: argparse.ArgumentParser, dtypes=("fp32", "fp16", "bf
     a.add_argument("--upsampler-gd-flags", default=None, metavar="FLAGS",
                    help="guided-diffusion's super_res_sample.py flags of --upsampler")
     a.add_argument("--steps", default="ddim25",
-                   help="comma-separated step plans whose tables the export carries, e.g. ddim25,250 (ddimN: DDIM, "
-                        "N: DDPM respaced); the first is the default")
+                   help="step plans whose tables the export carries, separated by spaces, e.g. 'ddim25 250 10,10,5' "
+                        "(ddimN: DDIM; N or a,b,c: DDPM respaced; grammar in engine/csrc/plan.h); the first is "
+                        "the default")
     a.add_argument("--upsampler-steps", default=None,
                    help="the upsampler's step plans (default: --steps; 100 for the bundled stack)")
     a.add_argument("--dtype", choices=dtypes, default="fp32",

@@ -58,17 +58,22 @@ def check_stack(model: nn.Module, classifier: Optional[nn.Module] = None,
 
 
 def parse_step_plans(steps: str | Sequence[str]) -> list[str]:
-    """"ddim25,250" -> ["ddim25", "250"]: the step plans whose tables the package carries. Each is
-    "ddimN" (DDIM) or "N" (DDPM respaced to N steps); the first is the default."""
-    items = [s.strip() for s in (steps.split(",") if isinstance(steps, str) else steps)]
+    """"ddim25 250 10,10,5" -> ["ddim25", "250", "10,10,5"]: the step plans whose tables an export
+    carries, separated by spaces or ';' (a plan's own commas cut sections), each parsed by the
+    core's StepPlan (grammar: engine/csrc/plan.h) and kept in its canonical text; the first is the
+    default."""
+    from admrt.engine._core import StepPlan
+
+    items = steps.replace(";", " ").split() if isinstance(steps, str) else [str(s) for s in steps]
     plans = []
     for item in items:
-        count = item[4:] if item.startswith("ddim") else item
-        if not count.isdigit() or int(count) <= 0:
-            raise ValueError(f"steps={item!r}: expected 'ddimN' or 'N' with N a positive int (a package's step "
-                             "plans are comma-separated, so sectioned respacings 'a,b,c' are not available)")
-        if item not in plans:
-            plans.append(item)
+        try:
+            plan = str(StepPlan.parse(item, "steps"))
+        except ValueError as exc:
+            hint = " (separate step plans with spaces: 'ddim25 250')" if "," in item and "ddim" in item else ""
+            raise ValueError(f"{exc}{hint}") from None
+        if plan not in plans:
+            plans.append(plan)
     if not plans:
         raise ValueError(f"steps={steps!r}: expected at least one step plan such as 'ddim25'")
     return plans
@@ -77,9 +82,11 @@ def parse_step_plans(steps: str | Sequence[str]) -> list[str]:
 def schedule_entry(diffusion, plan: str) -> dict:
     """A step plan's method, step counts and coefficient tables (admrt.diffusion.build_tables)."""
     from admrt.diffusion import build_tables
+    from admrt.engine._core import StepPlan
 
-    tables = build_tables(diffusion, plan)
-    return {"method": "ddim" if plan.startswith("ddim") else "ddpm",
+    parsed = StepPlan.parse(plan)
+    tables = build_tables(diffusion, parsed)
+    return {"method": parsed.method,
             "num_steps": tables.num_timesteps,
             "original_num_steps": tables.original_num_steps,
             "rescale_timesteps": tables.rescale_timesteps,

@@ -1,92 +1,111 @@
-// libadmrt's public API: sample from an exported package (admrt export aoti) with no Python.
+// libadmrt's public API: the one driver of a sampling request, for every front end
+// (admrt.Engine, Engine.from_package, admrt sample, admrt-sample, a C++ program of your own).
 //
-//   auto package = admrt::Package::load("stack.aoti", "cpu");   // the model handle (weights)
-//   auto params = admrt::Context::default_params();             // steps, batch size, graphs, noise
-//   params.steps = "ddim25";
-//   admrt::Context ctx(package, params);                        // per-run state
-//   admrt::Result r = ctx.sample({1, 2, 3}, {1.0}, {7, 8, 9});  // classes, guidance, seeds
+//   auto stack = admrt::Stack::load_package("stack.aoti", "cpu");  // the model handle (weights)
+//   auto params = admrt::Context::default_params();                // step plan, batch size, noise
+//   params.steps = "ddim25";                                       // a StepPlan (plan.h)
+//   admrt::Context ctx(stack, params);                             // per-run state
+//   admrt::Result r = ctx.sample({1, 2, 3}, {1.0}, {7, 8, 9});     // classes, guidance, seeds
 //   // r.images: uint8 (N, H, W, C); r.labels: int64 (N,)
 //
-// The ggml pattern: the model handle is separate from the context, which owns one Sampler
-// context (sampler.h) per stage and batch size: fixed buffers, device tables, and on CUDA the
-// captured graph of a whole step. A cascade (guided base, then the upsampler conditioned on its
-// uint8 output) runs when the package has an upsampler, exactly as admrt.Engine does.
-// Errors are exceptions: std::invalid_argument for a bad argument (naming it, the value, and
-// what was expected), std::runtime_error for a missing or damaged package.
+// The ggml pattern: the model handle (Stack) is separate from the context, which owns one Sampler
+// context (sampler.h) per stage: fixed buffers, device tables, and on CUDA the captured graph of a
+// whole step. A Stack is an exported AOTInductor package (load_package) or units given from
+// Python (eager, torch.compile, onnxruntime, TensorRT backends, guided-diffusion modules:
+// admrt.engine.Engine builds one). The Context is the only code that runs a request: it validates
+// it (labels, guidance, seeds, num, batch bounds, the step plan), expands per-image seeds, runs
+// fixed-size batches (the last one padded), the cascade (guided base, then the upsampler
+// conditioned on its uint8 output, each image's upsampler seed derived from its seed), progress,
+// and a cancel flag checked between steps. Errors are exceptions: std::invalid_argument for a
+// bad argument (naming it, the value, and what was expected), std::runtime_error for a missing or
+// damaged package or a failed step, Cancelled for a cancelled request.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "plan.h"
 #include "sampler.h"
 
 namespace admrt {
 
-constexpr int64_t kPackageFormatVersion = 1;   // export/aoti.py FORMAT_VERSION
+constexpr int64_t kPackageFormatVersion = 1;   // export/aoti.py reads it from _core (one source)
 // The upsampler stage's seed of an image is derive_seed(seed, kUpsamplerStream).
 constexpr uint64_t kUpsamplerStream = (uint64_t{1} << 63) + 1;
+// What an image's seed means under seeded noise (philox.h); run records carry it.
+constexpr const char* kSeededNoiseFormat = "philox4x32-10 box-muller keyed (seed, draw, element)";
 
-// One step plan of a stage ("ddim25", "250"): its method and tables, as the manifest carries them.
-struct StepPlan {
-  Method method = Method::DDIM;
-  Schedule schedule;
-};
-
-// A network of the package with what the sampler needs to know about it.
+// A network of the stack with what the driver needs to know about it.
 struct Stage {
-  std::string role;                   // "model" | "classifier" | "upsampler"
-  std::string kind;                   // "unet" | "superres" | "classifier"
-  std::vector<int64_t> image_shape;   // (C, H, W)
+  std::string role;                    // "model" | "classifier" | "upsampler"
+  std::string kind;                    // "unet" | "superres" | "classifier"
+  std::vector<int64_t> image_shape;    // (C, H, W)
   std::vector<int64_t> low_res_shape;  // upsampler: (C, h, w)
   std::optional<int64_t> num_classes;  // conditional model; classifier: its classes
-  Variance variance = Variance::LearnedRange;
-  Prediction prediction = Prediction::Eps;  // manifest diffusion.predict_xstart
-  std::map<std::string, StepPlan> plans;
+  int64_t out_channels = 0;            // C (eps or x_0) or 2C (learned sigma: [eps | v])
+  Variance variance = Variance::LearnedRange;  // the default (guided-diffusion's create_gaussian_diffusion)
+  Prediction prediction = Prediction::Eps;
   std::shared_ptr<Denoiser> denoiser;         // model, upsampler
   std::shared_ptr<ClassifierGrad> gradient;   // classifier
-  // Runs the compiled unit on its inputs (x_t, t, y[, low_res]); for checks and tests.
+  // The coefficient tables of a step plan: a package looks them up among those it carries (and
+  // throws naming the ones it has); Python builds them (admrt.diffusion.build_tables).
+  std::function<Schedule(const StepPlan&)> schedule;
+  // Runs the unit on its inputs (x_t, t, y[, low_res]); for checks and tests.
   std::function<at::Tensor(const std::vector<at::Tensor>&)> run;
+
+  bool learn_sigma() const { return !image_shape.empty() && out_channels == 2 * image_shape[0]; }
 };
 
-// The model handle: manifest.json and the AOTInductor units of a package folder, loaded once.
-class Package {
- public:
-  // device: where to run ("cpu", "cuda", "cuda:1"; empty: the device type it was compiled for);
-  // the package must have been compiled for that device type. Throws naming the folder and what
-  // is wrong with it.
-  static std::shared_ptr<Package> load(const std::string& folder, const std::string& device = "");
+// How a Stack was made, and what identifies its weights in run records.
+struct StackOptions {
+  at::Device device = at::kCPU;
+  std::string dtype = "fp32";          // precision of the networks' bodies
+  int64_t max_batch = 0;               // largest batch the units take; 0: no bound
+  std::string default_steps = "ddim25";
+  std::string default_upsampler_steps;  // empty: the base model's plan
+  bool capturable = true;              // the units may be captured in a CUDA graph
+  std::string package;                 // the package folder it was loaded from, else empty
+  std::string weights;                 // fingerprint of the weights (a package's manifest), else empty
+};
 
-  const std::string& folder() const { return folder_; }
-  at::Device device() const { return device_; }
-  const std::string& dtype() const { return dtype_; }
-  int64_t max_batch() const { return max_batch_; }
-  const std::string& default_steps() const { return default_steps_; }
-  const std::string& default_upsampler_steps() const { return default_upsampler_steps_; }
-  const std::string& seeded_noise() const { return seeded_noise_; }
-  // The exported weights' fingerprint (manifest "weights"; empty for packages made before it):
-  // run records compare it, so a package re-exported with other weights is not resumed into.
-  const std::string& weights() const { return weights_; }
-  const Stage& base() const { return *base_; }
-  const Stage* classifier() const { return classifier_.get(); }
-  const Stage* upsampler() const { return upsampler_.get(); }
+// The model handle: the base model, and optionally the noisy classifier and the upsampler.
+class Stack {
+ public:
+  // An exported package folder (manifest.json + AOTInductor units), loaded once. device: where to
+  // run ("cpu", "cuda", "cuda:1"; empty: the device type it was compiled for); the package must
+  // have been compiled for that device type. Throws naming the folder and what is wrong with it.
+  static std::shared_ptr<Stack> load_package(const std::string& folder, const std::string& device = "");
+  // Units given by the caller (each stage's denoiser / gradient and schedule set). Checks that the
+  // stages fit together (kinds, image sizes, channels, classes).
+  Stack(Stage base, std::optional<Stage> classifier, std::optional<Stage> upsampler, StackOptions options);
+
+  const StackOptions& options() const { return options_; }
+  at::Device device() const { return options_.device; }
+  const std::string& dtype() const { return options_.dtype; }
+  int64_t max_batch() const { return options_.max_batch; }
+  const Stage& base() const { return base_; }
+  const Stage* classifier() const { return classifier_ ? &*classifier_ : nullptr; }
+  const Stage* upsampler() const { return upsampler_ ? &*upsampler_ : nullptr; }
   const Stage& stage(const std::string& role) const;
   // Labels a run accepts: the classifier's classes if it has one, else the model's (none:
   // unconditional and unguided).
   std::optional<int64_t> num_classes() const;
+  // Where the stack came from, for messages: "the package DIR" or "this engine".
+  std::string describe() const;
 
  private:
-  Package() = default;
-  std::string folder_, dtype_, default_steps_, default_upsampler_steps_, seeded_noise_, weights_;
-  at::Device device_ = at::kCPU;
-  int64_t max_batch_ = 1;
-  std::shared_ptr<Stage> base_, classifier_, upsampler_;
+  Stage base_;
+  std::optional<Stage> classifier_, upsampler_;
+  StackOptions options_;
 };
 
 // One AOTInductor unit (.pt2 of admrt.export.aoti) as the sampler calls it: a denoiser
@@ -96,11 +115,14 @@ std::shared_ptr<ClassifierGrad> load_aoti_gradient(const std::string& path, at::
 
 // Everything a context is built for.
 struct ContextParams {
-  std::string steps;              // a step plan of the package ("ddim25"); empty: its default
-  std::string upsampler_steps;    // the upsampler's; empty: the package's default
-  int64_t batch_size = 16;        // images per network call (<= the package's max batch)
-  std::string dtype;              // empty, or the package's dtype (precision is fixed at export)
-  bool cuda_graphs = true;        // CUDA: capture one whole step, replay it
+  std::string steps;              // the base model's step plan (plan.h); empty: the stack's default
+  std::string upsampler_steps;    // the upsampler's; empty: the stack's default, else `steps`
+  std::string method;             // "ddpm" | "ddim" over both plans' respacings; empty: as they imply
+  std::string variance;           // the base model's: learned_range | fixed_small | fixed_large; empty: its default
+  std::string noise = "seeded";   // "seeded" (per-image counter-based) | "reference" (guided-diffusion's order)
+  int64_t batch_size = 16;        // images per network call (<= the stack's max batch)
+  std::string dtype;              // empty, or the stack's dtype (a package's precision is fixed at export)
+  bool cuda_graphs = true;        // CUDA, seeded noise, capturable units: capture one whole step, replay it
   double eta = 0.0;               // DDIM eta
   bool clip_denoised = true;
   bool check_finite = true;
@@ -108,35 +130,58 @@ struct ContextParams {
 };
 
 struct Result {
-  at::Tensor images;       // uint8 (N, H, W, C), the final stage
-  at::Tensor labels;       // int64 (N,), undefined for an unconditional, unguided run
-  at::Tensor base_images;  // uint8 low-res stage of a cascade, else undefined
-  at::Tensor samples;      // float32 (N, C, H, W) x_0 of the final stage (keep_float), else undefined
+  at::Tensor images;            // uint8 (N, H, W, C), the final stage
+  at::Tensor labels;            // int64 (N,), undefined for an unconditional, unguided run
+  at::Tensor base_images;       // uint8 low-res stage of a cascade, else undefined
+  at::Tensor samples;           // float32 (N, C, H, W) x_0 of the final stage (keep_float), else undefined
+  std::vector<uint64_t> seeds;  // each image's seed
 };
 
-// Per-run state over a package: its Sampler contexts (one per stage, batch size and guidance
+// A request stopped by Context::cancel() (between two steps).
+struct Cancelled : std::runtime_error {
+  Cancelled() : std::runtime_error("cancelled") {}
+};
+
+// Per-run state over a stack: its Sampler contexts (one per stage, batch size and guidance
 // on/off), kept between sample() calls so buffers and captured graphs are reused.
 class Context {
  public:
   static ContextParams default_params();
-  Context(std::shared_ptr<Package> package, ContextParams params);
+  // Validates the params (batch bound, plans, eta, noise, method, variance, dtype) and looks up or
+  // builds the plans' tables.
+  Context(std::shared_ptr<Stack> stack, ContextParams params);
   ~Context();
 
   // classes: one label per image (empty: `num` images labelled 0, 1, ... cycling, or unlabelled
   // when the run is unconditional); guidance: one scale for all or one per image (empty: 1 with
-  // a classifier, 0 without); seeds: one per image (the same seed gives the same image at any
-  // batch size and position). progress(done, total) after each step of the run; may throw.
+  // a classifier, 0 without); seeds: one per image, or one s for s, s+1, ... (empty: 0, 1, ...);
+  // under seeded noise the same seed gives the same image at any batch size and position; under
+  // reference noise one generator seeded with the first seed (empty: the device's default
+  // generator) draws in guided-diffusion's order. num: the number of images (-1: len(classes)).
+  // progress(done, total) after each step of the run; it may throw to stop the run.
   Result sample(const std::vector<int64_t>& classes, const std::vector<double>& guidance,
                 const std::vector<uint64_t>& seeds, const ProgressFn& progress = nullptr, int64_t num = -1);
 
-  // Checks classes, guidance and num as sample() would, without sampling (before a run writes
-  // anything); throws std::invalid_argument.
-  void validate(const std::vector<int64_t>& classes, const std::vector<double>& guidance, int64_t num = -1) const;
+  // Checks classes, guidance, seeds and num as sample() would, without sampling (before a run
+  // writes anything); throws std::invalid_argument.
+  void validate(const std::vector<int64_t>& classes, const std::vector<double>& guidance,
+                const std::vector<uint64_t>& seeds = {}, int64_t num = -1) const;
+
+  // Stops a running sample() at its next step boundary (it throws Cancelled); thread-safe. A
+  // sample() started later runs normally.
+  void cancel() { cancel_requested_ = true; }
 
   // Steps of one batch (both stages): for progress totals.
   int64_t steps_per_batch() const;
-  const Package& package() const { return *package_; }
-  const ContextParams& params() const { return params_; }
+  // Whether the stage's ("model", "upsampler") steps run captured in a CUDA graph, and whether
+  // that graph exists (after its first batch's second step).
+  bool uses_graph(const std::string& role) const;
+  bool captured(const std::string& role) const;
+  const Stack& stack() const { return *stack_; }
+  const std::shared_ptr<Stack>& stack_handle() const { return stack_; }
+  const ContextParams& params() const { return params_; }   // steps / upsampler_steps canonical
+  const StepPlan& plan() const { return base_plan_; }
+  const StepPlan* upsampler_plan() const { return up_plan_ ? &*up_plan_ : nullptr; }
 
  private:
   struct Request {
@@ -148,13 +193,17 @@ class Context {
   };
   Request request(const std::vector<int64_t>& classes, const std::vector<double>& guidance,
                   const std::vector<uint64_t>& seeds, int64_t num) const;
-  Sampler& sampler(const Stage& stage, const StepPlan& plan, int64_t batch, bool guided);
+  Sampler& sampler(const Stage& stage, int64_t batch, bool guided);
 
-  std::shared_ptr<Package> package_;
+  std::shared_ptr<Stack> stack_;
   ContextParams params_;
-  const StepPlan* base_plan_ = nullptr;
-  const StepPlan* up_plan_ = nullptr;
-  // One Sampler per stage, kept while its batch size and guidance stay the same (as admrt.Engine).
+  NoiseMode noise_ = NoiseMode::Seeded;
+  Variance variance_ = Variance::LearnedRange;
+  StepPlan base_plan_;
+  std::optional<StepPlan> up_plan_;
+  Schedule base_schedule_, up_schedule_;
+  std::atomic<bool> cancel_requested_{false};
+  // One Sampler per stage, kept while its batch size and guidance stay the same.
   struct Cached {
     int64_t batch = 0;
     bool guided = false;

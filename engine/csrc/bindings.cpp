@@ -79,6 +79,47 @@ std::unique_ptr<admrt::Sampler> make_sampler(py::object model, py::object classi
 
 py::object optional_tensor(const at::Tensor& t) { return t.defined() ? py::cast(t) : py::none(); }
 
+// schedule(plan: StepPlan) -> Schedule (admrt.diffusion.build_tables), called when a Context is built.
+class PySchedule final : PyCallable {
+ public:
+  using PyCallable::PyCallable;
+  admrt::Schedule operator()(const admrt::StepPlan& plan) {
+    py::gil_scoped_acquire gil;
+    return (*fn_)(plan).cast<admrt::Schedule>();
+  }
+};
+
+admrt::Stage make_stage(std::string role, std::string kind, std::vector<int64_t> image_shape,
+                        std::vector<int64_t> low_res_shape, std::optional<int64_t> num_classes, int64_t out_channels,
+                        admrt::Variance variance, admrt::Prediction prediction, py::object unit, py::object schedule) {
+  admrt::Stage stage;
+  stage.role = std::move(role);
+  stage.kind = std::move(kind);
+  stage.image_shape = std::move(image_shape);
+  stage.low_res_shape = std::move(low_res_shape);
+  stage.num_classes = num_classes;
+  stage.out_channels = out_channels;
+  stage.variance = variance;
+  stage.prediction = prediction;
+  if (stage.kind == "classifier") {
+    if (py::isinstance<admrt::ClassifierGrad>(unit)) stage.gradient = unit.cast<std::shared_ptr<admrt::ClassifierGrad>>();
+    else stage.gradient = std::make_shared<PyClassifierGrad>(unit);
+    auto grad = stage.gradient;
+    stage.run = [grad](const std::vector<at::Tensor>& in) { return (*grad)(in.at(0), in.at(1), in.at(2)); };
+  } else {
+    if (py::isinstance<admrt::Denoiser>(unit)) stage.denoiser = unit.cast<std::shared_ptr<admrt::Denoiser>>();
+    else stage.denoiser = std::make_shared<PyDenoiser>(unit);
+    auto den = stage.denoiser;
+    stage.run = [den](const std::vector<at::Tensor>& in) {
+      return (*den)(in.at(0), in.at(1), in.at(2), in.size() > 3 ? std::optional<at::Tensor>(in[3]) : std::nullopt);
+    };
+    if (schedule.is_none()) throw std::invalid_argument(stage.role + ": expected schedule(plan) -> Schedule");
+    auto fn = std::make_shared<PySchedule>(std::move(schedule));
+    stage.schedule = [fn](const admrt::StepPlan& plan) { return (*fn)(plan); };
+  }
+  return stage;
+}
+
 py::tuple context_sample(admrt::Context& self, std::vector<int64_t> classes, std::vector<double> guidance,
                          std::vector<uint64_t> seeds, int64_t num, py::object progress) {
   admrt::ProgressFn on_step;
@@ -94,7 +135,7 @@ py::tuple context_sample(admrt::Context& self, std::vector<int64_t> classes, std
     r = self.sample(classes, guidance, seeds, on_step, num);
   }
   return py::make_tuple(r.images, optional_tensor(r.labels), optional_tensor(r.base_images),
-                        optional_tensor(r.samples));
+                        optional_tensor(r.samples), r.seeds);
 }
 
 at::Tensor sample_py(admrt::Sampler& self, std::optional<at::Tensor> y, std::optional<at::Tensor> low_res,
@@ -184,9 +225,24 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("uses_graph", &admrt::Sampler::uses_graph)
       .def_property_readonly("captured", &admrt::Sampler::captured);
 
-  // Packages (admrt.h): the same objects admrt-sample uses.
+  // The driver (admrt.h, plan.h): the same objects admrt-sample uses.
   m.attr("UPSAMPLER_STREAM") = py::int_(admrt::kUpsamplerStream);
   m.attr("PACKAGE_FORMAT_VERSION") = py::int_(admrt::kPackageFormatVersion);
+  m.attr("SEEDED_NOISE_FORMAT") = py::str(admrt::kSeededNoiseFormat);
+  py::register_exception<admrt::Cancelled>(m, "Cancelled", PyExc_RuntimeError);
+  py::class_<admrt::StepPlan>(m, "StepPlan", "A step plan parsed from its text (grammar: engine/csrc/plan.h).")
+      .def_static("parse", &admrt::StepPlan::parse, py::arg("text"), py::arg("arg") = "steps")
+      .def_property_readonly("method", &admrt::StepPlan::method_name)
+      .def_property_readonly("sections", &admrt::StepPlan::sections)
+      .def_property_readonly("ddim_steps", &admrt::StepPlan::ddim_steps)
+      .def_property_readonly("respacing", &admrt::StepPlan::respacing)
+      .def("with_method", [](const admrt::StepPlan& self, const std::string& method) {
+        return self.with_method(admrt::parse_method(method));
+      }, py::arg("method"))
+      .def("__str__", &admrt::StepPlan::str)
+      .def("__repr__", [](const admrt::StepPlan& self) { return "StepPlan('" + self.str() + "')"; })
+      .def("__eq__", &admrt::StepPlan::operator==)
+      .def("__hash__", [](const admrt::StepPlan& self) { return py::hash(py::str(self.str())); });
   py::class_<admrt::Denoiser, std::shared_ptr<admrt::Denoiser>>(m, "DenoiserUnit",
                                                                 "A C++ network unit (a package's denoiser).")
       .def("__call__", [](admrt::Denoiser& self, at::Tensor x, at::Tensor t, at::Tensor y, std::optional<at::Tensor> low) {
@@ -205,30 +261,60 @@ PYBIND11_MODULE(_core, m) {
   m.def("aoti_gradient", [](const std::string& path, const std::string& device) {
         return admrt::load_aoti_gradient(path, at::Device(device));
       }, py::arg("path"), py::arg("device"), "A classifier-gradient .pt2 (AOTInductor) as a C++ unit.");
-  py::class_<admrt::Package, std::shared_ptr<admrt::Package>>(m, "Package",
-                                                              "An exported package folder, loaded (admrt.h).")
-      .def(py::init([](const std::string& folder, const std::string& device) {
+  py::class_<admrt::Stage>(m, "Stage", "A network of a stack with its shapes, variance and schedules (admrt.h).")
+      .def(py::init(&make_stage), py::kw_only(), py::arg("role"), py::arg("kind"), py::arg("image_shape"),
+           py::arg("low_res_shape") = std::vector<int64_t>{}, py::arg("num_classes") = py::none(),
+           py::arg("out_channels"), py::arg("variance") = admrt::Variance::LearnedRange,
+           py::arg("prediction") = admrt::Prediction::Eps, py::arg("unit"), py::arg("schedule") = py::none())
+      .def_readonly("role", &admrt::Stage::role)
+      .def_readonly("kind", &admrt::Stage::kind)
+      .def_readonly("image_shape", &admrt::Stage::image_shape)
+      .def_readonly("low_res_shape", &admrt::Stage::low_res_shape)
+      .def_readonly("num_classes", &admrt::Stage::num_classes)
+      .def_readonly("out_channels", &admrt::Stage::out_channels);
+  py::class_<admrt::Stack, std::shared_ptr<admrt::Stack>>(m, "Stack",
+                                                          "The model handle: base model, classifier, upsampler (admrt.h).")
+      .def(py::init([](admrt::Stage base, std::optional<admrt::Stage> classifier, std::optional<admrt::Stage> upsampler,
+                       const std::string& device, const std::string& dtype, int64_t max_batch,
+                       const std::string& default_steps, const std::string& default_upsampler_steps, bool capturable) {
+             admrt::StackOptions o;
+             o.device = at::Device(device);
+             o.dtype = dtype;
+             o.max_batch = max_batch;
+             o.default_steps = default_steps;
+             o.default_upsampler_steps = default_upsampler_steps;
+             o.capturable = capturable;
+             return std::make_shared<admrt::Stack>(std::move(base), std::move(classifier), std::move(upsampler), o);
+           }), py::arg("base"), py::arg("classifier") = py::none(), py::arg("upsampler") = py::none(), py::kw_only(),
+           py::arg("device") = "cpu", py::arg("dtype") = "fp32", py::arg("max_batch") = 0,
+           py::arg("default_steps") = "ddim25", py::arg("default_upsampler_steps") = "", py::arg("capturable") = true)
+      .def_static("load_package", [](const std::string& folder, const std::string& device) {
              py::gil_scoped_release nogil;
-             return admrt::Package::load(folder, device);
-           }), py::arg("folder"), py::arg("device") = "")
-      .def("run", [](const admrt::Package& self, const std::string& role, std::vector<at::Tensor> inputs) {
+             return admrt::Stack::load_package(folder, device);
+           }, py::arg("folder"), py::arg("device") = "")
+      .def("run", [](const admrt::Stack& self, const std::string& role, std::vector<at::Tensor> inputs) {
         const admrt::Stage& stage = self.stage(role);
         py::gil_scoped_release nogil;
         return stage.run(inputs);
       }, py::arg("role"), py::arg("inputs"), "Run one unit ('model', 'classifier', 'upsampler') on its inputs.")
-      .def_property_readonly("folder", &admrt::Package::folder)
-      .def_property_readonly("device", [](const admrt::Package& self) { return self.device().str(); })
-      .def_property_readonly("dtype", &admrt::Package::dtype)
-      .def_property_readonly("max_batch", &admrt::Package::max_batch)
-      .def_property_readonly("default_steps", &admrt::Package::default_steps)
-      .def_property_readonly("default_upsampler_steps", &admrt::Package::default_upsampler_steps)
-      .def_property_readonly("seeded_noise", &admrt::Package::seeded_noise)
-      .def_property_readonly("weights", &admrt::Package::weights)
-      .def_property_readonly("num_classes", &admrt::Package::num_classes);
-  py::class_<admrt::ContextParams>(m, "ContextParams", "What a package Context is built for (admrt.h).")
+      .def("stage", &admrt::Stack::stage, py::arg("role"), py::return_value_policy::reference_internal)
+      .def_property_readonly("has_classifier", [](const admrt::Stack& s) { return s.classifier() != nullptr; })
+      .def_property_readonly("has_upsampler", [](const admrt::Stack& s) { return s.upsampler() != nullptr; })
+      .def_property_readonly("package", [](const admrt::Stack& s) { return s.options().package; })
+      .def_property_readonly("device", [](const admrt::Stack& self) { return self.device().str(); })
+      .def_property_readonly("dtype", &admrt::Stack::dtype)
+      .def_property_readonly("max_batch", &admrt::Stack::max_batch)
+      .def_property_readonly("default_steps", [](const admrt::Stack& s) { return s.options().default_steps; })
+      .def_property_readonly("default_upsampler_steps", [](const admrt::Stack& s) { return s.options().default_upsampler_steps; })
+      .def_property_readonly("weights", [](const admrt::Stack& s) { return s.options().weights; })
+      .def_property_readonly("num_classes", &admrt::Stack::num_classes);
+  py::class_<admrt::ContextParams>(m, "ContextParams", "What a Context is built for (admrt.h).")
       .def(py::init<>())
       .def_readwrite("steps", &admrt::ContextParams::steps)
       .def_readwrite("upsampler_steps", &admrt::ContextParams::upsampler_steps)
+      .def_readwrite("method", &admrt::ContextParams::method)
+      .def_readwrite("variance", &admrt::ContextParams::variance)
+      .def_readwrite("noise", &admrt::ContextParams::noise)
       .def_readwrite("batch_size", &admrt::ContextParams::batch_size)
       .def_readwrite("dtype", &admrt::ContextParams::dtype)
       .def_readwrite("cuda_graphs", &admrt::ContextParams::cuda_graphs)
@@ -236,13 +322,25 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("clip_denoised", &admrt::ContextParams::clip_denoised)
       .def_readwrite("check_finite", &admrt::ContextParams::check_finite)
       .def_readwrite("keep_float", &admrt::ContextParams::keep_float);
-  py::class_<admrt::Context>(m, "Context", "Per-run state over a package: the cascade, batched (admrt.h).")
-      .def(py::init<std::shared_ptr<admrt::Package>, admrt::ContextParams>(), py::arg("package"), py::arg("params"))
+  py::class_<admrt::Context>(m, "Context", "The one driver of a request over a Stack (admrt.h).")
+      .def(py::init([](std::shared_ptr<admrt::Stack> stack, admrt::ContextParams params) {
+             return std::make_unique<admrt::Context>(std::move(stack), std::move(params));
+           }), py::arg("stack"), py::arg("params"))
       .def_static("default_params", &admrt::Context::default_params)
       .def("sample", &context_sample, py::arg("classes"), py::arg("guidance"), py::arg("seeds"), py::arg("num") = -1,
-           py::arg("progress") = py::none(), "-> (images uint8 NHWC, labels | None, base_images | None, samples float32 NCHW | None)")
-      .def("validate", &admrt::Context::validate, py::arg("classes"), py::arg("guidance"), py::arg("num") = -1)
+           py::arg("progress") = py::none(),
+           "-> (images uint8 NHWC, labels | None, base_images | None, samples float32 NCHW | None, seeds)")
+      .def("validate", &admrt::Context::validate, py::arg("classes"), py::arg("guidance"),
+           py::arg("seeds") = std::vector<uint64_t>{}, py::arg("num") = -1)
+      .def("cancel", &admrt::Context::cancel, "Stop a running sample() at its next step boundary (thread-safe).")
       .def("steps_per_batch", &admrt::Context::steps_per_batch)
+      .def("uses_graph", &admrt::Context::uses_graph, py::arg("role") = "model")
+      .def("captured", &admrt::Context::captured, py::arg("role") = "model")
+      .def_property_readonly("plan", &admrt::Context::plan)
+      .def_property_readonly("upsampler_plan", [](const admrt::Context& c) -> py::object {
+        return c.upsampler_plan() ? py::cast(*c.upsampler_plan()) : py::none();
+      })
+      .def_property_readonly("stack", &admrt::Context::stack_handle)
       .def_property_readonly("params", &admrt::Context::params);
   m.def("write_npz", &admrt::write_npz, py::arg("path"), py::arg("arrays"), "arr_0, arr_1, ... as np.savez, atomically.");
   m.def("read_npz", &admrt::read_npz, py::arg("path"), "arr_0, arr_1, ... of an uncompressed .npz.");

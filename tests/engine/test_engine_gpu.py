@@ -65,8 +65,8 @@ def test_captured_steps_equal_the_uncaptured_loop(steps):
     with torch.backends.cudnn.flags(enabled=True, deterministic=True, benchmark=False):
         graphed = _guided_engine()
         a = graphed.sample(**kw).samples
-        ctx = graphed._contexts["model"][1]
-        assert ctx.uses_graph and ctx.captured
+        ctx = graphed.context(steps, batch_size=2, eta=0.5, keep_float=True)   # the one kept by sample()
+        assert ctx.uses_graph("model") and ctx.captured("model")
         b = _guided_engine(cuda_graphs=False).sample(**kw).samples
     assert abs(a - b).max() <= 1e-5
 
@@ -75,22 +75,27 @@ def test_captured_steps_equal_the_uncaptured_loop(steps):
 def test_no_host_synchronisation_inside_the_steps():
     """Neither the first batch of a context (eager warm-up step, then capture) nor later batches
     (replays) synchronise with the host; the inputs are on the device before the mode is set."""
-    warm = _guided_engine()
-    warm.sample(classes=[1, 2], steps="ddim5", seeds=[1, 2], batch_size=2, check_finite=False)  # capture
-    fresh = _guided_engine()
-    fresh._context(fresh.base, fresh._plan(fresh.base, "ddim5", None, None), 2, True,
-                   dict(noise=_core.NoiseMode.SEEDED, eta=0.0, clip_denoised=True, check_finite=False))
+    model, _ = _random_pair("tiny-cond")
+    clf, _ = _random_pair("tiny-classifier")
+    from admrt.diffusion import build_tables
+    tables = build_tables(model.preset.diffusion, "ddim5")
+    schedule = _core.Schedule(tables.tensors(), tables.original_num_steps, tables.rescale_timesteps)
+    p = _core.default_params()
+    p.batch_size, p.image_shape, p.check_finite, p.device = 2, [3, 16, 16], False, torch.device("cuda")
+    units = (admrt.engine.Denoiser(model), admrt.engine.ClassifierGradient(clf))
+    warm, fresh = _core.Sampler(*units, schedule, p), _core.Sampler(*units, schedule, p)
     y = torch.tensor([3, 4], device="cuda")
     g = torch.ones(2, device="cuda")
     seeds = torch.tensor([7, 8], device="cuda")
+    warm.sample(y=y, guidance=g, seeds=seeds)  # capture
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        x = warm._contexts["model"][1].sample(y=y, guidance=g, seeds=seeds)        # replays
-        x2 = fresh._contexts["model"][1].sample(y=y, guidance=g, seeds=seeds)      # warm-up + capture
+        x = warm.sample(y=y, guidance=g, seeds=seeds)        # replays
+        x2 = fresh.sample(y=y, guidance=g, seeds=seeds)      # warm-up + capture
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert fresh._contexts["model"][1].captured
+    assert fresh.captured
     torch.testing.assert_close(x, x2, rtol=0, atol=1e-5)
 
 

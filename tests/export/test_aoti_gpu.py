@@ -18,7 +18,7 @@ from gd_reference import random_model
 @pytest.mark.gpu
 def test_cuda_package_with_graphs_equals_eager(tmp_path):
     model, clf = random_model("tiny-cond").cuda(), random_model("tiny-classifier").cuda()
-    export_aoti(model, clf, out=tmp_path / "pkg", steps="ddim10,25", device="cuda", max_batch=16)
+    export_aoti(model, clf, out=tmp_path / "pkg", steps="ddim10 25", device="cuda", max_batch=16)
     want = admrt.Engine(model, classifier=clf, cuda_graphs=False).sample(
         classes=list(range(8)), steps="ddim10", guidance=2.0, seeds=3, batch_size=8, keep_float=True)
     eng = admrt.Engine.from_package(tmp_path / "pkg")

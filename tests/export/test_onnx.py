@@ -118,7 +118,7 @@ def tiny():
 
 
 def test_tiny_stack_export_and_upsampler_unit(tiny, tmp_path):
-    report = export_onnx(tiny["model"], tiny["classifier"], out=tmp_path / "t", steps="ddim4,10", opset=22,
+    report = export_onnx(tiny["model"], tiny["classifier"], out=tmp_path / "t", steps="ddim4 10", opset=22,
                          log=lambda m: None)
     assert set(report.errors) == {"model", "classifier", "classifier_grad"}
     assert all(e is not None and e <= FP32_TOLERANCE for e in report.errors.values())

@@ -207,7 +207,7 @@ int main(int argc, char** argv) {
     if (opt.count("--guidance")) guidance.push_back(to_double("--guidance", opt["--guidance"]));
     const int64_t seed = to_int("--seed", opt["--seed"]);
 
-    auto package = admrt::Package::load(opt["--package"], opt.count("--device") ? opt["--device"] : "");
+    auto package = admrt::Stack::load_package(opt["--package"], opt.count("--device") ? opt["--device"] : "");
     if (batch == 0) batch = std::min<int64_t>(16, package->max_batch());
     const int64_t shard = opt.count("--shard-size") ? to_int("--shard-size", opt["--shard-size"]) : 4 * batch;
     if (shard <= 0) throw UsageError("--shard-size=" + std::to_string(shard) + ": expected a positive int");
@@ -231,7 +231,7 @@ int main(int argc, char** argv) {
     } else if (package->num_classes()) {
       for (int64_t i = 0; i < num; ++i) labels.push_back(i % *package->num_classes());
     }
-    ctx.validate(labels, guidance, num);  // before anything is written
+    ctx.validate(labels, guidance, {}, num);  // before anything is written
     const admrt::Stage& last = package->upsampler() ? *package->upsampler() : package->base();
     const double bytes = static_cast<double>(num) * last.image_shape[0] * last.image_shape[1] * last.image_shape[2];
     if (bytes + 9.0 * num >= static_cast<double>(admrt::kMaxNpzBytes))
@@ -248,8 +248,8 @@ int main(int argc, char** argv) {
         << ",\n \"classes\": " << (opt.count("--classes") ? admrt::json::quote(opt["--classes"]) : "null")
         << ",\n \"num\": " << num << ",\n \"seed\": " << seed << ",\n \"eta\": " << number(params.eta)
         << ",\n \"noise\": \"seeded\",\n \"shard_size\": " << shard
-        << ",\n \"seeded_noise\": " << admrt::json::quote(package->seeded_noise())
-        << ",\n \"weights\": " << admrt::json::quote(package->weights())
+        << ",\n \"seeded_noise\": " << admrt::json::quote(std::string(admrt::kSeededNoiseFormat))
+        << ",\n \"weights\": " << admrt::json::quote(package->options().weights)
         << ",\n \"device\": " << admrt::json::quote(package->device().is_cuda() ? "cuda" : "cpu") << "\n}\n";
     const fs::path record_path = out / "run.json";
     const admrt::json::Value record = admrt::json::parse(rec.str(), "run record");

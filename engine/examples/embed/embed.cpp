@@ -10,7 +10,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    auto package = admrt::Package::load(argv[1]);   // the model handle: manifest + AOTI units
+    auto package = admrt::Stack::load_package(argv[1]);  // the model handle: manifest + AOTI units
     auto params = admrt::Context::default_params();  // steps plan, batch size, graphs, eta
     params.batch_size = 4;
     admrt::Context ctx(package, params);             // per-run state, reused across calls
