@@ -166,13 +166,14 @@ def profile(args) -> dict:
     x = torch.randn(n, ch, size, size, device=device)
     t = torch.full((n,), preset.diffusion.steps // 2, device=device, dtype=torch.long)
     y = torch.tensor(classes or [0] * n, device=device)
-    units = {"denoiser": _unit_ms(eng.base.denoiser, (x, t, y, None), device, args.reps)}
+    units = {"denoiser": _unit_ms(eng.units["model"], (x, t, y, None), device, args.reps)}
     if clf is not None:
-        net = (eng._grad.unit if args.backend == "compile" else eng._grad).net   # the unit's inference copy
+        grad = eng.units["classifier"]
+        net = (grad.unit if args.backend == "compile" else grad).net   # the unit's inference copy
         forward = torch.compile(net, fullgraph=True, dynamic=False) if args.backend == "compile" else net
         with torch.no_grad():
             units["classifier forward"] = _unit_ms(forward, (x, t), device, args.reps)
-        grad_ms = _unit_ms(eng._grad, (x, t, y), device, args.reps)
+        grad_ms = _unit_ms(grad, (x, t, y), device, args.reps)
         units["classifier backward (gradient - forward)"] = grad_ms - units["classifier forward"]
     units["sampler update, noise and overhead (step - units)"] = step_ms - sum(units.values())
     unit_rows = [{"unit": k, "ms_per_step": v, "pct_of_step": 100 * v / step_ms} for k, v in units.items()]

@@ -320,7 +320,7 @@ def _validate(args, engine, labels, shard_size) -> None:
         try:
             engine.context(args.steps, args.upsampler_steps, args.batch_size, eta=args.eta).validate(
                 [] if labels is None else labels.tolist(), [] if args.guidance is None else [args.guidance],
-                args.num)
+                num=args.num)
         except (ValueError, RuntimeError) as exc:
             raise CommandError(str(exc)) from None
         return

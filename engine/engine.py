@@ -125,10 +125,12 @@ class Engine:
         modules = {"model": model, "classifier": classifier, "upsampler": upsampler}
         eager = {role: _unit(modules[role], role, info, units) for role, info in self._infos().items()}
         self.stack = self._build_stack(eager, capturable=True)
+        # role -> the callable the core runs (the backend's unit): for profiling and checks.
+        self.units = eager
         if backend != "eager":
-            compiled = {role: (backend_impl.classifier_gradient(unit) if role == "classifier"
-                               else backend_impl.denoiser(unit)) for role, unit in eager.items()}
-            self.stack = self._build_stack(compiled, capturable=backend_impl.capturable)
+            self.units = {role: (backend_impl.classifier_gradient(unit) if role == "classifier"
+                                 else backend_impl.denoiser(unit)) for role, unit in eager.items()}
+            self.stack = self._build_stack(self.units, capturable=backend_impl.capturable)
         self._context_key, self._context = None, None
 
     @classmethod
@@ -143,6 +145,7 @@ class Engine:
         self.device = torch.device(self.stack.device)
         self.cuda_graphs = bool(cuda_graphs)
         self.base = self.upsampler = self.classifier_info = None
+        self.units = {}  # the package's units run inside the core (Stack.run calls one)
         self._context_key, self._context = None, None
         return self
 

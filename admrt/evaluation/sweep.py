@@ -60,9 +60,12 @@ class SweepRow:
 
 
 def sampler_label(steps: str) -> str:
-    """"ddim25" -> "DDIM-25", "250" -> "DDPM-250"."""
-    s = str(steps)
-    return f"DDIM-{s[4:]}" if s.startswith("ddim") else f"DDPM-{s}"
+    """"ddim25" -> "DDIM-25", "250" -> "DDPM-250", "ddim:250" -> "DDIM-250" (the core's StepPlan)."""
+    from admrt.engine._core import StepPlan
+
+    plan = StepPlan.parse(str(steps))
+    count = plan.ddim_steps or ",".join(str(c) for c in plan.sections)
+    return f"{plan.method.upper()}-{count}"
 
 
 def run_sweep(engine, evaluator: Evaluator, reference: ReferenceStatistics, config: SweepConfig,

@@ -173,9 +173,12 @@ PYBIND11_MODULE(_core, m) {
 #endif
   }, "Whether this core has its CUDA parts (seeded-noise kernel, graph capture).");
 
-  py::enum_<admrt::Method>(m, "Method")
-      .value("DDPM", admrt::Method::DDPM)
-      .value("DDIM", admrt::Method::DDIM);
+  py::enum_<admrt::Method> methods(m, "Method");
+  for (const auto& [method, name] : admrt::kMethods) {
+    std::string upper(name);
+    for (char& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+    methods.value(upper.c_str(), method);
+  }
   py::enum_<admrt::Variance>(m, "Variance")
       .value("LEARNED_RANGE", admrt::Variance::LearnedRange)
       .value("FIXED_SMALL", admrt::Variance::FixedSmall)

@@ -28,19 +28,26 @@ int64_t positive(const std::string& text) {
 
 std::string expected(const std::string& arg, const std::string& text) {
   return arg + "='" + text + "': expected a step plan 'ddimN' (DDIM), 'N' or 'a,b,c' (DDPM over N steps or "
-         "sections of a, b, c steps), optionally prefixed by a method 'ddim:' or 'ddpm:' (N positive integers)";
+         "sections of a, b, c steps), optionally prefixed by a method such as 'ddim:' (N positive integers)";
 }
 
 }  // namespace
 
 Method parse_method(const std::string& name, const std::string& arg) {
   const std::string s = strip(name);
-  if (s == "ddim") return Method::DDIM;
-  if (s == "ddpm") return Method::DDPM;
-  throw std::invalid_argument(arg + "='" + name + "': expected 'ddpm' or 'ddim'");
+  std::string names;
+  for (const auto& [method, known] : kMethods) {
+    if (s == known) return method;
+    names += std::string(names.empty() ? "" : " or ") + "'" + known + "'";
+  }
+  throw std::invalid_argument(arg + "='" + name + "': expected " + names);
 }
 
-std::string method_name(Method method) { return method == Method::DDIM ? "ddim" : "ddpm"; }
+std::string method_name(Method method) {
+  for (const auto& [known, name] : kMethods)
+    if (known == method) return name;
+  throw std::logic_error("method_name: a Method without a row in kMethods");
+}
 
 StepPlan StepPlan::parse(const std::string& text, const std::string& arg) {
   std::string rest = strip(text);
@@ -48,9 +55,11 @@ StepPlan StepPlan::parse(const std::string& text, const std::string& arg) {
   bool explicit_method = false;
   const size_t colon = rest.find(':');
   if (colon != std::string::npos) {
-    const std::string name = strip(rest.substr(0, colon));
-    if (name != "ddim" && name != "ddpm") throw std::invalid_argument(expected(arg, text));
-    plan.method_ = parse_method(name, arg);
+    try {
+      plan.method_ = parse_method(rest.substr(0, colon), arg);
+    } catch (const std::invalid_argument&) {
+      throw std::invalid_argument(expected(arg, text));
+    }
     explicit_method = true;
     rest = strip(rest.substr(colon + 1));
   }

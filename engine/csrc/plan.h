@@ -20,17 +20,22 @@
 // the reference's respace.space_timesteps), from sections() / ddim_steps(); the core and the
 // packages receive the resulting tables.
 //
-// A new sampling method touches: this parser (its name), the per-step coefficient table of
-// sampler.cpp (coefficient_rows) and its step function (Sampler::step).
+// A new sampling method touches two files: here, its enum value and its row of kMethods (the
+// parser, the run records and the Python binding read that table), and sampler.cpp, its per-step
+// coefficients (coefficient_rows) and its step function (Sampler::step).
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
-#include "sampler.h"
-
 namespace admrt {
+
+// The samplers of the core (sampler.cpp has one step function for each).
+enum class Method { DDPM, DDIM };
+// Each method's name in step plans, records and Python (upper-cased there: _core.Method.DDIM).
+inline constexpr std::pair<Method, const char*> kMethods[] = {{Method::DDPM, "ddpm"}, {Method::DDIM, "ddim"}};
 
 class StepPlan {
  public:
@@ -43,7 +48,7 @@ class StepPlan {
   int64_t ddim_steps() const { return ddim_steps_; }   // N of "ddimN", else 0
   std::string respacing() const;                        // "ddim25" | "250" | "10,10,5"
   std::string str() const;                              // canonical text (see above)
-  std::string method_name() const;                      // "ddpm" | "ddim"
+  std::string method_name() const;                      // its kMethods name
   StepPlan with_method(Method method) const;           // the same respacing, another sampler
   bool operator==(const StepPlan& other) const { return str() == other.str(); }
 
@@ -53,7 +58,7 @@ class StepPlan {
   int64_t ddim_steps_ = 0;
 };
 
-// "ddpm" | "ddim" -> Method; throws naming `arg`.
+// A name of kMethods -> Method; throws naming `arg` and the names.
 Method parse_method(const std::string& name, const std::string& arg = "method");
 std::string method_name(Method method);
 

@@ -23,6 +23,8 @@
 #include <string>
 #include <vector>
 
+#include "plan.h"
+
 namespace admrt {
 
 // The network: (x_t (B,C,H,W) float32, t (B,) float32 model timesteps, y (B,) int64 labels (zeros
@@ -45,7 +47,6 @@ class ClassifierGrad {
   virtual at::Tensor operator()(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& y) = 0;
 };
 
-enum class Method { DDPM, DDIM };
 enum class Variance { LearnedRange, FixedSmall, FixedLarge };
 // What the network's first C channels are (guided-diffusion's ModelMeanType): EPSILON or START_X.
 enum class Prediction { Eps, XStart };

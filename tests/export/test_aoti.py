@@ -217,7 +217,7 @@ def _manifest(change):
     ("wrong device", None, ["--device", "cuda"], "the package {pkg} was compiled for 'cpu'"),
     ("class out of range", None, ["--classes", "3,10"], r"classes: [10] out of range; expected ids in [0, 10)"),
     ("batch above the bound", None, ["--batch-size", MAX_BATCH + 1], "exported for batches of 1..8"),
-    ("unknown steps", None, ["--steps", "ddim7"], "has the model's tables for 6, ddim5 only"),
+    ("unknown steps", None, ["--steps", "ddim7"], "has the model's tables for 2,2,2, 6, ddim5 only"),
     ("guidance not finite", None, ["--guidance", "nan"], "expected finite scales"),
 ])
 def test_bad_input_is_one_clear_error_and_writes_nothing(stack, tmp_path, case, edit, args, message):
@@ -232,6 +232,55 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(stack, tmp_path, case, 
     assert "\n" not in line and line.startswith("admrt-sample: "), res.stderr
     assert message.format(pkg=pkg) in line, line
     assert not out.exists()  # nothing written: the corrected command is not blocked
+
+
+# One table of bad requests: (case, Engine.sample kwargs, admrt-sample args or None where the program
+# has no such option, whether an eager Engine refuses it too, the message). One piece of code (the
+# core's Context) raises each, so every front end shows the same text.
+BAD_REQUESTS = [
+    ("class out of range", dict(classes=[3, 10]), ["--classes", "3,10"], True,
+     "classes: [10] out of range; expected ids in [0, 10)"),
+    ("guidance not finite", dict(classes=[1], guidance=float("nan")), ["--guidance", "nan"], True,
+     "guidance=nan: expected finite scales"),
+    ("num 0", dict(num=0), ["--num", "0"], True, "num=0: expected a positive int"),
+    ("unknown plan", dict(classes=[1], steps="fast"), ["--steps", "fast"], True,
+     "steps='fast': expected a step plan 'ddimN' (DDIM), 'N' or 'a,b,c'"),
+    ("negative eta", dict(classes=[1], eta=-1.0), ["--eta", "-1"], True, "eta=-1.0: expected a finite eta >= 0"),
+    ("batch above the package's bound", dict(classes=[1], batch_size=MAX_BATCH + 1),
+     ["--batch-size", str(MAX_BATCH + 1)], False, "batch_size=9: the package {pkg} was exported for batches of 1..8"),
+    ("guidance per image", dict(classes=[1, 2, 3], guidance=[1.0, 2.0]), None, True,
+     "guidance: expected one scale or 3 (one per image), got 2"),
+    ("seeds per image", dict(classes=[1, 2, 3], seeds=[1, 2]), None, True,
+     "seeds: expected 3 (one per image) or one int, got 2"),
+    ("num and classes disagree", dict(classes=[1, 2], num=3), None, True, "num=3: differs from len(classes)=2"),
+    ("unknown noise", dict(classes=[1], noise="fancy"), None, True,
+     "noise='fancy': expected one of ('seeded', 'reference')"),
+    ("unknown method", dict(classes=[1], method="plms"), None, True, "method='plms': expected 'ddpm' or 'ddim'"),
+    ("unknown variance", dict(classes=[1], variance="big"), None, True,
+     "variance='big': expected one of ('learned_range', 'fixed_small', 'fixed_large')"),
+]
+
+
+@pytest.mark.parametrize("case,kwargs,args,eager_too,message", BAD_REQUESTS, ids=[r[0] for r in BAD_REQUESTS])
+def test_bad_requests_give_the_same_message_in_every_front_end(stack, tmp_path, case, kwargs, args, eager_too,
+                                                               message):
+    _, models, pkg = stack
+    want = message.format(pkg=pkg.resolve())
+    with pytest.raises(ValueError) as got:
+        admrt.Engine.from_package(pkg).sample(**{"steps": "ddim5", **kwargs})
+    assert str(got.value) == want
+    eager = admrt.Engine(models["base"], classifier=models["clf"], upsampler=models["up"])
+    if eager_too:
+        with pytest.raises(ValueError) as got:
+            eager.sample(**{"steps": "ddim5", **kwargs})
+        assert str(got.value) == want
+    else:
+        eager.check(**{"steps": "ddim5", **kwargs})  # no bound on units given from Python
+    if args is not None:
+        out = tmp_path / "out"
+        res = _program("--package", pkg, "--steps", "ddim5", *args, "--out", out, "--no-progress")
+        assert res.returncode != 0 and res.stderr.strip() == f"admrt-sample: {want}", res.stderr
+        assert not out.exists()
 
 
 def test_export_refuses_to_overwrite_and_checks_arguments(stack, tmp_path, cli_error):
