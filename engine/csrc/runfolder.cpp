@@ -1,7 +1,9 @@
 #include "runfolder.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
+#include <cstring>
 #include <cstdio>
 #include <ctime>
 #include <exception>
@@ -112,10 +114,12 @@ void RunFolder::say(const std::string& line) const {
 void RunFolder::lock() {
   if (fd_ >= 0) return;
   const fs::path out(out_);
-  fs::create_directories(out);
+  std::error_code made;
+  fs::create_directories(out, made);
+  if (made) throw RunFolderError("--out=" + py_repr(out_) + ": cannot be made a folder (" + made.message() + ")");
   const fs::path path = out / kLock;
   const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  if (fd < 0) throw std::runtime_error(path.string() + ": cannot be opened");
+  if (fd < 0) throw RunFolderError(path.string() + ": cannot be opened (" + std::strerror(errno) + ")");
   if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
     std::ifstream in(path);
     std::string holder;
