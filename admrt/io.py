@@ -1,6 +1,8 @@
-"""Atomic file writes: a finished file or none, never a partial one (long runs keep their work)."""
+"""Atomic file writes: a finished file or none, never a partial one (long runs keep their work);
+and what run records (OUT/run.json, engine/csrc/runfolder.cpp) say of files and devices."""
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -24,3 +26,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], mode: in
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def file_fingerprint(path) -> str:
+    """sha256 of a file's bytes (its first 16 hex digits), streamed: about a second per GB."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def device_description(device) -> str:
+    """'cpu' or 'cuda (NVIDIA H100 80GB HBM3)': what decides the numbers, not the index."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type

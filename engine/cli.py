@@ -2,14 +2,17 @@
 upsampler), written as guided-diffusion's sample scripts do: an .npz with arr_0 (uint8 NHWC)
 and arr_1 (labels), plus a PNG grid.
 
-A run is cut into shards of --shard-size images (OUT/shards/shard_00000.npz, ...), each written
-atomically (temporary file + os.replace); a rerun with the same arguments skips the finished
-shards, so an interrupted large run resumes. OUT/run.json records the arguments of the run.
+The run itself is the C++ library's (engine/csrc/runfolder.cpp, `_core.run_samples`, the one
+implementation that `admrt-sample` runs too): validation, OUT/run.json, the lock, shards of
+--shard-size images (OUT/shards/shard_00000.npz, ...) written atomically, a rerun with the same
+arguments skipping the finished shards, and the final .npz. This file parses the options, loads the
+models into an Engine, adds the record fields that describe them (presets, weights files, backend,
+precision), and writes grid.png from the final .npz.
 
-`--package DIR` samples from an exported AOTInductor package through the C++ Context that
-`admrt-sample` runs (the same run folder: either program resumes the other's run). Under
-`torchrun --nproc_per_node N -m admrt.cli sample ...` rank r samples the shards s with
-s % N == r on its own GPU (cuda:LOCAL_RANK), and rank 0 writes the final .npz once all are done.
+`--package DIR` samples from an exported AOTInductor package: the same record as `admrt-sample`
+writes, so either program resumes the other's run. Under `torchrun --nproc_per_node N -m
+admrt.cli sample ...` rank r samples the shards s with s % N == r on its own GPU (cuda:LOCAL_RANK),
+and rank 0 writes the final .npz once all are done.
 """
 from __future__ import annotations
 
@@ -24,8 +27,7 @@ import numpy as np
 
 from admrt.cli import CommandError, Interrupted
 from admrt.distributed import leaving_process_group
-from admrt.io import atomic_write
-from admrt.runfolder import RunFolder, device_description, file_fingerprint
+from admrt.io import atomic_write, device_description, file_fingerprint
 
 DEFAULT_STACK = ("fashion16-cond", "fashion16-classifier", "fashion-upsample16-32")
 # The bundled upsampler is short-trained: DDIM-25 leaves speckle, DDPM-100 gives clean images
@@ -33,6 +35,8 @@ DEFAULT_STACK = ("fashion16-cond", "fashion16-classifier", "fashion-upsample16-3
 DEFAULT_STACK_UPSAMPLER_STEPS = "100"
 RUN_KEYS = ("model", "classifier", "upsampler", "steps", "method", "upsampler_steps", "guidance", "classes", "num",
             "seed", "eta", "noise", "dtype", "gd_flags", "upsampler_gd_flags", "shard_size")
+# The fields of RUN_KEYS that run_samples records itself (engine/csrc/runfolder.cpp).
+_COMMON_KEYS = ("steps", "upsampler_steps", "guidance", "classes", "num", "seed", "eta", "noise", "shard_size")
 DEFAULT_NUM, DEFAULT_BATCH, DEFAULT_STEPS = 16, 16, "ddim25"
 
 
@@ -200,16 +204,6 @@ def _models(args, device):
     return LoadedModels(model[0], clf[0], up[0], (model[1], clf[1], up[1]))
 
 
-def _save_npz(path: Path, images: np.ndarray, labels: np.ndarray | None) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            if labels is None:
-                np.savez(f, images)
-            else:
-                np.savez(f, images, labels)
-    atomic_write(path, write)
-
-
 def save_grid(path: Path, images: np.ndarray, max_images: int = 64, min_side: int = 512) -> None:
     """A square-ish PNG grid of the first `max_images` uint8 NHWC images, enlarged by an integer
     factor (nearest neighbour) to at least `min_side` pixels so small images can be seen."""
@@ -240,46 +234,30 @@ def _package_engine(args, device):
 
     given = [f"--{k.replace('_', '-')}" for k in ("model", "model_preset", "classifier", "classifier_preset",
                                                   "upsampler", "upsampler_preset", "gd_flags", "upsampler_gd_flags",
-                                                  "method", "dtype") if getattr(args, k) is not None]
+                                                  "dtype") if getattr(args, k) is not None]
     given += ["--backend"] * (args.backend != "eager")
     if given:
         raise CommandError(f"--package holds the models, their precision and backend; drop {', '.join(given)}")
-    if args.noise != "seeded":
-        raise CommandError(f"--noise={args.noise}: a package draws seeded noise only")
     try:
         engine = Engine.from_package(args.package, device=device)
-        args.batch_size = args.batch_size or engine.default_batch_size
-        ctx = engine.context(args.steps, args.upsampler_steps, args.batch_size, eta=args.eta)
     except (ValueError, RuntimeError) as exc:
         raise CommandError(f"{exc}") from None
-    args.steps, args.upsampler_steps = ctx.params.steps, ctx.params.upsampler_steps or None
+    args.batch_size = args.batch_size or engine.default_batch_size
     return engine
 
 
-def _record(args, shard_size, engine, loaded, device) -> dict:
-    """What a rerun must match to resume (written to OUT/run.json)."""
-    from admrt.engine.engine import SEEDED_NOISE_FORMAT
-    if args.package is not None:  # the same record as admrt-sample writes (engine/csrc/tools/admrt_sample.cpp)
-        return {"package": str(Path(args.package).resolve()), "steps": args.steps,
-                "upsampler_steps": args.upsampler_steps, "guidance": args.guidance, "classes": args.classes,
-                "num": args.num, "seed": args.seed, "eta": args.eta, "noise": "seeded", "shard_size": shard_size,
-                "seeded_noise": SEEDED_NOISE_FORMAT, "weights": engine.stack.weights,
-                "device": "cuda" if engine.stack.device.startswith("cuda") else "cpu"}
-    record = {key: getattr(args, key) for key in RUN_KEYS if key != "shard_size"}
-    record.update(shard_size=shard_size, batch_size=args.batch_size, backend=args.backend,
-                  device=device_description(device),
+def _extra_record(args, loaded, device) -> dict:
+    """The record fields (OUT/run.json) that describe an Engine built here from models, beside the
+    common ones run_samples writes (steps, guidance, classes, num, seed, eta, noise, shard_size,
+    ...): a rerun must match them to resume. A package run has none: its record is admrt-sample's."""
+    record = {key: getattr(args, key) for key in RUN_KEYS if key not in _COMMON_KEYS}
+    record.update(batch_size=args.batch_size, backend=args.backend, device=device_description(device),
                   models=[getattr(m, "preset", None) and m.preset.name for m in loaded[:3]],
                   weights=[file_fingerprint(s) if isinstance(s, Path) else s for s in loaded.sources])
     if args.noise == "seeded":  # shards drawn with another noise map must not be mixed in
+        from admrt.engine.engine import SEEDED_NOISE_FORMAT
         record["seeded_noise"] = SEEDED_NOISE_FORMAT
     return record
-
-
-def _method_options(args) -> dict:
-    """Engine.sample's options that only eager-model runs take (a package fixes them)."""
-    if args.package is not None:
-        return {}
-    return {"method": args.method, "clip_denoised": args.clip_denoised}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -301,41 +279,18 @@ def run(args: argparse.Namespace) -> int:
         return _run(args, device, rank, world, dist)
 
 
-def _labels(args, engine) -> np.ndarray | None:
-    """The run's labels: --classes cycled over --num, else 0, 1, ... cycling (None: unlabelled)."""
-    if args.classes:
-        try:
-            chosen = [int(c) for c in args.classes.split(",")]
-        except ValueError:
-            raise CommandError(f"--classes={args.classes!r}: expected comma-separated ints") from None
-        return np.resize(np.asarray(chosen, dtype=np.int64), args.num)
-    k = engine.num_classes
-    return None if k is None else np.arange(args.num, dtype=np.int64) % k
-
-
-def _validate(args, engine, labels, shard_size) -> None:
-    """Every argument checked before anything is written (a rejected command leaves nothing
-    behind): the engine's own checks of `sample`, phrased with the command's options."""
-    if args.package is not None:
-        try:
-            engine.context(args.steps, args.upsampler_steps, args.batch_size, eta=args.eta).validate(
-                [] if labels is None else labels.tolist(), [] if args.guidance is None else [args.guidance],
-                num=args.num)
-        except (ValueError, RuntimeError) as exc:
-            raise CommandError(str(exc)) from None
-        return
-    if args.guidance not in (None, 0) and engine.classifier_info is None:
-        raise CommandError(f"--guidance={args.guidance}: guidance needs a --classifier (this run has none); "
-                           "pass --classifier, or --guidance 0")
+def _classes(args) -> list[int]:
+    """--classes as ints (cycled over --num by run_samples); [] when not given."""
+    if not args.classes:
+        return []
     try:
-        engine.check(classes=None if labels is None else labels, num=args.num, steps=args.steps,
-                     guidance=args.guidance, seeds=args.seed, batch_size=args.batch_size, eta=args.eta,
-                     noise=args.noise, upsampler_steps=args.upsampler_steps, method=args.method)
-    except (TypeError, ValueError) as exc:
-        raise CommandError(str(exc)) from None
+        return [int(c) for c in args.classes.split(",")]
+    except ValueError:
+        raise CommandError(f"--classes={args.classes!r}: expected comma-separated ints") from None
 
 
 def _run(args, device, rank, world, dist) -> int:
+    from . import _core
     from .engine import Engine
 
     out = Path(args.out)
@@ -343,7 +298,7 @@ def _run(args, device, rank, world, dist) -> int:
     if args.package is not None:
         args.num = args.num or DEFAULT_NUM
         engine = _package_engine(args, device)
-        loaded = None
+        extra = None
     else:
         loaded = _models(args, device)
         _gd_sampling_options(args)
@@ -360,85 +315,49 @@ def _run(args, device, rank, world, dist) -> int:
                             backend=args.backend, dtype=args.dtype, device=device)
         except (TypeError, ValueError) as exc:
             raise CommandError(f"{exc}") from None
-    shard_size = args.shard_size or 4 * args.batch_size
-    labels = _labels(args, engine)
-    _validate(args, engine, labels, shard_size)
-
-    n_shards = math.ceil(args.num / shard_size)
-    shard_paths = [out / "shards" / f"shard_{s:05d}.npz" for s in range(n_shards)]
-    # Rank 0 holds the folder (lock, record); every rank stops on a mismatch.
-    folder, error = RunFolder(out, "admrt sample"), None
-    if rank == 0:
-        try:
-            folder.lock()
-            (out / "shards").mkdir(parents=True, exist_ok=True)
-            finished = sum(1 for p in (out / "shards").glob("shard_*.npz"))
-            folder.check_record(_record(args, shard_size, engine, loaded, device), finished=finished,
-                                may_differ=("batch_size",) if args.noise == "seeded" else ())
-        except (CommandError, ValueError, OSError) as exc:  # every rank learns of it (no rank left waiting)
-            folder.unlock()
-            error = str(exc)
-    if dist is not None:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        raise CommandError(error)
+        if args.guidance not in (None, 0) and engine.classifier_info is None:
+            raise CommandError(f"--guidance={args.guidance}: guidance needs a --classifier (this run has none); "
+                               "pass --classifier, or --guidance 0")
+        extra = _extra_record(args, loaded, device)
+    classes = _classes(args)
     try:
-        return _sample_shards(args, engine, labels, shard_size, shard_paths, rank, world, dist)
-    except KeyboardInterrupt:
-        raise Interrupted("the finished shards are kept: rerun the same command to resume") from None
-    finally:
-        folder.unlock()
-
-
-def _sample_shards(args, engine, labels, shard_size, shard_paths, rank, world, dist) -> int:
-    out, n_shards = Path(args.out), len(shard_paths)
-    todo = [s for s in range(n_shards) if not shard_paths[s].exists()]
-    if len(todo) < n_shards and rank == 0:
-        print(f"admrt sample: resuming: {n_shards - len(todo)} of {n_shards} shards already done", file=sys.stderr)
-    todo = [s for s in todo if s % world == rank]  # each rank its own shards
+        ctx = engine.context(steps=args.steps, upsampler_steps=args.upsampler_steps, batch_size=args.batch_size,
+                             eta=args.eta, noise=args.noise, method=args.method, clip_denoised=args.clip_denoised)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CommandError(str(exc).split("\n")[0]) from None
 
     bar = None
-    if not args.no_progress and todo and rank == 0:
-        from tqdm.auto import tqdm
-        per_batch = engine.steps_per_batch(args.steps, args.upsampler_steps)
-        n_batches = sum(math.ceil((min((s + 1) * shard_size, args.num) - s * shard_size) / args.batch_size)
-                        for s in todo)
-        bar = tqdm(total=n_batches * per_batch, unit="step", desc="admrt sample")
+
+    def progress(done, total):
+        nonlocal bar
+        if bar is None:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=total, unit="step", desc="admrt sample")
+        bar.update(done - bar.n)
+
+    def broadcast_error(message):  # rank 0's refusal of the run folder, on every rank
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     try:
-        for s in todo:
-            lo, hi = s * shard_size, min((s + 1) * shard_size, args.num)
-            result = engine.sample(
-                classes=None if labels is None else labels[lo:hi].tolist(), num=hi - lo, steps=args.steps,
-                guidance=args.guidance, seeds=[args.seed + i for i in range(lo, hi)], batch_size=args.batch_size,
-                eta=args.eta, noise=args.noise, upsampler_steps=args.upsampler_steps, **_method_options(args),
-                progress=(lambda done, total: bar.update(1)) if bar is not None else None)
-            _save_npz(shard_paths[s], result.images, result.labels)
+        final = _core.run_samples(
+            ctx, out=str(out), command="admrt sample", num=args.num, classes=classes, guidance=args.guidance,
+            seed=args.seed, shard_size=args.shard_size or 0, extra=extra, rank=rank, world=world,
+            progress=progress if not args.no_progress and rank == 0 else None,
+            barrier=dist.barrier if dist is not None else None,
+            broadcast_error=broadcast_error if dist is not None else None)
+    except KeyboardInterrupt:
+        raise Interrupted("the finished shards are kept: rerun the same command to resume") from None
+    except RuntimeError as exc:  # a write that failed, a damaged package unit: one line
+        raise CommandError(str(exc).split("\n")[0]) from None
     finally:
         if bar is not None:
             bar.close()
-    if dist is not None:
-        dist.barrier()  # every rank's shards are written
     if rank != 0:
         return 0
-
-    parts = [_read_shard(p) for p in shard_paths]
-    images = np.concatenate([p[0] for p in parts])
-    labels_out = np.concatenate([p[1] for p in parts]) if parts[0][1] is not None else None
-    shape_str = "x".join(str(d) for d in images.shape)
-    final = out / f"samples_{shape_str}.npz"
-    _save_npz(final, images, labels_out)
+    with np.load(final) as z:
+        images = z["arr_0"]
     save_grid(out / "grid.png", images)
     print(f"admrt sample: wrote {final} and {out / 'grid.png'}")
     return 0
-
-
-def _read_shard(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """(images, labels) of a finished shard; a damaged one is named, with how to redo it."""
-    try:
-        with np.load(path) as z:
-            return z["arr_0"], (z["arr_1"] if "arr_1" in z else None)
-    except Exception as exc:  # zip, pickle or header errors of a file damaged outside admrt
-        raise CommandError(f"{path}: damaged shard ({type(exc).__name__}: {exc}); delete it and rerun the same "
-                           "command to sample it again") from None

@@ -128,7 +128,7 @@ def example_inputs(info, batch: int, device, low_res_size=None, seed=0) -> list[
 
 def weights_fingerprint(modules: dict) -> str:
     """sha256 (first 16 hex digits) of the exported modules' weights: role, key, dtype, shape and
-    bytes of every tensor; run records compare it (admrt/runfolder.py)."""
+    bytes of every tensor; run records compare it (engine/csrc/runfolder.cpp)."""
     h = hashlib.sha256()
     for role in sorted(modules):
         for key, value in sorted(modules[role].state_dict().items()):

@@ -1,5 +1,5 @@
 """Nothing lost, nothing mixed, one clear line: the run folder of `admrt train` and `admrt sample`
-(admrt/runfolder.py), validation before anything is written, the CLI's one error path, Ctrl-C,
+(engine/csrc/runfolder.cpp), validation before anything is written, the CLI's one error path, Ctrl-C,
 and the checks of the checkpoint loader, `admrt eval` and the Engine API. One test per finding."""
 from __future__ import annotations
 
@@ -351,7 +351,7 @@ def test_engine_api_checks_types():
 
 # 10.
 def test_a_second_process_is_refused_and_stale_temporary_files_are_removed(tmp_path, cli_error):
-    from admrt.runfolder import RunFolder
+    from admrt.engine._core import RunFolder
 
     out = tmp_path / "run"
     holder = RunFolder(out, "test holder")

@@ -2,12 +2,12 @@
 folder of images, with a progress bar, a CSV loss log (and TensorBoard when installed),
 periodic sample grids and resumable checkpoints.
 
-The output folder is a run folder (admrt/runfolder.py): OUT/run.json records the task, preset,
-data and every training setting; rerunning the same command continues from the latest
-checkpoint, a command with other settings is refused (naming them) while OUT holds checkpoints,
-and `--resume CKPT` continues a checkpoint's run (into an empty --out, it forks it). A non-finite
-loss or weights stop the run with an error naming the step; Ctrl-C writes a checkpoint of the
-last finished step and exits 130.
+The output folder is a run folder (engine/csrc/runfolder.h, bound as admrt.engine._core.RunFolder):
+OUT/run.json records the task, preset, data and every training setting; rerunning the same
+command continues from the latest checkpoint, a command with other settings is refused (naming
+them) while OUT holds checkpoints, and `--resume CKPT` continues a checkpoint's run (into an
+empty --out, it forks it). A non-finite loss or weights stop the run with an error naming the
+step; Ctrl-C writes a checkpoint of the last finished step and exits 130.
 
     admrt train diffusion --data fashion-mnist --preset fashion16-cond --steps 8000 \
         --batch-size 256 --lr 2e-4 --ema 0.9999 --dtype bf16 --out runs/base
@@ -29,7 +29,7 @@ import torch
 
 from admrt.cli import CommandError, Interrupted
 from admrt.io import atomic_write
-from admrt.runfolder import RunFolder
+from admrt.engine._core import RunFolder
 
 DEFAULT_PRESETS = {"diffusion": "fashion16-cond", "classifier": "fashion16-classifier",
                    "upsampler": "fashion-upsample16-32"}

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "admrt.h"
+#include "bindings_runfolder.h"
 #include "noise.h"
 #include "npz.h"
 #include "philox.h"
@@ -358,4 +359,5 @@ PYBIND11_MODULE(_core, m) {
   m.def("to_uint8_nhwc", &admrt::to_uint8_nhwc, py::arg("x"), "((x + 1) * 127.5).clamp(0, 255) as uint8, NCHW -> NHWC.");
   m.def("derive_seed", &admrt::derive_seed, py::arg("seed"), py::arg("stream"),
         "A seed derived from `seed` for another noise stream (the upsampler stage of a cascade).");
+  bind_runfolder(m);
 }

@@ -63,7 +63,9 @@ class Parser {
         if (i_ >= s_.size() || s_[i_] != '"') fail("expected a string key");
         std::string key = string();
         expect(':');
-        v.object[key] = value();
+        Value item = value();
+        if (!v.object.count(key)) v.keys.push_back(key);
+        v.object[key] = std::move(item);
         skip_space();
         if (i_ < s_.size() && s_[i_] == ',') { ++i_; continue; }
         expect('}');
@@ -234,6 +236,183 @@ const std::vector<Value>& Value::as_array(const std::string& what) const {
 const std::map<std::string, Value>& Value::as_object(const std::string& what) const {
   if (type != Type::Object) wrong(what, "an object");
   return object;
+}
+
+Value& Value::set(const std::string& key, Value value) {
+  if (type != Type::Object) wrong("json::Value::set", "an object");
+  if (!object.count(key)) {
+    if (keys.size() != object.size()) keys = ordered_keys();
+    keys.push_back(key);
+  }
+  object[key] = std::move(value);
+  return *this;
+}
+
+std::vector<std::string> Value::ordered_keys() const {
+  if (keys.size() == object.size()) {
+    bool same = true;
+    for (const std::string& k : keys) same = same && object.count(k);
+    if (same) return keys;
+  }
+  std::vector<std::string> out;
+  for (const auto& kv : object) out.push_back(kv.first);
+  return out;
+}
+
+Value make_null() { return Value(); }
+Value make_bool(bool b) {
+  Value v;
+  v.type = Value::Type::Bool;
+  v.boolean = b;
+  return v;
+}
+Value make_int(int64_t i) {
+  Value v;
+  v.type = Value::Type::Number;
+  v.number = static_cast<double>(i);
+  v.is_integer = true;
+  v.integer = i;
+  return v;
+}
+Value make_number(double x) {
+  Value v;
+  v.type = Value::Type::Number;
+  v.number = x;
+  return v;
+}
+Value make_string(std::string s) {
+  Value v;
+  v.type = Value::Type::String;
+  v.string = std::move(s);
+  return v;
+}
+Value make_array(std::vector<Value> items) {
+  Value v;
+  v.type = Value::Type::Array;
+  v.array = std::move(items);
+  return v;
+}
+Value make_object() {
+  Value v;
+  v.type = Value::Type::Object;
+  return v;
+}
+
+namespace {
+// A bool or number as Python compares them (True == 1): exact for integers.
+bool numeric(const Value& v) { return v.type == Value::Type::Number || v.type == Value::Type::Bool; }
+bool same_number(const Value& a, const Value& b) {
+  const bool ai = a.type == Value::Type::Bool || a.is_integer, bi = b.type == Value::Type::Bool || b.is_integer;
+  const int64_t x = a.type == Value::Type::Bool ? a.boolean : a.integer;
+  const int64_t y = b.type == Value::Type::Bool ? b.boolean : b.integer;
+  if (ai && bi) return x == y;
+  const double p = a.type == Value::Type::Bool ? a.boolean : a.is_integer ? static_cast<double>(x) : a.number;
+  const double q = b.type == Value::Type::Bool ? b.boolean : b.is_integer ? static_cast<double>(y) : b.number;
+  return p == q;
+}
+}  // namespace
+
+bool operator==(const Value& a, const Value& b) {
+  using T = Value::Type;
+  if (numeric(a) && numeric(b)) return same_number(a, b);
+  if (a.type != b.type) return false;
+  switch (a.type) {
+    case T::Null: return true;
+    case T::String: return a.string == b.string;
+    case T::Array: return a.array == b.array;
+    case T::Object: return a.object == b.object;  // as dicts: the written order does not matter
+    default: return false;
+  }
+}
+
+std::string number_text(double x) {
+  if (std::isnan(x)) return "nan";
+  if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
+  // The shortest round-trip digits and exponent, then laid out as Python's float repr:
+  // positional for 1e-4 <= |x| < 1e16, else d.ddde[+-]XX.
+  char buf[64];
+  auto [end, ec] = std::to_chars(buf, buf + sizeof buf, x, std::chars_format::scientific);
+  if (ec != std::errc()) throw std::runtime_error("number_text: cannot format a number");
+  const std::string sci(buf, end);                 // "-1.2345e+02"
+  const size_t e = sci.find('e');
+  const bool negative = sci[0] == '-';
+  std::string digits;
+  for (size_t i = negative; i < e; ++i)
+    if (sci[i] != '.') digits.push_back(sci[i]);
+  const int exp10 = std::stoi(sci.substr(e + 1));  // x = d.ddd * 10^exp10
+  std::string out = negative ? "-" : "";
+  if (exp10 >= -4 && exp10 < 16) {
+    if (exp10 < 0) {
+      out += "0." + std::string(-exp10 - 1, '0') + digits;
+    } else if (static_cast<int>(digits.size()) <= exp10 + 1) {
+      out += digits + std::string(exp10 + 1 - digits.size(), '0') + ".0";
+    } else {
+      out += digits.substr(0, exp10 + 1) + "." + digits.substr(exp10 + 1);
+    }
+    return out;
+  }
+  out += digits.substr(0, 1);
+  if (digits.size() > 1) out += "." + digits.substr(1);
+  char ex[16];
+  std::snprintf(ex, sizeof ex, "e%c%02d", exp10 < 0 ? '-' : '+', exp10 < 0 ? -exp10 : exp10);
+  return out + ex;
+}
+
+namespace {
+void dump_to(std::string& out, const Value& v, int indent, int depth) {
+  using T = Value::Type;
+  const bool lines = indent >= 0;
+  auto newline = [&](int d) {
+    if (lines) out += "\n" + std::string(static_cast<size_t>(indent) * d, ' ');
+  };
+  switch (v.type) {
+    case T::Null: out += "null"; return;
+    case T::Bool: out += v.boolean ? "true" : "false"; return;
+    case T::Number:
+      if (v.is_integer) {
+        out += std::to_string(v.integer);
+      } else {
+        if (!std::isfinite(v.number))
+          throw std::invalid_argument("JSON: " + number_text(v.number) + ": expected a finite number");
+        out += number_text(v.number);
+      }
+      return;
+    case T::String: out += quote(v.string); return;
+    case T::Array: {
+      if (v.array.empty()) { out += "[]"; return; }
+      out += "[";
+      for (size_t i = 0; i < v.array.size(); ++i) {
+        out += i ? (lines ? "," : ", ") : "";
+        newline(depth + 1);
+        dump_to(out, v.array[i], indent, depth + 1);
+      }
+      newline(depth);
+      out += "]";
+      return;
+    }
+    case T::Object: {
+      if (v.object.empty()) { out += "{}"; return; }
+      out += "{";
+      bool first = true;
+      for (const std::string& key : v.ordered_keys()) {
+        out += first ? "" : (lines ? "," : ", ");
+        first = false;
+        newline(depth + 1);
+        out += quote(key) + ": ";
+        dump_to(out, v.object.at(key), indent, depth + 1);
+      }
+      newline(depth);
+      out += "}";
+      return;
+    }
+  }
+}
+}  // namespace
+
+std::string dump(const Value& v, int indent) {
+  std::string out;
+  dump_to(out, v, indent, 0);
+  return out;
 }
 
 Value parse(const std::string& text, const std::string& source) { return Parser(text, source).document(); }

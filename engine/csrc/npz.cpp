@@ -1,5 +1,6 @@
 #include "npz.h"
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstdio>
@@ -7,13 +8,15 @@
 #include <map>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <sstream>
 #include <stdexcept>
 
 namespace admrt {
 namespace {
 
-uint32_t crc32(const char* data, size_t n) {
+// CRC-32 of zip, continued from `crc` (0 for a new one).
+uint32_t crc32(const char* data, size_t n, uint32_t crc = 0) {
   static const std::array<uint32_t, 256> table = [] {
     std::array<uint32_t, 256> t{};
     for (uint32_t i = 0; i < 256; ++i) {
@@ -23,7 +26,7 @@ uint32_t crc32(const char* data, size_t n) {
     }
     return t;
   }();
-  uint32_t c = 0xFFFFFFFFu;
+  uint32_t c = crc ^ 0xFFFFFFFFu;
   for (size_t i = 0; i < n; ++i) c = table[(c ^ static_cast<uint8_t>(data[i])) & 0xFF] ^ (c >> 8);
   return c ^ 0xFFFFFFFFu;
 }
@@ -34,6 +37,9 @@ void put16(std::string& s, uint16_t v) {
 }
 void put32(std::string& s, uint32_t v) {
   for (int i = 0; i < 4; ++i) s.push_back(static_cast<char>((v >> (8 * i)) & 0xFF));
+}
+void put64(std::string& s, uint64_t v) {
+  for (int i = 0; i < 8; ++i) s.push_back(static_cast<char>((v >> (8 * i)) & 0xFF));
 }
 uint64_t get(const std::string& s, uint64_t at, int bytes, const std::string& path) {
   if (at > s.size() || static_cast<uint64_t>(bytes) > s.size() - at) throw std::runtime_error(path + ": damaged .npz (truncated)");
@@ -62,7 +68,8 @@ at::ScalarType dtype_of(const std::string& descr, const std::string& path) {
   throw std::runtime_error(path + ": array dtype '" + descr + "' is not supported");
 }
 
-std::string npy_bytes(const at::Tensor& a) {
+// The .npy header of `a` (format 1.0); the array's bytes follow it.
+std::string npy_header(const at::Tensor& a) {
   std::string shape = "(";
   for (int64_t d = 0; d < a.dim(); ++d) shape += std::to_string(a.size(d)) + (a.dim() == 1 ? "," : d + 1 < a.dim() ? ", " : "");
   shape += ")";
@@ -73,9 +80,29 @@ std::string npy_bytes(const at::Tensor& a) {
   header.push_back('\n');
   std::string out("\x93NUMPY\x01\x00", 8);
   put16(out, static_cast<uint16_t>(header.size()));
-  out += header;
-  out.append(static_cast<const char*>(a.data_ptr()), a.nbytes());
-  return out;
+  return out + header;
+}
+
+// Writes `path` through a temporary file beside it (write(out) fills it), renamed into place
+// when complete.
+void write_atomic_with(const std::string& path, const std::function<void(std::ofstream&)>& write) {
+  namespace fs = std::filesystem;
+  const fs::path target(path);
+  if (target.has_parent_path()) fs::create_directories(target.parent_path());
+  const fs::path tmp = target.parent_path() / ("." + target.filename().string() + ".tmp");
+  std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+  if (out) write(out);
+  out.close();
+  std::error_code ec;
+  if (!out) {
+    fs::remove(tmp, ec);
+    throw std::runtime_error(path + ": could not be written (disk full or not writable)");
+  }
+  fs::rename(tmp, target, ec);
+  if (ec) {
+    fs::remove(tmp, ec);
+    throw std::runtime_error(path + ": could not be written: " + ec.message());
+  }
 }
 
 at::Tensor parse_npy(const std::string& s, size_t at, size_t size, const std::string& path) {
@@ -111,74 +138,130 @@ at::Tensor parse_npy(const std::string& s, size_t at, size_t size, const std::st
 
 }  // namespace
 
-void write_npz(const std::string& path, const std::vector<at::Tensor>& arrays) {
-  std::string zip, central;
+namespace {
+void write_npz_impl(const std::string& path, const std::vector<at::Tensor>& arrays, bool force_zip64) {
+  constexpr uint64_t kMax32 = 0xFFFFFFFFull;
+  struct Entry {
+    at::Tensor array;
+    std::string name, header;
+    uint64_t size = 0, offset = 0;
+    uint32_t crc = 0;
+    bool zip64 = false;
+  };
+  std::vector<Entry> entries;
+  uint64_t offset = 0;
   for (size_t i = 0; i < arrays.size(); ++i) {
-    const at::Tensor a = arrays[i].cpu().contiguous();
-    const std::string name = "arr_" + std::to_string(i) + ".npy";
-    const std::string data = npy_bytes(a);
-    if (zip.size() + data.size() + 1024 >= kMaxNpzBytes)
-      throw std::invalid_argument(path + ": .npz files of 4 GiB or more are not supported (no zip64 writer)");
-    const uint32_t crc = crc32(data.data(), data.size());
-    const uint32_t offset = static_cast<uint32_t>(zip.size());
-    auto common = [&](std::string& s) {
-      put16(s, 20);  // version needed
-      put16(s, 0);   // flags
-      put16(s, 0);   // stored
-      put16(s, 0);   // time
-      put16(s, 0x21);  // date 1980-01-01
-      put32(s, crc);
-      put32(s, static_cast<uint32_t>(data.size()));
-      put32(s, static_cast<uint32_t>(data.size()));
-      put16(s, static_cast<uint16_t>(name.size()));
-      put16(s, 0);   // extra
-    };
-    put32(zip, 0x04034b50);
-    common(zip);
-    zip += name;
-    zip += data;
-    put32(central, 0x02014b50);
-    put16(central, 20);  // version made by
-    common(central);
-    put16(central, 0);   // comment
-    put16(central, 0);   // disk
-    put16(central, 0);   // internal attributes
-    put32(central, 0);   // external attributes
-    put32(central, offset);
-    central += name;
+    Entry e;
+    e.array = arrays[i].cpu().contiguous();
+    e.name = "arr_" + std::to_string(i) + ".npy";
+    e.header = npy_header(e.array);
+    e.size = e.header.size() + e.array.nbytes();
+    e.crc = crc32(static_cast<const char*>(e.array.data_ptr()), e.array.nbytes(),
+                  crc32(e.header.data(), e.header.size()));
+    e.offset = offset;
+    // zip64 (as Python's zipfile writes it) for a member or an offset past 32 bits.
+    e.zip64 = force_zip64 || e.size >= kMax32 || e.offset >= kMax32;
+    offset += 30 + e.name.size() + (e.zip64 ? 20 : 0) + e.size;
+    entries.push_back(std::move(e));
   }
-  const uint32_t cd_offset = static_cast<uint32_t>(zip.size());
-  zip += central;
-  put32(zip, 0x06054b50);
-  put16(zip, 0);
-  put16(zip, 0);
-  put16(zip, static_cast<uint16_t>(arrays.size()));
-  put16(zip, static_cast<uint16_t>(arrays.size()));
-  put32(zip, static_cast<uint32_t>(central.size()));
-  put32(zip, cd_offset);
-  put16(zip, 0);
+  std::string central;
+  for (const Entry& e : entries) {
+    const uint32_t size32 = e.zip64 ? static_cast<uint32_t>(kMax32) : static_cast<uint32_t>(e.size);
+    put32(central, 0x02014b50);
+    put16(central, e.zip64 ? 45 : 20);  // version made by
+    put16(central, e.zip64 ? 45 : 20);  // version needed
+    put16(central, 0);  // flags
+    put16(central, 0);  // stored
+    put16(central, 0);  // time
+    put16(central, 0x21);  // date 1980-01-01
+    put32(central, e.crc);
+    put32(central, size32);
+    put32(central, size32);
+    put16(central, static_cast<uint16_t>(e.name.size()));
+    put16(central, e.zip64 ? 28 : 0);  // extra: zip64 sizes and offset
+    put16(central, 0);  // comment
+    put16(central, 0);  // disk
+    put16(central, 0);  // internal attributes
+    put32(central, 0);  // external attributes
+    put32(central, e.zip64 ? static_cast<uint32_t>(kMax32) : static_cast<uint32_t>(e.offset));
+    central += e.name;
+    if (e.zip64) {
+      put16(central, 1);
+      put16(central, 24);
+      put64(central, e.size);
+      put64(central, e.size);
+      put64(central, e.offset);
+    }
+  }
+  const uint64_t cd_offset = offset;
+  const bool zip64 = force_zip64 || cd_offset >= kMax32 ||
+                     std::any_of(entries.begin(), entries.end(), [](const Entry& e) { return e.zip64; });
+  std::string end;
+  if (zip64) {
+    put32(end, 0x06064b50);  // zip64 end of central directory record
+    put64(end, 44);
+    put16(end, 45);
+    put16(end, 45);
+    put32(end, 0);
+    put32(end, 0);
+    put64(end, entries.size());
+    put64(end, entries.size());
+    put64(end, central.size());
+    put64(end, cd_offset);
+    put32(end, 0x07064b50);  // its locator
+    put32(end, 0);
+    put64(end, cd_offset + central.size());
+    put32(end, 1);
+  }
+  put32(end, 0x06054b50);
+  put16(end, 0);
+  put16(end, 0);
+  put16(end, zip64 ? 0xFFFF : static_cast<uint16_t>(entries.size()));
+  put16(end, zip64 ? 0xFFFF : static_cast<uint16_t>(entries.size()));
+  put32(end, zip64 ? static_cast<uint32_t>(kMax32) : static_cast<uint32_t>(central.size()));
+  put32(end, zip64 ? static_cast<uint32_t>(kMax32) : static_cast<uint32_t>(cd_offset));
+  put16(end, 0);
 
-  write_atomic(path, zip);
+  write_atomic_with(path, [&](std::ofstream& out) {
+    for (const Entry& e : entries) {
+      std::string local;
+      const uint32_t size32 = e.zip64 ? static_cast<uint32_t>(kMax32) : static_cast<uint32_t>(e.size);
+      put32(local, 0x04034b50);
+      put16(local, e.zip64 ? 45 : 20);  // version needed
+      put16(local, 0);
+      put16(local, 0);
+      put16(local, 0);
+      put16(local, 0x21);
+      put32(local, e.crc);
+      put32(local, size32);
+      put32(local, size32);
+      put16(local, static_cast<uint16_t>(e.name.size()));
+      put16(local, e.zip64 ? 20 : 0);
+      local += e.name;
+      if (e.zip64) {
+        put16(local, 1);
+        put16(local, 16);
+        put64(local, e.size);
+        put64(local, e.size);
+      }
+      local += e.header;
+      out.write(local.data(), static_cast<std::streamsize>(local.size()));
+      out.write(static_cast<const char*>(e.array.data_ptr()), static_cast<std::streamsize>(e.array.nbytes()));
+    }
+    out.write(central.data(), static_cast<std::streamsize>(central.size()));
+    out.write(end.data(), static_cast<std::streamsize>(end.size()));
+  });
+}
+
+}  // namespace
+
+void write_npz(const std::string& path, const std::vector<at::Tensor>& arrays) { write_npz_impl(path, arrays, false); }
+void write_npz_zip64(const std::string& path, const std::vector<at::Tensor>& arrays) {
+  write_npz_impl(path, arrays, true);
 }
 
 void write_atomic(const std::string& path, const std::string& bytes) {
-  namespace fs = std::filesystem;
-  const fs::path target(path);
-  if (target.has_parent_path()) fs::create_directories(target.parent_path());
-  const fs::path tmp = target.parent_path() / ("." + target.filename().string() + ".tmp");
-  std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-  out.close();
-  std::error_code ec;
-  if (!out) {
-    fs::remove(tmp, ec);
-    throw std::runtime_error(path + ": could not be written (disk full or not writable)");
-  }
-  fs::rename(tmp, target, ec);
-  if (ec) {
-    fs::remove(tmp, ec);
-    throw std::runtime_error(path + ": could not be written: " + ec.message());
-  }
+  write_atomic_with(path, [&](std::ofstream& out) { out.write(bytes.data(), static_cast<std::streamsize>(bytes.size())); });
 }
 
 std::vector<at::Tensor> read_npz(const std::string& path) {
@@ -193,9 +276,15 @@ std::vector<at::Tensor> read_npz(const std::string& path) {
     for (size_t i = s.size() - 21; i-- > 0;)
       if (get(s, i, 4, path) == 0x06054b50) { eocd = i; break; }
   if (eocd == std::string::npos) throw std::runtime_error(path + ": damaged .npz (not a zip file)");
-  const uint64_t count = get(s, eocd + 10, 2, path);
+  uint64_t count = get(s, eocd + 10, 2, path);
   uint64_t at = get(s, eocd + 16, 4, path);
-  if (at == 0xFFFFFFFFu) throw std::runtime_error(path + ": .npz of 4 GiB or more (zip64) is not supported");
+  // zip64: the locator just before the end record points to the zip64 end record.
+  if (eocd >= 20 && get(s, eocd - 20, 4, path) == 0x07064b50) {
+    const uint64_t record = get(s, eocd - 20 + 8, 8, path);
+    if (get(s, record, 4, path) != 0x06064b50) throw std::runtime_error(path + ": damaged .npz (zip64 end record)");
+    count = get(s, record + 32, 8, path);
+    at = get(s, record + 48, 8, path);
+  }
   std::map<std::string, at::Tensor> by_name;
   for (uint64_t e = 0; e < count; ++e) {
     if (get(s, at, 4, path) != 0x02014b50) throw std::runtime_error(path + ": damaged .npz (central directory)");

@@ -165,7 +165,7 @@ def test_program_resumes_and_shares_the_run_folder_with_admrt_sample(stack, tmp_
     assert record["weights"] == json.loads((pkg / "manifest.json").read_text())["weights"]
     assert record["weights"].startswith("sha256:") and record["device"] == "cpu"
     # One process per run folder, whichever front end holds it.
-    from admrt.runfolder import RunFolder
+    from admrt.engine._core import RunFolder
     holder = RunFolder(tmp_path / "r", "test holder")
     holder.lock()
     try:
@@ -176,6 +176,57 @@ def test_program_resumes_and_shares_the_run_folder_with_admrt_sample(stack, tmp_
     (tmp_path / "r" / "shards" / ".shard_00001.npz.tmp").write_bytes(b"half")  # a killed run's leftover
     assert _program(*args).returncode == 0
     assert not list((tmp_path / "r").rglob("*.tmp"))
+
+
+def test_either_front_end_resumes_the_others_run(stack, tmp_path):
+    """A run started by admrt-sample is finished by `admrt sample --package` and the reverse (both
+    run engine/csrc/runfolder.cpp): the same record, and the final array of an uninterrupted run."""
+    _, _, pkg = stack
+    from admrt.cli import main
+    args = ["--package", pkg, "--num", 5, "--batch-size", 2, "--shard-size", 2, "--seed", 11, "--classes", "4,1",
+            "--guidance", 0.5, "--no-progress"]
+    assert main(["sample", *map(str, args), "--out", str(tmp_path / "whole")]) == 0
+    whole = np.load(tmp_path / "whole" / "samples_5x16x16x3.npz")
+    for first, second in (("program", "python"), ("python", "program")):
+        out = tmp_path / f"{first}-then-{second}"
+        if first == "program":
+            assert _program(*args, "--out", out).returncode == 0
+        else:
+            assert main(["sample", *map(str, args), "--out", str(out)]) == 0
+        # interrupted after its first shard: the later shards and the final file never written
+        for name in ("shard_00001.npz", "shard_00002.npz"):
+            (out / "shards" / name).unlink()
+        (out / "samples_5x16x16x3.npz").unlink()
+        if second == "program":
+            res = _program(*args, "--out", out)
+            assert res.returncode == 0 and "admrt-sample: resuming: 1 of 3 shards already done" in res.stderr
+        else:
+            assert main(["sample", *map(str, args), "--out", str(out)]) == 0
+        assert (out / "run.json").read_text() == (tmp_path / "whole" / "run.json").read_text()
+        got = np.load(out / "samples_5x16x16x3.npz")
+        assert (got["arr_0"] == whole["arr_0"]).all() and got["arr_1"].tolist() == [4, 1, 4, 1, 4]
+
+
+def test_run_samples_stops_on_keyboard_interrupt_and_keeps_its_shards(stack, tmp_path):
+    """Ctrl-C in the progress callback (Python's KeyboardInterrupt) stops the C++ run as
+    KeyboardInterrupt; the shards finished before it stay, and the rerun resumes."""
+    _, _, pkg = stack
+    ctx = admrt.Engine.from_package(pkg).context(batch_size=1)
+    calls = []
+
+    def progress(done, total):
+        calls.append(done)
+        if done == 3 * ctx.steps_per_batch():  # the third image's last step: two shards of one written
+            raise KeyboardInterrupt
+
+    kwargs = dict(out=str(tmp_path / "r"), command="test", num=4, shard_size=1, seed=2)
+    with pytest.raises(KeyboardInterrupt):
+        _core.run_samples(ctx, progress=progress, **kwargs)
+    assert sorted(p.name for p in (tmp_path / "r" / "shards").iterdir()) == ["shard_00000.npz", "shard_00001.npz"]
+    final = _core.run_samples(ctx, **kwargs)
+    assert final.endswith("samples_4x16x16x3.npz")
+    want = admrt.Engine.from_package(pkg).sample(num=4, seeds=2, batch_size=1)
+    assert (np.load(final)["arr_0"] == want.images).all()
 
 
 def test_program_needs_no_python(stack, tmp_path):
@@ -354,6 +405,23 @@ def test_npz_reader_and_writer_agree_with_numpy(tmp_path):
     (tmp_path / "c.npz").write_bytes((tmp_path / "b.npz").read_bytes()[:100])
     with pytest.raises(RuntimeError, match="c.npz: damaged .npz"):
         _core.read_npz(str(tmp_path / "c.npz"))
+
+
+def test_npz_zip64_records_round_trip(tmp_path):
+    """The writer's zip64 path (taken from 4 GiB on; forced here on a small file): numpy, Python's
+    zipfile and the C++ reader all read it back."""
+    import zipfile
+    images = np.random.default_rng(1).integers(0, 256, (2, 3, 4, 3), dtype=np.uint8)
+    labels = np.array([7, 9], dtype=np.int64)
+    path = tmp_path / "z.npz"
+    _core.write_npz_zip64(str(path), [torch.from_numpy(images), torch.from_numpy(labels)])
+    with zipfile.ZipFile(path) as z:
+        assert z.testzip() is None and [i.file_size > 0 for i in z.infolist()] == [True, True]
+    assert b"PK\x06\x06" in path.read_bytes()  # the zip64 end of central directory record
+    with np.load(path) as z:
+        assert (z["arr_0"] == images).all() and (z["arr_1"] == labels).all()
+    back = _core.read_npz(str(path))
+    assert (back[0].numpy() == images).all() and (back[1].numpy() == labels).all()
 
 
 def test_aoti_backend_compiles_the_units_in_process():

@@ -1,0 +1,6 @@
+// The run folder (runfolder.h) in the pybind11 module _core: RunFolder, run_samples, RunFolderError.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+void bind_runfolder(pybind11::module_& m);

@@ -1,0 +1,415 @@
+#include "runfolder.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <cstdio>
+#include <ctime>
+#include <exception>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <set>
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include "npz.h"
+
+namespace admrt {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr const char* kRecord = "run.json";
+constexpr const char* kLock = ".lock";
+
+// A string as Python's repr() writes it: 'text' (or "it's"), with backslash escapes.
+std::string py_repr(const std::string& s) {
+  const char q = (s.find('\'') != std::string::npos && s.find('"') == std::string::npos) ? '"' : '\'';
+  std::string out(1, q);
+  for (unsigned char c : s) {
+    if (c == q || c == '\\') {
+      out += '\\';
+      out += static_cast<char>(c);
+    } else if (c == '\n') {
+      out += "\\n";
+    } else if (c == '\r') {
+      out += "\\r";
+    } else if (c == '\t') {
+      out += "\\t";
+    } else if (c < 0x20 || c == 0x7F) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02x", c);
+      out += buf;
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out + q;
+}
+
+// A recorded value as the refusal shows it: strings as Python's repr, the rest as JSON; at most
+// 60 characters.
+std::string show(const json::Value* v) {
+  std::string text;
+  if (v == nullptr || v->is_null()) {
+    text = "null";
+  } else if (v->type == json::Value::Type::String) {
+    text = py_repr(v->string);
+  } else {
+    try {
+      text = json::dump(*v);
+    } catch (const std::invalid_argument&) {  // a non-finite number, as Python's json.dumps shows it
+      text = v->number != v->number ? "NaN" : v->number > 0 ? "Infinity" : "-Infinity";
+    }
+  }
+  if (text.size() <= 60) return text;
+  size_t cut = 57;
+  while (cut > 0 && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80) --cut;  // a UTF-8 boundary
+  return text.substr(0, cut) + "...";
+}
+
+// OUT as Python's str(Path(out)) writes it ("a/./b/" -> "a/b").
+std::string normal_path(const std::string& out) {
+  std::string s = fs::path(out).lexically_normal().string();
+  while (s.size() > 1 && s.back() == '/') s.pop_back();
+  return s.empty() ? "." : s;
+}
+
+// The first line of an error message (c10 errors append a C++ stack).
+std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
+
+// The first top-level field holding a non-finite number, if any.
+bool finite(const json::Value& v) {
+  switch (v.type) {
+    case json::Value::Type::Number: return v.is_integer || std::isfinite(v.number);
+    case json::Value::Type::Array:
+      return std::all_of(v.array.begin(), v.array.end(), [](const json::Value& x) { return finite(x); });
+    case json::Value::Type::Object:
+      return std::all_of(v.object.begin(), v.object.end(), [](const auto& kv) { return finite(kv.second); });
+    default: return true;
+  }
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------
+// RunFolder
+
+RunFolder::RunFolder(std::string out, std::string command, NoteFn note)
+    : out_(normal_path(out)), command_(std::move(command)), note_(std::move(note)) {}
+
+RunFolder::~RunFolder() { unlock(); }
+
+void RunFolder::say(const std::string& line) const {
+  const std::string text = command_ + ": " + line;
+  if (note_) note_(text);
+  else std::cerr << text << "\n";
+}
+
+void RunFolder::lock() {
+  if (fd_ >= 0) return;
+  const fs::path out(out_);
+  std::error_code made;
+  fs::create_directories(out, made);
+  if (made) throw RunFolderError("--out=" + py_repr(out_) + ": cannot be made a folder (" + made.message() + ")");
+  const fs::path path = out / kLock;
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) throw RunFolderError(path.string() + ": cannot be opened (" + std::strerror(errno) + ")");
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    std::ifstream in(path);
+    std::string holder;
+    std::getline(in, holder);
+    ::close(fd);
+    while (!holder.empty() && std::isspace(static_cast<unsigned char>(holder.back()))) holder.pop_back();
+    throw RunFolderError("--out=" + py_repr(out_) + " is in use by " + (holder.empty() ? "another process" : holder) +
+                         "; wait for it to finish, or stop it (its finished work is kept)");
+  }
+  char when[32];
+  const std::time_t now = std::time(nullptr);
+  std::strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", std::localtime(&now));
+  const std::string line = "process " + std::to_string(::getpid()) + " (" + command_ + ", since " + when + ")\n";
+  if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, line.data(), line.size(), 0) < 0) {
+    // the lock holds without the note; only the message of a refused second process is poorer
+  }
+  fd_ = fd;
+  // Temporary files a killed process left (not deeper: OUT may hold other runs' folders).
+  for (const fs::path& dir : {out, out / "shards"}) {
+    std::error_code ec;
+    if (!fs::is_directory(dir, ec)) continue;
+    for (const auto& entry : fs::directory_iterator(dir)) {
+      const std::string name = entry.path().filename().string();
+      if (name.size() > 5 && name[0] == '.' && name.compare(name.size() - 4, 4, ".tmp") == 0 &&
+          entry.is_regular_file(ec))
+        fs::remove(entry.path(), ec);
+    }
+  }
+}
+
+void RunFolder::unlock() {
+  if (fd_ >= 0) {
+    ::close(fd_);  // closing releases the flock
+    fd_ = -1;
+  }
+}
+
+bool RunFolder::check_record(const json::Value& record, int64_t finished, const std::vector<std::string>& may_differ) {
+  if (record.type != json::Value::Type::Object) throw std::invalid_argument("run record: expected a JSON object");
+  const fs::path path = fs::path(out_) / kRecord;
+  const std::string text = record_text(record);
+  if (fs::exists(path)) {
+    json::Value previous;
+    try {
+      previous = json::parse_file(path.string());
+      if (previous.type != json::Value::Type::Object) throw std::runtime_error("not a JSON object");
+    } catch (const std::exception& e) {
+      previous = json::make_object().set("<unreadable run.json>", json::make_string(e.what()));
+    }
+    // A key the record did not have (written by an older admrt) is not a change: it is added.
+    // Keys in sorted order (std::map), as Python's sorted().
+    std::vector<std::string> changed;
+    std::set<std::string> keys;
+    for (const auto& kv : record.object) keys.insert(kv.first);
+    for (const auto& kv : previous.object) keys.insert(kv.first);
+    for (const std::string& k : keys) {
+      if (std::find(may_differ.begin(), may_differ.end(), k) != may_differ.end() || !previous.has(k)) continue;
+      const json::Value& old = previous.object.at(k);
+      const json::Value none;
+      if (old != (record.has(k) ? record.object.at(k) : none)) changed.push_back(k);
+    }
+    if (changed.empty()) {
+      std::string added;
+      for (const std::string& k : record.ordered_keys())
+        if (!previous.has(k)) added += (added.empty() ? "" : ", ") + k;
+      if (!added.empty()) say(path.string() + " did not record " + added + " (an older admrt); recorded now");
+      if (previous != record) write_atomic(path.string(), text);
+      return finished > 0;
+    }
+    if (finished > 0) {
+      std::string diff;
+      for (size_t i = 0; i < changed.size() && i < 6; ++i) {
+        const std::string& k = changed[i];
+        diff += (i ? "; " : "") + k + ": " + show(&previous.object.at(k)) + " -> " +
+                show(record.has(k) ? &record.object.at(k) : nullptr);
+      }
+      const std::string more = changed.size() > 6 ? " (and " + std::to_string(changed.size() - 6) + " more)" : "";
+      throw RunFolderError("--out=" + py_repr(out_) + " holds a run with other arguments (" + diff + more +
+                           "); rerun with the recorded values to resume it, or use another --out (or delete that "
+                           "folder) to start over");
+    }
+    say(out_ + " held a run that finished nothing; starting over");
+  }
+  write_atomic(path.string(), text);
+  return false;
+}
+
+std::string record_text(const json::Value& record) {
+  for (const std::string& k : record.ordered_keys()) {
+    const json::Value& v = record.object.at(k);
+    if (!finite(v))
+      throw std::invalid_argument("run record: " + k + "=" +
+                                  (v.type == json::Value::Type::Number ? json::number_text(v.number) : show(&v)) +
+                                  ": expected a finite number");
+  }
+  return json::dump(record, 1) + "\n";
+}
+
+// ------------------------------------------------------------------------------------------------
+// What run_samples needs of a Context and its model stack: only here (and in run_record) are
+// Stack and ContextParams read.
+
+json::Value stack_identity(const Context& ctx) {
+  const Stack& st = ctx.stack();
+  json::Value id = json::make_object();
+  if (st.options().package.empty()) return id;  // units from Python: the front end names them (extra)
+  id.set("package", json::make_string(st.options().package));
+  id.set("seeded_noise", json::make_string(kSeededNoiseFormat));
+  id.set("weights", json::make_string(st.options().weights));
+  id.set("device", json::make_string(st.device().is_cuda() ? "cuda" : "cpu"));
+  return id;
+}
+
+namespace {
+
+// Labels a run's images may take (none: unconditional and unguided).
+std::optional<int64_t> stack_classes(const Context& ctx) { return ctx.stack().num_classes(); }
+
+// Whether the run draws seeded noise (its images then do not depend on the batch size).
+bool seeded_noise(const Context& ctx) { return ctx.params().noise == "seeded"; }
+
+// OUT/run.json of a sample run: the common fields, the stack's identity, then the front end's.
+json::Value run_record(const Context& ctx, const SampleRun& run, int64_t shard_size) {
+  const ContextParams& p = ctx.params();
+  std::string classes;
+  for (int64_t c : run.classes) classes += (classes.empty() ? "" : ",") + std::to_string(c);
+  json::Value r = json::make_object();
+  r.set("steps", json::make_string(p.steps));
+  r.set("upsampler_steps", ctx.stack().upsampler() && !p.upsampler_steps.empty()
+                               ? json::make_string(p.upsampler_steps) : json::make_null());
+  r.set("guidance", run.guidance ? json::make_number(*run.guidance) : json::make_null());
+  r.set("classes", run.classes.empty() ? json::make_null() : json::make_string(classes));
+  r.set("num", json::make_int(run.num));
+  r.set("seed", json::make_int(run.seed));
+  r.set("eta", json::make_number(p.eta));
+  r.set("noise", json::make_string(seeded_noise(ctx) ? "seeded" : "reference"));
+  r.set("shard_size", json::make_int(shard_size));
+  const json::Value id = stack_identity(ctx);
+  for (const std::string& k : id.ordered_keys()) r.set(k, id.object.at(k));
+  if (!run.extra.is_null()) {
+    if (run.extra.type != json::Value::Type::Object) throw std::invalid_argument("SampleRun.extra: expected a JSON object");
+    for (const std::string& k : run.extra.ordered_keys()) r.set(k, run.extra.object.at(k));
+  }
+  return r;
+}
+
+int64_t finished_shards(const fs::path& shards) {
+  int64_t n = 0;
+  std::error_code ec;
+  if (!fs::is_directory(shards, ec)) return 0;
+  for (const auto& entry : fs::directory_iterator(shards)) {
+    const std::string name = entry.path().filename().string();
+    n += name.rfind("shard_", 0) == 0 && entry.path().extension() == ".npz";
+  }
+  return n;
+}
+
+[[noreturn]] void damaged(const fs::path& shard, const std::string& why) {
+  throw RunFolderError(shard.string() + ": damaged shard (" + why +
+                       "); delete it and rerun the same command to sample it again");
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------
+// run_samples
+
+std::string run_samples(Context& ctx, const SampleRun& run) {
+  // Every argument is checked before anything is written (num by ctx.validate, with the driver's message).
+  if (run.shard_size < 0)
+    throw std::invalid_argument("--shard-size=" + std::to_string(run.shard_size) + ": expected a positive int");
+  if (run.world < 1 || run.rank < 0 || run.rank >= run.world)
+    throw std::invalid_argument("rank " + std::to_string(run.rank) + " of world size " + std::to_string(run.world) +
+                                ": expected 0 <= rank < world size");
+  if (run.world > 1 && (!run.broadcast_error || !run.barrier))
+    throw std::invalid_argument("run_samples: a run over several processes needs broadcast_error and barrier");
+  const int64_t batch = ctx.params().batch_size;
+  const int64_t shard_size = run.shard_size ? run.shard_size : 4 * batch;
+  std::vector<int64_t> labels;  // of the whole run: classes cycled, else 0, 1, ... cycling
+  if (!run.classes.empty()) {
+    for (int64_t i = 0; i < run.num; ++i) labels.push_back(run.classes[i % run.classes.size()]);
+  } else if (const auto k = stack_classes(ctx)) {
+    for (int64_t i = 0; i < run.num; ++i) labels.push_back(i % *k);
+  }
+  std::vector<double> guidance;
+  if (run.guidance) guidance.push_back(*run.guidance);
+  ctx.validate(labels, guidance, {}, run.num);
+  const json::Value record = run_record(ctx, run, shard_size);
+  record_text(record);  // a non-finite field is refused before OUT is made
+
+  // Rank 0 holds the folder (lock, record); every rank stops on its refusal.
+  const fs::path out(normal_path(run.out)), shards = out / "shards";
+  RunFolder folder(run.out, run.command, run.note);
+  std::exception_ptr refused;
+  std::string refusal;
+  if (run.rank == 0) {
+    try {
+      folder.lock();
+      const std::vector<std::string> may_differ =
+          seeded_noise(ctx) ? std::vector<std::string>{"batch_size"} : std::vector<std::string>{};
+      folder.check_record(record, finished_shards(shards), may_differ);
+      fs::create_directories(shards);
+    } catch (const std::exception& e) {
+      if (run.world == 1) throw;
+      folder.unlock();
+      refused = std::current_exception();
+      refusal = first_line(e.what());
+    }
+  }
+  if (run.world > 1) {
+    const std::string message = run.broadcast_error(refusal);
+    if (refused) std::rethrow_exception(refused);
+    if (!message.empty()) throw RunFolderError(message);
+  }
+
+  // The shard plan: shard s holds images [s * shard_size, min((s + 1) * shard_size, num)).
+  const int64_t n_shards = (run.num + shard_size - 1) / shard_size;
+  std::vector<fs::path> paths;
+  std::vector<int64_t> todo;
+  int64_t missing = 0;
+  for (int64_t s = 0; s < n_shards; ++s) {
+    char name[32];
+    std::snprintf(name, sizeof name, "shard_%05lld.npz", static_cast<long long>(s));
+    paths.push_back(shards / name);
+    if (fs::exists(paths.back())) continue;
+    ++missing;
+    if (s % run.world == run.rank) todo.push_back(s);  // each rank its own shards
+  }
+  if (missing < n_shards && run.rank == 0) {
+    const std::string line = run.command + ": resuming: " + std::to_string(n_shards - missing) + " of " +
+                             std::to_string(n_shards) + " shards already done";
+    if (run.note) run.note(line);
+    else std::cerr << line << "\n";
+  }
+  auto count_of = [&](int64_t s) { return std::min(shard_size, run.num - s * shard_size); };
+
+  int64_t total = 0, done = 0;
+  for (int64_t s : todo) total += (count_of(s) + batch - 1) / batch * ctx.steps_per_batch();
+  ProgressFn on_step;
+  if (run.progress) on_step = [&](int64_t, int64_t) { run.progress(++done, total); };
+  for (int64_t s : todo) {
+    const int64_t lo = s * shard_size, n = count_of(s);
+    std::vector<int64_t> shard_labels;
+    if (!labels.empty()) shard_labels.assign(labels.begin() + lo, labels.begin() + lo + n);
+    std::vector<uint64_t> seeds;
+    for (int64_t i = lo; i < lo + n; ++i) seeds.push_back(static_cast<uint64_t>(run.seed) + static_cast<uint64_t>(i));
+    const Result r = ctx.sample(shard_labels, guidance, seeds, on_step, n);
+    std::vector<at::Tensor> arrays = {r.images};
+    if (r.labels.defined()) arrays.push_back(r.labels);
+    write_npz(paths[s].string(), arrays);
+  }
+  if (run.world > 1) run.barrier();  // every rank's shards are written
+  if (run.rank != 0) return "";
+
+  // The final file, from the shards (each checked: a damaged one is named, with how to redo it).
+  at::Tensor images, out_labels;
+  for (int64_t s = 0; s < n_shards; ++s) {
+    std::vector<at::Tensor> parts;
+    try {
+      parts = read_npz(paths[s].string());
+    } catch (const std::exception& e) {
+      std::string why = first_line(e.what());
+      const std::string prefix = paths[s].string() + ": ";
+      if (why.rfind(prefix, 0) == 0) why = why.substr(prefix.size());
+      damaged(paths[s], why);
+    }
+    const at::Tensor& im = parts[0];
+    const int64_t n = count_of(s), lo = s * shard_size;
+    if (im.scalar_type() != at::kByte || im.dim() != 4 || im.size(0) != n)
+      damaged(paths[s], "arr_0 is not " + std::to_string(n) + " uint8 NHWC images");
+    if (!images.defined()) {
+      images = at::empty({run.num, im.size(1), im.size(2), im.size(3)}, at::kByte);
+      if (parts.size() > 1) out_labels = at::empty({run.num}, at::kLong);
+    }
+    if (im.sizes().slice(1) != images.sizes().slice(1))
+      damaged(paths[s], "its images are " + std::to_string(im.size(1)) + "x" + std::to_string(im.size(2)) + "x" +
+                            std::to_string(im.size(3)) + ", the first shard's " + std::to_string(images.size(1)) +
+                            "x" + std::to_string(images.size(2)) + "x" + std::to_string(images.size(3)));
+    if ((parts.size() > 1) != out_labels.defined() || (parts.size() > 1 && parts[1].numel() != n))
+      damaged(paths[s], "its labels do not match the first shard's");
+    images.narrow(0, lo, n).copy_(im);
+    if (out_labels.defined()) out_labels.narrow(0, lo, n).copy_(parts[1].reshape({n}).to(at::kLong));
+  }
+  std::string shape;
+  for (int64_t d : images.sizes()) shape += (shape.empty() ? "" : "x") + std::to_string(d);
+  const fs::path final_path = out / ("samples_" + shape + ".npz");
+  std::vector<at::Tensor> arrays = {images};
+  if (out_labels.defined()) arrays.push_back(out_labels);
+  write_npz(final_path.string(), arrays);
+  return final_path.string();
+}
+
+}  // namespace admrt
