@@ -27,8 +27,8 @@ int64_t positive(const std::string& text) {
 }
 
 std::string expected(const std::string& arg, const std::string& text) {
-  return arg + "='" + text + "': expected a step plan 'ddimN' (DDIM), 'N' or 'a,b,c' (DDPM over N steps or "
-         "sections of a, b, c steps), optionally prefixed by a method such as 'ddim:' (N positive integers)";
+  return arg + "='" + text + "': expected 'ddimN' (DDIM), 'N' or 'a,b,c' (DDPM over N steps, or over sections "
+         "of a, b, c steps), optionally prefixed by a method such as 'ddim:'; N a positive integer";
 }
 
 }  // namespace

@@ -207,6 +207,27 @@ def test_either_front_end_resumes_the_others_run(stack, tmp_path):
         assert (got["arr_0"] == whole["arr_0"]).all() and got["arr_1"].tolist() == [4, 1, 4, 1, 4]
 
 
+def test_the_same_request_through_eager_units_and_a_package(stack, tmp_path):
+    """`admrt sample` over the models (eager units handed to the core) and over their package (AOTI
+    units): the same images (uint8 within one level) and the same run record fields for the request."""
+    d, _, pkg = stack
+    from admrt.cli import main
+    request = ["--num", 5, "--batch-size", 2, "--shard-size", 3, "--seed", 11, "--classes", "4,1", "--guidance", 0.5,
+               "--steps", "2,2,2", "--upsampler-steps", "ddim3", "--no-progress"]
+    models = ["--model", d / "base.safetensors", "--classifier", d / "clf.safetensors",
+              "--upsampler", d / "up.safetensors"]
+    assert main(["sample", *map(str, models + request), "--out", str(tmp_path / "eager")]) == 0
+    assert main(["sample", *map(str, ["--package", pkg] + request), "--out", str(tmp_path / "package")]) == 0
+    eager, packaged = (np.load(tmp_path / name / "samples_5x16x16x3.npz") for name in ("eager", "package"))
+    assert np.abs(eager["arr_0"].astype(int) - packaged["arr_0"].astype(int)).max() <= 1
+    assert eager["arr_1"].tolist() == packaged["arr_1"].tolist() == [4, 1, 4, 1, 4]
+    records = [json.loads((tmp_path / name / "run.json").read_text()) for name in ("eager", "package")]
+    for key in ("steps", "upsampler_steps", "guidance", "classes", "num", "seed", "eta", "noise", "shard_size",
+                "seeded_noise"):
+        assert records[0][key] == records[1][key], key
+    assert records[0]["steps"] == "2,2,2" and records[0]["upsampler_steps"] == "ddim3"
+
+
 def test_run_samples_stops_on_keyboard_interrupt_and_keeps_its_shards(stack, tmp_path):
     """Ctrl-C in the progress callback (Python's KeyboardInterrupt) stops the C++ run as
     KeyboardInterrupt; the shards finished before it stay, and the rerun resumes."""
@@ -295,7 +316,8 @@ BAD_REQUESTS = [
      "guidance=nan: expected finite scales"),
     ("num 0", dict(num=0), ["--num", "0"], True, "num=0: expected a positive int"),
     ("unknown plan", dict(classes=[1], steps="fast"), ["--steps", "fast"], True,
-     "steps='fast': expected a step plan 'ddimN' (DDIM), 'N' or 'a,b,c'"),
+     "steps='fast': expected 'ddimN' (DDIM), 'N' or 'a,b,c' (DDPM over N steps, or over sections of a, b, c "
+     "steps), optionally prefixed by a method such as 'ddim:'; N a positive integer"),
     ("negative eta", dict(classes=[1], eta=-1.0), ["--eta", "-1"], True, "eta=-1.0: expected a finite eta >= 0"),
     ("batch above the package's bound", dict(classes=[1], batch_size=MAX_BATCH + 1),
      ["--batch-size", str(MAX_BATCH + 1)], False, "batch_size=9: the package {pkg} was exported for batches of 1..8"),
