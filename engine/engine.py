@@ -24,10 +24,10 @@ import torch.nn as nn
 
 from admrt.config import DiffusionConfig
 from admrt.diffusion import DiffusionTables, build_tables, default_variance
+from admrt.models.units import ClassifierGradient, Denoiser, ModelInfo, device_of
 
 from . import _core
 from .backends import get_backend
-from .modules import ClassifierGradient, Denoiser, ModelInfo, device_of
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""AOTInductor packages: the two units of admrt.engine (Denoiser, ClassifierGradient) exported
+"""AOTInductor packages: the two units (admrt.models.units: Denoiser, ClassifierGradient) exported
 with torch.export (dynamic batch) and compiled ahead of time, for the Python-free runtime
 (engine/csrc/package.h, `admrt-sample`) and `admrt.Engine.from_package`.
 
@@ -62,9 +62,8 @@ def export_aoti(model: nn.Module, classifier: Optional[nn.Module] = None, upsamp
     takes (it is compiled for 1..max_batch).
     """
     from admrt import __version__
-    from admrt.engine import ClassifierGradient, Denoiser
     from admrt.engine.engine import SEEDED_NOISE_FORMAT
-    from admrt.engine.modules import device_of
+    from admrt.models.units import ClassifierGradient, Denoiser, device_of
 
     out = Path(out)
     if not isinstance(max_batch, int) or max_batch < 2:
@@ -108,11 +107,11 @@ def export_aoti(model: nn.Module, classifier: Optional[nn.Module] = None, upsamp
 
 
 def check_package(folder: Path, units: dict, infos: dict, dtype: str, device: torch.device) -> dict:
-    """Run every unit of the package as the C++ runtime loads it (admrt.engine._core.Package) on
-    random inputs at batch 1 and 3, against the eager unit; raise if one disagrees."""
-    from admrt.engine import _core
+    """Run every unit of the package as the C++ runtime loads it (admrt.engine.backends.load_package)
+    on random inputs at batch 1 and 3, against the eager unit; raise if one disagrees."""
+    from admrt.engine.backends import load_package
 
-    package = _core.Package(str(folder), str(device))
+    package = load_package(str(folder), str(device))
     errors = {}
     for role, (unit, low) in units.items():
         worst = 0.0

@@ -34,7 +34,7 @@ def check_stack(model: nn.Module, classifier: Optional[nn.Module] = None,
                 upsampler: Optional[nn.Module] = None) -> tuple[list, dict]:
     """([(role, module)], {role: ModelInfo fitted to the stack}) for a base UNet with an optional
     classifier and upsampler; raises ValueError naming the role whose kind or size does not fit."""
-    from admrt.engine.modules import ModelInfo
+    from admrt.models.units import ModelInfo
 
     infos = {"model": ModelInfo.of(model, "model")}
     if infos["model"].kind != "unet":
