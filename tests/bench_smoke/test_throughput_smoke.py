@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from admrt import benchmark as bm
+import measure as bm
 
 ROOT = Path(__file__).resolve().parents[2]
 IMPLS = ("gd", "gd-compile", "eager", "compile")

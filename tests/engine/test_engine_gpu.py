@@ -5,7 +5,7 @@ import torch
 
 import admrt
 from admrt.engine import _core
-from admrt.reference import reference_sample
+from gd_oracle import reference_sample
 from gd_reference import oracle_twin, random_model
 
 
