@@ -113,7 +113,8 @@ def _record(args, preset, cfg, dataset_size: int) -> dict:
 
 def _resume_point(args, cfg, out: Path, folder: RunFolder, record: dict) -> Path | None:
     """The checkpoint this run continues (None: a new run), after the run-folder checks."""
-    from .trainers import latest_checkpoint, resumable_changes, state_files, step_of
+    from .checkpoints import latest_checkpoint, state_files, step_of
+    from .config import resumable_changes
 
     here = state_files(out)
     may_differ = resumable_changes(cfg)
@@ -173,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
     from admrt.distributed import leaving_process_group
 
     from .data import FashionMNIST, make_dataset
-    from .trainers import KIND_OF_TASK, TrainConfig, init_distributed
+    from .config import KIND_OF_TASK, TrainConfig
+    from .loop import init_distributed
 
     _check_arguments(args)
     if args.gd_flags is not None:
@@ -227,7 +229,9 @@ def run(args: argparse.Namespace) -> int:
 def _train(args, preset, cfg, dataset, test, device, rank, world, folder) -> int:
     import admrt
 
-    from .trainers import Trainer, evaluate, step_of, timer
+    from .checkpoints import step_of
+    from .loop import Trainer, timer
+    from .tasks import evaluate
 
     out = folder.out
     # Rank 0 holds the folder and decides where the run starts; every rank follows.
