@@ -246,3 +246,19 @@ def test_guided_diffusion_is_imported_only_by_the_adapter_and_lazily(graph):
     bad = [imp for imp in found if imp.target.split(".")[0] == "guided_diffusion"
            and (imp.importer != ADAPTER or not imp.lazy)]
     assert not bad, f"guided_diffusion imported outside {ADAPTER} (or at its top):\n" + "\n".join(map(repr, bad))
+
+
+def test_engine_runs_without_export_until_a_compiled_backend_is_asked_for():
+    """Importing the engine imports no exporter; the compiled backends export provides are there
+    by name right after `import admrt` (admrt.engine.backends.PROVIDERS)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, admrt, admrt.engine\n"
+            "assert not [m for m in sys.modules if m.startswith('admrt.export')], sorted(sys.modules)\n"
+            "from admrt.engine.backends import backend_names, get_backend\n"
+            "assert {'aoti', 'onnxruntime', 'tensorrt'} <= set(backend_names())\n"
+            "assert get_backend('onnxruntime').capturable is False\n"
+            "assert 'admrt.export.backends' in sys.modules and get_backend('aoti') and get_backend('tensorrt')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
