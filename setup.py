@@ -2,7 +2,7 @@
 
 The card's top-level folders are subpackages of the single import root `admrt`
 (engine/ -> admrt.engine, ...). The C++ sampling core (engine/csrc) is built by CMake against
-the torch that is already installed: the pybind11 module `admrt.engine._core`, and installed
+the torch that is already installed: the pybind11 module `admrt.core`, and installed
 under admrt/engine/cpp/ the Python-free side (libadmrt, its headers, the `admrt-sample` program
 and the CMake config for `find_package(admrt)`; scripts/install.sh puts admrt-sample on PATH).
 """
@@ -48,7 +48,7 @@ class CMakeBuild(build_ext):
         # Editable installs build in a temporary folder and link back only the module, so the C++
         # side is installed into the source tree (engine/cpp) there; into the built package otherwise.
         editable = getattr(self, "editable_mode", False) or self.inplace
-        prefix = ROOT / "engine" / "cpp" if editable else out_dir / "cpp"
+        prefix = ROOT / "engine" / "cpp" if editable else out_dir / "engine" / "cpp"
         subprocess.run(["cmake", "--install", ".", "--config", cfg, "--prefix", str(prefix)], cwd=build_dir,
                        check=True, stdout=subprocess.DEVNULL)
 
@@ -103,7 +103,7 @@ setup(
         "admrt.training": "training",
     },
     package_data={"admrt": ["bundled/*.safetensors", "bundled/*.json"]},
-    ext_modules=[CMakeExtension("admrt.engine._core", ROOT)],
+    ext_modules=[CMakeExtension("admrt.core", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=["torch>=2.6", "numpy", "safetensors", "tqdm", "pillow"],
     extras_require={

@@ -1,7 +1,9 @@
 """The `admrt` command: sample | train | export | eval | bench.
 
 Each subcommand lives beside what it drives and provides `add_arguments(parser)` and
-`run(args)`; its module is imported only when that subcommand runs.
+`run(args)`; its module is imported only when that subcommand runs. `admrt bench` runs the
+benchmark of the source checkout (bench/measure.py: bench/ is not installed; an editable install
+finds it beside the package, and says so in one line when it is absent).
 
 One error path for every command: an expected failure (a bad argument, file, preset, path or
 setting: `CommandError`, `ValueError`, `OSError`) prints one line `admrt <command>: <message>`
@@ -14,6 +16,7 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
 from admrt.export import MissingPackageError
 
@@ -22,8 +25,10 @@ COMMANDS = {
     "train": ("admrt.training.cli", "train the diffusion UNet, the noisy classifier or the upsampler"),
     "export": ("admrt.export.cli", "export the stack: AOTInductor packages (Python-free runtime), ONNX, TensorRT engines"),
     "eval": ("admrt.evaluation.cli", "FID, sFID, IS, precision/recall; guidance sweeps"),
-    "bench": ("admrt.benchmark", "throughput and latency of the engine against the reference"),
+    "bench": ("measure", "throughput and latency of the engine against the reference (bench/measure.py of a "
+                         "source checkout)"),
 }
+BENCH = Path(__file__).resolve().parent.parent / "bench"   # beside the package in an editable install
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     name = argv[0]
     prog = f"admrt {name}"
     try:
-        module = importlib.import_module(COMMANDS[name][0])
+        module = bench_module() if name == "bench" else importlib.import_module(COMMANDS[name][0])
         parser = ArgumentParser(prog=prog, description=COMMANDS[name][1])
         module.add_arguments(parser)
         args = parser.parse_args(argv[1:])
@@ -97,6 +102,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{prog}: {error_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def bench_module():
+    """bench/measure.py of the source checkout, imported as `measure` with bench/ on sys.path (its
+    own imports, e.g. gd_oracle, are bench/'s modules)."""
+    path = BENCH / "measure.py"
+    if not path.is_file():
+        raise CommandError(f"the benchmark is not installed with admrt: it runs from a source checkout's "
+                           f"bench/measure.py (an editable install: pip install -e CHECKOUT), and there is "
+                           f"none beside this admrt ({path} is absent)")
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module("measure")
 
 
 def error_line(exc: BaseException) -> str:

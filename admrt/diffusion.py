@@ -79,7 +79,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
         raise ValueError(f"num_timesteps={num_timesteps}: expected a positive int")
     if isinstance(section_counts, str) or hasattr(section_counts, "ddim_steps"):
         # The one parser of step plans is the core's (engine/csrc/plan.h): "ddimN" or counts.
-        from admrt.engine._core import StepPlan
+        from admrt.core import StepPlan
 
         plan = section_counts if hasattr(section_counts, "ddim_steps") else StepPlan.parse(section_counts)
         if plan.ddim_steps:

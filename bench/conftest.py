@@ -2,9 +2,17 @@
 
     pytest bench/ --benchmark-json=bench/results/throughput.json   # the matrix for this machine
     pytest bench/ --bench-matrix gpu -k "imagenet256 and b64"       # one configuration's rows
+
+bench/ goes on sys.path (pytest runs with --import-mode=importlib), so the suite imports its
+modules (measure, gd_oracle) as a script run from here does.
 """
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def pytest_addoption(parser):

@@ -9,7 +9,7 @@ kernel (on CPU: every operator's self time) is put in one category by its name (
 convolution, matmul, group norm, attention, copies and layout transforms, noise, memcpy/memset, elementwise and
 other); "gaps" is the step's wall time no kernel covers (launch and host overhead the graph did
 not remove). Convolutions also get their achieved TFLOP/s (the FLOPs torch's counter gives the
-step's convolutions, admrt.benchmark.step_flops, over their kernel time).
+step's convolutions, measure.step_flops, over their kernel time).
 
 By unit: the denoiser, the classifier's forward and its whole gradient, each run alone on the
 step's inputs (on CUDA captured in a graph of its own and replayed; with --backend compile the
@@ -33,8 +33,9 @@ from pathlib import Path
 import torch
 
 import admrt
-from admrt import benchmark as bm
 from admrt.diffusion import space_timesteps
+
+import measure as bm
 
 # (category, name pattern): the first match wins; names are CUDA kernels (cuDNN, cuBLAS, Triton's
 # admrt kernels, Inductor's triton_* kernels, the core's noise kernel) or, on CPU, operator names.

@@ -34,9 +34,10 @@ def load(folder: Path) -> list[dict]:
 
 def _backfill_work(run: dict) -> None:
     """Files written before admrt bench counted FLOPs get the same count here (step_flops)."""
-    from admrt import benchmark as bm
     from admrt.diffusion import space_timesteps
     from admrt.presets import get_preset
+
+    import measure as bm
 
     c = run["config"]
     if "flops_per_image_step" not in run:

@@ -2,7 +2,7 @@
 # The Python-free runtime table (issue: AOTInductor packages, libadmrt, admrt-sample): guided
 # DDIM-25, guided-diffusion vs admrt eager vs an AOTInductor package run by the C++ Context
 # (Engine.from_package) vs the admrt-sample process on it, variants alternating
-# (admrt/benchmark.py --package; the export + compile time is reported apart).
+# (bench/measure.py --package; the export + compile time is reported apart).
 #   bash bench/run_aoti.sh cpu   # bundled Fashion-MNIST models, fp32, batch 1 and 16
 #   bash bench/run_aoti.sh gpu   # ADM-64, fp16, batch 1 and 64 (one device call)
 set -uo pipefail

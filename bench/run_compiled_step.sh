@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The compiled-step table (issue: capture-ready core, whole-step CUDA graphs): guided DDIM-25,
 # guided-diffusion vs admrt eager vs admrt + graphs vs admrt compile + graphs, variants
-# alternating (admrt/benchmark.py). Results as JSON under $OUT (default bench/results/...).
+# alternating (bench/measure.py). Results as JSON under $OUT (default bench/results/...).
 #   bash bench/run_compiled_step.sh gpu   # one device call: ADM-64 b1,b64; ADM-256 b1,b8,b64; fp16
 #   bash bench/run_compiled_step.sh cpu   # bundled Fashion-MNIST models and tiny-*, fp32
 set -uo pipefail

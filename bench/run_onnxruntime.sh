@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The onnxruntime row (issue: ONNX export and the onnxruntime backend): guided DDIM-25,
 # guided-diffusion vs admrt eager vs backend="onnxruntime" (both units exported to ONNX and run in
-# onnxruntime sessions), variants alternating (admrt/benchmark.py --onnxruntime; the export time
+# onnxruntime sessions), variants alternating (bench/measure.py --onnxruntime; the export time
 # is reported apart).
 #   bash bench/run_onnxruntime.sh cpu   # bundled Fashion-MNIST models, fp32, batch 1 and 16
 #   bash bench/run_onnxruntime.sh gpu   # ADM-64, fp16, batch 1 and 64 (needs onnxruntime-gpu)

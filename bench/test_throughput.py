@@ -4,7 +4,7 @@
     pytest bench/ --benchmark-json=bench/results/throughput_gpu/benchmark.json
     python bench/report.py bench/results/throughput_gpu          # markdown table + plot
 
-Every case of one configuration shares one measurement, `admrt.benchmark.measure` (what
+Every case of one configuration shares one measurement, `measure()` of bench/measure.py (what
 `admrt bench` runs): the same random weights, labels and noise on every side; each
 implementation first run once cold (compile, capture, autotuning: reported apart), then the
 implementations timed alternately, A B C A B C ..., the device synchronised around each whole
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from admrt import benchmark as bm
+import measure as bm
 
 DEVICE = torch.device(bm.parse_args([]).device)   # admrt bench's default: cuda when available
 
@@ -112,7 +112,7 @@ def _record(benchmark, row: dict, group: str) -> None:
     benchmark.extra_info.update({k: row[k] for k in EXTRA if row.get(k) is not None})
     # pytest-benchmark 5 has no public call for times measured elsewhere: its pedantic() fills
     # the same record through these two members (tests/bench_smoke checks the JSON it writes)
-    benchmark._mode = "admrt.benchmark.measure (implementations alternating)"
+    benchmark._mode = "bench/measure.py measure() (implementations alternating)"
     stats = benchmark._make_stats(1)
     for seconds in row["times_s"]:
         stats.update(seconds)

@@ -1,26 +1,30 @@
-"""Backends: how the Engine runs the two units of admrt.engine.modules. A backend turns a
+"""Backends: how the Engine runs the two units of admrt.models.units. A backend turns a
 `Denoiser` into the callable the C++ core calls, `fn(x_t, t, y, low_res | None) -> out`, and a
 `ClassifierGradient` into `grad(x_t, t, y) -> grad_x log p(y | x_t)` (engine/csrc/sampler.h).
 
-"eager" runs the modules as they are; "compile" runs them through torch.compile(fullgraph=True)
-(the gradient as its make_fx graph of forward and backward, traced at the first call of each
-shape). "aoti" exports each unit with a dynamic batch and compiles it with AOTInductor when the
-Engine is built (minutes on CPU; admrt.export.aoti), and the core runs the C++ units with no
-Python in the loop; a package exported once is loaded with `Engine.from_package` instead. Inductor's default mode captures no CUDA graphs of its own, so the core's whole-step
-graph holds the compiled kernels. "onnxruntime" exports each unit to ONNX (admrt.export.onnx)
-and runs it in an onnxruntime session, its buffers bound to the core's by pointer; "tensorrt"
-builds TensorRT engines from that ONNX (admrt.export.tensorrt; needs TensorRT and a GPU). Neither
-runs inside the core's CUDA-graph capture. Others register with `register_backend`; an unknown
-name is an error listing what is registered.
+The engine's own: "eager" runs the modules as they are; "compile" runs them through
+torch.compile(fullgraph=True) (the gradient as its make_fx graph of forward and backward, traced
+at the first call of each shape).
+
+The compiled ones, "aoti", "onnxruntime" and "tensorrt", are admrt.export's: its module
+admrt.export.backends registers them with `register_backend` (engine never imports export).
+PROVIDERS names that module for each of them, and `get_backend` imports it the first time such a
+name is asked for, as an entry point is loaded, so `admrt.Engine(model, backend="onnxruntime")`
+works right after `import admrt`, with no import of admrt.export by the user. ("aoti" exports each
+unit with a dynamic batch, compiles it with AOTInductor when the Engine is built, and the core runs
+the C++ units loaded by `load_aoti_denoiser` / `load_aoti_gradient`; "onnxruntime" runs each unit's
+ONNX in an onnxruntime session; "tensorrt" builds TensorRT engines from that ONNX.) Others register
+with `register_backend`; an unknown name is an error listing what is available.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from .modules import ClassifierGradient, Denoiser, device_of
+from admrt.models.units import ClassifierGradient, Denoiser
 
 DenoiserFn = Callable[..., torch.Tensor]
 GradientFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -35,16 +39,6 @@ class Backend:
 
 def _compile_denoiser(unit: Denoiser) -> DenoiserFn:
     return torch.compile(unit, fullgraph=True, dynamic=False)
-
-
-def _load_denoiser(path: str, device: str):
-    from . import _core
-    return _core.aoti_denoiser(path, device)
-
-
-def _load_gradient(path: str, device: str):
-    from . import _core
-    return _core.aoti_gradient(path, device)
 
 
 class _CompiledGradient:
@@ -64,50 +58,14 @@ class _CompiledGradient:
         return fn(x_t, t, y)
 
 
-AOTI_MAX_BATCH = 1024  # the batch bound of units compiled by the "aoti" backend
-
-
-def _aoti_unit(unit, load):
-    import tempfile
-    from pathlib import Path
-
-    from admrt.export.aoti import compile_unit
-    from admrt.export.stack import example_inputs, low_res_size
-
-    info = unit.info
-    device = device_of(unit)
-    example = example_inputs(info, 2, device, low_res_size(info))   # the Engine fitted the unit's info
-    traced = unit.graph(*example, dynamic_batch=True) if isinstance(unit, ClassifierGradient) else unit
-    with tempfile.TemporaryDirectory(prefix="admrt-aoti-") as tmp:
-        path = Path(tmp) / "unit.pt2"
-        compile_unit(traced, example, path, AOTI_MAX_BATCH)
-        return load(str(path), str(device))
-
-
-def _onnxruntime_unit(unit):
-    from admrt.export.onnx import onnxruntime_unit
-    return onnxruntime_unit(unit)
-
-
-def _tensorrt_denoiser(unit):
-    from admrt.export.tensorrt import tensorrt_denoiser
-    return tensorrt_denoiser(unit)
-
-
-def _tensorrt_gradient(unit):
-    from admrt.export.tensorrt import tensorrt_gradient
-    return tensorrt_gradient(unit)
-
-
 _BACKENDS: dict[str, Backend] = {
     "eager": Backend(denoiser=lambda unit: unit, classifier_gradient=lambda unit: unit),
     "compile": Backend(denoiser=_compile_denoiser, classifier_gradient=_CompiledGradient),
-    "aoti": Backend(denoiser=lambda unit: _aoti_unit(unit, _load_denoiser),
-                    classifier_gradient=lambda unit: _aoti_unit(unit, _load_gradient)),
-    # ONNX Runtime runs its kernels on its own terms (allocations, streams): never captured
-    "onnxruntime": Backend(denoiser=_onnxruntime_unit, classifier_gradient=_onnxruntime_unit, capturable=False),
-    "tensorrt": Backend(denoiser=_tensorrt_denoiser, classifier_gradient=_tensorrt_gradient, capturable=False),
 }
+# Built-in backends that another admrt package provides: name -> the module whose import registers
+# it (with register_backend), imported by get_backend the first time the name is asked for.
+PROVIDERS = {"aoti": "admrt.export.backends", "onnxruntime": "admrt.export.backends",
+             "tensorrt": "admrt.export.backends"}
 
 
 def register_backend(name: str, denoiser: Callable[[Denoiser], DenoiserFn],
@@ -118,11 +76,35 @@ def register_backend(name: str, denoiser: Callable[[Denoiser], DenoiserFn],
 
 
 def backend_names() -> list[str]:
-    return sorted(_BACKENDS)
+    """Every backend name `get_backend` takes: the registered ones and the PROVIDERS'."""
+    return sorted(set(_BACKENDS) | set(PROVIDERS))
 
 
 def get_backend(name: str) -> Backend:
+    if name not in _BACKENDS and name in PROVIDERS:
+        importlib.import_module(PROVIDERS[name])   # registers it
     if name not in _BACKENDS:
         raise ValueError(f"backend={name!r}: expected one of {backend_names()} "
-                         "(compiled packages register theirs through admrt.export)")
+                         "(or a name registered with admrt.engine.register_backend)")
     return _BACKENDS[name]
+
+
+# -- the C++ core's loaders of compiled units (the "aoti" backend hands its .pt2 files to them) --
+
+def load_aoti_denoiser(path: str, device: str):
+    """An AOTInductor-compiled Denoiser (.pt2) as the core's C++ unit, run with no Python."""
+    from admrt import core
+    return core.aoti_denoiser(path, device)
+
+
+def load_aoti_gradient(path: str, device: str):
+    """An AOTInductor-compiled ClassifierGradient graph (.pt2) as the core's C++ unit."""
+    from admrt import core
+    return core.aoti_gradient(path, device)
+
+
+def load_package(folder: str, device: str):
+    """An exported package folder (admrt export aoti) as the C++ runtime loads it (engine/csrc/
+    admrt.h's Stack: manifest, tables and compiled units; `run(role, inputs)` runs one unit)."""
+    from admrt import core
+    return core.Stack.load_package(folder, device)

@@ -2,7 +2,7 @@
 upsampler), written as guided-diffusion's sample scripts do: an .npz with arr_0 (uint8 NHWC)
 and arr_1 (labels), plus a PNG grid.
 
-The run itself is the C++ library's (engine/csrc/runfolder.cpp, `_core.run_samples`, the one
+The run itself is the C++ library's (engine/csrc/runfolder.cpp, `core.run_samples`, the one
 implementation that `admrt-sample` runs too): validation, OUT/run.json, the lock, shards of
 --shard-size images (OUT/shards/shard_00000.npz, ...) written atomically, a rerun with the same
 arguments skipping the finished shards, and the final .npz. This file parses the options, loads the
@@ -21,18 +21,14 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
 from admrt.cli import CommandError, Interrupted
 from admrt.distributed import leaving_process_group
 from admrt.io import atomic_write, device_description, file_fingerprint
+from admrt.stack_loading import DEFAULT_STACK, DEFAULT_STACK_UPSAMPLER_STEPS, load_models
 
-DEFAULT_STACK = ("fashion16-cond", "fashion16-classifier", "fashion-upsample16-32")
-# The bundled upsampler is short-trained: DDIM-25 leaves speckle, DDPM-100 gives clean images
-# (training/RECIPES.md), so the default stack samples its second stage with DDPM-100.
-DEFAULT_STACK_UPSAMPLER_STEPS = "100"
 RUN_KEYS = ("model", "classifier", "upsampler", "steps", "method", "upsampler_steps", "guidance", "classes", "num",
             "seed", "eta", "noise", "dtype", "gd_flags", "upsampler_gd_flags", "shard_size")
 # The fields of RUN_KEYS that run_samples records itself (engine/csrc/runfolder.cpp).
@@ -98,62 +94,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-class LoadedModels(NamedTuple):
-    model: object
-    classifier: object
-    upsampler: object
-    sources: tuple  # per role: the weights file (a Path), "random (seed 0)", or None (no such role)
-
-
-def _load(spec: str, preset, role: str, device: str):
-    """(module, where its weights come from) for a path, bundled name or preset name."""
-    import admrt
-    from admrt.checkpoint import bundled_path
-
-    if Path(spec).exists() or bundled_path(spec).exists():
-        try:
-            module = admrt.load_model(spec, preset=preset, device=device)
-        except (ValueError, OSError) as exc:
-            raise CommandError(f"--{role}={spec!r}: {exc}") from None
-        return module, Path(spec) if Path(spec).exists() else bundled_path(spec)
-    if spec in admrt.PRESETS:
-        print(f"admrt sample: {role} {spec!r}: no weights found (no file, not bundled); using RANDOM weights "
-              "of that preset (initialised from seed 0): the images will be noise", file=sys.stderr)
-        import torch
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # the same random model on every run, so a resumed run matches
-            return admrt.create_model(spec, device=device), "random (seed 0)"
-    raise CommandError(f"--{role}={spec!r}: not a file, a bundled model or a preset name")
-
-
-def _gd_settings(args) -> dict:
-    """Read --gd-flags / --upsampler-gd-flags (replaced on args by the typed flags, which run.json
-    records): {role: (the flags' model_path / classifier_path or None, Preset)}."""
-    from admrt.gd_flags import infer_kind, parse_flags, preset_from_flags
-
-    found = {}
-    for option in ("gd-flags", "upsampler-gd-flags"):
-        value = getattr(args, option.replace("-", "_"), None)
-        if value is None:
-            continue
-        try:
-            flags = parse_flags(value)
-            if option == "gd-flags":
-                if infer_kind(flags) == "superres":
-                    raise ValueError("these are an upsampler's flags (large_size/small_size): pass them as "
-                                     "--upsampler-gd-flags, with a base model")
-                found["model"] = (flags.get("model_path") or None, preset_from_flags("unet", **flags))
-                if flags.get("classifier_path") or args.classifier not in (None, "none"):
-                    found["classifier"] = (flags.get("classifier_path") or None,
-                                           preset_from_flags("classifier", **flags))
-            else:
-                found["upsampler"] = (flags.get("model_path") or None, preset_from_flags("superres", **flags))
-        except ValueError as exc:
-            raise CommandError(f"--{option}: {exc}") from None
-        setattr(args, option.replace("-", "_"), flags)
-    return found
-
-
 def _gd_sampling_options(args) -> None:
     """The sampling options guided-diffusion's flags name (timestep_respacing, use_ddim,
     classifier_scale, num_samples, batch_size, use_fp16, clip_denoised), where the command line
@@ -176,32 +116,6 @@ def _gd_sampling_options(args) -> None:
     args.clip_denoised = flags.get("clip_denoised", True)
 
 
-def _models(args, device):
-    gd = _gd_settings(args)
-    for role in ("model", "classifier", "upsampler"):
-        if role in gd and getattr(args, f"{role}_preset") is not None:
-            raise CommandError(f"--{role}-preset and --{'upsampler-' if role == 'upsampler' else ''}"
-                             "gd-flags both give the preset; pass one")
-    if "model" in gd and args.model is None:
-        args.model = gd["model"][0]
-        if args.model is None:
-            raise CommandError("--gd-flags: no --model_path in the flags; pass --model PATH")
-    if "upsampler" in gd and args.upsampler is None:
-        args.upsampler = gd["upsampler"][0]
-        if args.upsampler is None:
-            raise CommandError("--upsampler-gd-flags: no --model_path in the flags; pass --upsampler PATH")
-    if "model" in gd and args.classifier is None:
-        args.classifier = gd["classifier"][0] if "classifier" in gd else "none"  # image_sample.py: none
-    preset_of = {role: (gd[role][1] if role in gd else getattr(args, f"{role}_preset"))
-                 for role in ("model", "classifier", "upsampler")}
-    explicit = args.model is not None
-    model = _load(args.model or DEFAULT_STACK[0], preset_of["model"], "model", device)
-    clf_spec = args.classifier if args.classifier is not None else (None if explicit else DEFAULT_STACK[1])
-    up_spec = args.upsampler if args.upsampler is not None else (None if explicit else DEFAULT_STACK[2])
-    clf = (None, None) if clf_spec in (None, "none") else _load(clf_spec, preset_of["classifier"], "classifier",
-                                                                device)
-    up = (None, None) if up_spec in (None, "none") else _load(up_spec, preset_of["upsampler"], "upsampler", device)
-    return LoadedModels(model[0], clf[0], up[0], (model[1], clf[1], up[1]))
 
 
 def save_grid(path: Path, images: np.ndarray, max_images: int = 64, min_side: int = 512) -> None:
@@ -290,7 +204,7 @@ def _classes(args) -> list[int]:
 
 
 def _run(args, device, rank, world, dist) -> int:
-    from . import _core
+    from admrt import core
     from .engine import Engine
 
     out = Path(args.out)
@@ -300,7 +214,7 @@ def _run(args, device, rank, world, dist) -> int:
         engine = _package_engine(args, device)
         extra = None
     else:
-        loaded = _models(args, device)
+        loaded = load_models(args, device)
         _gd_sampling_options(args)
         args.steps, args.num = args.steps or DEFAULT_STEPS, args.num or DEFAULT_NUM
         args.batch_size, args.dtype = args.batch_size or DEFAULT_BATCH, args.dtype or "fp32"
@@ -341,7 +255,7 @@ def _run(args, device, rank, world, dist) -> int:
         return box[0]
 
     try:
-        final = _core.run_samples(
+        final = core.run_samples(
             ctx, out=str(out), command="admrt sample", num=args.num, classes=classes, guidance=args.guidance,
             seed=args.seed, shard_size=args.shard_size or 0, extra=extra, rank=rank, world=world,
             progress=progress if not args.no_progress and rank == 0 else None,

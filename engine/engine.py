@@ -27,18 +27,18 @@ import torch.nn as nn
 
 from admrt.config import DiffusionConfig
 from admrt.diffusion import build_tables, default_variance
+from admrt.models.units import ClassifierGradient, Denoiser, ModelInfo, device_of
 
-from . import _core
+from admrt import core
 from .backends import get_backend
-from .modules import ClassifierGradient, Denoiser, ModelInfo, device_of
 
 log = logging.getLogger(__name__)
 
 # What an image's seed means (engine/csrc/philox.h); run records carry it. One source: the core.
-SEEDED_NOISE_FORMAT = _core.SEEDED_NOISE_FORMAT
+SEEDED_NOISE_FORMAT = core.SEEDED_NOISE_FORMAT
 _SEED_MOD = 2 ** 64
-_VARIANCES = {"learned_range": _core.Variance.LEARNED_RANGE, "fixed_small": _core.Variance.FIXED_SMALL,
-              "fixed_large": _core.Variance.FIXED_LARGE}
+_VARIANCES = {"learned_range": core.Variance.LEARNED_RANGE, "fixed_small": core.Variance.FIXED_SMALL,
+              "fixed_large": core.Variance.FIXED_LARGE}
 
 Progress = Union[bool, Callable[[int, int], None], None]
 Steps = Union[str, int, Sequence[int], None]
@@ -140,7 +140,7 @@ class Engine:
         driver that the Python-free `admrt-sample` runs: same validation, batching, cascade and
         seeds. Its precision, device type and step plans were fixed at export."""
         self = cls.__new__(cls)
-        self.stack = _core.Stack.load_package(str(folder), "" if device is None else str(device))
+        self.stack = core.Stack.load_package(str(folder), "" if device is None else str(device))
         self.backend_name, self.dtype = "aoti", self.stack.dtype
         self.device = torch.device(self.stack.device)
         self.cuda_graphs = bool(cuda_graphs)
@@ -169,7 +169,7 @@ class Engine:
                 eta: float = 0.0, noise: str = "seeded", method: Optional[str] = None,
                 variance: Optional[str] = None, clip_denoised: bool = True, check_finite: bool = True,
                 keep_float: bool = False, keep: bool = True):
-        """The C++ driver (`_core.Context`) for these settings. The last one is kept while the
+        """The C++ driver (`core.Context`) for these settings. The last one is kept while the
         settings stay the same (its buffers and captured graphs are reused); keep=False makes a
         fresh one without replacing it. Raises ValueError for a bad setting (one message for
         every front end: the core's)."""
@@ -180,7 +180,7 @@ class Engine:
                 raise TypeError(f"{name}={value!r}: expected a positive int")
         if not isinstance(eta, (int, float, np.floating, np.integer)) or isinstance(eta, bool):
             raise TypeError(f"eta={eta!r}: expected a finite eta >= 0")
-        p = _core.Context.default_params()
+        p = core.Context.default_params()
         p.steps, p.upsampler_steps = _plan_text(steps, "steps"), _plan_text(upsampler_steps, "upsampler_steps")
         p.method, p.variance = method or "", variance or ""
         p.noise, p.batch_size, p.eta = str(noise), int(batch_size), float(eta)
@@ -191,9 +191,9 @@ class Engine:
         if keep and self._context is not None and self._context_key == key:
             return self._context
         if not keep:
-            return _core.Context(self.stack, p)
+            return core.Context(self.stack, p)
         self._context_key, self._context = None, None  # free the old buffers and graphs first
-        self._context = _core.Context(self.stack, p)
+        self._context = core.Context(self.stack, p)
         self._context_key = key
         return self._context
 
@@ -289,13 +289,13 @@ class Engine:
             else:
                 diffusion = stage.diffusion
                 kwargs.update(variance=_VARIANCES[default_variance(info.learn_sigma, diffusion)],
-                              prediction=_core.Prediction.XSTART if diffusion.predict_xstart else _core.Prediction.EPS,
+                              prediction=core.Prediction.XSTART if diffusion.predict_xstart else core.Prediction.EPS,
                               schedule=_schedule_builder(diffusion))
                 if info.kind == "superres":
                     low = info.low_res_size
                     kwargs["low_res_shape"] = [] if low is None else [info.in_channels, low, low]
-            stages[role] = _core.Stage(**kwargs)
-        return _core.Stack(stages["model"], stages.get("classifier"), stages.get("upsampler"),
+            stages[role] = core.Stage(**kwargs)
+        return core.Stack(stages["model"], stages.get("classifier"), stages.get("upsampler"),
                            device=str(self.device), dtype=self.dtype, capturable=capturable)
 
 
@@ -320,7 +320,7 @@ def _schedule_builder(diffusion: DiffusionConfig):
     """plan -> the core's Schedule of `diffusion` respaced by the plan (admrt.diffusion)."""
     def schedule(plan):
         tables = build_tables(diffusion, plan)
-        return _core.Schedule(tables.tensors(), tables.original_num_steps, tables.rescale_timesteps)
+        return core.Schedule(tables.tensors(), tables.original_num_steps, tables.rescale_timesteps)
     return schedule
 
 

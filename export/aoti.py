@@ -1,4 +1,4 @@
-"""AOTInductor packages: the two units of admrt.engine (Denoiser, ClassifierGradient) exported
+"""AOTInductor packages: the two units (admrt.models.units: Denoiser, ClassifierGradient) exported
 with torch.export (dynamic batch) and compiled ahead of time, for the Python-free runtime
 (engine/csrc/package.h, `admrt-sample`) and `admrt.Engine.from_package`.
 
@@ -26,13 +26,13 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from admrt.engine import _core
+from admrt import core
 
 from .stack import (ExportReport, check_stack, example_inputs, low_res_size, model_entry, parse_step_plans,
                     staging_folder, weights_fingerprint)
 
 PACKAGE_FORMAT = "admrt-aoti"
-FORMAT_VERSION = _core.PACKAGE_FORMAT_VERSION  # one source: engine/csrc/admrt.h
+FORMAT_VERSION = core.PACKAGE_FORMAT_VERSION  # one source: engine/csrc/admrt.h
 MANIFEST = "manifest.json"
 FILES = {"model": "denoiser.pt2", "classifier": "classifier_grad.pt2", "upsampler": "upsampler.pt2"}
 # Agreement of a loaded package with eager on random inputs: max |diff| / max(1, max |eager|).
@@ -64,8 +64,7 @@ def export_aoti(model: nn.Module, classifier: Optional[nn.Module] = None, upsamp
     takes (it is compiled for 1..max_batch).
     """
     from admrt import __version__
-    from admrt.engine import ClassifierGradient, Denoiser
-    from admrt.engine.modules import device_of
+    from admrt.models.units import ClassifierGradient, Denoiser, device_of
 
     out = Path(out)
     if not isinstance(max_batch, int) or max_batch < 2:
@@ -80,7 +79,7 @@ def export_aoti(model: nn.Module, classifier: Optional[nn.Module] = None, upsamp
     manifest = {
         "format": PACKAGE_FORMAT, "format_version": FORMAT_VERSION, "admrt_version": __version__,
         "torch_version": torch.__version__, "device": device.type, "dtype": dtype,
-        "batch": {"min": 1, "max": max_batch}, "seeded_noise": _core.SEEDED_NOISE_FORMAT,
+        "batch": {"min": 1, "max": max_batch}, "seeded_noise": core.SEEDED_NOISE_FORMAT,
         "default_steps": plans[0], "default_upsampler_steps": up_plans[0] if upsampler is not None else None,
         "models": {role: model_entry(module, infos[role], role, FILES[role], up_plans if role == "upsampler" else plans)
                    for role, module in roles},
@@ -109,11 +108,11 @@ def export_aoti(model: nn.Module, classifier: Optional[nn.Module] = None, upsamp
 
 
 def check_package(folder: Path, units: dict, infos: dict, dtype: str, device: torch.device) -> dict:
-    """Run every unit of the package as the C++ runtime loads it (admrt.engine._core.Stack.load_package) on
-    random inputs at batch 1 and 3, against the eager unit; raise if one disagrees."""
-    from admrt.engine import _core
+    """Run every unit of the package as the C++ runtime loads it (admrt.engine.backends.load_package)
+    on random inputs at batch 1 and 3, against the eager unit; raise if one disagrees."""
+    from admrt.engine.backends import load_package
 
-    package = _core.Stack.load_package(str(folder), str(device))
+    package = load_package(str(folder), str(device))
     errors = {}
     for role, (unit, low) in units.items():
         worst = 0.0

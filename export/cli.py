@@ -113,9 +113,9 @@ def _check_writable(out: Path) -> None:
 
 
 def _load_stack(args, device: str):
-    from admrt.engine.cli import DEFAULT_STACK_UPSAMPLER_STEPS, _models
+    from admrt.stack_loading import DEFAULT_STACK_UPSAMPLER_STEPS, load_models
 
-    loaded = _models(args, device)
+    loaded = load_models(args, device)
     up_steps = args.upsampler_steps
     if loaded.upsampler is not None and up_steps is None and args.model is None and args.upsampler is None:
         up_steps = DEFAULT_STACK_UPSAMPLER_STEPS

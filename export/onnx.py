@@ -124,7 +124,7 @@ def gradient_decompositions() -> dict:
 
 def signature(unit: nn.Module) -> tuple[list[str], str]:
     """(input names, output name) of a unit's ONNX graph."""
-    from admrt.engine.modules import ClassifierGradient
+    from admrt.models.units import ClassifierGradient
 
     if isinstance(unit, ClassifierLogits):
         return ["x", "t"], "logits"
@@ -185,7 +185,7 @@ def export_unit_onnx(unit: nn.Module, path: str | os.PathLike, *, opset: int = D
     import onnx_ir
     from torch.export import Dim
 
-    from admrt.engine.modules import ClassifierGradient
+    from admrt.models.units import ClassifierGradient
 
     check_options(unit.dtype, opset)
     info = unit.info
@@ -236,7 +236,7 @@ def _translations() -> dict:
 
 
 def _device(unit: nn.Module) -> torch.device:
-    from admrt.engine.modules import device_of
+    from admrt.models.units import device_of
     return device_of(unit)
 
 
@@ -336,7 +336,7 @@ class OnnxRuntimeUnit:
 
 def _output_shape(unit):
     """(x_t's shape) -> the unit's output shape."""
-    from admrt.engine.modules import ClassifierGradient
+    from admrt.models.units import ClassifierGradient
 
     classes = unit.info.out_channels
     if isinstance(unit, ClassifierLogits):
@@ -375,8 +375,7 @@ def export_onnx(model: nn.Module, classifier: Optional[nn.Module] = None, upsamp
     onnx.checker only (e.g. fp16 custom-node graphs, which no runtime here can run).
     """
     from admrt import __version__
-    from admrt.engine import ClassifierGradient, Denoiser
-    from admrt.engine.modules import device_of
+    from admrt.models.units import ClassifierGradient, Denoiser, device_of
 
     require_onnx()
     check_options(dtype, opset)

@@ -34,7 +34,7 @@ def check_stack(model: nn.Module, classifier: Optional[nn.Module] = None,
                 upsampler: Optional[nn.Module] = None) -> tuple[list, dict]:
     """([(role, module)], {role: ModelInfo fitted to the stack}) for a base UNet with an optional
     classifier and upsampler; raises ValueError naming the role whose kind or size does not fit."""
-    from admrt.engine.modules import ModelInfo
+    from admrt.models.units import ModelInfo
 
     infos = {"model": ModelInfo.of(model, "model")}
     if infos["model"].kind != "unet":
@@ -62,7 +62,7 @@ def parse_step_plans(steps: str | Sequence[str]) -> list[str]:
     carries, separated by spaces or ';' (a plan's own commas cut sections), each parsed by the
     core's StepPlan (grammar: engine/csrc/plan.h) and kept in its canonical text; the first is the
     default."""
-    from admrt.engine._core import StepPlan
+    from admrt.core import StepPlan
 
     items = steps.replace(";", " ").split() if isinstance(steps, str) else [str(s) for s in steps]
     plans = []
@@ -82,7 +82,7 @@ def parse_step_plans(steps: str | Sequence[str]) -> list[str]:
 def schedule_entry(diffusion, plan: str) -> dict:
     """A step plan's method, step counts and coefficient tables (admrt.diffusion.build_tables)."""
     from admrt.diffusion import build_tables
-    from admrt.engine._core import StepPlan
+    from admrt.core import StepPlan
 
     parsed = StepPlan.parse(plan)
     tables = build_tables(diffusion, parsed)

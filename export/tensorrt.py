@@ -41,7 +41,7 @@ from typing import Optional, Sequence
 import onnx
 import torch
 
-from . import MissingPackageError
+from . import require_tensorrt
 from .stack import staging_folder
 
 log = logging.getLogger(__name__)
@@ -53,19 +53,6 @@ BUILD_VERSION = 1          # bump when build_engine's settings change: part of t
 DEFAULT_MAX_BATCH = 32
 ONNX_OPSET = 23
 TIMING_CACHE = "timing.cache"
-
-
-def require_tensorrt():
-    """The `tensorrt` module, or a MissingPackageError saying how to install it."""
-    try:
-        import tensorrt
-    except (ImportError, OSError) as e:
-        raise MissingPackageError(
-            "the TensorRT backend needs the Python package `tensorrt` (NVIDIA TensorRT), which is not "
-            f"importable here ({e}). Install it with `pip install tensorrt` on a machine that can reach "
-            "NVIDIA's package index (pypi.nvidia.com: the PyPI packages are stubs that download from it), "
-            "with a CUDA GPU and driver.") from e
-    return tensorrt
 
 
 def default_cache_dir() -> Path:
@@ -361,7 +348,7 @@ def export_tensorrt(onnx_folder: str | os.PathLike, out: str | os.PathLike, *, m
 
 
 def _unit_on_cuda(unit, expected: type, role: str) -> None:
-    from admrt.engine.modules import device_of
+    from admrt.models.units import device_of
 
     if not isinstance(unit, expected):
         raise TypeError(f"{role}: expected an admrt.engine.{expected.__name__}, got {type(unit).__name__}")
@@ -386,7 +373,7 @@ def tensorrt_denoiser(unit, *, max_batch: int = DEFAULT_MAX_BATCH, opt_batch: Op
                       cache_dir: str | os.PathLike | None = None) -> TensorRTUnit:
     """A TensorRT engine of an admrt.engine.Denoiser (on CUDA): (x_t, t, y[, low_res]) -> output."""
     require_tensorrt()
-    from admrt.engine.modules import Denoiser
+    from admrt.models.units import Denoiser
 
     _unit_on_cuda(unit, Denoiser, "tensorrt_denoiser")
     return _tensorrt_unit(unit, max_batch=max_batch, opt_batch=opt_batch, cache_dir=cache_dir)
@@ -396,7 +383,7 @@ def tensorrt_gradient(unit, *, max_batch: int = DEFAULT_MAX_BATCH, opt_batch: Op
                       cache_dir: str | os.PathLike | None = None) -> TensorRTUnit:
     """A TensorRT engine of an admrt.engine.ClassifierGradient (on CUDA): (x_t, t, y) -> grad."""
     require_tensorrt()
-    from admrt.engine.modules import ClassifierGradient
+    from admrt.models.units import ClassifierGradient
 
     _unit_on_cuda(unit, ClassifierGradient, "tensorrt_gradient")
     return _tensorrt_unit(unit, max_batch=max_batch, opt_batch=opt_batch, cache_dir=cache_dir)

@@ -365,7 +365,7 @@ def register_plugins() -> None:
     global _registered
     if _registered:
         return
-    from .tensorrt import require_tensorrt
+    from . import require_tensorrt
 
     trt = require_tensorrt()
     import tensorrt.plugin as trtp

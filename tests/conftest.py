@@ -1,4 +1,5 @@
-"""Shared test set-up: tests/ on sys.path (for gd_reference), the gpu marker, quiet warnings."""
+"""Shared test set-up: tests/ and bench/ on sys.path (gd_reference; bench's gd_oracle and
+measure), the gpu marker, quiet warnings."""
 import sys
 import warnings
 from pathlib import Path
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "bench"))
 warnings.filterwarnings("ignore", category=FutureWarning, module="guided_diffusion")
 torch.set_num_threads(2)
 

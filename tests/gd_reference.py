@@ -1,20 +1,26 @@
 """The oracle: guided-diffusion's own modules (PyPI guided-diffusion-sdk), built from our configs.
 
-`reference_model(config)` (admrt.reference) constructs guided_diffusion.unet's networks with
-the hyper-parameters of an admrt ModelConfig.
+`reference_model(config)` (bench/gd_oracle.py, which the benchmarks share: bench/ is put on
+sys.path here too, for scripts that import this module outside pytest) constructs
+guided_diffusion.unet's networks with the hyper-parameters of an admrt ModelConfig.
 RELEASED_FLAGS holds the flags of guided-diffusion's README for each released checkpoint,
 passed through its script_util, to check that our presets are those models.
 """
+import sys
 import warnings
+from pathlib import Path
 
 warnings.filterwarnings("ignore", category=FutureWarning)
+_BENCH = str(Path(__file__).resolve().parents[1] / "bench")
+if _BENCH not in sys.path:
+    sys.path.insert(0, _BENCH)
 
 from guided_diffusion import script_util  # noqa: E402
 
 import torch  # noqa: E402
 
 import admrt  # noqa: E402
-from admrt.reference import reference_model  # noqa: E402
+from gd_oracle import reference_model  # noqa: E402
 
 
 def random_model(preset):

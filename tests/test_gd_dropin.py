@@ -13,8 +13,8 @@ import admrt
 from admrt.config import DiffusionConfig, ModelConfig
 from admrt.diffusion import build_tables, q_sample
 from admrt.engine import ModelInfo
-from admrt.reference import reference_model, reference_sample, to_uint8_nhwc
 from admrt.training.losses import diffusion_losses
+from gd_oracle import reference_model, reference_sample, to_uint8_nhwc
 from gd_reference import oracle_twin, random_model
 
 with warnings.catch_warnings():

@@ -351,7 +351,7 @@ def test_engine_api_checks_types():
 
 # 10.
 def test_a_second_process_is_refused_and_stale_temporary_files_are_removed(tmp_path, cli_error):
-    from admrt.engine._core import RunFolder
+    from admrt.core import RunFolder
 
     out = tmp_path / "run"
     holder = RunFolder(out, "test holder")

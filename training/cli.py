@@ -2,7 +2,7 @@
 folder of images, with a progress bar, a CSV loss log (and TensorBoard when installed),
 periodic sample grids and resumable checkpoints.
 
-The output folder is a run folder (engine/csrc/runfolder.h, bound as admrt.engine._core.RunFolder):
+The output folder is a run folder (engine/csrc/runfolder.h, bound as admrt.engine.core.RunFolder):
 OUT/run.json records the task, preset, data and every training setting; rerunning the same
 command continues from the latest checkpoint, a command with other settings is refused (naming
 them) while OUT holds checkpoints, and `--resume CKPT` continues a checkpoint's run (into an
@@ -29,7 +29,7 @@ import torch
 
 from admrt.cli import CommandError, Interrupted
 from admrt.io import atomic_write
-from admrt.engine._core import RunFolder
+from admrt.core import RunFolder
 
 DEFAULT_PRESETS = {"diffusion": "fashion16-cond", "classifier": "fashion16-classifier",
                    "upsampler": "fashion-upsample16-32"}
@@ -113,7 +113,8 @@ def _record(args, preset, cfg, dataset_size: int) -> dict:
 
 def _resume_point(args, cfg, out: Path, folder: RunFolder, record: dict) -> Path | None:
     """The checkpoint this run continues (None: a new run), after the run-folder checks."""
-    from .trainers import latest_checkpoint, resumable_changes, state_files, step_of
+    from .checkpoints import latest_checkpoint, state_files, step_of
+    from .config import resumable_changes
 
     here = state_files(out)
     may_differ = resumable_changes(cfg)
@@ -173,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
     from admrt.distributed import leaving_process_group
 
     from .data import FashionMNIST, make_dataset
-    from .trainers import KIND_OF_TASK, TrainConfig, init_distributed
+    from .config import KIND_OF_TASK, TrainConfig
+    from .loop import init_distributed
 
     _check_arguments(args)
     if args.gd_flags is not None:
@@ -227,7 +229,9 @@ def run(args: argparse.Namespace) -> int:
 def _train(args, preset, cfg, dataset, test, device, rank, world, folder) -> int:
     import admrt
 
-    from .trainers import Trainer, evaluate, step_of, timer
+    from .checkpoints import step_of
+    from .loop import Trainer, timer
+    from .tasks import evaluate
 
     out = folder.out
     # Rank 0 holds the folder and decides where the run starts; every rank follows.

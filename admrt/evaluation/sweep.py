@@ -61,7 +61,7 @@ class SweepRow:
 
 def sampler_label(steps: str) -> str:
     """"ddim25" -> "DDIM-25", "250" -> "DDPM-250", "ddim:250" -> "DDIM-250" (the core's StepPlan)."""
-    from admrt.engine._core import StepPlan
+    from admrt.core import StepPlan
 
     plan = StepPlan.parse(str(steps))
     count = plan.ddim_steps or ",".join(str(c) for c in plan.sections)

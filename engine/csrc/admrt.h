@@ -38,7 +38,7 @@
 
 namespace admrt {
 
-constexpr int64_t kPackageFormatVersion = 1;   // export/aoti.py reads it from _core (one source)
+constexpr int64_t kPackageFormatVersion = 1;   // export/aoti.py reads it from admrt.core (one source)
 // The upsampler stage's seed of an image is derive_seed(seed, kUpsamplerStream).
 constexpr uint64_t kUpsamplerStream = (uint64_t{1} << 63) + 1;
 // What an image's seed means under seeded noise (philox.h); run records carry it.

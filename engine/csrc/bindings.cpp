@@ -1,4 +1,4 @@
-// pybind11 module admrt.engine._core on top of the Python-free libadmrt: Python
+// pybind11 module admrt.core on top of the Python-free libadmrt: Python
 // callables behind the Denoiser / ClassifierGrad interfaces (the eager and torch.compile
 // backends), the Sampler context, its parameters as real enums, and the seeded noise. The loop
 // runs with the GIL released; it is taken only to call back into Python (on CUDA, only while a
@@ -65,7 +65,7 @@ class PyClassifierGrad final : public admrt::ClassifierGrad, PyCallable {
   }
 };
 
-// model / classifier: a C++ unit (a package's, _core.DenoiserUnit / GradientUnit), called with no
+// model / classifier: a C++ unit (a package's, admrt.core.DenoiserUnit / GradientUnit), called with no
 // Python in the loop, or any Python callable.
 std::unique_ptr<admrt::Sampler> make_sampler(py::object model, py::object classifier,
                                              const admrt::Schedule& schedule, const admrt::SamplerParams& params) {
@@ -162,7 +162,7 @@ at::Tensor sample_py(admrt::Sampler& self, std::optional<at::Tensor> y, std::opt
 
 }  // namespace
 
-PYBIND11_MODULE(_core, m) {
+PYBIND11_MODULE(core, m) {
   m.doc() = "admrt C++ sampling core: the Sampler context for guided DDPM / DDIM (engine/csrc/sampler.h)";
   m.def("torch_version", []() { return std::string(TORCH_VERSION); },
         "The libtorch version this core was built against.");

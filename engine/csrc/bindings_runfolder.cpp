@@ -1,4 +1,4 @@
-// _core.RunFolder, _core.run_samples and _core.RunFolderError (a ValueError): the run folder of
+// admrt.core.RunFolder, admrt.core.run_samples and admrt.core.RunFolderError (a ValueError): the run folder of
 // engine/csrc/runfolder.h for `admrt sample` and `admrt train`. Records cross as JSON text
 // (json.dumps, then the C++ reader), so the Python side may hold lists and nested objects. The
 // run's notes go to sys.stderr; run_samples releases the GIL and takes it only for the callbacks,

@@ -1,4 +1,4 @@
-// The run folder (runfolder.h) in the pybind11 module _core: RunFolder, run_samples, RunFolderError.
+// The run folder (runfolder.h) in the pybind11 module admrt.core: RunFolder, run_samples, RunFolderError.
 #pragma once
 
 #include <pybind11/pybind11.h>

@@ -34,7 +34,7 @@ namespace admrt {
 
 // The samplers of the core (sampler.cpp has one step function for each).
 enum class Method { DDPM, DDIM };
-// Each method's name in step plans, records and Python (upper-cased there: _core.Method.DDIM).
+// Each method's name in step plans, records and Python (upper-cased there: admrt.core.Method.DDIM).
 inline constexpr std::pair<Method, const char*> kMethods[] = {{Method::DDPM, "ddpm"}, {Method::DDIM, "ddim"}};
 
 class StepPlan {

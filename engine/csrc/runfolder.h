@@ -30,7 +30,7 @@
 namespace admrt {
 
 // A refusal of the run folder (another process holds it, it holds another run, a damaged shard):
-// one line the user can act on. The Python module raises it as _core.RunFolderError (a ValueError).
+// one line the user can act on. The Python module raises it as admrt.core.RunFolderError (a ValueError).
 struct RunFolderError : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };

@@ -1,5 +1,5 @@
 // admrt C++ sampling core: the guided DDPM and DDIM loops of ADM on ATen tensors (CPU and CUDA),
-// with no Python in it (library target admrt, libadmrt; the pybind11 module _core sits on top).
+// with no Python in it (library target admrt, libadmrt; the pybind11 module admrt.core sits on top).
 //
 // Matches guided-diffusion's gaussian_diffusion.py: p_sample / p_sample_loop (DDPM, Ho et al.
 // 2020, with the learned-range variance of Nichol & Dhariwal 2021), ddim_sample /

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from admrt import benchmark as bm
+import measure as bm
 
 ROOT = Path(__file__).resolve().parents[2]
 IMPLS = ("gd", "gd-compile", "eager", "compile")
@@ -129,3 +129,13 @@ def test_cascade_bench_matches_the_reference_scripts(tmp_path):
     work = 2 * run["flops_per_image_step"]["total"] + 3 * run["upsampler_flops_per_image_step"]["total"]
     assert row["achieved_tflops"] == pytest.approx(2 * work / row["median_s"] / 1e12)
     assert row["ms_per_step"] == pytest.approx(1e3 * row["median_s"] / 5)
+
+
+def test_admrt_bench_without_the_checkout_says_so_in_one_line(monkeypatch, tmp_path, cli_error):
+    """bench/ is not installed: `admrt bench` runs it from the source checkout, and says so when
+    there is none beside the package."""
+    import admrt.cli
+
+    monkeypatch.setattr(admrt.cli, "BENCH", tmp_path / "bench")
+    line = cli_error(["bench", "--help"])
+    assert "bench/measure.py" in line and str(tmp_path / "bench" / "measure.py") in line

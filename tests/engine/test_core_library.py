@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from admrt.engine import _core
+from admrt import core
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,11 +69,11 @@ def test_program_matches_the_python_driven_context(program, method, steps, eta):
     assert out.returncode == 0, out.stderr
     got = torch.tensor([float(v) for v in out.stdout.split()]).reshape(3, 3, 4, 4)
 
-    p = _core.default_params()
-    p.method = {"ddim": _core.Method.DDIM, "ddpm": _core.Method.DDPM}[method]
+    p = core.default_params()
+    p.method = {"ddim": core.Method.DDIM, "ddpm": core.Method.DDPM}[method]
     p.eta, p.batch_size, p.image_shape = eta, 3, [3, 4, 4]
-    ctx = _core.Sampler(lambda x, t, y, lr: torch.cat([x * 0.1, torch.zeros_like(x)], 1), None,
-                        _core.Schedule(_tables(steps), 1000, False), p)
+    ctx = core.Sampler(lambda x, t, y, lr: torch.cat([x * 0.1, torch.zeros_like(x)], 1), None,
+                        core.Schedule(_tables(steps), 1000, False), p)
     want = ctx.sample(seeds=torch.tensor(seeds, dtype=torch.uint64).view(torch.int64)
                       if hasattr(torch, "uint64") else torch.tensor([s - 2 ** 64 if s >= 2 ** 63 else s for s in seeds]))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

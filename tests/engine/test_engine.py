@@ -6,7 +6,7 @@ import torch
 import admrt
 from admrt.config import DiffusionConfig, ModelConfig
 from admrt.diffusion import build_tables
-from admrt.engine import _core
+from admrt import core
 from gd_reference import random_model
 
 
@@ -22,7 +22,7 @@ def clf():
 
 def _schedule(respacing):
     tb = build_tables(DiffusionConfig(), respacing)
-    return _core.Schedule(tb.tensors(), tb.original_num_steps, tb.rescale_timesteps)
+    return core.Schedule(tb.tensors(), tb.original_num_steps, tb.rescale_timesteps)
 
 
 def _zero_model(x, t, y, low_res):
@@ -30,8 +30,8 @@ def _zero_model(x, t, y, low_res):
 
 
 def _params(batch, method="ddim", eta=0.0, shape=(3, 8, 8), **kw):
-    p = _core.default_params()
-    p.method = {"ddim": _core.Method.DDIM, "ddpm": _core.Method.DDPM}[method]
+    p = core.default_params()
+    p.method = {"ddim": core.Method.DDIM, "ddpm": core.Method.DDPM}[method]
     p.eta, p.batch_size, p.image_shape = eta, batch, list(shape)
     for k, v in kw.items():
         setattr(p, k, v)
@@ -47,21 +47,21 @@ def test_seeded_noise_is_batch_invariant_exactly(method, steps):
     """With a fixed network the sample is a function of the noise only: same seed, same bits,
     whatever the batch size and position."""
     sched = _schedule(steps)
-    run = lambda seeds: _core.Sampler(_zero_model, None, sched, _params(len(seeds), method, eta=1.0)).sample(
+    run = lambda seeds: core.Sampler(_zero_model, None, sched, _params(len(seeds), method, eta=1.0)).sample(
         seeds=_seeds(*seeds))
     big = run([5, 6, 7, 8])
     small = run([8, 5])
     single = run([6])
     assert torch.equal(big[3], small[0]) and torch.equal(big[0], small[1]) and torch.equal(big[1], single[0])
     assert not torch.equal(big[0], big[1])
-    assert _core.derive_seed(5, 1) != _core.derive_seed(5, 2) != _core.derive_seed(6, 1)
+    assert core.derive_seed(5, 1) != core.derive_seed(5, 2) != core.derive_seed(6, 1)
 
 
 def test_sampler_context_reuses_its_buffers_and_counts_steps():
     """A context samples batch after batch (its step counter is reset), returns new tensors,
     reports progress from the host loop, and gives the same result for the same inputs."""
     calls = []
-    ctx = _core.Sampler(_zero_model, None, _schedule("ddim4"), _params(2, eta=0.5))
+    ctx = core.Sampler(_zero_model, None, _schedule("ddim4"), _params(2, eta=0.5))
     a = ctx.sample(seeds=_seeds(1, 2), progress=lambda done, total: calls.append((done, total)))
     b = ctx.sample(seeds=_seeds(3, 4))
     c = ctx.sample(seeds=_seeds(1, 2))
@@ -72,7 +72,7 @@ def test_sampler_context_reuses_its_buffers_and_counts_steps():
 
 def test_eta_zero_ddim_is_deterministic_given_x_T():
     """DDIM with eta = 0 draws nothing after x_T: the same x_T gives the same sample whatever the seeds."""
-    ctx = _core.Sampler(lambda x, t, y, lr: torch.cat([0.1 * x, x], 1), None, _schedule("ddim5"), _params(2))
+    ctx = core.Sampler(lambda x, t, y, lr: torch.cat([0.1 * x, x], 1), None, _schedule("ddim5"), _params(2))
     x_T = torch.randn(2, 3, 8, 8)
     assert torch.equal(ctx.sample(seeds=_seeds(1, 2), x_T=x_T), ctx.sample(seeds=_seeds(9, 8), x_T=x_T))
 
@@ -158,25 +158,25 @@ def test_nan_from_the_model_is_reported():
 def test_core_checks_its_inputs():
     sched = _schedule("ddim3")
     with pytest.raises(ValueError, match="guidance: this context has no classifier"):
-        _core.Sampler(_zero_model, None, sched, _params(1)).sample(guidance=torch.ones(1), seeds=_seeds(1))
+        core.Sampler(_zero_model, None, sched, _params(1)).sample(guidance=torch.ones(1), seeds=_seeds(1))
     with pytest.raises(ValueError, match=r"seeds: expected shape \[2\] \(batch_size=2\)"):
-        _core.Sampler(_zero_model, None, sched, _params(2)).sample(seeds=_seeds(1))
+        core.Sampler(_zero_model, None, sched, _params(2)).sample(seeds=_seeds(1))
     with pytest.raises(ValueError, match="seeds: expected 1 \\(one per sample\\) for seeded noise"):
-        _core.Sampler(_zero_model, None, sched, _params(1)).sample()
+        core.Sampler(_zero_model, None, sched, _params(1)).sample()
     with pytest.raises(RuntimeError, match=r"model output: expected shape \(1, 6, 8, 8\)"):
-        _core.Sampler(lambda x, t, y, lr: x, None, sched, _params(1)).sample(seeds=_seeds(1))
+        core.Sampler(lambda x, t, y, lr: x, None, sched, _params(1)).sample(seeds=_seeds(1))
     with pytest.raises(ValueError, match="image_shape=.*expected \\(C, H, W\\)"):
-        _core.Sampler(_zero_model, None, sched, _params(1, shape=(3, 8)))
+        core.Sampler(_zero_model, None, sched, _params(1, shape=(3, 8)))
     with pytest.raises(ValueError, match="batch_size=0: expected a positive int"):
-        _core.Sampler(_zero_model, None, sched, _params(0))
+        core.Sampler(_zero_model, None, sched, _params(0))
     with pytest.raises(ValueError, match="eta=-1: expected a finite eta >= 0"):
-        _core.Sampler(_zero_model, None, sched, _params(1, eta=-1.0))
+        core.Sampler(_zero_model, None, sched, _params(1, eta=-1.0))
     with pytest.raises(ValueError, match="low_res: expected shape"):
-        _core.Sampler(_zero_model, None, sched, _params(1, low_res_shape=[3, 4, 4])).sample(seeds=_seeds(1))
+        core.Sampler(_zero_model, None, sched, _params(1, low_res_shape=[3, 4, 4])).sample(seeds=_seeds(1))
     with pytest.raises(ValueError, match="missing table 'log_betas'"):
         tables = build_tables(DiffusionConfig(), "ddim3").tensors()
         del tables["log_betas"]
-        _core.Schedule(tables, 1000)
+        core.Schedule(tables, 1000)
     with pytest.raises(TypeError):  # the enums are real types, not strings checked twice
         _params(1).method = "plms"
     with pytest.raises(ValueError, match="method='plms'"):

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import admrt
-from admrt.engine import _core
-from admrt.reference import reference_sample
+from admrt import core
+from gd_oracle import reference_sample
 from gd_reference import oracle_twin, random_model
 
 
@@ -79,11 +79,11 @@ def test_no_host_synchronisation_inside_the_steps():
     clf, _ = _random_pair("tiny-classifier")
     from admrt.diffusion import build_tables
     tables = build_tables(model.preset.diffusion, "ddim5")
-    schedule = _core.Schedule(tables.tensors(), tables.original_num_steps, tables.rescale_timesteps)
-    p = _core.default_params()
+    schedule = core.Schedule(tables.tensors(), tables.original_num_steps, tables.rescale_timesteps)
+    p = core.default_params()
     p.batch_size, p.image_shape, p.check_finite, p.device = 2, [3, 16, 16], False, torch.device("cuda")
     units = (admrt.engine.Denoiser(model), admrt.engine.ClassifierGradient(clf))
-    warm, fresh = _core.Sampler(*units, schedule, p), _core.Sampler(*units, schedule, p)
+    warm, fresh = core.Sampler(*units, schedule, p), core.Sampler(*units, schedule, p)
     y = torch.tensor([3, 4], device="cuda")
     g = torch.ones(2, device="cuda")
     seeds = torch.tensor([7, 8], device="cuda")

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from admrt.engine import _core
+from admrt import core
 
 # Random123 kat_vectors, philox4x32_10: (counter, key) -> output.
 PHILOX_KAT = [
@@ -19,7 +19,7 @@ PHILOX_KAT = [
 
 @pytest.mark.parametrize("counter,key,expected", PHILOX_KAT)
 def test_philox_known_answers(counter, key, expected):
-    assert _core.philox4x32_10(counter, key) == expected
+    assert core.philox4x32_10(counter, key) == expected
 
 
 def _box_muller(bits):
@@ -34,11 +34,11 @@ def _box_muller(bits):
 def test_normals_are_box_muller_of_philox_keyed_by_seed_draw_element():
     """normal(seed, draw, e) = lane e % 4 of BoxMuller(Philox(ctr = (e // 4, draw), key = seed))."""
     seed, draw = 0x0123456789ABCDEF, 7
-    got = _core.seeded_normal(torch.tensor([seed]), [10], draw)[0]
+    got = core.seeded_normal(torch.tensor([seed]), [10], draw)[0]
     for group in range(3):
         ctr = [group, 0, draw, 0]
         key = [seed & 0xFFFFFFFF, seed >> 32]
-        expected = _box_muller(_core.philox4x32_10(ctr, key))
+        expected = _box_muller(core.philox4x32_10(ctr, key))
         n = min(4, 10 - 4 * group)
         torch.testing.assert_close(got[4 * group:4 * group + n], torch.tensor(expected[:n], dtype=torch.float32),
                                    rtol=0, atol=1e-6)
@@ -46,31 +46,31 @@ def test_normals_are_box_muller_of_philox_keyed_by_seed_draw_element():
 
 def test_pinned_values():
     """Changing the map changes every seeded image: these numbers are part of the format."""
-    a = _core.seeded_normal(torch.tensor([0, -1]), [3], 0)   # -1: the seed 2**64 - 1
+    a = core.seeded_normal(torch.tensor([0, -1]), [3], 0)   # -1: the seed 2**64 - 1
     torch.testing.assert_close(a, torch.tensor([[0.991137683391571, -0.9246625900268555, -0.6176089644432068],
                                                 [1.0985957384109497, 0.6323022246360779, 0.645859956741333]]),
                                rtol=0, atol=1e-7)
-    b = _core.seeded_normal(torch.tensor([7]), [2, 3], 25)
+    b = core.seeded_normal(torch.tensor([7]), [2, 3], 25)
     torch.testing.assert_close(b[0, 1], torch.tensor([-1.2794241905212402, -0.5642072558403015, -1.9863845109939575]),
                                rtol=0, atol=1e-7)
 
 
 def test_same_numbers_at_every_batch_size_and_position():
     seeds = torch.tensor([11, 12, 13, 14, 15, 16, 17, 18])
-    full = _core.seeded_normal(seeds, [3, 5, 5], 4)
+    full = core.seeded_normal(seeds, [3, 5, 5], 4)
     for bs in (1, 3, 8):
         for start in range(0, 8, bs):
-            part = _core.seeded_normal(seeds[start:start + bs], [3, 5, 5], 4)
+            part = core.seeded_normal(seeds[start:start + bs], [3, 5, 5], 4)
             assert torch.equal(part, full[start:start + bs])
-    shuffled = _core.seeded_normal(seeds.flip(0), [3, 5, 5], 4)
+    shuffled = core.seeded_normal(seeds.flip(0), [3, 5, 5], 4)
     assert torch.equal(shuffled, full.flip(0))
 
 
 def test_draws_seeds_and_elements_are_independent_normals():
     seeds = torch.arange(64)
-    a = _core.seeded_normal(seeds, [3, 32, 32], 1)
-    b = _core.seeded_normal(seeds, [3, 32, 32], 2)
-    c = _core.seeded_normal(seeds + 64, [3, 32, 32], 1)
+    a = core.seeded_normal(seeds, [3, 32, 32], 1)
+    b = core.seeded_normal(seeds, [3, 32, 32], 2)
+    c = core.seeded_normal(seeds + 64, [3, 32, 32], 1)
     for x in (a, b, c):
         assert abs(x.mean().item()) < 0.01 and abs(x.std().item() - 1) < 0.01
         assert abs((x.flatten() ** 4).mean().item() - 3) < 0.1   # normal kurtosis
@@ -83,6 +83,6 @@ def test_cpu_and_cuda_give_the_same_noise():
     """The same integer stream on both devices; normals equal within 1e-6 (transcendentals may
     round differently)."""
     seeds = torch.tensor([0, 1, 2 ** 40, -5, 123456789])
-    cpu = _core.seeded_normal(seeds, [3, 64, 64], 9)
-    cuda = _core.seeded_normal(seeds.cuda(), [3, 64, 64], 9).cpu()
+    cpu = core.seeded_normal(seeds, [3, 64, 64], 9)
+    cuda = core.seeded_normal(seeds.cuda(), [3, 64, 64], 9).cpu()
     assert (cpu - cuda).abs().max().item() <= 1e-6

@@ -1,4 +1,4 @@
-"""The run folder's record (engine/csrc/runfolder.cpp, bound as _core.RunFolder): written as
+"""The run folder's record (engine/csrc/runfolder.cpp, bound as core.RunFolder): written as
 json.dumps(record, indent=1) writes it, compared as Python compares what json.loads returns
 (nested lists and objects included), refused with each changed field, replaced when the run
 finished nothing, extended when an older admrt did not record a field."""
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from admrt.engine._core import RunFolder, RunFolderError
+from admrt.core import RunFolder, RunFolderError
 
 RECORD = {"command": "train", "lr": 1e-4, "ema_rates": [0.9999], "eta": 0.0, "big": 1e16, "tiny": 1.5e-7,
           "preset": {"name": "tiny-cond", "channel_mult": [1, 2]}, "seed": 3, "flag": True, "text": "it's", "none": None}

@@ -1,7 +1,7 @@
 """The C++ sampler against guided-diffusion's loops: same random weights, reference noise.
 
 The oracle runs guided_diffusion's SpacedDiffusion.p_sample_loop / ddim_sample_loop with its own
-modules (admrt.reference, tests/gd_reference.py) and the classifier_sample.py cond_fn; admrt runs Engine.sample.
+modules (bench/gd_oracle.py, tests/gd_reference.py) and the classifier_sample.py cond_fn; admrt runs Engine.sample.
 Both start from torch.manual_seed(SEED), so they draw the same noise in the same order.
 """
 import pytest
@@ -9,7 +9,7 @@ import torch
 
 import admrt
 from admrt.config import DiffusionConfig
-from admrt.reference import reference_sample
+from gd_oracle import reference_sample
 from gd_reference import oracle_twin, random_model
 
 SEED = 1234

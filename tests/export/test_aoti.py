@@ -18,7 +18,8 @@ import torch
 
 import admrt
 from admrt.config import ModelConfig
-from admrt.engine import _core, cmake_prefix_path, sample_program
+from admrt import core
+from admrt.engine import cmake_prefix_path, sample_program
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gd_reference import random_model  # noqa: E402
@@ -55,7 +56,7 @@ def _program(*args, env=None, cwd=None):
 def test_manifest_records_versions_tables_and_bounds(stack):
     _, models, pkg = stack
     m = json.loads((pkg / "manifest.json").read_text())
-    assert (m["format"], m["format_version"], m["device"], m["dtype"]) == ("admrt-aoti", _core.PACKAGE_FORMAT_VERSION,
+    assert (m["format"], m["format_version"], m["device"], m["dtype"]) == ("admrt-aoti", core.PACKAGE_FORMAT_VERSION,
                                                                           "cpu", "fp32")
     assert m["torch_version"] == torch.__version__ and m["admrt_version"] == admrt.__version__
     assert m["batch"] == {"min": 1, "max": MAX_BATCH}
@@ -74,7 +75,7 @@ def test_manifest_records_versions_tables_and_bounds(stack):
 def test_package_units_match_eager_at_other_batch_sizes(stack):
     _, models, pkg = stack
     from admrt.engine import ClassifierGradient, Denoiser
-    package = _core.Stack.load_package(str(pkg))
+    package = core.Stack.load_package(str(pkg))
     g = torch.Generator().manual_seed(5)
     for b in (1, 4, MAX_BATCH):
         x, t, y = torch.randn(b, 3, 8, 8, generator=g), torch.randint(0, 1000, (b,), generator=g).float(), \
@@ -165,7 +166,7 @@ def test_program_resumes_and_shares_the_run_folder_with_admrt_sample(stack, tmp_
     assert record["weights"] == json.loads((pkg / "manifest.json").read_text())["weights"]
     assert record["weights"].startswith("sha256:") and record["device"] == "cpu"
     # One process per run folder, whichever front end holds it.
-    from admrt.engine._core import RunFolder
+    from admrt.core import RunFolder
     holder = RunFolder(tmp_path / "r", "test holder")
     holder.lock()
     try:
@@ -242,9 +243,9 @@ def test_run_samples_stops_on_keyboard_interrupt_and_keeps_its_shards(stack, tmp
 
     kwargs = dict(out=str(tmp_path / "r"), command="test", num=4, shard_size=1, seed=2)
     with pytest.raises(KeyboardInterrupt):
-        _core.run_samples(ctx, progress=progress, **kwargs)
+        core.run_samples(ctx, progress=progress, **kwargs)
     assert sorted(p.name for p in (tmp_path / "r" / "shards").iterdir()) == ["shard_00000.npz", "shard_00001.npz"]
-    final = _core.run_samples(ctx, **kwargs)
+    final = core.run_samples(ctx, **kwargs)
     assert final.endswith("samples_4x16x16x3.npz")
     want = admrt.Engine.from_package(pkg).sample(num=4, seeds=2, batch_size=1)
     assert (np.load(final)["arr_0"] == want.images).all()
@@ -418,15 +419,15 @@ def test_torchrun_ranks_share_the_shards(stack, tmp_path):
 def test_npz_reader_and_writer_agree_with_numpy(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (3, 4, 5, 1), dtype=np.uint8)
     labels = np.array([1, 2, 3], dtype=np.int64)
-    _core.write_npz(str(tmp_path / "a.npz"), [torch.from_numpy(images), torch.from_numpy(labels)])
+    core.write_npz(str(tmp_path / "a.npz"), [torch.from_numpy(images), torch.from_numpy(labels)])
     z = np.load(tmp_path / "a.npz")
     assert (z["arr_0"] == images).all() and (z["arr_1"] == labels).all() and z["arr_0"].dtype == np.uint8
     np.savez(tmp_path / "b.npz", images, labels)  # numpy's own (zip64 extras) read back by the C++ reader
-    back = _core.read_npz(str(tmp_path / "b.npz"))
+    back = core.read_npz(str(tmp_path / "b.npz"))
     assert (back[0].numpy() == images).all() and (back[1].numpy() == labels).all()
     (tmp_path / "c.npz").write_bytes((tmp_path / "b.npz").read_bytes()[:100])
     with pytest.raises(RuntimeError, match="c.npz: damaged .npz"):
-        _core.read_npz(str(tmp_path / "c.npz"))
+        core.read_npz(str(tmp_path / "c.npz"))
 
 
 def test_npz_zip64_records_round_trip(tmp_path):
@@ -436,13 +437,13 @@ def test_npz_zip64_records_round_trip(tmp_path):
     images = np.random.default_rng(1).integers(0, 256, (2, 3, 4, 3), dtype=np.uint8)
     labels = np.array([7, 9], dtype=np.int64)
     path = tmp_path / "z.npz"
-    _core.write_npz_zip64(str(path), [torch.from_numpy(images), torch.from_numpy(labels)])
+    core.write_npz_zip64(str(path), [torch.from_numpy(images), torch.from_numpy(labels)])
     with zipfile.ZipFile(path) as z:
         assert z.testzip() is None and [i.file_size > 0 for i in z.infolist()] == [True, True]
     assert b"PK\x06\x06" in path.read_bytes()  # the zip64 end of central directory record
     with np.load(path) as z:
         assert (z["arr_0"] == images).all() and (z["arr_1"] == labels).all()
-    back = _core.read_npz(str(path))
+    back = core.read_npz(str(path))
     assert (back[0].numpy() == images).all() and (back[1].numpy() == labels).all()
 
 

@@ -5,7 +5,7 @@ import torch
 import admrt
 from admrt.checkpoint import assign_state_dict
 from admrt.config import ModelConfig
-from admrt.reference import reference_model, set_reference_dtype
+from gd_oracle import reference_model, set_reference_dtype
 
 
 def _cfg(kind="unet", **kw):

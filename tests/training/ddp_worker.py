@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import admrt  # noqa: E402
 from admrt.distributed import leaving_process_group  # noqa: E402
-from admrt.training.trainers import TrainConfig, Trainer, init_distributed  # noqa: E402
+from admrt.training import TrainConfig, Trainer, init_distributed  # noqa: E402
 from conftest import TinyData, tiny_preset  # noqa: E402
 
 

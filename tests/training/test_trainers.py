@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import admrt
-from admrt.training.trainers import TrainConfig, Trainer, evaluate, latest_checkpoint
+from admrt.training import TrainConfig, Trainer, evaluate, latest_checkpoint
 
 TASKS = ["diffusion", "classifier", "upsampler"]
 

@@ -1,13 +1,5 @@
-"""Trainers for ADM's three networks: the diffusion UNet, the noisy classifier, the upsampler.
-
-One loop (`Trainer`) with a task object per network:
-- `DiffusionTask`: x_t = q_sample(x_0, t, eps); the hybrid loss (training/losses.py), learned-
-  range sigma; class labels fed when the model is class-conditional (guided-diffusion's
-  TrainLoop + training_losses).
-- `UpsamplerTask`: the same on the high-res image, conditioned on its area-downsampled low-res
-  version, which the SuperResModel upsamples bilinearly and concatenates (super_res_train.py).
-- `ClassifierTask`: cross-entropy of p(y | x_t, t) on inputs noised at a sampled t, with random
-  resized crops and flips (classifier_train.py).
+"""The training loop of ADM's three networks (guided-diffusion's TrainLoop role): one `Trainer`
+with a task object per network (training/tasks.py), checkpoints through training/checkpoints.py.
 
 Determinism and distribution. Everything random about a step except dropout (the data order,
 t, the noise, the augmentations) is drawn on the CPU from a generator seeded by (seed, step)
@@ -22,208 +14,35 @@ on CPU); no MPI.
 Precision: fp32; fp16 = autocast + dynamic loss scaling (torch.amp.GradScaler; a step whose
 gradients overflow is skipped, EMA included, as the reference's MixedPrecisionTrainer); bf16 =
 autocast. The master weights and the optimizer state stay fp32.
-
-Checkpoints (in `out_dir`, every file written atomically): model_{step}.safetensors and
-ema_{rate}_{step}.safetensors (admrt.save_model: weights + preset JSON), and
-state_{step}.safetensors (AdamW moments, loss scaler, timestep-sampler history, RNG states;
-tensors only, scalars in the JSON metadata; no pickles). The state file is written last and
-marks a complete checkpoint.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 import admrt
 from admrt.checkpoint import stored_preset
 from admrt.config import Preset
-from admrt.diffusion import build_tables, model_timesteps, q_sample
 
+from .checkpoints import (config_diff, flatten_optimizer, latest_checkpoint, load_weights, save_tensors,
+                          unflatten_optimizer)
+from .config import DTYPES, KIND_OF_TASK, TrainConfig, resumable_changes
 from .ema import EMA
-from .losses import classifier_losses, diffusion_losses, make_sampler
-
-TASKS = ("diffusion", "classifier", "upsampler")
-DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-KIND_OF_TASK = {"diffusion": "unet", "classifier": "classifier", "upsampler": "superres"}
-# TrainConfig fields a resumed run may change: they do not change the math of a step.
-RESUMABLE_CHANGES = ("steps", "microbatch", "fused_kernels")
-
-
-def resumable_changes(config: "TrainConfig") -> tuple[str, ...]:
-    """RESUMABLE_CHANGES for this run: not `steps` when the learning rate anneals over them."""
-    return tuple(k for k in RESUMABLE_CHANGES if not (k == "steps" and config.anneal_lr))
+from .losses import make_sampler
+from .tasks import Batch, make_task
 
 
 class NonFiniteError(ValueError):
     """The loss or the weights became NaN/Inf: the run stops; no such checkpoint is written."""
 
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training run.
-
-    batch_size: the global batch of one optimizer step (all ranks, all microbatches).
-    microbatch: per-rank microbatch (0: batch_size / world_size, no accumulation).
-    ema_rates: EMA rates kept beside the model (the paper: 0.9999; none for the classifier).
-    dtype: "fp32" | "fp16" (autocast + dynamic loss scaling) | "bf16" (autocast).
-    schedule_sampler: "uniform" | "loss-second-moment" (diffusion and upsampler).
-    anneal_lr: decay the learning rate linearly to 0 at `steps` (the reference's classifier).
-    random_flip / random_crop: horizontal flips (p = 0.5) / random resized crops (80-100% of
-        the side) applied to the batch. noised: the classifier sees x_t at a sampled t (True)
-        or clean images at t = 0.
-    """
-
-    task: str
-    steps: int
-    batch_size: int = 64
-    microbatch: int = 0
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    ema_rates: tuple[float, ...] = (0.9999,)
-    dtype: str = "fp32"
-    schedule_sampler: str = "uniform"
-    anneal_lr: bool = False
-    grad_clip: float = 0.0
-    random_flip: bool = True
-    random_crop: bool = False
-    noised: bool = True
-    fused_kernels: bool = False
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        def check(ok, name, expected):
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r}: expected {expected}")
-
-        check(self.task in TASKS, "task", f"one of {TASKS}")
-        check(self.steps > 0, "steps", "a positive int")
-        check(self.batch_size > 0, "batch_size", "a positive int")
-        check(self.microbatch >= 0, "microbatch", "0 (no accumulation) or a positive int")
-        check(self.lr > 0 and math.isfinite(self.lr), "lr", "a finite positive float")
-        check(self.weight_decay >= 0, "weight_decay", "a float >= 0")
-        check(self.dtype in DTYPES, "dtype", f"one of {tuple(DTYPES)}")
-        check(self.grad_clip >= 0, "grad_clip", "a float >= 0 (0: no clipping)")
-        object.__setattr__(self, "ema_rates", tuple(float(r) for r in self.ema_rates))
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Tasks: per-sample losses of one microbatch
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class Batch:
-    """A (micro)batch and its randomness. x: (B, C, H, W) in [-1, 1]; y: (B,) int64;
-    t: (B,) int64 step indices; weights: (B,) importance weights; noise: like x."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-    t: torch.Tensor
-    weights: torch.Tensor
-    noise: torch.Tensor
-    flip: torch.Tensor   # (B,) bool
-    crop: torch.Tensor   # (B, 3): crop fraction, x offset, y offset in [-1, 1]
-
-    def slice(self, start: int, stop: int) -> "Batch":
-        return Batch(**{k: v[start:stop] for k, v in self.__dict__.items()})
-
-    def to(self, device) -> "Batch":
-        return Batch(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
-
-
-def augment(x: torch.Tensor, flip: torch.Tensor | None, crop: torch.Tensor | None) -> torch.Tensor:
-    """Horizontal flips where `flip`, then resized crops: crop[:, 0] = side fraction, crop[:, 1:]
-    = where the crop's center sits within the free range, in [-1, 1] (bilinear resampling)."""
-    if flip is not None:
-        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-    if crop is not None:
-        frac = crop[:, 0]
-        theta = torch.zeros(x.shape[0], 2, 3, device=x.device, dtype=torch.float32)
-        theta[:, 0, 0] = frac
-        theta[:, 1, 1] = frac
-        theta[:, 0, 2] = crop[:, 1] * (1 - frac)
-        theta[:, 1, 2] = crop[:, 2] * (1 - frac)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        x = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return x
-
-
-class DiffusionTask:
-    """Hybrid loss of the ADM UNet (and, with `low_res`, of the upsampler), or the one its
-    DiffusionConfig names (predict_xstart, use_kl, rescale_learned_sigmas)."""
-
-    uses_timesteps = True
-    metrics = ("loss", "mse", "vb")
-
-    def __init__(self, config, diffusion):
-        self.diffusion = diffusion
-        self.tables = build_tables(diffusion)
-        self.class_cond = config.num_classes is not None
-
-    def conditioning(self, x: torch.Tensor, model) -> dict:
-        return {}
-
-    def losses(self, model: nn.Module, b: Batch, cfg: TrainConfig) -> dict[str, torch.Tensor]:
-        x0 = augment(b.x, b.flip if cfg.random_flip else None, b.crop if cfg.random_crop else None)
-        x_t = q_sample(self.tables, x0, b.t, b.noise)
-        kwargs = self.conditioning(x0, model)
-        if self.class_cond:
-            kwargs["y"] = b.y
-        out = model(x_t, model_timesteps(self.tables, b.t), **kwargs)
-        return diffusion_losses(self.tables, out, x0, x_t, b.t, b.noise, self.diffusion)
-
-
-class UpsamplerTask(DiffusionTask):
-    """The low-res input is the area-downsampled high-res image (the model upsamples it
-    bilinearly and concatenates it to x_t)."""
-
-    def __init__(self, config, diffusion):
-        super().__init__(config, diffusion)
-        self.low_res_size = config.low_res_size
-
-    def conditioning(self, x: torch.Tensor, model) -> dict:
-        return {"low_res": F.interpolate(x, size=(self.low_res_size, self.low_res_size), mode="area")}
-
-
-class ClassifierTask:
-    """Cross-entropy of the noisy classifier p(y | x_t, t)."""
-
-    uses_timesteps = True
-    metrics = ("loss", "acc@1")
-
-    def __init__(self, config, diffusion):
-        self.tables = build_tables(diffusion)
-
-    def losses(self, model: nn.Module, b: Batch, cfg: TrainConfig) -> dict[str, torch.Tensor]:
-        x = augment(b.x, b.flip if cfg.random_flip else None, b.crop if cfg.random_crop else None)
-        if cfg.noised:
-            x = q_sample(self.tables, x, b.t, b.noise)
-            ts = model_timesteps(self.tables, b.t)
-        else:
-            ts = torch.zeros_like(b.t)
-        return classifier_losses(model(x, ts), b.y)
-
-
-_TASKS = {"diffusion": DiffusionTask, "upsampler": UpsamplerTask, "classifier": ClassifierTask}
-
-
-# ---------------------------------------------------------------------------------------------
-# Data order: a stateless stream of global batches
-# ---------------------------------------------------------------------------------------------
 
 def _generator(seed: int, stream: int, index: int) -> torch.Generator:
     """A CPU generator for (seed, stream, index): distinct streams never share a seed."""
@@ -255,10 +74,6 @@ class BatchIndices:
             out[m] = self._perm(e)[pos[m] % self.n]
         return out
 
-
-# ---------------------------------------------------------------------------------------------
-# The loop
-# ---------------------------------------------------------------------------------------------
 
 def dist_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
@@ -316,7 +131,7 @@ class Trainer:
             model.set_fused_kernels(config.fused_kernels)
         elif config.fused_kernels:
             raise ValueError("fused_kernels=True: this model has no set_fused_kernels()")
-        self.task = _TASKS[config.task](preset.model, preset.diffusion)
+        self.task = make_task(config, preset)
         self.sampler = make_sampler(config.schedule_sampler, self.task.tables.num_timesteps)
         self.ema = EMA(model, config.ema_rates)
         self.opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -511,12 +326,12 @@ class Trainer:
         for rate, m in self.ema.models.items():
             admrt.save_model(m, out / f"ema_{EMA.name(rate)}_{tag}.safetensors", preset=self.preset,
                              extra_metadata={**meta, "ema_rate": rate})
-        tensors, opt_meta = _flatten_optimizer(self.opt.state_dict())
+        tensors, opt_meta = flatten_optimizer(self.opt.state_dict())
         tensors.update(rng)
         tensors.update({f"sampler/{k}": v for k, v in self.sampler.state_dict().items()})
         state_meta = {**meta, "optimizer": opt_meta, "scaler": self.scaler.state_dict(),
                       "model_file": f"model_{tag}.safetensors"}
-        _atomic_save_tensors(tensors, path, {k: json.dumps(v) if not isinstance(v, str) else v
+        save_tensors(tensors, path, {k: json.dumps(v) if not isinstance(v, str) else v
                                              for k, v in state_meta.items()})
         self.last_saved = path
         return path
@@ -538,15 +353,15 @@ class Trainer:
         stored = stored_preset(model_path) if model_path.is_file() else None
         if stored is not None and (stored.model, stored.diffusion) != (self.preset.model, self.preset.diffusion):
             raise ValueError(f"resume={str(state_path)!r}: the run trains preset {stored.name!r}, this trainer "
-                             f"{self.preset.name!r} (" + _config_diff(stored, self.preset) + ")")
-        _load_weights(self.model, model_path, self.preset.name)
+                             f"{self.preset.name!r} (" + config_diff(stored, self.preset) + ")")
+        load_weights(self.model, model_path, self.preset.name)
         for rate, m in self.ema.models.items():
             p = folder / f"ema_{EMA.name(rate)}_{tag}.safetensors"
             if p.exists():
-                _load_weights(m, p, self.preset.name)
+                load_weights(m, p, self.preset.name)
             else:  # a rate that run did not keep starts from the model
                 m.load_state_dict(self.model.state_dict())
-        self.opt.load_state_dict(_unflatten_optimizer(tensors, json.loads(meta["optimizer"]), self.device))
+        self.opt.load_state_dict(unflatten_optimizer(tensors, json.loads(meta["optimizer"]), self.device))
         self.scaler.load_state_dict(json.loads(meta["scaler"]))
         self.sampler.load_state_dict({k[len("sampler/"):]: v for k, v in tensors.items()
                                       if k.startswith("sampler/")})
@@ -573,132 +388,6 @@ class Trainer:
                              + "; ".join(changed) + "); pass the run's settings to resume it")
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoint helpers
-# ---------------------------------------------------------------------------------------------
-
-_STATE_RE = re.compile(r"^state_(\d+)\.safetensors$")
-
-
-def step_of(state_path) -> int:
-    """The step of a state_*.safetensors checkpoint, from its name."""
-    return int(_STATE_RE.match(Path(state_path).name).group(1))
-
-
-def state_files(folder) -> list[tuple[int, Path]]:
-    """(step, path) of the complete checkpoints (state_*.safetensors) in `folder`, by step."""
-    p = Path(folder)
-    if not p.is_dir():
-        return []
-    return sorted((int(m.group(1)), q) for q in p.iterdir() if (m := _STATE_RE.match(q.name)))
-
-
-def latest_checkpoint(path) -> Path:
-    """The state file at `path`, or the one of the highest step in folder `path`."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    if not p.is_dir():
-        raise FileNotFoundError(f"resume={str(path)!r}: no such checkpoint file or folder")
-    found = state_files(p)
-    if not found:
-        raise FileNotFoundError(f"resume={str(path)!r}: no state_*.safetensors checkpoint in this folder")
-    return found[-1][1]
-
-
-def _load_weights(model: nn.Module, path: Path, preset_name: str = "?") -> None:
-    """Copy a checkpoint's weights into `model` in place (the optimizer keeps its parameters),
-    after the checkpoint loader's key and shape check."""
-    from safetensors.torch import load_file
-
-    from admrt.checkpoint import check_state_dict
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (the checkpoint is incomplete)")
-    state = load_file(str(path))
-    check_state_dict(model, state, source=path.name, preset_name=preset_name)
-    model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()}, strict=True)
-
-
-def _config_diff(a: Preset, b: Preset) -> str:
-    """The first differing fields of two presets' model and diffusion configs."""
-    from dataclasses import fields
-
-    diffs = [f"{part}.{f.name}: {getattr(getattr(a, part), f.name)!r} -> {getattr(getattr(b, part), f.name)!r}"
-             for part in ("model", "diffusion") for f in fields(getattr(a, part))
-             if getattr(getattr(a, part), f.name) != getattr(getattr(b, part), f.name)]
-    return "; ".join(diffs[:4]) + (f" and {len(diffs) - 4} more" if len(diffs) > 4 else "")
-
-
-def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, scalars = {}, {}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"optim/{idx}/{k}"] = v.detach().cpu().contiguous()
-            else:
-                scalars[f"{idx}/{k}"] = v
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: dict, meta: dict, device) -> dict:
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        if key.startswith("optim/"):
-            _, idx, k = key.split("/", 2)
-            state.setdefault(int(idx), {})[k] = v if k == "step" else v.to(device)
-    for key, v in meta.get("scalars", {}).items():
-        idx, k = key.split("/", 1)
-        state.setdefault(int(idx), {})[k] = v
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
-def _atomic_save_tensors(tensors: dict, path: Path, metadata: dict) -> None:
-    from safetensors.torch import save_file
-
-    from admrt.io import atomic_write
-
-    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
-                                             metadata=metadata))
-
-
 def timer() -> Callable[[], float]:
     start = time.perf_counter()
     return lambda: time.perf_counter() - start
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset, config: TrainConfig, preset: Preset | None = None, *,
-             device=None, batch_size: int = 500, seed: int = 1234) -> dict[str, float]:
-    """Mean loss terms of `model` on `dataset` (e.g. the test split) at uniformly drawn t with
-    fixed noise, no augmentation; for a classifier also the accuracy at t = 0, T/4, T/2."""
-    preset = preset or model.preset
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    cfg = TrainConfig(**{**asdict(config), "random_flip": False, "random_crop": False})
-    task = _TASKS[cfg.task](preset.model, preset.diffusion)
-    was_training = model.training
-    model.eval()
-    n = len(dataset)
-    g = torch.Generator().manual_seed(seed)
-    sums: dict[str, float] = {}
-    fixed_t = {0: 0, 4: task.tables.num_timesteps // 4, 2: task.tables.num_timesteps // 2}
-    for lo in range(0, n, batch_size):
-        items = [dataset[i] for i in range(lo, min(n, lo + batch_size))]
-        x = torch.stack([it[0] for it in items])
-        y = torch.stack([torch.as_tensor(it[1]) for it in items])
-        b = len(items)
-        t = torch.randint(0, task.tables.num_timesteps, (b,), generator=g)
-        batch = Batch(x=x, y=y, t=t, weights=torch.ones(b), noise=torch.randn(x.shape, generator=g),
-                      flip=torch.zeros(b, dtype=torch.bool), crop=torch.zeros(b, 3)).to(device)
-        for k, v in task.losses(model, batch, cfg).items():
-            sums[k] = sums.get(k, 0.0) + float(v.sum())
-        if cfg.task == "classifier":
-            for name, tv in fixed_t.items():
-                bt = Batch(**{**batch.__dict__, "t": torch.full_like(batch.t, tv)})
-                acc = task.losses(model, bt, cfg)["acc@1"]
-                key = "acc@1_t0" if name == 0 else f"acc@1_tT/{name}"
-                sums[key] = sums.get(key, 0.0) + float(acc.sum())
-    model.train(was_training)
-    return {k: round(v / n, 5) for k, v in sums.items()}

@@ -1,5 +1,8 @@
 """`admrt bench`: end-to-end sampling throughput and latency, admrt against guided-diffusion in
-the same run.
+the same run. Not installed: `admrt bench` runs this file from the source checkout (admrt/cli.py
+finds bench/ beside the package in an editable install); bench/bench_sampling.py runs it too, and
+the throughput suite (bench/test_throughput.py) and bench/profile_step.py import it as `measure`.
+guided-diffusion's side is bench/gd_oracle.py.
 
 Both sides get the same random weights (the released architectures, e.g. imagenet256-cond with
 imagenet256-classifier), the same labels and guidance scale; the reference runs its own
@@ -51,8 +54,8 @@ from admrt.cli import CommandError
 from admrt.export import MissingPackageError
 from admrt.diffusion import space_timesteps
 from admrt.models.unet import resolve_dtype
-from admrt.reference import (reference_cascade, reference_model, reference_sample, set_reference_dtype,
-                             to_uint8_nhwc)
+
+from gd_oracle import reference_cascade, reference_model, reference_sample, set_reference_dtype, to_uint8_nhwc
 
 DTYPE_NAMES = ("fp16", "bf16", "fp32")
 
@@ -131,7 +134,7 @@ def step_flops(preset, classifier_preset=None) -> dict:
     convolutions' part of it. ADM-256's forward is 2.24 TFLOP (DiT, Table 6: 1120 GMAC)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from admrt.engine.modules import ClassifierGradient, Denoiser
+    from admrt.models.units import ClassifierGradient, Denoiser
 
     preset = admrt.get_preset(preset)
     size = preset.model.image_size

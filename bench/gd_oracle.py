@@ -2,7 +2,9 @@
 
 Builds the reference's own modules from admrt configs, and runs its own sampling loops, so that
 tests and benchmarks can put admrt side by side with it: same weights, same noise.
-Nothing here is used for sampling with admrt itself.
+Nothing here is used for sampling with admrt itself, and it is not installed: the benchmarks
+(bench/measure.py, bench/profile_step.py) import it from bench/, the tests (tests/gd_reference.py
+and those comparing loops) from here too (tests/conftest.py puts bench/ on sys.path).
 """
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig, Preset
-from .diffusion import default_variance
+from admrt.config import ModelConfig, Preset
+from admrt.diffusion import default_variance
 
 
 def _gd():

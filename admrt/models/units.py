@@ -8,6 +8,10 @@ guided-diffusion's convert_to_fp16) and the memory layout, and make no data-depe
 (labels are validated once, by the Engine), so that torch.compile(fullgraph=True), torch.export
 and CUDA-graph capture take them as they are. Both work on an inference copy of the network:
 the caller's module is never changed (fp32 weights are shared, not copied).
+
+They sit beside the networks (admrt.models), below the Engine (admrt.engine) and the exporters
+(admrt.export), which both build on them. They take admrt's networks and guided-diffusion's own
+(admrt.models.guided_diffusion says what differs).
 """
 from __future__ import annotations
 
@@ -21,13 +25,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from admrt.models.unet import resolve_dtype
+from . import guided_diffusion
+from .unet import resolve_dtype
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     """What the sampler needs to know about a network (from its ModelConfig, or read off a
-    guided-diffusion module's constructor attributes)."""
+    guided-diffusion module's constructor attributes: guided_diffusion.network_fields)."""
 
     kind: str                  # "unet" | "superres" | "classifier"
     image_size: Optional[int]  # None: a guided-diffusion classifier whose pool takes any size
@@ -46,29 +51,11 @@ class ModelInfo:
         if cfg is not None and hasattr(cfg, "kind"):
             return ModelInfo(cfg.kind, cfg.image_size, cfg.in_channels, cfg.out_channels, cfg.num_classes,
                              cfg.low_res_size)
-        # guided-diffusion modules keep their constructor's fields as attributes, but its
-        # SuperResModel doubles in_channels, and its EncoderUNetModel drops image_size: read it
-        # off the attention pool's positional embedding ((spatial^2 + 1) tokens at the last level).
-        kinds = {"SuperResModel": "superres", "EncoderUNetModel": "classifier", "UNetModel": "unet"}
-        kind = next((kinds[c.__name__] for c in type(module).__mro__ if c.__name__ in kinds), None)
-        try:
-            if kind is None:
-                raise AttributeError(type(module).__name__)
-            in_channels, out_channels = int(module.in_channels), int(module.out_channels)
-            if kind == "superres":
-                in_channels //= 2  # its in_channels counts x_t's and the upsampled low_res's
-            if kind != "classifier":
-                return ModelInfo(kind, int(module.image_size), in_channels, out_channels,
-                                 getattr(module, "num_classes", None))
-            image_size = None
-            pool = getattr(module.out[-1], "positional_embedding", None) if module.pool == "attention" else None
-            if pool is not None:
-                spatial = round((pool.shape[1] - 1) ** 0.5)
-                image_size = spatial * 2 ** (len(module.channel_mult) - 1)
-            return ModelInfo(kind, image_size, in_channels, out_channels, None)
-        except (AttributeError, TypeError, IndexError):
+        fields = guided_diffusion.network_fields(module)  # a guided-diffusion network: its attributes
+        if fields is None:
             raise TypeError(f"{role}: expected an admrt model (with .config) or a guided-diffusion UNetModel, "
-                            f"SuperResModel or EncoderUNetModel, got {type(module).__name__}") from None
+                            f"SuperResModel or EncoderUNetModel, got {type(module).__name__}")
+        return ModelInfo(**fields)
 
     def fitted(self, image_size: Optional[int] = None, low_res_size: Optional[int] = None) -> "ModelInfo":
         """This info with the sizes the module leaves open set from the stack it runs in: image_size
@@ -106,9 +93,8 @@ def inference_copy(module: nn.Module, *, device: torch.device, dtype: str = "fp3
     low = resolve_dtype(dtype)
     if hasattr(net, "set_dtype"):
         net.set_dtype(low)
-    elif low == torch.float16 and hasattr(net, "convert_to_fp16"):  # a guided-diffusion module: its own policy
-        net.convert_to_fp16()
-        net.dtype = low
+    elif low == torch.float16 and guided_diffusion.network_kind(net) is not None:  # its own policy
+        guided_diffusion.convert_to_fp16(net)
     elif low != torch.float32:
         raise ValueError(f"dtype={dtype!r}: {type(module).__name__} has no set_dtype(); 'fp32' (and 'fp16' for a "
                          "guided-diffusion module) is available for it")
