@@ -27,6 +27,7 @@ import numpy as np
 from admrt.cli import CommandError, Interrupted
 from admrt.distributed import leaving_process_group
 from admrt.io import atomic_write, device_description, file_fingerprint
+from admrt.core import Method
 from admrt.stack_loading import DEFAULT_STACK, DEFAULT_STACK_UPSAMPLER_STEPS, load_models
 
 RUN_KEYS = ("model", "classifier", "upsampler", "steps", "method", "upsampler_steps", "guidance", "classes", "num",
@@ -34,6 +35,9 @@ RUN_KEYS = ("model", "classifier", "upsampler", "steps", "method", "upsampler_st
 # The fields of RUN_KEYS that run_samples records itself (engine/csrc/runfolder.cpp).
 _COMMON_KEYS = ("steps", "upsampler_steps", "guidance", "classes", "num", "seed", "eta", "noise", "shard_size")
 DEFAULT_NUM, DEFAULT_BATCH, DEFAULT_STEPS = 16, 16, "ddim25"
+
+
+METHODS = tuple(name.lower() for name in Method.__members__)  # the core's samplers (engine/csrc/plan.h)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="guided-diffusion's super_res_sample.py flags for --upsampler (large_size, small_size, ...)")
     p.add_argument("--steps", default=None, help="ddimN (DDIM) or N / a,b,c (DDPM respaced); default ddim25 "
                                                  "(with --package: a step plan it carries, default its first)")
-    p.add_argument("--method", choices=("ddpm", "ddim"), default=None,
+    p.add_argument("--method", choices=METHODS, default=None,
                    help="sampler over the --steps respacing (default: ddim for ddimN, else ddpm); "
                         "guided-diffusion's --use_ddim")
     p.add_argument("--upsampler-steps", default=None, help="steps of the upsampler stage (default: --steps; "
@@ -177,6 +181,8 @@ def _extra_record(args, loaded, device) -> dict:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    if not -2 ** 63 <= args.seed < 2 ** 63:
+        raise CommandError(f"--seed={args.seed}: expected an int in [-2**63, 2**63) (image i gets seed + i, mod 2**64)")
     for flag in ("num", "batch_size", "shard_size"):
         value = getattr(args, flag)
         if value is not None and value <= 0:

@@ -175,11 +175,10 @@ class Engine:
         every front end: the core's)."""
         if batch_size is None:
             batch_size = self.default_batch_size
-        for name, value in (("batch_size", batch_size),):
-            if not _is_int(value):
-                raise TypeError(f"{name}={value!r}: expected a positive int")
+        if not _is_int(batch_size):
+            raise ValueError(f"batch_size={batch_size!r}: expected a positive int")
         if not isinstance(eta, (int, float, np.floating, np.integer)) or isinstance(eta, bool):
-            raise TypeError(f"eta={eta!r}: expected a finite eta >= 0")
+            raise ValueError(f"eta={eta!r}: expected a finite eta >= 0")
         p = core.Context.default_params()
         p.steps, p.upsampler_steps = _plan_text(steps, "steps"), _plan_text(upsampler_steps, "upsampler_steps")
         p.method, p.variance = method or "", variance or ""
@@ -341,8 +340,12 @@ def _request(classes, guidance, seeds, num) -> tuple[list, list, list, int]:
     """Python values as the core takes them (classes, guidance, seeds, num); types are checked
     here, values by the core."""
     if num is not None and not _is_int(num):
-        raise TypeError(f"num={num!r}: expected a positive int")
+        raise ValueError(f"num={num!r}: expected a positive int")
     class_list = [] if classes is None else _whole_numbers(classes, "classes").tolist()
+    # The core reads an empty list as "not given": an empty list given here is refused instead.
+    for name, value in (("classes", classes), ("guidance", guidance), ("seeds", seeds)):
+        if value is not None and np.ndim(value) > 0 and len(value) == 0:
+            raise ValueError(f"{name}=[]: expected at least one value (or None)")
     if guidance is None:
         scales = []
     else:
@@ -360,7 +363,7 @@ def _request(classes, guidance, seeds, num) -> tuple[list, list, list, int]:
         if not all(_is_int(s) for s in seeds):
             raise TypeError(f"seeds: expected ints, got {[s for s in seeds if not _is_int(s)][:3]}")
         seed_list = [int(s) % _SEED_MOD for s in seeds]
-    return class_list, scales, seed_list, -1 if num is None else int(num)
+    return class_list, scales, seed_list, None if num is None else int(num)
 
 
 _logged: set[str] = set()

@@ -1,6 +1,6 @@
 """AOTInductor packages: the two units (admrt.models.units: Denoiser, ClassifierGradient) exported
 with torch.export (dynamic batch) and compiled ahead of time, for the Python-free runtime
-(engine/csrc/package.h, `admrt-sample`) and `admrt.Engine.from_package`.
+(engine/csrc/admrt.h, Stack::load_package, `admrt-sample`) and `admrt.Engine.from_package`.
 
 A package is a folder:
     denoiser.pt2         the base model, (x_t, t, y) -> [eps | v]
@@ -80,7 +80,7 @@ def export_aoti(model: nn.Module, classifier: Optional[nn.Module] = None, upsamp
         "format": PACKAGE_FORMAT, "format_version": FORMAT_VERSION, "admrt_version": __version__,
         "torch_version": torch.__version__, "device": device.type, "dtype": dtype,
         "batch": {"min": 1, "max": max_batch}, "seeded_noise": core.SEEDED_NOISE_FORMAT,
-        "default_steps": plans[0], "default_upsampler_steps": up_plans[0] if upsampler is not None else None,
+        "default_steps": plans[0], "default_upsampler_steps": up_plans[0] if upsampler is not None and upsampler_steps is not None else None,
         "models": {role: model_entry(module, infos[role], role, FILES[role], up_plans if role == "upsampler" else plans)
                    for role, module in roles},
         "weights": weights_fingerprint(dict(roles)),

@@ -8,7 +8,7 @@ and the onnxruntime backend that runs them.
     upsampler.onnx       (x, t, y, low_res (B,C,h,w)) -> out           (with an upsampler)
 Every file has a dynamic batch, fp32/int64 inputs and outputs, and its body in the export's
 dtype: fp32, or fp16 convolutions with fp32 norm statistics, softmax, embeddings and head
-(DESIGN.md's precision policy, as explicit Casts: what a strongly typed TensorRT consumes).
+(docs/design.md's precision policy, as explicit Casts: what a strongly typed TensorRT consumes).
 Its metadata_props["admrt"] is JSON: format, versions, role, dtype, opset, the model's preset,
 and for diffusion models the diffusion process and the coefficient tables of each step plan.
 

@@ -3,7 +3,7 @@ that supply the kernels (TensorRT plugins: admrt.export.trt_plugins).
 
 One schema each, domain "admrt", version 1, registered with onnx.defs (so onnx.checker and the
 exporter know them). T is tensor(float) | tensor(float16) | tensor(bfloat16); statistics,
-affine and softmax are fp32 whatever T is (DESIGN.md's precision policy).
+affine and softmax are fp32 whatever T is (docs/design.md's precision policy).
 
     GroupNormAct(X: T (B, C, *spatial), gamma: float (C,), beta: float (C,)) -> Y: T like X
         attributes num_groups: int, epsilon: float, activation: string "silu" | "none"

@@ -109,7 +109,11 @@ def model_entry(module: nn.Module, info, role: str, file: str, plans: list[str])
                              "admrt.load_model(..., preset=...)")
         entry["variance"] = default_variance(info.learn_sigma, preset.diffusion)
         entry["diffusion"] = dataclasses.asdict(preset.diffusion)
-        entry["schedules"] = {plan: schedule_entry(preset.diffusion, plan) for plan in plans}
+        # keyed by respacing: DDPM and DDIM over one respacing share its tables (engine/csrc/plan.h)
+        from admrt.core import StepPlan
+        entry["schedules"] = {}
+        for plan in plans:
+            entry["schedules"].setdefault(StepPlan.parse(plan).respacing, schedule_entry(preset.diffusion, plan))
     return entry
 
 

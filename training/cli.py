@@ -2,7 +2,7 @@
 folder of images, with a progress bar, a CSV loss log (and TensorBoard when installed),
 periodic sample grids and resumable checkpoints.
 
-The output folder is a run folder (engine/csrc/runfolder.h, bound as admrt.engine.core.RunFolder):
+The output folder is a run folder (engine/csrc/runfolder.h, bound as admrt.core.RunFolder):
 OUT/run.json records the task, preset, data and every training setting; rerunning the same
 command continues from the latest checkpoint, a command with other settings is refused (naming
 them) while OUT holds checkpoints, and `--resume CKPT` continues a checkpoint's run (into an

@@ -5,7 +5,7 @@ Module names and nesting mirror guided-diffusion's unet.py (`in_layers.0`, `emb_
 `out_layers.3`, `qkv`, `proj_out`, ...) so that released state dicts load key for key. The
 forward passes call admrt.kernels, which fuse GroupNorm + AdaGN + SiLU and attention on CUDA.
 
-Precision (DESIGN.md): convolutions run in the block's dtype (fp32|fp16|bf16); group-norm
+Precision (docs/design.md): convolutions run in the block's dtype (fp32|fp16|bf16); group-norm
 statistics, softmax, timestep/class embeddings and the output head stay fp32.
 """
 from __future__ import annotations

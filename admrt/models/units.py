@@ -1,4 +1,4 @@
-"""The two units every backend compiles (EDM's preconditioning-wrapper role; DESIGN.md):
+"""The two units every backend compiles (EDM's preconditioning-wrapper role; docs/design.md):
 
     Denoiser(model):              fp32 (x_t, t, y[, low_res]) -> fp32 [eps | v]
     ClassifierGradient(clf):      fp32 (x_t, t, y) -> grad_x log p(y | x_t), by autograd

@@ -157,18 +157,20 @@ class Context {
   // a classifier, 0 without); seeds: one per image, or one s for s, s+1, ... (empty: 0, 1, ...);
   // under seeded noise the same seed gives the same image at any batch size and position; under
   // reference noise one generator seeded with the first seed (empty: the device's default
-  // generator) draws in guided-diffusion's order. num: the number of images (-1: len(classes)).
+  // generator) draws in guided-diffusion's order. num: the number of images (none: len(classes)).
   // progress(done, total) after each step of the run; it may throw to stop the run.
   Result sample(const std::vector<int64_t>& classes, const std::vector<double>& guidance,
-                const std::vector<uint64_t>& seeds, const ProgressFn& progress = nullptr, int64_t num = -1);
+                const std::vector<uint64_t>& seeds, const ProgressFn& progress = nullptr,
+                std::optional<int64_t> num = std::nullopt);
 
   // Checks classes, guidance, seeds and num as sample() would, without sampling (before a run
   // writes anything); throws std::invalid_argument.
   void validate(const std::vector<int64_t>& classes, const std::vector<double>& guidance,
-                const std::vector<uint64_t>& seeds = {}, int64_t num = -1) const;
+                const std::vector<uint64_t>& seeds = {}, std::optional<int64_t> num = std::nullopt) const;
 
-  // Stops a running sample() at its next step boundary (it throws Cancelled); thread-safe. A
-  // sample() started later runs normally.
+  // Stops a running sample() at its next step boundary (it throws Cancelled); thread-safe. The
+  // flag is cleared when sample() returns or throws, so a cancel() while none runs stops the
+  // next one at its first step.
   void cancel() { cancel_requested_ = true; }
 
   // Steps of one batch (both stages): for progress totals.
@@ -192,7 +194,7 @@ class Context {
     bool guided = false;
   };
   Request request(const std::vector<int64_t>& classes, const std::vector<double>& guidance,
-                  const std::vector<uint64_t>& seeds, int64_t num) const;
+                  const std::vector<uint64_t>& seeds, std::optional<int64_t> num) const;
   Sampler& sampler(const Stage& stage, int64_t batch, bool guided);
 
   std::shared_ptr<Stack> stack_;

@@ -122,14 +122,13 @@ admrt::Stage make_stage(std::string role, std::string kind, std::vector<int64_t>
 }
 
 py::tuple context_sample(admrt::Context& self, std::vector<int64_t> classes, std::vector<double> guidance,
-                         std::vector<uint64_t> seeds, int64_t num, py::object progress) {
-  admrt::ProgressFn on_step;
-  if (!progress.is_none()) {
-    on_step = [&progress](int64_t done, int64_t total) {
-      py::gil_scoped_acquire gil;
-      progress(done, total);
-    };
-  }
+                         std::vector<uint64_t> seeds, std::optional<int64_t> num, py::object progress) {
+  // Between two steps: a pending Ctrl-C (raised as KeyboardInterrupt), then the caller's progress.
+  admrt::ProgressFn on_step = [&progress](int64_t done, int64_t total) {
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+    if (!progress.is_none()) progress(done, total);
+  };
   admrt::Result r;
   {
     py::gil_scoped_release nogil;
@@ -331,11 +330,11 @@ PYBIND11_MODULE(core, m) {
              return std::make_unique<admrt::Context>(std::move(stack), std::move(params));
            }), py::arg("stack"), py::arg("params"))
       .def_static("default_params", &admrt::Context::default_params)
-      .def("sample", &context_sample, py::arg("classes"), py::arg("guidance"), py::arg("seeds"), py::arg("num") = -1,
+      .def("sample", &context_sample, py::arg("classes"), py::arg("guidance"), py::arg("seeds"), py::arg("num") = py::none(),
            py::arg("progress") = py::none(),
            "-> (images uint8 NHWC, labels | None, base_images | None, samples float32 NCHW | None, seeds)")
       .def("validate", &admrt::Context::validate, py::arg("classes"), py::arg("guidance"),
-           py::arg("seeds") = std::vector<uint64_t>{}, py::arg("num") = -1)
+           py::arg("seeds") = std::vector<uint64_t>{}, py::arg("num") = py::none())
       .def("cancel", &admrt::Context::cancel, "Stop a running sample() at its next step boundary (thread-safe).")
       .def("steps_per_batch", &admrt::Context::steps_per_batch)
       .def("uses_graph", &admrt::Context::uses_graph, py::arg("role") = "model")
@@ -345,7 +344,8 @@ PYBIND11_MODULE(core, m) {
         return c.upsampler_plan() ? py::cast(*c.upsampler_plan()) : py::none();
       })
       .def_property_readonly("stack", &admrt::Context::stack_handle)
-      .def_property_readonly("params", &admrt::Context::params);
+      .def_property_readonly("params", [](const admrt::Context& c) { return c.params(); },
+                             "A copy of what the context was built for (steps in canonical text).");
   m.def("write_npz", &admrt::write_npz, py::arg("path"), py::arg("arrays"), "arr_0, arr_1, ... as np.savez, atomically.");
   m.def("read_npz", &admrt::read_npz, py::arg("path"), "arr_0, arr_1, ... of an uncompressed .npz.");
 

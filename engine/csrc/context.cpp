@@ -207,18 +207,19 @@ Sampler& Context::sampler(const Stage& stage, int64_t batch, bool guided) {
 }
 
 Context::Request Context::request(const std::vector<int64_t>& classes, const std::vector<double>& guidance,
-                                  const std::vector<uint64_t>& seeds, int64_t num) const {
+                                  const std::vector<uint64_t>& seeds, std::optional<int64_t> num_arg) const {
   const Stack& st = *stack_;
   const std::optional<int64_t> k = st.num_classes();
   Request r;
-  if (num != -1 && num <= 0) throw std::invalid_argument(cat("num=", num, ": expected a positive int"));
+  if (num_arg && *num_arg <= 0) throw std::invalid_argument(cat("num=", *num_arg, ": expected a positive int"));
+  const int64_t num = num_arg.value_or(-1);
   // Labels, validated once on the host (nothing checks them per step).
   if (classes.empty()) {
-    if (num <= 0) throw std::invalid_argument("num: give classes=[...] (at least one) or a positive num");
+    if (!num_arg) throw std::invalid_argument("num: give classes=[...] (at least one) or a positive num");
     r.n = num;
     if (k) for (int64_t i = 0; i < r.n; ++i) r.labels.push_back(i % *k);
   } else {
-    if (num != -1 && num != static_cast<int64_t>(classes.size()))
+    if (num_arg && num != static_cast<int64_t>(classes.size()))
       throw std::invalid_argument(cat("num=", num, ": differs from len(classes)=", classes.size()));
     if (!k)
       throw std::invalid_argument("classes: the model is unconditional and there is no classifier; pass num= instead");
@@ -254,8 +255,9 @@ Context::Request Context::request(const std::vector<int64_t>& classes, const std
   if (any && !st.classifier())
     throw std::invalid_argument(cat("guidance=", py_float(*std::find_if(r.scales.begin(), r.scales.end(),
                                                                         [](double s) { return s != 0.0; })),
-                                    " needs a classifier, and ", st.describe(),
-                                    " has none (Engine(..., classifier=...)); or pass guidance=0"));
+                                    " needs a classifier, and ", st.describe(), " has none",
+                                    st.options().package.empty() ? " (Engine(..., classifier=...))" : "",
+                                    "; or pass guidance=0"));
   r.guided = any;  // decided once, on the host
   // Seeds: one per image, or s for s, s+1, ... (uint64, wrapping).
   r.seeds.resize(n);
@@ -267,15 +269,19 @@ Context::Request Context::request(const std::vector<int64_t>& classes, const std
 }
 
 void Context::validate(const std::vector<int64_t>& classes, const std::vector<double>& guidance,
-                       const std::vector<uint64_t>& seeds, int64_t num) const {
+                       const std::vector<uint64_t>& seeds, std::optional<int64_t> num) const {
   request(classes, guidance, seeds, num);
 }
 
 Result Context::sample(const std::vector<int64_t>& classes, const std::vector<double>& guidance,
-                       const std::vector<uint64_t>& seeds, const ProgressFn& progress, int64_t num) {
+                       const std::vector<uint64_t>& seeds, const ProgressFn& progress, std::optional<int64_t> num) {
   const Stack& st = *stack_;
+  // The cancel flag is cleared when this request ends, however it ends.
+  struct ClearCancel {
+    std::atomic<bool>& flag;
+    ~ClearCancel() { flag = false; }
+  } clear_cancel{cancel_requested_};
   const Request req = request(classes, guidance, seeds, num);
-  cancel_requested_ = false;
   const int64_t n = req.n;
   const at::Device dev = st.device();
   const int64_t bsz = std::min(params_.batch_size, n);

@@ -257,6 +257,8 @@ json::Value run_record(const Context& ctx, const SampleRun& run, int64_t shard_s
   r.set("eta", json::make_number(p.eta));
   r.set("noise", json::make_string(seeded_noise(ctx) ? "seeded" : "reference"));
   r.set("shard_size", json::make_int(shard_size));
+  // Under reference noise the images depend on the batch: a resume must keep it (may_differ).
+  r.set("batch_size", json::make_int(ctx.params().batch_size));
   const json::Value id = stack_identity(ctx);
   for (const std::string& k : id.ordered_keys()) r.set(k, id.object.at(k));
   if (!run.extra.is_null()) {
@@ -306,7 +308,7 @@ std::string run_samples(Context& ctx, const SampleRun& run) {
   }
   std::vector<double> guidance;
   if (run.guidance) guidance.push_back(*run.guidance);
-  ctx.validate(labels, guidance, {}, run.num);
+  ctx.validate(labels, guidance, {}, std::optional<int64_t>(run.num));
   const json::Value record = run_record(ctx, run, shard_size);
   record_text(record);  // a non-finite field is refused before OUT is made
 
