@@ -9,38 +9,17 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "json.h"
+#include "text.h"
+
 namespace admrt {
 namespace {
-
-template <typename... Args>
-std::string cat(const Args&... args) {
-  std::ostringstream s;
-  (s << ... << args);
-  return s.str();
-}
 
 // Up to five values as Python prints a list: "[1, 2]".
 std::string join(const std::vector<int64_t>& xs) {
   std::string s;
   for (size_t i = 0; i < xs.size() && i < 5; ++i) s += (i ? ", " : "") + std::to_string(xs[i]);
   return "[" + s + "]";
-}
-
-// A float as Python's repr prints it (shortest text that reads back; "1.0", "nan", "inf").
-std::string py_float(double x) {
-  if (std::isnan(x)) return "nan";
-  if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
-  for (int precision = 1; precision <= 17; ++precision) {
-    std::ostringstream s;
-    s.precision(precision);
-    s << x;
-    if (std::stod(s.str()) == x) {
-      std::string t = s.str();
-      if (t.find_first_of(".e") == std::string::npos) t += ".0";
-      return t;
-    }
-  }
-  return std::to_string(x);
 }
 
 at::Tensor seed_tensor(const std::vector<uint64_t>& seeds, at::Device device) {
@@ -136,7 +115,7 @@ Context::Context(std::shared_ptr<Stack> stack, ContextParams params)
     throw std::invalid_argument(cat("dtype='", params_.dtype, "': ", st.describe(), " runs in ", st.dtype(),
                                     st.options().package.empty() ? "" : " (precision is fixed at export)"));
   if (!(params_.eta >= 0 && std::isfinite(params_.eta)))
-    throw std::invalid_argument(cat("eta=", py_float(params_.eta), ": expected a finite eta >= 0"));
+    throw std::invalid_argument(cat("eta=", json::number_text(params_.eta), ": expected a finite eta >= 0"));
   noise_ = parse_noise(params_.noise);
   std::optional<Method> method;
   if (!params_.method.empty()) method = parse_method(params_.method);
@@ -249,11 +228,11 @@ Context::Request Context::request(const std::vector<int64_t>& classes, const std
   else throw std::invalid_argument(cat("guidance: expected one scale or ", n, " (one per image), got ", guidance.size()));
   bool any = false;
   for (double s : r.scales) {
-    if (!std::isfinite(s)) throw std::invalid_argument(cat("guidance=", py_float(s), ": expected finite scales"));
+    if (!std::isfinite(s)) throw std::invalid_argument(cat("guidance=", json::number_text(s), ": expected finite scales"));
     any = any || s != 0.0;
   }
   if (any && !st.classifier())
-    throw std::invalid_argument(cat("guidance=", py_float(*std::find_if(r.scales.begin(), r.scales.end(),
+    throw std::invalid_argument(cat("guidance=", json::number_text(*std::find_if(r.scales.begin(), r.scales.end(),
                                                                         [](double s) { return s != 0.0; })),
                                     " needs a classifier, and ", st.describe(), " has none",
                                     st.options().package.empty() ? " (Engine(..., classifier=...))" : "",

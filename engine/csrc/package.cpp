@@ -11,6 +11,8 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "text.h"
+
 #include "json.h"
 
 #ifdef ADMRT_WITH_CUDA
@@ -22,13 +24,6 @@ namespace {
 
 namespace fs = std::filesystem;
 using torch::inductor::AOTIModelPackageLoader;
-
-template <typename... Args>
-std::string cat(const Args&... args) {
-  std::ostringstream s;
-  (s << ... << args);
-  return s.str();
-}
 
 std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
 

@@ -8,6 +8,8 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "text.h"
+
 #include "noise.h"
 
 #ifdef ADMRT_WITH_CUDA
@@ -20,13 +22,6 @@
 
 namespace admrt {
 namespace {
-
-template <typename... Args>
-std::string cat(const Args&... args) {
-  std::ostringstream s;
-  (s << ... << args);
-  return s.str();
-}
 
 std::vector<double> host_table(const std::map<std::string, at::Tensor>& tables, const char* name, int64_t n) {
   auto it = tables.find(name);
