@@ -30,10 +30,9 @@ from admrt.io import atomic_write, device_description, file_fingerprint
 from admrt.core import Method
 from admrt.stack_loading import DEFAULT_STACK, DEFAULT_STACK_UPSAMPLER_STEPS, load_models
 
-RUN_KEYS = ("model", "classifier", "upsampler", "steps", "method", "upsampler_steps", "guidance", "classes", "num",
-            "seed", "eta", "noise", "dtype", "gd_flags", "upsampler_gd_flags", "shard_size")
-# The fields of RUN_KEYS that run_samples records itself (engine/csrc/runfolder.cpp).
-_COMMON_KEYS = ("steps", "upsampler_steps", "guidance", "classes", "num", "seed", "eta", "noise", "shard_size")
+# The options that name the models a run samples from: recorded beside the request's own fields,
+# which run_samples records itself (engine/csrc/runfolder.cpp, run_record).
+MODEL_KEYS = ("model", "classifier", "upsampler", "method", "dtype", "gd_flags", "upsampler_gd_flags")
 DEFAULT_NUM, DEFAULT_BATCH, DEFAULT_STEPS = 16, 16, "ddim25"
 
 
@@ -168,13 +167,10 @@ def _extra_record(args, loaded, device) -> dict:
     """The record fields (OUT/run.json) that describe an Engine built here from models, beside the
     common ones run_samples writes (steps, guidance, classes, num, seed, eta, noise, shard_size,
     ...): a rerun must match them to resume. A package run has none: its record is admrt-sample's."""
-    record = {key: getattr(args, key) for key in RUN_KEYS if key not in _COMMON_KEYS}
-    record.update(batch_size=args.batch_size, backend=args.backend, device=device_description(device),
+    record = {key: getattr(args, key) for key in MODEL_KEYS}
+    record.update(backend=args.backend, device=device_description(device),
                   models=[getattr(m, "preset", None) and m.preset.name for m in loaded[:3]],
                   weights=[file_fingerprint(s) if isinstance(s, Path) else s for s in loaded.sources])
-    if args.noise == "seeded":  # shards drawn with another noise map must not be mixed in
-        from admrt.engine.engine import SEEDED_NOISE_FORMAT
-        record["seeded_noise"] = SEEDED_NOISE_FORMAT
     return record
 
 

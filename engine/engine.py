@@ -34,11 +34,7 @@ from .backends import get_backend
 
 log = logging.getLogger(__name__)
 
-# What an image's seed means (engine/csrc/philox.h); run records carry it. One source: the core.
-SEEDED_NOISE_FORMAT = core.SEEDED_NOISE_FORMAT
 _SEED_MOD = 2 ** 64
-_VARIANCES = {"learned_range": core.Variance.LEARNED_RANGE, "fixed_small": core.Variance.FIXED_SMALL,
-              "fixed_large": core.Variance.FIXED_LARGE}
 
 Progress = Union[bool, Callable[[int, int], None], None]
 Steps = Union[str, int, Sequence[int], None]
@@ -279,15 +275,14 @@ class Engine:
         stages = {}
         for role, info in self._infos().items():
             stage = self.upsampler if role == "upsampler" else self.base
-            shape = [info.in_channels, info.image_size or self.base.info.image_size,
-                     info.image_size or self.base.info.image_size]
+            shape = [info.in_channels, info.image_size, info.image_size]  # fitted: the classifier's too
             kwargs = dict(role=role, kind=info.kind, image_shape=shape, num_classes=info.num_classes,
                           out_channels=info.out_channels, unit=units[role])
             if role == "classifier":
                 kwargs["num_classes"] = info.out_channels
             else:
                 diffusion = stage.diffusion
-                kwargs.update(variance=_VARIANCES[default_variance(info.learn_sigma, diffusion)],
+                kwargs.update(variance=default_variance(info.learn_sigma, diffusion),
                               prediction=core.Prediction.XSTART if diffusion.predict_xstart else core.Prediction.EPS,
                               schedule=_schedule_builder(diffusion))
                 if info.kind == "superres":

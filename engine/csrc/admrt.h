@@ -65,6 +65,10 @@ struct Stage {
   bool learn_sigma() const { return !image_shape.empty() && out_channels == 2 * image_shape[0]; }
 };
 
+// "learned_range" | "fixed_small" | "fixed_large" -> Variance; throws std::invalid_argument naming
+// `arg`, the value and the names.
+Variance parse_variance(const std::string& name, const std::string& arg = "variance");
+
 // How a Stack was made, and what identifies its weights in run records.
 struct StackOptions {
   at::Device device = at::kCPU;

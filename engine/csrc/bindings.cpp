@@ -92,7 +92,7 @@ class PySchedule final : PyCallable {
 
 admrt::Stage make_stage(std::string role, std::string kind, std::vector<int64_t> image_shape,
                         std::vector<int64_t> low_res_shape, std::optional<int64_t> num_classes, int64_t out_channels,
-                        admrt::Variance variance, admrt::Prediction prediction, py::object unit, py::object schedule) {
+                        const std::string& variance, admrt::Prediction prediction, py::object unit, py::object schedule) {
   admrt::Stage stage;
   stage.role = std::move(role);
   stage.kind = std::move(kind);
@@ -100,7 +100,7 @@ admrt::Stage make_stage(std::string role, std::string kind, std::vector<int64_t>
   stage.low_res_shape = std::move(low_res_shape);
   stage.num_classes = num_classes;
   stage.out_channels = out_channels;
-  stage.variance = variance;
+  stage.variance = admrt::parse_variance(variance);
   stage.prediction = prediction;
   if (stage.kind == "classifier") {
     if (py::isinstance<admrt::ClassifierGrad>(unit)) stage.gradient = unit.cast<std::shared_ptr<admrt::ClassifierGrad>>();
@@ -267,7 +267,7 @@ PYBIND11_MODULE(core, m) {
   py::class_<admrt::Stage>(m, "Stage", "A network of a stack with its shapes, variance and schedules (admrt.h).")
       .def(py::init(&make_stage), py::kw_only(), py::arg("role"), py::arg("kind"), py::arg("image_shape"),
            py::arg("low_res_shape") = std::vector<int64_t>{}, py::arg("num_classes") = py::none(),
-           py::arg("out_channels"), py::arg("variance") = admrt::Variance::LearnedRange,
+           py::arg("out_channels"), py::arg("variance") = "learned_range",
            py::arg("prediction") = admrt::Prediction::Eps, py::arg("unit"), py::arg("schedule") = py::none())
       .def_readonly("role", &admrt::Stage::role)
       .def_readonly("kind", &admrt::Stage::kind)

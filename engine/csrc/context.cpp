@@ -27,14 +27,6 @@ at::Tensor seed_tensor(const std::vector<uint64_t>& seeds, at::Device device) {
   return at::tensor(bits, at::kLong).to(device);
 }
 
-Variance parse_variance(const std::string& name) {
-  if (name == "learned_range") return Variance::LearnedRange;
-  if (name == "fixed_small") return Variance::FixedSmall;
-  if (name == "fixed_large") return Variance::FixedLarge;
-  throw std::invalid_argument(cat("variance='", name, "': expected one of ('learned_range', 'fixed_small', ",
-                                  "'fixed_large')"));
-}
-
 NoiseMode parse_noise(const std::string& name) {
   if (name == "seeded") return NoiseMode::Seeded;
   if (name == "reference") return NoiseMode::Reference;
@@ -47,6 +39,14 @@ std::string size_text(const std::vector<int64_t>& chw) { return cat(chw[1], "x",
 
 // ---------------------------------------------------------------------------------------------
 // Stack
+
+Variance parse_variance(const std::string& name, const std::string& arg) {
+  if (name == "learned_range") return Variance::LearnedRange;
+  if (name == "fixed_small") return Variance::FixedSmall;
+  if (name == "fixed_large") return Variance::FixedLarge;
+  throw std::invalid_argument(cat(arg, "='", name, "': expected one of ('learned_range', 'fixed_small', ",
+                                  "'fixed_large')"));
+}
 
 Stack::Stack(Stage base, std::optional<Stage> classifier, std::optional<Stage> upsampler, StackOptions options)
     : base_(std::move(base)), classifier_(std::move(classifier)), upsampler_(std::move(upsampler)),

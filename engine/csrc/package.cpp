@@ -118,11 +118,11 @@ Stage load_stage(const fs::path& folder, const std::string& role, const json::Va
     return stage;
   }
   stage.denoiser = std::make_shared<AotiDenoiser>(unit);
-  const std::string& variance = m.at("variance", what).as_string(what + ".variance");
-  if (variance == "learned_range") stage.variance = Variance::LearnedRange;
-  else if (variance == "fixed_small") stage.variance = Variance::FixedSmall;
-  else if (variance == "fixed_large") stage.variance = Variance::FixedLarge;
-  else throw std::runtime_error(cat(what, ".variance='", variance, "': expected learned_range, fixed_small or fixed_large"));
+  try {
+    stage.variance = parse_variance(m.at("variance", what).as_string(what + ".variance"), what + ".variance");
+  } catch (const std::invalid_argument& e) {
+    throw std::runtime_error(e.what());  // a damaged manifest, not a bad argument
+  }
   // diffusion.predict_xstart: absent in packages written before it was recorded (eps models).
   const json::Value& diffusion = m.at("diffusion", what);
   if (diffusion.has("predict_xstart") && diffusion.at("predict_xstart", what).as_bool(what + ".diffusion.predict_xstart"))

@@ -227,7 +227,6 @@ json::Value stack_identity(const Context& ctx) {
   json::Value id = json::make_object();
   if (st.options().package.empty()) return id;  // units from Python: the front end names them (extra)
   id.set("package", json::make_string(st.options().package));
-  id.set("seeded_noise", json::make_string(kSeededNoiseFormat));
   id.set("weights", json::make_string(st.options().weights));
   id.set("device", json::make_string(st.device().is_cuda() ? "cuda" : "cpu"));
   return id;
@@ -256,6 +255,8 @@ json::Value run_record(const Context& ctx, const SampleRun& run, int64_t shard_s
   r.set("seed", json::make_int(run.seed));
   r.set("eta", json::make_number(p.eta));
   r.set("noise", json::make_string(seeded_noise(ctx) ? "seeded" : "reference"));
+  // What a seed means: shards drawn with another noise map must not be mixed in.
+  if (seeded_noise(ctx)) r.set("seeded_noise", json::make_string(kSeededNoiseFormat));
   r.set("shard_size", json::make_int(shard_size));
   // Under reference noise the images depend on the batch: a resume must keep it (may_differ).
   r.set("batch_size", json::make_int(ctx.params().batch_size));
