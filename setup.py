@@ -107,7 +107,7 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     install_requires=["torch>=2.6", "numpy", "safetensors", "tqdm", "pillow"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark>=5,<6", "guided-diffusion-sdk==1.0.0", "scipy", "triton>=3.6,<3.8; platform_system=='Linux'",
+        "test": ["pytest", "pytest-benchmark>=5,<6", "guided-diffusion-sdk==1.0.0", "diffusers>=0.30", "scipy", "triton>=3.6,<3.8; platform_system=='Linux'",
                  "onnx>=1.18", "onnxscript", "onnxruntime>=1.22", "onnxruntime-extensions"],
         "export": ["onnx>=1.18", "onnxscript", "onnxruntime>=1.22", "onnxruntime-extensions"],
     },

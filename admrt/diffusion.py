@@ -65,7 +65,8 @@ def betas_for_schedule(noise_schedule: str, num_timesteps: int) -> np.ndarray:
 
 
 
-def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int]) -> list[int]:
+def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int],
+                    alphas_cumprod: np.ndarray | None = None) -> list[int]:
     """The original timesteps kept by a respacing, sorted (reference: respace.space_timesteps).
 
     section_counts: "N" or N (N steps strided over the whole process), "a,b,c" or [a, b, c]
@@ -74,6 +75,12 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
     (its grammar: engine/csrc/plan.h), and a parsed StepPlan is taken as is. Within a section the stride is the
     float (size-1)/(count-1), accumulated and rounded with Python's round (half to even), so
     "25" of 1000 keeps 0, 42, 83, 125, 166, ...
+
+    Solver grids (plan.h): "tN" keeps round(linspace(0, T-1, N+1)) without its 0 (diffusers'
+    "linspace" spacing); "logsnrN" the same with the N+1 points uniform in log-SNR between
+    t = T-1 and t = 0 (it needs the process's `alphas_cumprod`), each rounded to the nearest
+    timestep and pushed down where rounding would repeat one. The model is called at these N; the
+    respaced process then ends on clean data (its abar_prev is 1 at the smallest).
     """
     if num_timesteps <= 0:
         raise ValueError(f"num_timesteps={num_timesteps}: expected a positive int")
@@ -82,6 +89,8 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
         from admrt.core import StepPlan
 
         plan = section_counts if hasattr(section_counts, "ddim_steps") else StepPlan.parse(section_counts)
+        if plan.grid_steps:
+            return _solver_grid(num_timesteps, plan.grid_steps, plan.spacing, alphas_cumprod)
         if plan.ddim_steps:
             desired = plan.ddim_steps
             for stride in range(1, num_timesteps):
@@ -113,6 +122,29 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
             kept.add(start + round(cur))
             cur += stride
         start += size
+    return sorted(kept)
+
+
+def _solver_grid(num_timesteps: int, n: int, spacing: str, alphas_cumprod) -> list[int]:
+    """The N model timesteps of a "tN" / "logsnrN" grid (space_timesteps), sorted."""
+    if n >= num_timesteps:
+        raise ValueError(f"steps={spacing}{n}: a solver grid takes fewer than T={num_timesteps} steps")
+    if spacing == "t":
+        points = np.linspace(0, num_timesteps - 1, n + 1).round()
+    else:
+        if alphas_cumprod is None:
+            raise ValueError(f"steps=logsnr{n}: a log-SNR grid needs the process's alphas_cumprod")
+        ac = np.asarray(alphas_cumprod, dtype=np.float64)
+        lam = 0.5 * (np.log(ac) - np.log1p(-ac))  # decreasing in t
+        targets = np.linspace(lam[-1], lam[0], n + 1)
+        # nearest timestep in log-SNR
+        points = np.array([int(np.argmin(np.abs(lam - v))) for v in targets], dtype=np.float64)
+        points = points[::-1]  # increasing t, like the linspace branch
+    kept = [int(v) for v in points[::-1][:-1]]  # t = T-1 first, without the final point
+    for i in range(1, n):  # strictly decreasing: push a repeat down
+        kept[i] = min(kept[i], kept[i - 1] - 1)
+    if kept[-1] < 0:
+        raise ValueError(f"steps={spacing}{n}: too many steps for T={num_timesteps}")
     return sorted(kept)
 
 
@@ -218,8 +250,8 @@ def _build_cached(config: DiffusionConfig, respacing: str | tuple[int, ...] | No
     base_betas = betas_for_schedule(config.noise_schedule, config.steps)
     # The reference always goes through SpacedDiffusion (create_gaussian_diffusion respaces to
     # [steps] when no respacing is given), so the unspaced betas are recomputed from abar too.
-    kept = list(range(config.steps)) if respacing is None else space_timesteps(config.steps, respacing)
     base_ac = np.cumprod(1.0 - base_betas, axis=0)
+    kept = list(range(config.steps)) if respacing is None else space_timesteps(config.steps, respacing, base_ac)
     # betas of the respaced chain: 1 - abar_{t_i} / abar_{t_{i-1}} (SpacedDiffusion.__init__)
     new_betas, last = [], 1.0
     for t in kept:

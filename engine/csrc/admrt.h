@@ -121,7 +121,7 @@ std::shared_ptr<ClassifierGrad> load_aoti_gradient(const std::string& path, at::
 struct ContextParams {
   std::string steps;              // the base model's step plan (plan.h); empty: the stack's default
   std::string upsampler_steps;    // the upsampler's; empty: the stack's default, else `steps`
-  std::string method;             // "ddpm" | "ddim" over both plans' respacings; empty: as they imply
+  std::string method;             // a kMethods name (plan.h) over both plans' respacings; empty: as they imply
   std::string variance;           // the base model's: learned_range | fixed_small | fixed_large; empty: its default
   std::string noise = "seeded";   // "seeded" (per-image counter-based) | "reference" (guided-diffusion's order)
   int64_t batch_size = 16;        // images per network call (<= the stack's max batch)
@@ -129,6 +129,12 @@ struct ContextParams {
   bool cuda_graphs = true;        // CUDA, seeded noise, capturable units: capture one whole step, replay it
   double eta = 0.0;               // DDIM eta
   bool clip_denoised = true;
+  double dynamic_threshold = 0.0; // Imagen's percentile rule instead of the clamp (0: off); both stages
+  // Guidance on part of the trajectory (SamplerParams): the classifier runs at model timesteps in
+  // [guidance_t_min, guidance_t_max] (max < 0: up to T-1) on every guidance_every-th call.
+  int64_t guidance_t_min = 0;
+  int64_t guidance_t_max = -1;
+  int64_t guidance_every = 1;
   bool check_finite = true;
   bool keep_float = false;        // also return the float x_0 of the final stage (Result::samples)
 };

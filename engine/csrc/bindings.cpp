@@ -176,7 +176,7 @@ PYBIND11_MODULE(core, m) {
   py::enum_<admrt::Method> methods(m, "Method");
   for (const auto& [method, name] : admrt::kMethods) {
     std::string upper(name);
-    for (char& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+    for (char& c : upper) c = c == '-' ? '_' : static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
     methods.value(upper.c_str(), method);
   }
   py::enum_<admrt::Variance>(m, "Variance")
@@ -204,6 +204,10 @@ PYBIND11_MODULE(core, m) {
       .def_readwrite("prediction", &admrt::SamplerParams::prediction)
       .def_readwrite("eta", &admrt::SamplerParams::eta)
       .def_readwrite("clip_denoised", &admrt::SamplerParams::clip_denoised)
+      .def_readwrite("dynamic_threshold", &admrt::SamplerParams::dynamic_threshold)
+      .def_readwrite("guidance_t_min", &admrt::SamplerParams::guidance_t_min)
+      .def_readwrite("guidance_t_max", &admrt::SamplerParams::guidance_t_max)
+      .def_readwrite("guidance_every", &admrt::SamplerParams::guidance_every)
       .def_readwrite("check_finite", &admrt::SamplerParams::check_finite)
       .def_readwrite("noise", &admrt::SamplerParams::noise)
       .def_readwrite("cuda_graphs", &admrt::SamplerParams::cuda_graphs)
@@ -226,7 +230,9 @@ PYBIND11_MODULE(core, m) {
       .def_property_readonly("num_steps", &admrt::Sampler::num_steps)
       .def_property_readonly("guided", &admrt::Sampler::guided)
       .def_property_readonly("uses_graph", &admrt::Sampler::uses_graph)
-      .def_property_readonly("captured", &admrt::Sampler::captured);
+      .def_property_readonly("captured", &admrt::Sampler::captured)
+      .def_property_readonly("guided_steps", &admrt::Sampler::guided_steps,
+                             "Per step (loop order): whether the classifier runs.");
 
   // The driver (admrt.h, plan.h): the same objects admrt-sample uses.
   m.attr("UPSAMPLER_STREAM") = py::int_(admrt::kUpsamplerStream);
@@ -238,6 +244,16 @@ PYBIND11_MODULE(core, m) {
       .def_property_readonly("method", &admrt::StepPlan::method_name)
       .def_property_readonly("sections", &admrt::StepPlan::sections)
       .def_property_readonly("ddim_steps", &admrt::StepPlan::ddim_steps)
+      .def_property_readonly("grid_steps", &admrt::StepPlan::grid_steps)
+      .def_property_readonly("spacing", [](const admrt::StepPlan& self) {
+        switch (self.spacing()) {
+          case admrt::Spacing::DdimStride: return "ddim";
+          case admrt::Spacing::UniformT: return "t";
+          case admrt::Spacing::UniformLogSnr: return "logsnr";
+          default: return "sections";
+        }
+      }, "'sections' | 'ddim' | 't' | 'logsnr'")
+      .def_property_readonly("solver", [](const admrt::StepPlan& self) { return admrt::is_solver(self.method()); })
       .def_property_readonly("respacing", &admrt::StepPlan::respacing)
       .def("with_method", [](const admrt::StepPlan& self, const std::string& method) {
         return self.with_method(admrt::parse_method(method));
@@ -323,6 +339,10 @@ PYBIND11_MODULE(core, m) {
       .def_readwrite("cuda_graphs", &admrt::ContextParams::cuda_graphs)
       .def_readwrite("eta", &admrt::ContextParams::eta)
       .def_readwrite("clip_denoised", &admrt::ContextParams::clip_denoised)
+      .def_readwrite("dynamic_threshold", &admrt::ContextParams::dynamic_threshold)
+      .def_readwrite("guidance_t_min", &admrt::ContextParams::guidance_t_min)
+      .def_readwrite("guidance_t_max", &admrt::ContextParams::guidance_t_max)
+      .def_readwrite("guidance_every", &admrt::ContextParams::guidance_every)
       .def_readwrite("check_finite", &admrt::ContextParams::check_finite)
       .def_readwrite("keep_float", &admrt::ContextParams::keep_float);
   py::class_<admrt::Context>(m, "Context", "The one driver of a request over a Stack (admrt.h).")

@@ -116,6 +116,17 @@ Context::Context(std::shared_ptr<Stack> stack, ContextParams params)
                                     st.options().package.empty() ? "" : " (precision is fixed at export)"));
   if (!(params_.eta >= 0 && std::isfinite(params_.eta)))
     throw std::invalid_argument(cat("eta=", json::number_text(params_.eta), ": expected a finite eta >= 0"));
+  if (!(params_.dynamic_threshold >= 0 && params_.dynamic_threshold < 1))
+    throw std::invalid_argument(cat("dynamic_threshold=", json::number_text(params_.dynamic_threshold),
+                                    ": expected a percentile in (0, 1), e.g. 0.995, or 0 (off)"));
+  if (params_.guidance_t_min < 0)
+    throw std::invalid_argument(cat("guidance_interval=(", params_.guidance_t_min, ", ", params_.guidance_t_max,
+                                    "): expected model timesteps 0 <= min <= max"));
+  if (params_.guidance_t_max >= 0 && params_.guidance_t_max < params_.guidance_t_min)
+    throw std::invalid_argument(cat("guidance_interval=(", params_.guidance_t_min, ", ", params_.guidance_t_max,
+                                    "): expected min <= max"));
+  if (params_.guidance_every < 1)
+    throw std::invalid_argument(cat("guidance_every=", params_.guidance_every, ": expected a positive int"));
   noise_ = parse_noise(params_.noise);
   std::optional<Method> method;
   if (!params_.method.empty()) method = parse_method(params_.method);
@@ -171,6 +182,10 @@ Sampler& Context::sampler(const Stage& stage, int64_t batch, bool guided) {
   p.prediction = stage.prediction;
   p.eta = params_.eta;
   p.clip_denoised = params_.clip_denoised;
+  p.dynamic_threshold = params_.dynamic_threshold;
+  p.guidance_t_min = params_.guidance_t_min;
+  p.guidance_t_max = params_.guidance_t_max;
+  p.guidance_every = params_.guidance_every;
   p.check_finite = params_.check_finite;
   p.noise = noise_;
   p.cuda_graphs = params_.cuda_graphs && stack_->options().capturable;

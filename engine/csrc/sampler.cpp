@@ -48,8 +48,176 @@ enum Coef : int64_t {
   kDdimSqrtAcp,    // sqrt(abar_{t-1})
   kDdimDir,        // sqrt(1 - abar_{t-1} - sigma_t^2)
   kNoiseGate,      // 1 when this step's noise has a non-zero coefficient, else 0 (nothing drawn)
+  // Solvers. The corrected sample xc = kCx x_t + kCl last + kC0 m + kC1 h1 + kC2 h2 + kC3 h3 (UniPC's
+  // corrector; xc = x_t for the others), then x_next = kPx xc + kP0 m + kP1 h1 + kP2 h2 + kPn noise,
+  // with m this call's x_0 prediction and h1, h2, h3 the previous calls' (h1 the last).
+  kCx, kCl, kC0, kC1, kC2, kC3,
+  kPx, kP0, kP1, kP2, kPn,
   kNumCoefs
 };
+
+// How many previous x_0 predictions a solver reads.
+int64_t history_depth(Method m) {
+  switch (m) {
+    case Method::DPMPP2M: case Method::DPMPP2M_SDE: return 1;
+    case Method::DPMPP3M: case Method::UNIPC2M: return 2;
+    case Method::UNIPC3M: return 3;
+    default: return 0;
+  }
+}
+
+// lambda = log(alpha / sigma) of abar (+inf at abar = 1: clean data).
+double log_snr(double abar) { return 0.5 * (std::log(abar) - std::log1p(-abar)); }
+
+// Solves the small dense system a x = b (Gaussian elimination with partial pivoting).
+std::vector<double> solve(std::vector<std::vector<double>> a, std::vector<double> b) {
+  const size_t n = b.size();
+  for (size_t c = 0; c < n; ++c) {
+    size_t piv = c;
+    for (size_t r = c + 1; r < n; ++r)
+      if (std::abs(a[r][c]) > std::abs(a[piv][c])) piv = r;
+    std::swap(a[c], a[piv]);
+    std::swap(b[c], b[piv]);
+    for (size_t r = c + 1; r < n; ++r) {
+      const double f = a[r][c] / a[c][c];
+      for (size_t j = c; j < n; ++j) a[r][j] -= f * a[c][j];
+      b[r] -= f * b[c];
+    }
+  }
+  std::vector<double> x(n);
+  for (size_t r = n; r-- > 0;) {
+    double v = b[r];
+    for (size_t j = r + 1; j < n; ++j) v -= a[r][j] * x[j];
+    x[r] = v / a[r][r];
+  }
+  return x;
+}
+
+// UniPC's weights rho for order p over the nodes rks (the last is 1), B(h) = h (Zhao et al. 2023,
+// Algorithm 1 / 2): R[i][j] = rks[j]^i, b[i] = h phi_{i+1}(h) i! / B(h) with hh = -h (data
+// prediction). Predictor (corrector = false): the first p-1 of the system without its last row
+// and column (order 2: 1/2); corrector: all p (order 1: 1/2).
+std::vector<double> unipc_rhos(const std::vector<double>& rks, double hh, bool corrector) {
+  const size_t p = rks.size();
+  if (!corrector && p == 2) return {0.5};
+  if (corrector && p == 1) return {0.5};
+  const double b_h = hh;
+  double h_phi_k = std::expm1(hh) / hh - 1, factorial = 1;
+  std::vector<std::vector<double>> r(p, std::vector<double>(p));
+  std::vector<double> b(p);
+  for (size_t i = 1; i <= p; ++i) {
+    for (size_t j = 0; j < p; ++j) r[i - 1][j] = std::pow(rks[j], static_cast<double>(i - 1));
+    b[i - 1] = h_phi_k * factorial / b_h;
+    factorial *= static_cast<double>(i + 1);
+    h_phi_k = h_phi_k / hh - 1 / factorial;
+  }
+  if (corrector) return solve(r, b);
+  r.pop_back();
+  for (auto& row : r) row.pop_back();
+  b.pop_back();
+  return solve(r, b);
+}
+
+// The solvers' columns of row k (loop order), from the grid's abar: step k goes from abar[k] to
+// abar[k+1] (abar[N] = 1: the last step lands on clean data, first order, x_next = m, as
+// diffusers' final_sigmas_type="zero"). Orders as diffusers' DPMSolverMultistepScheduler and
+// UniPCMultistepScheduler (lower_order_final): DPM-Solver++ warms up from order 1 and lowers
+// its last steps when N < 15; UniPC's order is min(order, N - k, k + 1).
+void solver_coefficients(Method m, const std::vector<double>& abar, int64_t k, float* r) {
+  const int64_t n = static_cast<int64_t>(abar.size()) - 1;
+  auto alpha = [&](int64_t j) { return std::sqrt(abar[j]); };
+  auto sigma = [&](int64_t j) { return std::sqrt(1 - abar[j]); };
+  auto lam = [&](int64_t j) { return log_snr(abar[j]); };
+  double cx = 1, cl = 0, c[4] = {0, 0, 0, 0}, px = 0, p[3] = {0, 0, 0}, pn = 0;
+  const bool last = k == n - 1;  // lands on sigma = 0: x_next = m (every solver's first order there)
+  if (m == Method::UNIPC2M || m == Method::UNIPC3M) {
+    const int64_t order = m == Method::UNIPC2M ? 2 : 3;
+    auto this_order = [&](int64_t j) { return std::min({order, n - j, j + 1}); };
+    // Corrector (k >= 1): from point k-1 to k at the previous step's order, over last, h1, h2, ...
+    if (k >= 1) {
+      const int64_t q = this_order(k - 1);
+      const double h = lam(k) - lam(k - 1), hh = -h;
+      std::vector<double> rks;
+      for (int64_t i = 1; i < q; ++i) rks.push_back((lam(k - 1 - i) - lam(k - 1)) / h);
+      rks.push_back(1.0);
+      const std::vector<double> rho = unipc_rhos(rks, hh, /*corrector=*/true);
+      const double a = alpha(k), base = alpha(k) * hh;  // B(h) = hh
+      cx = 0;
+      cl = sigma(k) / sigma(k - 1);
+      c[1] = -a * std::expm1(hh);
+      for (int64_t i = 1; i < q; ++i) {  // D1_i = (h_{i+1} - h1) / rk_i
+        c[i + 1] -= base * rho[i - 1] / rks[i - 1];
+        c[1] += base * rho[i - 1] / rks[i - 1];
+      }
+      c[0] -= base * rho[q - 1];  // D1_t = m - h1
+      c[1] += base * rho[q - 1];
+    }
+    // Predictor: from point k to k+1 over xc, m, h1, h2.
+    const int64_t q = this_order(k);
+    if (last) {
+      p[0] = 1;
+    } else {
+      const double h = lam(k + 1) - lam(k), hh = -h;
+      std::vector<double> rks;
+      for (int64_t i = 1; i < q; ++i) rks.push_back((lam(k - i) - lam(k)) / h);
+      rks.push_back(1.0);
+      const double a = alpha(k + 1), base = a * hh;
+      px = sigma(k + 1) / sigma(k);
+      p[0] = -a * std::expm1(hh);
+      if (q > 1) {
+        const std::vector<double> rho = unipc_rhos(rks, hh, /*corrector=*/false);
+        for (int64_t i = 1; i < q; ++i) {  // D1_i = (h_i - m) / rk_i
+          p[i] -= base * rho[i - 1] / rks[i - 1];
+          p[0] += base * rho[i - 1] / rks[i - 1];
+        }
+      }
+    }
+  } else {
+    // DPM-Solver++ (data prediction, midpoint form), Lu et al. 2022; diffusers' orders.
+    const int64_t order = m == Method::DPMPP3M ? 3 : 2;
+    const bool sde = m == Method::DPMPP2M_SDE;
+    const bool lower_second = k == n - 2 && n < 15;
+    const int64_t q = (k < 1 || last) ? 1 : (order == 2 || k < 2 || lower_second) ? 2 : 3;
+    if (last) {
+      p[0] = 1;
+    } else {
+      const double h = lam(k + 1) - lam(k), a = alpha(k + 1), st = sigma(k + 1);
+      // First-order part: x_next = px x + w m (+ pn noise); the D1 / D2 terms add to m, h1, h2.
+      double w, d1, d2 = 0;
+      if (sde) {
+        px = st / sigma(k) * std::exp(-h);
+        w = a * -std::expm1(-2 * h);
+        d1 = 0.5 * w;
+        pn = st * std::sqrt(-std::expm1(-2 * h));
+      } else {
+        px = st / sigma(k);
+        w = -a * std::expm1(-h);
+        d1 = q == 3 ? a * (std::expm1(-h) / h + 1) : 0.5 * w;
+        d2 = -a * ((std::expm1(-h) + h) / (h * h) - 0.5);
+      }
+      p[0] = w;
+      if (q == 2) {  // D1 = (m - h1) / r0
+        const double r0 = (lam(k) - lam(k - 1)) / h;
+        p[0] += d1 / r0;
+        p[1] -= d1 / r0;
+      } else if (q == 3) {  // D1 = D1_0 + r0/(r0+r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1)/(r0+r1)
+        const double r0 = (lam(k) - lam(k - 1)) / h, r1 = (lam(k - 1) - lam(k - 2)) / h;
+        const double on_d10 = d1 * (1 + r0 / (r0 + r1)) + d2 / (r0 + r1);
+        const double on_d11 = -d1 * r0 / (r0 + r1) - d2 / (r0 + r1);
+        p[0] += on_d10 / r0;  // D1_0 = (m - h1) / r0, D1_1 = (h1 - h2) / r1
+        p[1] += -on_d10 / r0 + on_d11 / r1;
+        p[2] -= on_d11 / r1;
+      }
+    }
+  }
+  r[kCx] = static_cast<float>(cx);
+  r[kCl] = static_cast<float>(cl);
+  for (int j = 0; j < 4; ++j) r[kC0 + j] = static_cast<float>(c[j]);
+  r[kPx] = static_cast<float>(px);
+  for (int j = 0; j < 3; ++j) r[kP0 + j] = static_cast<float>(p[j]);
+  r[kPn] = static_cast<float>(pn);
+  r[kNoiseGate] = pn != 0 ? 1.0f : 0.0f;
+}
 
 // Rows in loop order: row k is step index i = N - 1 - k.
 std::vector<float> coefficient_rows(const Schedule& s, const SamplerParams& p) {
@@ -84,6 +252,12 @@ std::vector<float> coefficient_rows(const Schedule& s, const SamplerParams& p) {
     }
     const bool learned = p.method == Method::DDPM && p.variance == Variance::LearnedRange;
     r[kNoiseGate] = (learned ? nonzero : r[kNoiseStd]) != 0.0f ? 1.0f : 0.0f;
+  }
+  if (is_solver(p.method)) {
+    std::vector<double> abar(n + 1);
+    for (int64_t k = 0; k < n; ++k) abar[k] = s.alphas_cumprod[n - 1 - k];
+    abar[n] = s.alphas_cumprod_prev[0];  // 1: the respaced process ends on clean data
+    for (int64_t k = 0; k < n; ++k) solver_coefficients(p.method, abar, k, rows.data() + k * kNumCoefs);
   }
   return rows;
 }
@@ -151,7 +325,8 @@ struct Sampler::Graph {
     }
   }
   c10::cuda::CUDAStream stream;
-  std::unique_ptr<at::cuda::CUDAGraph> step;
+  std::unique_ptr<at::cuda::CUDAGraph> step[2];  // the step without / with the classifier
+  bool warmed[2] = {false, false};               // its eager warm-up step has run
   std::string capture_error;  // set once a capture failed: not tried again
 };
 
@@ -205,7 +380,14 @@ Sampler::Sampler(std::shared_ptr<Denoiser> model, std::shared_ptr<ClassifierGrad
                                 "build of torch with nvcc on the PATH)");
 #endif
   num_steps_ = schedule.num_steps;
-  has_noise_ = !(p.noise == NoiseMode::Seeded && p.method == Method::DDIM && p.eta == 0.0);
+  if (!(p.dynamic_threshold >= 0 && p.dynamic_threshold < 1))
+    throw std::invalid_argument(cat("dynamic_threshold=", p.dynamic_threshold, ": expected a percentile in (0, 1), or 0 (off)"));
+  if (p.guidance_every < 1)
+    throw std::invalid_argument(cat("guidance_every=", p.guidance_every, ": expected a positive int"));
+  // Solvers draw only for the SDE variant (also under reference noise: guided-diffusion has no
+  // draw order for them); DDPM and DDIM draw as the reference does.
+  has_noise_ = is_solver(p.method) ? p.method == Method::DPMPP2M_SDE
+                                   : !(p.noise == NoiseMode::Seeded && p.method == Method::DDIM && p.eta == 0.0);
 
   const int64_t n = num_steps_, B = p.batch_size;
   std::vector<float> rows = coefficient_rows(schedule, p);
@@ -213,6 +395,8 @@ Sampler::Sampler(std::shared_ptr<Denoiser> model, std::shared_ptr<ClassifierGrad
   for (int64_t k = 0; k < n; ++k) {
     const int64_t t = schedule.timestep_map[n - 1 - k];
     model_t_.push_back(t);
+    guided_steps_.push_back(classifier_ && t >= p.guidance_t_min && (p.guidance_t_max < 0 || t <= p.guidance_t_max) &&
+                            k % p.guidance_every == 0);
     // _WrappedModel: the original timestep, or t * 1000 / T as float when rescaled.
     t_rows[k] = schedule.rescale_timesteps
                     ? static_cast<float>(t) * static_cast<float>(1000.0 / schedule.original_num_steps)
@@ -232,6 +416,8 @@ Sampler::Sampler(std::shared_ptr<Denoiser> model, std::shared_ptr<ClassifierGrad
   scale_ = at::zeros({B, 1, 1, 1}, f32);
   seeds_ = at::zeros({B}, i64);
   bad_ = at::full({3}, -1, i64);  // first non-finite step: model output, gradient; final sample
+  for (int64_t j = 0; j < history_depth(p.method); ++j) history_.push_back(at::zeros(shape, f32));
+  if (p.method == Method::UNIPC2M || p.method == Method::UNIPC3M) last_sample_ = at::zeros(shape, f32);
   if (!p.low_res_shape.empty()) {
     std::vector<int64_t> ls{B};
     ls.insert(ls.end(), p.low_res_shape.begin(), p.low_res_shape.end());
@@ -250,7 +436,7 @@ bool Sampler::uses_graph() const {
 
 bool Sampler::captured() const {
 #ifdef ADMRT_WITH_CUDA
-  return graph_ && graph_->step != nullptr;
+  return graph_ && (graph_->step[0] != nullptr || graph_->step[1] != nullptr);
 #else
   return false;
 #endif
@@ -294,8 +480,20 @@ void Sampler::load_inputs(const BatchInputs& in) {
   }
 }
 
+// x_0 as the loop uses it: Imagen's dynamic thresholding (Saharia et al. 2022: s = max(1, the
+// percentile of |x_0| per image), clamp to [-s, s], divide by s), else the reference's clamp.
+at::Tensor Sampler::denoised(const at::Tensor& x0) const {
+  const auto& p = params_;
+  if (p.dynamic_threshold > 0) {
+    at::Tensor flat = x0.reshape({x0.size(0), -1});
+    at::Tensor s = at::quantile(flat.abs(), p.dynamic_threshold, /*dim=*/1, /*keepdim=*/true).clamp_min(1);
+    return (at::minimum(at::maximum(flat, -s), s) / s).view(x0.sizes());
+  }
+  return p.clip_denoised ? x0.clamp(-1, 1) : x0;
+}
+
 // One step over the buffers, reading its coefficients and t by the device step counter.
-void Sampler::step(const std::optional<at::Generator>& generator) {
+void Sampler::step(const std::optional<at::Generator>& generator, bool guide) {
   const auto& p = params_;
   const int64_t C = p.image_shape[0];
   at::Tensor row = coef_.index_select(0, step_);                      // (1, K)
@@ -319,12 +517,8 @@ void Sampler::step(const std::optional<at::Generator>& generator) {
   if (p.check_finite) flag_bad(0, out);
   at::Tensor pred = out.narrow(1, 0, C);
 
-  // x_0 prediction (p_mean_variance: the output itself, or _predict_xstart_from_eps), clipped.
-  at::Tensor x0 = p.prediction == Prediction::XStart ? pred : x_ * c(kSqrtRecipAc) - pred * c(kSqrtRecipm1Ac);
-  if (p.clip_denoised) x0 = x0.clamp(-1, 1);
-
   at::Tensor g;
-  if (guided()) {
+  if (guide) {
     g = (*classifier_)(x_, t_, y_);
     if (g.sizes() != x_.sizes())
       throw std::runtime_error(cat("classifier gradient: expected shape ", x_.sizes(), ", got ", g.sizes()));
@@ -344,21 +538,46 @@ void Sampler::step(const std::optional<at::Generator>& generator) {
   }
 
   at::Tensor x_next;
+  if (is_solver(p.method)) {
+    // The guided eps (condition_score: eps - sqrt(1 - abar) g), its x_0, thresholded; then the
+    // solver's linear update (coefficient_rows).
+    at::Tensor eps = p.prediction == Prediction::XStart ? (x_ * c(kSqrtRecipAc) - pred) / c(kSqrtRecipm1Ac) : pred;
+    if (guide) eps = eps - g * c(kSqrt1mAc);
+    at::Tensor m = denoised(x_ * c(kSqrtRecipAc) - eps * c(kSqrtRecipm1Ac));
+    const int64_t depth = static_cast<int64_t>(history_.size());
+    at::Tensor xc = x_;
+    if (last_sample_.defined()) {  // UniPC's corrector
+      xc = x_ * c(kCx) + last_sample_ * c(kCl) + m * c(kC0);
+      for (int64_t j = 0; j < depth; ++j) xc = xc + history_[j] * c(kC1 + j);
+      last_sample_.copy_(xc);
+    }
+    x_next = xc * c(kPx) + m * c(kP0);
+    for (int64_t j = 0; j < depth && j < 2; ++j) x_next = x_next + history_[j] * c(kP1 + j);
+    if (has_noise_) x_next = x_next + noise_ * c(kPn);
+    for (int64_t j = depth - 1; j > 0; --j) history_[j].copy_(history_[j - 1]);
+    if (depth > 0) history_[0].copy_(m);
+    x_.copy_(x_next);
+    step_.add_(1);
+    return;
+  }
+
+  // x_0 prediction (p_mean_variance: the output itself, or _predict_xstart_from_eps), clipped.
+  at::Tensor x0 = denoised(p.prediction == Prediction::XStart ? pred : x_ * c(kSqrtRecipAc) - pred * c(kSqrtRecipm1Ac));
   if (p.method == Method::DDPM) {
     // p_sample: mean of q(x_{t-1} | x_t, x_0), variance Sigma_t.
     at::Tensor mean = x0 * c(kPostCoef1) + x_ * c(kPostCoef2);
     if (learned) {
       at::Tensor frac = (out.narrow(1, C, C) + 1) / 2;
       at::Tensor log_var = frac * c(kMaxLog) + (1 - frac) * c(kMinLog);
-      if (guided()) mean = mean + at::exp(log_var) * g;  // condition_mean: mu + Sigma g
+      if (guide) mean = mean + at::exp(log_var) * g;  // condition_mean: mu + Sigma g
       x_next = mean + c(kNonzero) * at::exp(0.5 * log_var) * noise_;
     } else {
-      if (guided()) mean = mean + g * c(kFixedVar);
+      if (guide) mean = mean + g * c(kFixedVar);
       x_next = mean + noise_ * c(kNoiseStd);
     }
   } else {
     // ddim_sample (eq. 12 of Song et al.), with condition_score guidance.
-    if (guided()) {
+    if (guide) {
       at::Tensor e = (x_ * c(kSqrtRecipAc) - x0) / c(kSqrtRecipm1Ac);
       e = e - g * c(kSqrt1mAc);
       x0 = x_ * c(kSqrtRecipAc) - e * c(kSqrtRecipm1Ac);  // not clipped again (as the reference)
@@ -372,16 +591,20 @@ void Sampler::step(const std::optional<at::Generator>& generator) {
 }
 
 void Sampler::run_step(int64_t k, const std::optional<at::Generator>& generator) {
+  const bool guide = guided_steps_[k];
 #ifdef ADMRT_WITH_CUDA
   if (uses_graph()) {
-    if (graph_->step) {
-      graph_->step->replay();
+    // One graph per kind of step (with and without the classifier, under a guidance interval),
+    // each captured after one eager warm-up step of its kind.
+    const int v = guide ? 1 : 0;
+    if (graph_->step[v]) {
+      graph_->step[v]->replay();
       return;
     }
-    if (k == 0 || !graph_->capture_error.empty()) {
-      if (!graph_->capture_error.empty())
-        throw std::runtime_error(graph_->capture_error);
-      step(generator);  // warm-up, eager: lazy initialisation, kernel compilation, autotuning
+    if (!graph_->capture_error.empty()) throw std::runtime_error(graph_->capture_error);
+    if (!graph_->warmed[v]) {
+      step(generator, guide);  // warm-up, eager: lazy initialisation, kernel compilation, autotuning
+      graph_->warmed[v] = true;
       return;
     }
     const c10::DeviceIndex dev = params_.device.index();
@@ -390,7 +613,7 @@ void Sampler::run_step(int64_t k, const std::optional<at::Generator>& generator)
     g->capture_begin(pool);
     std::string error;
     try {
-      step(generator);
+      step(generator, guide);
     } catch (const std::exception& e) {
       error = e.what();
     }
@@ -416,13 +639,13 @@ void Sampler::run_step(int64_t k, const std::optional<at::Generator>& generator)
           "a copy from host memory, a CPU tensor); sample with cuda_graphs=False to run the steps uncaptured.");
       throw std::runtime_error(graph_->capture_error);
     }
-    graph_->step = std::move(g);
-    graph_->step->replay();
+    graph_->step[v] = std::move(g);
+    graph_->step[v]->replay();
     return;
   }
 #endif
   (void)k;
-  step(generator);
+  step(generator, guide);
 }
 
 void Sampler::raise_if_not_finite() {
@@ -460,6 +683,8 @@ at::Tensor Sampler::sample(const BatchInputs& inputs, const ProgressFn& progress
 #endif
   step_.zero_();
   bad_.fill_(-1);
+  for (at::Tensor& h : history_) h.zero_();  // read with weight 0 before they are written
+  if (last_sample_.defined()) last_sample_.zero_();
   if (inputs.x_T) {
     x_.copy_(*inputs.x_T);
   } else if (params_.noise == NoiseMode::Seeded) {

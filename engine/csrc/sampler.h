@@ -5,6 +5,11 @@
 // 2020, with the learned-range variance of Nichol & Dhariwal 2021), ddim_sample /
 // ddim_sample_loop (Song et al. 2020, eta), condition_mean (DDPM guidance: mu + Sigma * g,
 // Dhariwal & Nichol Alg. 1) and condition_score (DDIM guidance: eps - sqrt(1 - abar) * g, Alg. 2).
+// The multistep solvers (plan.h: DPM-Solver++(2M)/(3M), SDE-DPM-Solver++(2M), UniPC-2/3 with
+// B(h) = h) take the x_0 of the guided eps (condition_score) and are one linear update over the
+// sample, the current and the previous x_0 predictions (and UniPC's previous sample), whose
+// per-step weights -- the lower orders of the first and last steps included -- are rows of the
+// coefficient table: the same step for every step, capture-safe.
 //
 // The ggml pattern: the networks (Denoiser, ClassifierGrad) are separate from the per-run
 // context (Sampler), which owns fixed buffers (x, labels, scales, seeds, t, noise), the per-step
@@ -78,6 +83,13 @@ struct SamplerParams {
   double eta = 0.0;                  // DDIM only: 0 deterministic, 1 ~ DDPM-like
   bool clip_denoised = true;         // clamp the x_0 prediction to [-1, 1]
   bool check_finite = true;          // device flag per step, read once after the loop
+  double dynamic_threshold = 0.0;    // Imagen's rule at this percentile in (0, 1) instead of the clamp; 0: off
+  // Guidance on part of the trajectory (Kynkaanniemi et al. 2024): the classifier runs only at
+  // model timesteps in [guidance_t_min, guidance_t_max] (max < 0: no upper bound) and on every
+  // guidance_every-th call (0, k, 2k, ...); on the other calls it is not run at all.
+  int64_t guidance_t_min = 0;
+  int64_t guidance_t_max = -1;
+  int64_t guidance_every = 1;
   NoiseMode noise = NoiseMode::Seeded;
   bool cuda_graphs = true;           // on CUDA with seeded noise: capture one step, replay it
   int64_t batch_size = 1;            // B: every batch has this size (pad the last one)
@@ -118,11 +130,15 @@ class Sampler {
   int64_t num_steps() const { return num_steps_; }
   bool guided() const { return classifier_ != nullptr; }
   bool uses_graph() const;   // whether steps are captured and replayed (CUDA, seeded, cuda_graphs)
-  bool captured() const;     // whether the graph exists (after the first batch's second step)
+  bool captured() const;     // whether a graph exists (after the first batch's second step)
+  // Per step (loop order): whether the classifier runs (guided contexts; guidance interval).
+  const std::vector<bool>& guided_steps() const { return guided_steps_; }
 
  private:
   void load_inputs(const BatchInputs& inputs);
-  void step(const std::optional<at::Generator>& generator);  // one step over the buffers
+  // One step over the buffers; `guide`: run the classifier (decided on the host per step).
+  void step(const std::optional<at::Generator>& generator, bool guide);
+  at::Tensor denoised(const at::Tensor& x0) const;           // clamp or dynamic thresholding
   void run_step(int64_t k, const std::optional<at::Generator>& generator);
   void raise_if_not_finite();
 
@@ -132,10 +148,15 @@ class Sampler {
   int64_t num_steps_ = 0;
   std::vector<int64_t> model_t_;   // host copy of the original timesteps, loop order (errors)
   bool has_noise_ = true;          // seeded DDIM with eta = 0 draws nothing after x_T
+  std::vector<bool> guided_steps_; // host: the classifier runs at step k
   at::Tensor coef_;                // (N, K) float32, row k = the k-th step of the loop
   at::Tensor t_table_;             // (N,) float32 model timesteps, loop order
   at::Tensor step_;                // (1,) int64: steps done in this batch
   at::Tensor x_, y_, low_res_, scale_, seeds_, t_, noise_, bad_;
+  // Solvers: the previous x_0 predictions (history_[0] the last call's) and UniPC's previous
+  // corrected sample, preallocated.
+  std::vector<at::Tensor> history_;
+  at::Tensor last_sample_;
   struct Graph;
   std::unique_ptr<Graph> graph_;   // CUDA: side stream and captured step
 };
