@@ -52,7 +52,7 @@ import torch
 import admrt
 from admrt.cli import CommandError
 from admrt.export import MissingPackageError
-from admrt.diffusion import space_timesteps
+from admrt.diffusion import build_tables
 from admrt.models.unet import resolve_dtype
 
 from gd_oracle import reference_cascade, reference_model, reference_sample, set_reference_dtype, to_uint8_nhwc
@@ -226,17 +226,21 @@ def measure(args) -> dict:
     classes = [i % num_classes for i in range(n)] if num_classes else None
     y = torch.tensor(classes, device=device) if classes is not None else None
     guidance = args.guidance if clf is not None else None
-    steps = len(space_timesteps(preset.diffusion.steps, args.steps))  # sampling steps per batch
-    up_steps = len(space_timesteps(upreset.diffusion.steps, args.upsampler_steps or args.steps)) if upreset else 0
+    steps = build_tables(preset.diffusion, args.steps).num_timesteps  # sampling steps per batch
+    # admrt's rows may run another plan (--admrt-steps): speed at equal quality, same run
+    admrt_steps = args.admrt_steps or args.steps
+    our_steps = build_tables(preset.diffusion, admrt_steps).num_timesteps
+    up_steps = build_tables(upreset.diffusion, args.upsampler_steps or args.steps).num_timesteps if upreset else 0
     results = {"config": {k: (v if k == "impls" else str(v)) for k, v in vars(args).items()}, "rows": []}
     results["config"]["impls"] = impls
     flops = step_flops(preset, cpreset)
     results["flops_per_image_step"] = flops
-    work = flops["total"] * steps   # FLOPs per image of one whole loop (both stages of a cascade)
+    # FLOPs per image of one whole loop (both stages of a cascade), per plan
+    work = {plan: flops["total"] * k for plan, k in ((args.steps, steps), (admrt_steps, our_steps))}
     if upreset is not None:
         results["upsampler_flops_per_image_step"] = step_flops(upreset)
-        work += results["upsampler_flops_per_image_step"]["total"] * up_steps
-    sample_kw = dict(classes=classes, num=n, steps=args.steps, guidance=guidance, seeds=1, batch_size=n,
+        work = {plan: w + results["upsampler_flops_per_image_step"]["total"] * up_steps for plan, w in work.items()}
+    sample_kw = dict(classes=classes, num=n, steps=admrt_steps, guidance=guidance, seeds=1, batch_size=n,
                      upsampler_steps=args.upsampler_steps or None)
 
     # name -> callable returning uint8 images (or the reference's tensor)
@@ -264,18 +268,18 @@ def measure(args) -> dict:
         from admrt.export.aoti import export_aoti
         folder = Path(tempfile.mkdtemp(prefix="admrt-bench-")) / "pkg"
         t0 = time.perf_counter()
-        export_aoti(model, clf, out=folder, steps=args.steps, dtype=args.dtype, device=device,
+        export_aoti(model, clf, out=folder, steps=admrt_steps, dtype=args.dtype, device=device,
                     max_batch=max(2, n), log=lambda _m: None)
         results["package_export_s"] = time.perf_counter() - t0  # export + AOT compile + check, apart
         print(f"package: exported and compiled in {results['package_export_s']:.1f} s", flush=True)
         if "aoti" in impls:
             pkg = admrt.Engine.from_package(folder, cuda_graphs=True)
             variants[impl_name("aoti", device)] = lambda: pkg.sample(  # noqa: E731
-                classes=classes, num=n, steps=args.steps, guidance=guidance, seeds=1, batch_size=n).images
+                classes=classes, num=n, steps=admrt_steps, guidance=guidance, seeds=1, batch_size=n).images
         if "admrt-sample" in impls:
             runs = iter(range(10 ** 6))  # a fresh run folder each time (a rerun would only resume)
             cmd = [sample_program, "--package", str(folder), "--num", str(n), "--batch-size", str(n), "--seed", "1",
-                   "--steps", args.steps, "--no-progress"] + (["--guidance", str(guidance)] if guidance is not None
+                   "--steps", admrt_steps, "--no-progress"] + (["--guidance", str(guidance)] if guidance is not None
                                                               else [])
             variants[impl_name("admrt-sample", device)] = lambda: subprocess.run(  # noqa: E731
                 cmd + ["--out", str(folder.parent / f"run{next(runs)}")], check=True, capture_output=True)
@@ -307,10 +311,12 @@ def measure(args) -> dict:
             results["rows"].append({"impl": name, "error": failed[name]})
             continue
         med = statistics.median(times[name])
-        tflops = work * n / med / 1e12
-        row = {"impl": name, "median_s": med, "min_s": min(times[name]), "max_s": max(times[name]),
+        reference = name in (IMPLS["gd"], IMPLS["gd-compile"])
+        plan, loop_steps = (args.steps, steps) if reference else (admrt_steps, our_steps)
+        tflops = work[plan] * n / med / 1e12
+        row = {"impl": name, "steps": plan, "median_s": med, "min_s": min(times[name]), "max_s": max(times[name]),
                "times_s": times[name], "cold_s": cold[name], "cold_minus_warm_s": cold[name] - med,
-               "images_per_s": n / med, "ms_per_step": 1e3 * med / (steps + up_steps), "peak_mem_gib": peak[name],
+               "images_per_s": n / med, "ms_per_step": 1e3 * med / (loop_steps + up_steps), "peak_mem_gib": peak[name],
                "achieved_tflops": tflops,
                "pct_of_matmul_peak": 100 * tflops / peak_rate if peak_rate else None}
         results["rows"].append(row)
@@ -322,7 +328,7 @@ def measure(args) -> dict:
         for row in results["rows"]:
             if "median_s" in row:
                 row["speedup_vs_reference"] = ref_row["median_s"] / row["median_s"]
-    if IMPLS["gd"] in variants and IMPLS["gd"] not in failed and built:
+    if IMPLS["gd"] in variants and IMPLS["gd"] not in failed and built and admrt_steps == args.steps:
         # image parity, untimed: the reference's noise order, uncaptured
         ref_img = variants[IMPLS["gd"]]().cpu().int()
         eng = next(iter(built.values()))
@@ -377,6 +383,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the noisy classifier's architecture for guidance; '' for unguided")
     p.add_argument("--batch", type=int, default=16, help="images per batch (one sampling loop)")
     p.add_argument("--steps", default="ddim25", help="ddimN (DDIM) or N (DDPM respaced) steps per loop")
+    p.add_argument("--admrt-steps", default="",
+                   help="admrt's rows run this plan instead (e.g. dpmpp2m10 against the reference's ddim25): speed "
+                        "at equal quality in one run (docs/solvers has the FID of each plan); no image comparison")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier scale")
     p.add_argument("--upsampler", default="",
                    help="an upsampler's architecture (e.g. upsample64-256): time the cascade, the guided model's "

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import admrt
-from admrt.diffusion import space_timesteps
+from admrt.diffusion import build_tables
 
 import measure as bm
 
@@ -119,7 +119,7 @@ def profile(args) -> dict:
     n = args.batch
     classes = [i % eng.num_classes for i in range(n)] if eng.num_classes else None
     guidance = args.guidance if clf is not None else None
-    steps = len(space_timesteps(preset.diffusion.steps, args.steps))
+    steps = build_tables(preset.diffusion, args.steps).num_timesteps
 
     def sample():
         return eng.sample(classes=classes, num=n, steps=args.steps, guidance=guidance, seeds=1, batch_size=n)

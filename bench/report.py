@@ -34,7 +34,7 @@ def load(folder: Path) -> list[dict]:
 
 def _backfill_work(run: dict) -> None:
     """Files written before admrt bench counted FLOPs get the same count here (step_flops)."""
-    from admrt.diffusion import space_timesteps
+    from admrt.diffusion import build_tables
     from admrt.presets import get_preset
 
     import measure as bm
@@ -42,7 +42,7 @@ def _backfill_work(run: dict) -> None:
     c = run["config"]
     if "flops_per_image_step" not in run:
         run["flops_per_image_step"] = bm.step_flops(c["preset"], c.get("classifier") or None)
-    steps = len(space_timesteps(get_preset(c["preset"]).diffusion.steps, c["steps"]))
+    steps = build_tables(get_preset(c["preset"]).diffusion, c["steps"]).num_timesteps
     peak = bm.matmul_peak_tflops(run["env"].get("device", ""))
     for row in run["rows"]:
         if "median_s" in row and row.get("achieved_tflops") is None:

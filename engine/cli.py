@@ -61,8 +61,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "win. docs/migration.md")
     p.add_argument("--upsampler-gd-flags", default=None, metavar="FLAGS",
                    help="guided-diffusion's super_res_sample.py flags for --upsampler (large_size, small_size, ...)")
-    p.add_argument("--steps", default=None, help="ddimN (DDIM) or N / a,b,c (DDPM respaced); default ddim25 "
-                                                 "(with --package: a step plan it carries, default its first)")
+    p.add_argument("--steps", default=None, help="step plan: ddimN (DDIM), N / a,b,c (DDPM respaced), or a solver "
+                                                 "with N model calls: dpmpp2mN, dpmpp3mN, dpmpp2m-sdeN, unipc2mN, "
+                                                 "unipc3mN (append -logsnr for a log-SNR grid); default "
+                                                 f"{DEFAULT_STEPS} (with --package: a step plan it carries, "
+                                                 "default its first)")
     p.add_argument("--method", choices=METHODS, default=None,
                    help="sampler over the --steps respacing (default: ddim for ddimN, else ddpm); "
                         "guided-diffusion's --use_ddim")
@@ -81,6 +84,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: 4 batches)")
     p.add_argument("--seed", type=int, default=0, help="image i gets seed SEED + i (default 0)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    p.add_argument("--guidance-interval", type=int, nargs=2, default=None, metavar=("T_MIN", "T_MAX"),
+                   help="run the classifier only at model timesteps T_MIN..T_MAX (0..T-1); elsewhere it is not run")
+    p.add_argument("--guidance-every", type=int, default=1, metavar="K",
+                   help="run the classifier on every K-th model call only (default 1)")
+    p.add_argument("--dynamic-threshold", type=float, default=0.0, metavar="P",
+                   help="Imagen's dynamic thresholding of x_0 at percentile P (e.g. 0.995) instead of the clamp")
     p.add_argument("--noise", choices=("seeded", "reference"), default="seeded",
                    help="seeded: each image's noise comes from its own seed (counter-based), the same at any batch "
                         "size, position and device; reference: one torch generator drawn in guided-diffusion's "
@@ -238,7 +247,9 @@ def _run(args, device, rank, world, dist) -> int:
     classes = _classes(args)
     try:
         ctx = engine.context(steps=args.steps, upsampler_steps=args.upsampler_steps, batch_size=args.batch_size,
-                             eta=args.eta, noise=args.noise, method=args.method, clip_denoised=args.clip_denoised)
+                             eta=args.eta, noise=args.noise, method=args.method, clip_denoised=args.clip_denoised,
+                             dynamic_threshold=args.dynamic_threshold, guidance_interval=args.guidance_interval,
+                             guidance_every=args.guidance_every)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise CommandError(str(exc).split("\n")[0]) from None
 

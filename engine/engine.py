@@ -164,7 +164,8 @@ class Engine:
     def context(self, steps: Steps = None, upsampler_steps: Steps = None, batch_size: Optional[int] = None, *,
                 eta: float = 0.0, noise: str = "seeded", method: Optional[str] = None,
                 variance: Optional[str] = None, clip_denoised: bool = True, check_finite: bool = True,
-                keep_float: bool = False, keep: bool = True):
+                keep_float: bool = False, dynamic_threshold: float = 0.0,
+                guidance_interval: Optional[Sequence[int]] = None, guidance_every: int = 1, keep: bool = True):
         """The C++ driver (`core.Context`) for these settings. The last one is kept while the
         settings stay the same (its buffers and captured graphs are reused); keep=False makes a
         fresh one without replacing it. Raises ValueError for a bad setting (one message for
@@ -181,8 +182,10 @@ class Engine:
         p.noise, p.batch_size, p.eta = str(noise), int(batch_size), float(eta)
         p.clip_denoised, p.check_finite, p.keep_float = bool(clip_denoised), bool(check_finite), bool(keep_float)
         p.cuda_graphs = self.cuda_graphs
+        _guidance_options(p, dynamic_threshold, guidance_interval, guidance_every)
         key = (p.steps, p.upsampler_steps, p.method, p.variance, p.noise, p.batch_size, p.eta, p.clip_denoised,
-               p.check_finite, p.keep_float)
+               p.check_finite, p.keep_float, p.dynamic_threshold, p.guidance_t_min, p.guidance_t_max,
+               p.guidance_every)
         if keep and self._context is not None and self._context_key == key:
             return self._context
         if not keep:
@@ -202,14 +205,18 @@ class Engine:
                num: Optional[int] = None, eta: float = 0.0, clip_denoised: bool = True,
                noise: str = "seeded", variance: Optional[str] = None, method: Optional[str] = None,
                upsampler_steps: Steps = None, check_finite: bool = True,
-               keep_float: bool = False, progress: Progress = False) -> SampleResult:
+               keep_float: bool = False, dynamic_threshold: float = 0.0,
+               guidance_interval: Optional[Sequence[int]] = None, guidance_every: int = 1,
+               progress: Progress = False) -> SampleResult:
         """Sample len(classes) images (or `num`).
 
         classes: one label per image; None: `num` images with labels 0, 1, ..., cycling over the
             classes (class-conditional or guided), or unlabelled (unconditional, unguided).
         steps: a step plan (grammar: engine/csrc/plan.h): "ddimN" (DDIM), "N" / "a,b,c" / N (DDPM
-            on the respaced process), "ddim:250" (DDIM over that respacing). Default: "ddim25", or a
-            package's first plan (a package runs the respacings it was exported with).
+            on the respaced process), "ddim:250" (DDIM over that respacing), a multistep solver
+            with N model calls: "dpmpp2m10", "dpmpp3m10", "dpmpp2m-sde20", "unipc2m8", "unipc3m8"
+            (uniform in t; "-logsnr" appended: uniform in log-SNR). Default: the stack's
+            (README), or a package's first plan (a package runs the respacings it was exported with).
         guidance: classifier scale, one for all or one per image; None: 1.0 with a classifier,
             0 without. Non-zero needs a classifier.
         seeds: one per image, or an int s for s, s+1, ...; None: 0, 1, .... In "seeded" noise an
@@ -222,8 +229,13 @@ class Engine:
         variance: "learned_range" | "fixed_small" | "fixed_large"; None: learned_range for a
             learned-sigma model, else fixed_small or fixed_large as its diffusion's sigma_small
             says (the reference's create_gaussian_diffusion).
-        method: "ddpm" | "ddim" to override what `steps` implies (guided-diffusion's use_ddim over
-            a respacing such as "250"); both stages of a cascade.
+        method: a method name ("ddpm", "ddim", "dpmpp2m", ...) to override what `steps` implies
+            (guided-diffusion's use_ddim over a respacing such as "250"); both stages of a cascade.
+        dynamic_threshold: Imagen's dynamic thresholding of x_0 at this percentile (e.g. 0.995)
+            instead of the clamp to [-1, 1]; 0: off.
+        guidance_interval: (t_min, t_max) model timesteps (0 .. T-1) where the classifier runs
+            (Kynkaenniemi et al. 2024); elsewhere it is not run. None: every step.
+        guidance_every: run the classifier on every k-th call only (0, k, 2k, ...).
         upsampler_steps: the cascade's second stage (default: `steps`, or a package's default).
         check_finite: raise if a model output, gradient or the sample is NaN/Inf, naming the
             first bad step (a device flag per step, read once after each batch).
@@ -232,7 +244,8 @@ class Engine:
         """
         ctx = self.context(steps, upsampler_steps, batch_size, eta=eta, noise=noise, method=method,
                            variance=variance, clip_denoised=clip_denoised, check_finite=check_finite,
-                           keep_float=keep_float)
+                           keep_float=keep_float, dynamic_threshold=dynamic_threshold,
+                           guidance_interval=guidance_interval, guidance_every=guidance_every)
         if noise == "reference" and self.cuda_graphs and self.device.type == "cuda":
             _log_once("noise='reference' runs the steps uncaptured (guided-diffusion's draw order comes from "
                       "torch's generator); seeded noise is captured in CUDA graphs")
@@ -252,11 +265,13 @@ class Engine:
               guidance: Union[float, Sequence[float], None] = None,
               seeds: Union[int, Sequence[int], None] = None, batch_size: Optional[int] = None, *,
               num: Optional[int] = None, eta: float = 0.0, noise: str = "seeded", variance: Optional[str] = None,
-              method: Optional[str] = None, upsampler_steps: Steps = None) -> None:
+              method: Optional[str] = None, upsampler_steps: Steps = None, dynamic_threshold: float = 0.0,
+              guidance_interval: Optional[Sequence[int]] = None, guidance_every: int = 1) -> None:
         """Validate `sample`'s arguments without sampling (what a run checks before it writes
         anything): raises the error `sample` would."""
         ctx = self.context(steps, upsampler_steps, batch_size, eta=eta, noise=noise, method=method,
-                           variance=variance, keep=False)
+                           variance=variance, dynamic_threshold=dynamic_threshold,
+                           guidance_interval=guidance_interval, guidance_every=guidance_every, keep=False)
         classes_, guidance_, seeds_, num_ = _request(classes, guidance, seeds, num)
         ctx.validate(classes_, guidance_, seeds_, num_)
 
@@ -316,6 +331,21 @@ def _schedule_builder(diffusion: DiffusionConfig):
         tables = build_tables(diffusion, plan)
         return core.Schedule(tables.tensors(), tables.original_num_steps, tables.rescale_timesteps)
     return schedule
+
+
+def _guidance_options(p, dynamic_threshold, guidance_interval, guidance_every) -> None:
+    """Type checks of the thresholding and guidance-interval settings; the core checks the values."""
+    if not isinstance(dynamic_threshold, (int, float, np.floating, np.integer)) or isinstance(dynamic_threshold, bool):
+        raise ValueError(f"dynamic_threshold={dynamic_threshold!r}: expected a percentile in (0, 1), or 0 (off)")
+    p.dynamic_threshold = float(dynamic_threshold)
+    if guidance_interval is not None:
+        if (isinstance(guidance_interval, (str, bytes)) or not hasattr(guidance_interval, "__len__")
+                or len(guidance_interval) != 2 or not all(_is_int(v) for v in guidance_interval)):
+            raise ValueError(f"guidance_interval={guidance_interval!r}: expected (t_min, t_max), two model timesteps")
+        p.guidance_t_min, p.guidance_t_max = int(guidance_interval[0]), int(guidance_interval[1])
+    if not _is_int(guidance_every):
+        raise ValueError(f"guidance_every={guidance_every!r}: expected a positive int")
+    p.guidance_every = int(guidance_every)
 
 
 def _plan_text(steps: Steps, name: str) -> str:

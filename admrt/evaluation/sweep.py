@@ -64,8 +64,8 @@ def sampler_label(steps: str) -> str:
     from admrt.core import StepPlan
 
     plan = StepPlan.parse(str(steps))
-    count = plan.ddim_steps or ",".join(str(c) for c in plan.sections)
-    return f"{plan.method.upper()}-{count}"
+    count = plan.ddim_steps or plan.grid_steps or ",".join(str(c) for c in plan.sections)
+    return f"{plan.method.upper()}-{count}" + (" (log-SNR)" if plan.spacing == "logsnr" else "")
 
 
 def run_sweep(engine, evaluator: Evaluator, reference: ReferenceStatistics, config: SweepConfig,

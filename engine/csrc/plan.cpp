@@ -48,9 +48,9 @@ Method parse_method(const std::string& name, const std::string& arg) {
   std::string names;
   for (const auto& [method, known] : kMethods) {
     if (s == known) return method;
-    names += std::string(names.empty() ? "" : " or ") + "'" + known + "'";
+    names += std::string(names.empty() ? "" : ", ") + "'" + known + "'";
   }
-  throw std::invalid_argument(arg + "='" + name + "': expected " + names);
+  throw std::invalid_argument(arg + "='" + name + "': expected one of (" + names + ")");
 }
 
 std::string method_name(Method method) {

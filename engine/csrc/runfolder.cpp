@@ -254,6 +254,14 @@ json::Value run_record(const Context& ctx, const SampleRun& run, int64_t shard_s
   r.set("num", json::make_int(run.num));
   r.set("seed", json::make_int(run.seed));
   r.set("eta", json::make_number(p.eta));
+  // Recorded when set (records written before these options stay equal to a rerun's).
+  if (p.dynamic_threshold != 0) r.set("dynamic_threshold", json::make_number(p.dynamic_threshold));
+  if (p.guidance_t_min != 0 || p.guidance_t_max >= 0) {
+    r.set("guidance_interval", json::make_array({json::make_int(p.guidance_t_min),
+                                                 p.guidance_t_max >= 0 ? json::make_int(p.guidance_t_max)
+                                                                       : json::make_null()}));
+  }
+  if (p.guidance_every != 1) r.set("guidance_every", json::make_int(p.guidance_every));
   r.set("noise", json::make_string(seeded_noise(ctx) ? "seeded" : "reference"));
   // What a seed means: shards drawn with another noise map must not be mixed in.
   if (seeded_noise(ctx)) r.set("seeded_noise", json::make_string(kSeededNoiseFormat));

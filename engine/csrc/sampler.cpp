@@ -485,8 +485,15 @@ void Sampler::load_inputs(const BatchInputs& in) {
 at::Tensor Sampler::denoised(const at::Tensor& x0) const {
   const auto& p = params_;
   if (p.dynamic_threshold > 0) {
+    // The percentile as torch.quantile's linear interpolation, at positions fixed on the host
+    // (no device-to-host read: capture-safe).
     at::Tensor flat = x0.reshape({x0.size(0), -1});
-    at::Tensor s = at::quantile(flat.abs(), p.dynamic_threshold, /*dim=*/1, /*keepdim=*/true).clamp_min(1);
+    const int64_t n = flat.size(1);
+    const double pos = p.dynamic_threshold * static_cast<double>(n - 1);
+    const int64_t lo = static_cast<int64_t>(std::floor(pos)), hi = std::min(lo + 1, n - 1);
+    at::Tensor sorted = std::get<0>(flat.abs().sort(/*dim=*/1));
+    at::Tensor a = sorted.narrow(1, lo, 1), b = sorted.narrow(1, hi, 1);
+    at::Tensor s = (a + (b - a) * static_cast<float>(pos - static_cast<double>(lo))).clamp_min(1);
     return (at::minimum(at::maximum(flat, -s), s) / s).view(x0.sizes());
   }
   return p.clip_denoised ? x0.clamp(-1, 1) : x0;

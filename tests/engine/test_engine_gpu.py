@@ -56,32 +56,42 @@ def _guided_engine(**kw):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("steps", ["ddim10", "10"])
-def test_captured_steps_equal_the_uncaptured_loop(steps):
-    """The whole step (network, classifier gradient with its backward, update, noise) captured
-    once and replayed gives the samples of the step run eagerly, batch after batch."""
+@pytest.mark.parametrize("steps,options", [
+    ("ddim10", {}), ("10", {}), ("dpmpp2m10", {}), ("dpmpp3m10", {}), ("unipc3m8", {}), ("dpmpp2m-sde10", {}),
+    ("unipc2m8", {"guidance_interval": (300, 999), "dynamic_threshold": 0.99}), ("dpmpp2m10", {"guidance_every": 2})])
+def test_captured_steps_equal_the_uncaptured_loop(steps, options):
+    """The whole step (network, classifier gradient with its backward, update, noise; a solver's
+    history) captured once and replayed gives the samples of the step run eagerly, batch after
+    batch; with guidance on part of the steps, the steps with and without the classifier are
+    two graphs."""
     kw = dict(classes=[1, 2, 3, 4, 5], steps=steps, guidance=2.0, seeds=[5, 6, 7, 8, 9], batch_size=2,
-              keep_float=True, eta=0.5)
+              keep_float=True, eta=0.5, **options)
     with torch.backends.cudnn.flags(enabled=True, deterministic=True, benchmark=False):
         graphed = _guided_engine()
         a = graphed.sample(**kw).samples
-        ctx = graphed.context(steps, batch_size=2, eta=0.5, keep_float=True)   # the one kept by sample()
+        ctx = graphed.context(steps, batch_size=2, eta=0.5, keep_float=True, **options)   # the one kept by sample()
         assert ctx.uses_graph("model") and ctx.captured("model")
         b = _guided_engine(cuda_graphs=False).sample(**kw).samples
     assert abs(a - b).max() <= 1e-5
 
 
 @pytest.mark.gpu
-def test_no_host_synchronisation_inside_the_steps():
+@pytest.mark.parametrize("plan", ["ddim5", "unipc3m5"])
+def test_no_host_synchronisation_inside_the_steps(plan):
     """Neither the first batch of a context (eager warm-up step, then capture) nor later batches
-    (replays) synchronise with the host; the inputs are on the device before the mode is set."""
+    (replays) synchronise with the host; the inputs are on the device before the mode is set.
+    The solver runs with dynamic thresholding and guidance on part of its steps (two graphs)."""
     model, _ = _random_pair("tiny-cond")
     clf, _ = _random_pair("tiny-classifier")
     from admrt.diffusion import build_tables
-    tables = build_tables(model.preset.diffusion, "ddim5")
+    parsed = core.StepPlan.parse(plan)
+    tables = build_tables(model.preset.diffusion, parsed)
     schedule = core.Schedule(tables.tensors(), tables.original_num_steps, tables.rescale_timesteps)
     p = core.default_params()
     p.batch_size, p.image_shape, p.check_finite, p.device = 2, [3, 16, 16], False, torch.device("cuda")
+    if parsed.solver:
+        p.method = getattr(core.Method, parsed.method.upper())
+        p.dynamic_threshold, p.guidance_t_min = 0.99, 400
     units = (admrt.engine.Denoiser(model), admrt.engine.ClassifierGradient(clf))
     warm, fresh = core.Sampler(*units, schedule, p), core.Sampler(*units, schedule, p)
     y = torch.tensor([3, 4], device="cuda")

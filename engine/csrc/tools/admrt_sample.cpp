@@ -30,10 +30,14 @@ const char* kUsage =
     "  --batch-size B       images per network call (default 16, or the package's bound if smaller)\n"
     "  --shard-size S       images per shard file (default 4 batches); a rerun resumes from finished shards\n"
     "  --seed S             image i gets seed S + i (default 0); an image depends only on its seed\n"
-    "  --steps PLAN         a step plan of the package, e.g. ddim25 or 250 (default: its first)\n"
+    "  --steps PLAN         a step plan over a respacing the package carries, e.g. ddim25, 250, dpmpp2m10\n"
+    "                       (over t10), unipc3m8-logsnr (over logsnr8) (default: its first)\n"
     "  --upsampler-steps P  the upsampler's step plan (default: the package's)\n"
     "  --guidance G         classifier scale (default 1 with a classifier, 0 without)\n"
     "  --eta E              DDIM eta (default 0)\n"
+    "  --guidance-interval A,B  run the classifier only at model timesteps A..B\n"
+    "  --guidance-every K   run the classifier on every K-th model call only (default 1)\n"
+    "  --dynamic-threshold P  Imagen's dynamic thresholding of x_0 at percentile P instead of the clamp\n"
     "  --device D           cpu, cuda, cuda:N (default: what the package was compiled for)\n"
     "  --no-cuda-graphs     run CUDA steps uncaptured\n"
     "  --out DIR            output folder (default samples)\n"
@@ -87,7 +91,9 @@ int main(int argc, char** argv) {
       if (a == "--no-cuda-graphs") { graphs = false; continue; }
       static const std::vector<std::string> valued = {"--package", "--num", "--classes", "--batch-size",
                                                       "--shard-size", "--seed", "--steps", "--upsampler-steps",
-                                                      "--guidance", "--eta", "--device", "--out"};
+                                                      "--guidance", "--eta", "--device", "--out",
+                                                      "--guidance-interval", "--guidance-every",
+                                                      "--dynamic-threshold"};
       std::string key = a, value;
       const size_t eq = a.find('=');
       if (eq != std::string::npos) {
@@ -127,6 +133,17 @@ int main(int argc, char** argv) {
     params.upsampler_steps = opt.count("--upsampler-steps") ? opt["--upsampler-steps"] : "";
     params.batch_size = batch;
     params.eta = to_double("--eta", opt["--eta"]);
+    if (opt.count("--guidance-interval")) {
+      const std::string& v = opt["--guidance-interval"];
+      const size_t comma = v.find(',');
+      if (comma == std::string::npos)
+        throw UsageError("--guidance-interval='" + v + "': expected T_MIN,T_MAX (two model timesteps)");
+      params.guidance_t_min = to_int("--guidance-interval", v.substr(0, comma));
+      params.guidance_t_max = to_int("--guidance-interval", v.substr(comma + 1));
+    }
+    if (opt.count("--guidance-every")) params.guidance_every = to_int("--guidance-every", opt["--guidance-every"]);
+    if (opt.count("--dynamic-threshold"))
+      params.dynamic_threshold = to_double("--dynamic-threshold", opt["--dynamic-threshold"]);
     params.cuda_graphs = graphs;
     admrt::Context ctx(package, params);
 
