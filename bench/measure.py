@@ -457,9 +457,10 @@ def parse_args(argv) -> argparse.Namespace:
 
 
 def result_path(out: Path, args) -> Path:
-    """One JSON per configuration: sampling_<preset>_<dtype>_b<batch>_<steps>.json."""
+    """One JSON per configuration: sampling_<preset>_<dtype>_b<batch>_<steps>[_vs_<admrt steps>].json."""
     stack = args.preset + (f"+{args.upsampler}" if args.upsampler else "")
-    return Path(out) / f"sampling_{stack}_{args.dtype}_b{args.batch}_{args.steps}.json"
+    plans = args.steps + (f"_vs_{args.admrt_steps}" if getattr(args, "admrt_steps", "") else "")
+    return Path(out) / f"sampling_{stack}_{args.dtype}_b{args.batch}_{plans}.json"
 
 
 def write_results(results: dict, out: Path, args) -> Path:

@@ -96,11 +96,12 @@ def test_bundled_export_files_metadata_and_runtime(bundled):
         assert types.get("Attention", 0) > 0 and types.get("GroupNormalization", 0) > 0, (name, types)
 
 
-def test_sample_backend_onnxruntime_gives_eager_images(bundled, tmp_path):
+@pytest.mark.parametrize("steps", ["ddim8", "dpmpp2m-sde6"])
+def test_sample_backend_onnxruntime_gives_eager_images(bundled, tmp_path, steps):
     from admrt.cli import main
 
     common = ["sample", "--model", "fashion16-cond", "--classifier", "fashion16-classifier", "--upsampler", "none",
-              "--num", "6", "--batch-size", "4", "--steps", "ddim8", "--guidance", "2", "--no-progress"]
+              "--num", "6", "--batch-size", "4", "--steps", steps, "--guidance", "2", "--no-progress"]
     assert main([*common, "--out", str(tmp_path / "eager")]) == 0
     assert main([*common, "--backend", "onnxruntime", "--out", str(tmp_path / "ort")]) == 0
     eager = np.load(next((tmp_path / "eager").glob("*.npz")))
@@ -118,7 +119,7 @@ def tiny():
 
 
 def test_tiny_stack_export_and_upsampler_unit(tiny, tmp_path):
-    report = export_onnx(tiny["model"], tiny["classifier"], out=tmp_path / "t", steps="ddim4 10", opset=22,
+    report = export_onnx(tiny["model"], tiny["classifier"], out=tmp_path / "t", steps="ddim4 10 unipc3m6", opset=22,
                          log=lambda m: None)
     assert set(report.errors) == {"model", "classifier", "classifier_grad"}
     assert all(e is not None and e <= FP32_TOLERANCE for e in report.errors.values())
