@@ -28,12 +28,12 @@ from admrt.cli import CommandError, Interrupted
 from admrt.distributed import leaving_process_group
 from admrt.io import atomic_write, device_description, file_fingerprint
 from admrt.core import Method
-from admrt.stack_loading import DEFAULT_STACK, DEFAULT_STACK_UPSAMPLER_STEPS, load_models
+from admrt.stack_loading import DEFAULT_STACK, DEFAULT_STACK_UPSAMPLER_STEPS, DEFAULT_STEPS, load_models
 
 # The options that name the models a run samples from: recorded beside the request's own fields,
 # which run_samples records itself (engine/csrc/runfolder.cpp, run_record).
 MODEL_KEYS = ("model", "classifier", "upsampler", "method", "dtype", "gd_flags", "upsampler_gd_flags")
-DEFAULT_NUM, DEFAULT_BATCH, DEFAULT_STEPS = 16, 16, "ddim25"
+DEFAULT_NUM, DEFAULT_BATCH = 16, 16
 
 
 METHODS = tuple(name.lower() for name in Method.__members__)  # the core's samplers (engine/csrc/plan.h)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from admrt.cli import CommandError, Interrupted
+from admrt.stack_loading import DEFAULT_STEPS
 
 
 def _add_stack_arguments(a: argparse.ArgumentParser, dtypes=("fp32", "fp16", "bf16")) -> None:
@@ -27,10 +28,11 @@ def _add_stack_arguments(a: argparse.ArgumentParser, dtypes=("fp32", "fp16", "bf
                         "takes them: they give the presets (and model_path / classifier_path the files)")
     a.add_argument("--upsampler-gd-flags", default=None, metavar="FLAGS",
                    help="guided-diffusion's super_res_sample.py flags of --upsampler")
-    a.add_argument("--steps", default="ddim25",
+    a.add_argument("--steps", default=f"{DEFAULT_STEPS} ddim25",
                    help="step plans whose tables the export carries, separated by spaces, e.g. 'ddim25 250 10,10,5' "
-                        "(ddimN: DDIM; N or a,b,c: DDPM respaced; grammar in engine/csrc/plan.h); the first is "
-                        "the default")
+                        "(ddimN: DDIM; N or a,b,c: DDPM respaced; dpmpp2m10 etc.: solvers; grammar in "
+                        "engine/csrc/plan.h); the first is the default (default: admrt sample's default and "
+                        "ddim25)")
     a.add_argument("--upsampler-steps", default=None,
                    help="the upsampler's step plans (default: --steps; 100 for the bundled stack)")
     a.add_argument("--dtype", choices=dtypes, default="fp32",
