@@ -139,6 +139,9 @@ def report(args) -> int:
         if not srows:
             continue
         lines += [f"## {'Base model (16x16, guided), against fashion-test:16' if stage == 'base' else 'Upsampler stage (16->32), against fashion-test:32'}", ""]
+        if stage == "base":
+            lines += pivot(srows, args.scale_for_plot, args.seed_for_plot, args.num_for_plot)
+        lines += ["All runs (the `s` column is wall time, often beside other work: not a speed figure):", ""]
         lines += ["| sampler | plan | model calls | guidance | seed set | samples | FID | precision | recall | s |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in sorted(srows, key=lambda r: (family(r["plan"]), r["calls"], r["scale"], r["seed"])):
@@ -179,11 +182,27 @@ def report(args) -> int:
     return 0
 
 
+def pivot(rows: list[dict], scale: float, seed: int, num: int) -> list[str]:
+    """FID by sampler (rows) and model calls (columns) for one scale, seed set and sample count."""
+    sel = [r for r in rows if r["scale"] == scale and r["seed"] == seed and r["num"] == num]
+    calls = sorted({r["calls"] for r in sel if family(r["plan"]) in SOLVER_ORDER})
+    lines = [f"FID at guidance {scale:g}, {num} samples, seeds {seed}.. (lower is better):", "",
+             "| sampler | " + " | ".join(str(c) for c in calls) + " |", "|---|" + "---:|" * len(calls)]
+    for f in SOLVER_ORDER:
+        got = {r["calls"]: r["fid"] for r in sel if family(r["plan"]) == f}
+        if got:
+            lines.append(f"| {f} | " + " | ".join(f"{got[c]:.3f}" if c in got else "" for c in calls) + " |")
+    refs = [r for r in sel if r["plan"] in ("ddim25", "250", "1000")]
+    lines += [""] + [f"References: " + ", ".join(
+        f"{'DDIM-25' if r['plan'] == 'ddim25' else 'DDPM-' + r['plan']} {r['fid']:.3f}" for r in refs), ""]
+    return lines
+
+
 def seed_spread(rows: list[dict]) -> dict:
     by = {}
     for r in rows:
         by.setdefault((r["plan"], r["scale"], r["num"]), {})[r["seed"]] = r["fid"]
-    return {(p, s): list(v.values()) for (p, s, n), v in by.items() if len(v) > 1}
+    return {(p, s): list(v.values()) for (p, s, n), v in by.items() if len(v) > 1}  # same sample count only
 
 
 def plot(rows: list[dict], path: Path, scale: float, seed: int, num: int) -> None:

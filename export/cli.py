@@ -28,11 +28,10 @@ def _add_stack_arguments(a: argparse.ArgumentParser, dtypes=("fp32", "fp16", "bf
                         "takes them: they give the presets (and model_path / classifier_path the files)")
     a.add_argument("--upsampler-gd-flags", default=None, metavar="FLAGS",
                    help="guided-diffusion's super_res_sample.py flags of --upsampler")
-    a.add_argument("--steps", default=f"{DEFAULT_STEPS} ddim25",
+    a.add_argument("--steps", default=DEFAULT_STEPS,
                    help="step plans whose tables the export carries, separated by spaces, e.g. 'ddim25 250 10,10,5' "
                         "(ddimN: DDIM; N or a,b,c: DDPM respaced; dpmpp2m10 etc.: solvers; grammar in "
-                        "engine/csrc/plan.h); the first is the default (default: admrt sample's default and "
-                        "ddim25)")
+                        "engine/csrc/plan.h); the first is the default (default: admrt sample's default)")
     a.add_argument("--upsampler-steps", default=None,
                    help="the upsampler's step plans (default: --steps; 100 for the bundled stack)")
     a.add_argument("--dtype", choices=dtypes, default="fp32",
