@@ -105,7 +105,9 @@ setup(
     package_data={"admrt": ["bundled/*.safetensors", "bundled/*.json"]},
     ext_modules=[CMakeExtension("admrt.core", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
-    install_requires=["torch>=2.6", "numpy", "safetensors", "tqdm", "pillow"],
+    # starlette, uvicorn, prometheus-client: admrt serve (admrt/serving).
+    install_requires=["torch>=2.6", "numpy", "safetensors", "tqdm", "pillow", "starlette>=0.40", "uvicorn>=0.30",
+                      "prometheus-client>=0.20"],
     extras_require={
         "test": ["pytest", "pytest-benchmark>=5,<6", "guided-diffusion-sdk==1.0.0", "diffusers>=0.30", "scipy", "triton>=3.6,<3.8; platform_system=='Linux'",
                  "onnx>=1.18", "onnxscript", "onnxruntime>=1.22", "onnxruntime-extensions"],

@@ -1,4 +1,4 @@
-"""The `admrt` command: sample | train | export | eval | bench.
+"""The `admrt` command: sample | serve | train | export | eval | bench.
 
 Each subcommand lives beside what it drives and provides `add_arguments(parser)` and
 `run(args)`; its module is imported only when that subcommand runs. `admrt bench` runs the
@@ -22,6 +22,7 @@ from admrt.export import MissingPackageError
 
 COMMANDS = {
     "sample": ("admrt.engine.cli", "sample images with a model (default: the bundled Fashion-MNIST stack)"),
+    "serve": ("admrt.engine.serve", "an HTTP server that batches requests step by step (POST /v1/images/generations)"),
     "train": ("admrt.training.cli", "train the diffusion UNet, the noisy classifier or the upsampler"),
     "export": ("admrt.export.cli", "export the stack: AOTInductor packages (Python-free runtime), ONNX, TensorRT engines"),
     "eval": ("admrt.evaluation.cli", "FID, sFID, IS, precision/recall; guidance sweeps"),

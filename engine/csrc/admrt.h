@@ -26,8 +26,10 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <deque>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -206,6 +208,8 @@ class Context {
   Request request(const std::vector<int64_t>& classes, const std::vector<double>& guidance,
                   const std::vector<uint64_t>& seeds, std::optional<int64_t> num) const;
   Sampler& sampler(const Stage& stage, int64_t batch, bool guided);
+  SamplerParams sampler_params(const Stage& stage, int64_t batch) const;
+  friend class StepBatcher;
 
   std::shared_ptr<Stack> stack_;
   ContextParams params_;
@@ -222,6 +226,79 @@ class Context {
     std::unique_ptr<Sampler> sampler;
   };
   std::map<std::string, Cached> samplers_;
+};
+
+// Step batching (admrt serve): requests join and leave a running batch at step boundaries.
+//
+// Each stage is one Sampler of `slots` slots (sampler.h: enter / iterate / take), each slot one
+// image at its own step of its own plan; a base image that is done enters the upsampler's pool (a
+// cascade). iterate() admits queued images into free slots -- "step" batching: at every step
+// boundary; "static": only when both pools are empty, the whole batch then moving to the upsampler
+// together (request-level batching, the baseline) -- then runs one batched step of each occupied
+// pool. Requests are validated as Context::sample validates them, and an image equals what
+// Context::sample gives for the same seed, label, scale and plan (seeded noise).
+//
+// Thread-safe: submit, cancel, progress, stats and take may be called from any thread while one
+// thread calls iterate(); the networks run outside the lock.
+class StepBatcher {
+ public:
+  // params: as for a Context (params.batch_size: the slots of each stage; seeded noise). plans: the
+  // base model's step plans served (the first is the default of a request; empty: params.steps);
+  // they share one method (the slots share one step function).
+  StepBatcher(std::shared_ptr<Stack> stack, ContextParams params, const std::vector<std::string>& plans,
+              bool step_batching = true);
+  ~StepBatcher();
+
+  // Validates a request (Context::sample's arguments; plan: one of plans(), empty: the first) and
+  // queues its images; returns its id. Throws std::invalid_argument.
+  int64_t submit(const std::vector<int64_t>& classes, const std::vector<double>& guidance,
+                 const std::vector<uint64_t>& seeds, std::optional<int64_t> num, const std::string& plan);
+  // Drops the request's queued images and frees its slots at the next step boundary; take() then
+  // throws Cancelled. Unknown or finished ids are ignored.
+  void cancel(int64_t id);
+  // One iteration: cancellations, admission, one step of each occupied pool, harvest. Returns the
+  // ids of the requests that finished in it (done, failed or cancelled).
+  std::vector<int64_t> iterate();
+  // Whether anything is queued or in a slot.
+  bool busy() const;
+  // A finished request's result, removed; throws its error (std::runtime_error), Cancelled, or
+  // std::invalid_argument for an unknown or unfinished id.
+  Result take(int64_t id);
+
+  struct Progress {
+    int64_t images = 0, images_done = 0, steps = 0, steps_done = 0;
+    bool finished = false;
+  };
+  Progress progress(int64_t id) const;
+  struct Stats {
+    int64_t queued_images = 0;             // waiting for a base slot
+    int64_t base_slots = 0, upsampler_slots = 0;  // occupied
+    std::vector<int64_t> base_steps;       // the step each occupied base slot is at
+    int64_t iterations = 0, requests = 0;  // iterations run, requests not yet taken
+  };
+  Stats stats() const;
+  const std::vector<std::string>& plans() const { return plans_; }
+  int64_t slots() const { return context_.params().batch_size; }
+  const Context& context() const { return context_; }
+
+ private:
+  struct Job;
+  struct Pool;
+  void admit(Pool& pool, bool upsampler);
+  void harvest(Pool& pool, const std::vector<int64_t>& done, bool upsampler);
+  void fail_pool(Pool& pool, const std::string& error);
+  void finish_if_complete(int64_t id, Job& job, std::vector<int64_t>& finished);
+  void update_stats();  // from the iterating thread only (it reads the samplers' slots)
+
+  Context context_;
+  std::vector<std::string> plans_;
+  std::vector<int64_t> plan_steps_;  // base steps (+ upsampler steps) per image, per plan
+  bool step_batching_ = true;
+  mutable std::mutex mutex_;
+  std::map<int64_t, std::unique_ptr<Job>> jobs_;
+  int64_t next_id_ = 1;
+  std::unique_ptr<Pool> base_, up_;
+  Stats stats_;
 };
 
 }  // namespace admrt

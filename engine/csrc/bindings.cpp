@@ -67,15 +67,19 @@ class PyClassifierGrad final : public admrt::ClassifierGrad, PyCallable {
 
 // model / classifier: a C++ unit (a package's, admrt.core.DenoiserUnit / GradientUnit), called with no
 // Python in the loop, or any Python callable.
-std::unique_ptr<admrt::Sampler> make_sampler(py::object model, py::object classifier,
-                                             const admrt::Schedule& schedule, const admrt::SamplerParams& params) {
+// schedule: one Schedule, or a list of them (the plans of a step-batching context).
+std::unique_ptr<admrt::Sampler> make_sampler(py::object model, py::object classifier, py::object schedule,
+                                             const admrt::SamplerParams& params) {
+  std::vector<admrt::Schedule> schedules;
+  if (py::isinstance<admrt::Schedule>(schedule)) schedules.push_back(schedule.cast<admrt::Schedule>());
+  else schedules = schedule.cast<std::vector<admrt::Schedule>>();
   std::shared_ptr<admrt::ClassifierGrad> clf;
   if (py::isinstance<admrt::ClassifierGrad>(classifier)) clf = classifier.cast<std::shared_ptr<admrt::ClassifierGrad>>();
   else if (!classifier.is_none()) clf = std::make_shared<PyClassifierGrad>(std::move(classifier));
   std::shared_ptr<admrt::Denoiser> den;
   if (py::isinstance<admrt::Denoiser>(model)) den = model.cast<std::shared_ptr<admrt::Denoiser>>();
   else den = std::make_shared<PyDenoiser>(std::move(model));
-  return std::make_unique<admrt::Sampler>(std::move(den), std::move(clf), schedule, params);
+  return std::make_unique<admrt::Sampler>(std::move(den), std::move(clf), schedules, params);
 }
 
 py::object optional_tensor(const at::Tensor& t) { return t.defined() ? py::cast(t) : py::none(); }
@@ -232,7 +236,27 @@ PYBIND11_MODULE(core, m) {
       .def_property_readonly("uses_graph", &admrt::Sampler::uses_graph)
       .def_property_readonly("captured", &admrt::Sampler::captured)
       .def_property_readonly("guided_steps", &admrt::Sampler::guided_steps,
-                             "Per step (loop order): whether the classifier runs.");
+                             "Per step (loop order): whether the classifier runs.")
+      .def("enter", [](admrt::Sampler& self, int64_t slot, int64_t plan, int64_t label, double guidance, uint64_t seed,
+                       std::optional<at::Tensor> low_res) {
+             admrt::SlotInputs in{plan, label, guidance, seed, std::move(low_res)};
+             py::gil_scoped_release nogil;
+             self.enter(slot, in);
+           }, py::arg("slot"), py::kw_only(), py::arg("plan") = 0, py::arg("label") = 0, py::arg("guidance") = 0.0,
+           py::arg("seed") = 0, py::arg("low_res") = py::none(),
+           "Step batching: put an image into a free slot (its x_T drawn from its seed).")
+      .def("iterate", [](admrt::Sampler& self) {
+             py::gil_scoped_release nogil;
+             return self.iterate();
+           }, "One batched step over the occupied slots; returns the slots whose image is done.")
+      .def("take", [](admrt::Sampler& self, int64_t slot) {
+             py::gil_scoped_release nogil;
+             return self.take(slot);
+           }, py::arg("slot"), "x_0 (C, H, W) of a done slot, which is freed.")
+      .def("release", &admrt::Sampler::release, py::arg("slot"), "Free a slot at any step (cancel).")
+      .def("slot_busy", &admrt::Sampler::slot_busy, py::arg("slot"))
+      .def("slot_step", &admrt::Sampler::slot_step, py::arg("slot"))
+      .def_property_readonly("occupied", &admrt::Sampler::occupied);
 
   // The driver (admrt.h, plan.h): the same objects admrt-sample uses.
   m.attr("UPSAMPLER_STREAM") = py::int_(admrt::kUpsamplerStream);
@@ -366,6 +390,53 @@ PYBIND11_MODULE(core, m) {
       .def_property_readonly("stack", &admrt::Context::stack_handle)
       .def_property_readonly("params", [](const admrt::Context& c) { return c.params(); },
                              "A copy of what the context was built for (steps in canonical text).");
+  py::class_<admrt::StepBatcher>(m, "StepBatcher",
+                                  "Step batching over a Stack (admrt.h): requests join and leave a running batch.")
+      .def(py::init([](std::shared_ptr<admrt::Stack> stack, admrt::ContextParams params,
+                       std::vector<std::string> plans, bool step_batching) {
+             return std::make_unique<admrt::StepBatcher>(std::move(stack), std::move(params), plans, step_batching);
+           }), py::arg("stack"), py::arg("params"), py::arg("plans") = std::vector<std::string>{},
+           py::arg("step_batching") = true)
+      .def("submit", &admrt::StepBatcher::submit, py::arg("classes"), py::arg("guidance"), py::arg("seeds"),
+           py::arg("num") = py::none(), py::arg("steps") = "", "Validate and queue a request; returns its id.")
+      .def("cancel", &admrt::StepBatcher::cancel, py::arg("id"))
+      .def("iterate", [](admrt::StepBatcher& self) {
+             py::gil_scoped_release nogil;
+             return self.iterate();
+           }, "Admission, one step of each occupied pool, harvest; returns the ids finished in it.")
+      .def_property_readonly("busy", &admrt::StepBatcher::busy)
+      .def("take", [](admrt::StepBatcher& self, int64_t id) {
+             admrt::Result r;
+             {
+               py::gil_scoped_release nogil;
+               r = self.take(id);
+             }
+             return py::make_tuple(r.images, optional_tensor(r.labels), optional_tensor(r.base_images), r.seeds);
+           }, py::arg("id"), "-> (images uint8 NHWC, labels | None, base_images | None, seeds); raises its error")
+      .def("progress", [](const admrt::StepBatcher& self, int64_t id) {
+             const auto p = self.progress(id);
+             py::dict d;
+             d["images"] = p.images;
+             d["images_done"] = p.images_done;
+             d["steps"] = p.steps;
+             d["steps_done"] = p.steps_done;
+             d["finished"] = p.finished;
+             return d;
+           }, py::arg("id"))
+      .def("stats", [](const admrt::StepBatcher& self) {
+             const auto s = self.stats();
+             py::dict d;
+             d["queued_images"] = s.queued_images;
+             d["base_slots"] = s.base_slots;
+             d["upsampler_slots"] = s.upsampler_slots;
+             d["base_steps"] = s.base_steps;
+             d["iterations"] = s.iterations;
+             d["requests"] = s.requests;
+             return d;
+           })
+      .def_property_readonly("plans", &admrt::StepBatcher::plans)
+      .def_property_readonly("slots", &admrt::StepBatcher::slots)
+      .def_property_readonly("params", [](const admrt::StepBatcher& b) { return b.context().params(); });
   m.def("write_npz", &admrt::write_npz, py::arg("path"), py::arg("arrays"), "arr_0, arr_1, ... as np.savez, atomically.");
   m.def("read_npz", &admrt::read_npz, py::arg("path"), "arr_0, arr_1, ... of an uncompressed .npz.");
 

@@ -171,10 +171,7 @@ bool Context::captured(const std::string& role) const {
   return it != samplers_.end() && it->second.sampler && it->second.sampler->captured();
 }
 
-Sampler& Context::sampler(const Stage& stage, int64_t batch, bool guided) {
-  Cached& cached = samplers_[stage.role];
-  if (cached.sampler && cached.batch == batch && cached.guided == guided) return *cached.sampler;
-  cached.sampler.reset();  // free the old buffers and graph first
+SamplerParams Context::sampler_params(const Stage& stage, int64_t batch) const {
   const bool is_base = stage.role == "model";
   SamplerParams p = admrt::default_params();
   p.method = is_base ? base_plan_.method() : up_plan_->method();
@@ -193,8 +190,17 @@ Sampler& Context::sampler(const Stage& stage, int64_t batch, bool guided) {
   p.image_shape = stage.image_shape;
   p.low_res_shape = stage.low_res_shape;
   p.device = stack_->device();
+  return p;
+}
+
+Sampler& Context::sampler(const Stage& stage, int64_t batch, bool guided) {
+  Cached& cached = samplers_[stage.role];
+  if (cached.sampler && cached.batch == batch && cached.guided == guided) return *cached.sampler;
+  cached.sampler.reset();  // free the old buffers and graph first
+  const bool is_base = stage.role == "model";
   std::shared_ptr<ClassifierGrad> grad = guided ? stack_->classifier()->gradient : nullptr;
-  cached.sampler = std::make_unique<Sampler>(stage.denoiser, grad, is_base ? base_schedule_ : up_schedule_, p);
+  cached.sampler = std::make_unique<Sampler>(stage.denoiser, grad, is_base ? base_schedule_ : up_schedule_,
+                                             sampler_params(stage, batch));
   cached.batch = batch;
   cached.guided = guided;
   return *cached.sampler;

@@ -16,13 +16,16 @@
 namespace admrt {
 namespace {
 
-void fill_cpu(float* out, const int64_t* seeds, int64_t draw, int64_t batch, int64_t per_sample) {
+// draws[b]: sample b's draw index, or -1: nothing drawn for it.
+void fill_cpu(float* out, const int64_t* seeds, const std::vector<int64_t>& draws, int64_t batch,
+              int64_t per_sample) {
   const int64_t groups = (per_sample + 3) / 4;
   at::parallel_for(0, batch * groups, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / groups, g = i % groups;
+      if (draws[b] < 0) continue;
       float n[4];
-      philox::box_muller4(philox::bits(static_cast<uint64_t>(seeds[b]), static_cast<uint64_t>(draw),
+      philox::box_muller4(philox::bits(static_cast<uint64_t>(seeds[b]), static_cast<uint64_t>(draws[b]),
                                        static_cast<uint64_t>(g)), n);
       float* dst = out + b * per_sample + 4 * g;
       const int64_t m = std::min<int64_t>(4, per_sample - 4 * g);
@@ -51,18 +54,23 @@ void seeded_normal_(at::Tensor& out, const at::Tensor& seeds, const at::Tensor& 
   check(seeds.scalar_type() == at::kLong && seeds.dim() == 1 && seeds.size(0) == batch &&
             seeds.device() == out.device() && seeds.is_contiguous(),
         "seeds", "expected int64 (" + std::to_string(batch) + ",) on out's device, got " + sizes(seeds));
-  check(draw.scalar_type() == at::kLong && draw.numel() == 1 && draw.device() == out.device(), "draw",
-        "expected a one-element int64 tensor on out's device, got " + sizes(draw));
+  check(draw.scalar_type() == at::kLong && (draw.numel() == 1 || draw.numel() == batch) &&
+            draw.device() == out.device() && draw.is_contiguous(),
+        "draw", "expected a one-element or (" + std::to_string(batch) + ",) int64 tensor on out's device, got " +
+                    sizes(draw));
   if (gate)
-    check(gate->scalar_type() == at::kFloat && gate->numel() == 1 && gate->device() == out.device(), "gate",
-          "expected a one-element float32 tensor on out's device, got " + sizes(*gate));
+    check(gate->scalar_type() == at::kFloat && (gate->numel() == 1 || gate->numel() == batch) &&
+              gate->device() == out.device() && gate->is_contiguous(),
+          "gate", "expected a one-element or (" + std::to_string(batch) + ",) float32 tensor on out's device, got " +
+                      sizes(*gate));
+  const bool per_draw = draw.numel() != 1, per_gate = gate && gate->numel() != 1;
   const int64_t per_sample = batch ? out.numel() / batch : 0;
   if (out.numel() == 0) return;
   if (out.is_cuda()) {
 #ifdef ADMRT_WITH_CUDA
     const c10::cuda::CUDAGuard on_device(out.device());
     seeded_normal_cuda(out.data_ptr<float>(), seeds.data_ptr<int64_t>(), draw.data_ptr<int64_t>(), draw_offset,
-                       gate ? gate->data_ptr<float>() : nullptr, batch, per_sample,
+                       gate ? gate->data_ptr<float>() : nullptr, per_draw, per_gate, batch, per_sample,
                        c10::cuda::getCurrentCUDAStream(out.device().index()).stream());
     return;
 #else
@@ -71,8 +79,17 @@ void seeded_normal_(at::Tensor& out, const at::Tensor& seeds, const at::Tensor& 
 #endif
   }
   check(out.is_cpu(), "out", "expected a CPU or CUDA tensor, got " + sizes(out));
-  if (gate && gate->item<float>() == 0.0f) return;
-  fill_cpu(out.data_ptr<float>(), seeds.data_ptr<int64_t>(), draw.item<int64_t>() + draw_offset, batch, per_sample);
+  const int64_t* d = draw.data_ptr<int64_t>();
+  const float* gv = gate ? gate->data_ptr<float>() : nullptr;
+  std::vector<int64_t> draws(batch);
+  bool any = false;
+  for (int64_t b = 0; b < batch; ++b) {
+    const bool on = gv == nullptr || gv[per_gate ? b : 0] != 0.0f;
+    draws[b] = on ? d[per_draw ? b : 0] + draw_offset : -1;
+    any = any || on;
+  }
+  if (!any) return;
+  fill_cpu(out.data_ptr<float>(), seeds.data_ptr<int64_t>(), draws, batch, per_sample);
 }
 
 at::Tensor seeded_normal(const at::Tensor& seeds, at::IntArrayRef sample_shape, int64_t draw) {

@@ -10,10 +10,11 @@
 
 namespace admrt {
 
-// Fills out (B, ...) float32, contiguous, with out[b, e] = normal(seeds[b], *draw + draw_offset, e).
-// seeds: int64 (B,) (uint64 bit patterns); draw: int64 one-element tensor; both on out's device.
-// gate: float32 one-element tensor on out's device, or none; where it holds 0, nothing is drawn
-// and out is left as it was (the noise coefficient of that step is zero).
+// Fills out (B, ...) float32, contiguous, with out[b, e] = normal(seeds[b], draw[b] + draw_offset, e).
+// seeds: int64 (B,) (uint64 bit patterns); draw: int64, one element for the whole batch or (B,)
+// (each sample at its own step: step batching); both on out's device. gate: float32, one element
+// or (B,), on out's device, or none; where it holds 0, nothing is drawn for that sample and its
+// rows of out are left as they were (the noise coefficient of that step is zero).
 void seeded_normal_(at::Tensor& out, const at::Tensor& seeds, const at::Tensor& draw, int64_t draw_offset = 0,
                     const std::optional<at::Tensor>& gate = std::nullopt);
 
@@ -23,7 +24,8 @@ at::Tensor seeded_normal(const at::Tensor& seeds, at::IntArrayRef sample_shape, 
 #ifdef ADMRT_WITH_CUDA
 // noise_cuda.cu: the same map as the CPU loop, one thread per group of four elements.
 void seeded_normal_cuda(float* out, const int64_t* seeds, const int64_t* draw, int64_t draw_offset,
-                        const float* gate, int64_t batch, int64_t per_sample, void* stream);
+                        const float* gate, bool per_sample_draw, bool per_sample_gate, int64_t batch,
+                        int64_t per_sample, void* stream);
 #endif
 
 }  // namespace admrt

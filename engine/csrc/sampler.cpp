@@ -4,7 +4,9 @@
 
 #include <c10/core/GradMode.h>
 
+#include <algorithm>
 #include <cmath>
+#include <set>
 #include <sstream>
 #include <stdexcept>
 
@@ -53,6 +55,7 @@ enum Coef : int64_t {
   // with m this call's x_0 prediction and h1, h2, h3 the previous calls' (h1 the last).
   kCx, kCl, kC0, kC1, kC2, kC3,
   kPx, kP0, kP1, kP2, kPn,
+  kGuide,          // 1 when the classifier runs at this step (guidance interval / every k-th call)
   kNumCoefs
 };
 
@@ -312,7 +315,7 @@ Schedule Schedule::from_tables(const std::map<std::string, at::Tensor>& tables, 
 }
 
 // ---------------------------------------------------------------------------------------------
-// CUDA: a side stream for the loop (capture needs a non-default stream) and the captured step.
+// CUDA: a side stream for the loop (capture needs a non-default stream) and the captured steps.
 
 #ifdef ADMRT_WITH_CUDA
 struct Sampler::Graph {
@@ -325,8 +328,10 @@ struct Sampler::Graph {
     }
   }
   c10::cuda::CUDAStream stream;
-  std::unique_ptr<at::cuda::CUDAGraph> step[2];  // the step without / with the classifier
-  bool warmed[2] = {false, false};               // its eager warm-up step has run
+  // One graph per (slots run, with the classifier): without / with it under a guidance interval,
+  // and per power-of-two bucket of slots under step batching.
+  std::map<std::pair<int64_t, bool>, std::unique_ptr<at::cuda::CUDAGraph>> steps;
+  std::set<std::pair<int64_t, bool>> warmed;  // its eager warm-up step has run
   std::string capture_error;  // set once a capture failed: not tried again
 };
 
@@ -354,13 +359,46 @@ class JoinStreams {
   c10::cuda::CUDAStream caller_, side_;
 };
 
+// Runs the scope's work on the context's own stream, after what the caller queued; the caller's
+// stream waits for it on every way out (join declared first: it runs after the guard has restored
+// the caller's stream). No-op without a side stream.
+struct LoopStream {
+  LoopStream(c10::cuda::CUDAStream* side, at::Device device) {
+    if (side == nullptr) return;
+    c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream(device.index());
+    at::cuda::CUDAEvent ready;
+    ready.record(caller);
+    ready.block(*side);
+    join.emplace(caller, *side);
+    on_side.emplace(*side);
+  }
+  std::optional<JoinStreams> join;
+  std::optional<c10::cuda::CUDAStreamGuard> on_side;
+};
+
 }  // namespace
+#define ADMRT_ON_LOOP_STREAM LoopStream on_loop_stream(graph_ ? &graph_->stream : nullptr, params_.device)
 #else
 struct Sampler::Graph {};
+#define ADMRT_ON_LOOP_STREAM
 #endif
 
+// The buffers' first m slots.
+struct Sampler::Views {
+  Views(const Sampler& s, int64_t m) : m(m) {
+    auto v = [m](const at::Tensor& t) { return t.defined() ? t.narrow(0, 0, m) : t; };
+    x = v(s.x_), y = v(s.y_), low_res = v(s.low_res_), scale = v(s.scale_), seeds = v(s.seeds_), t = v(s.t_);
+    noise = v(s.noise_), step = v(s.step_), draw = v(s.draw_), active = v(s.active_), bad = v(s.bad_);
+    last_sample = v(s.last_sample_);
+    for (const at::Tensor& h : s.history_) history.push_back(v(h));
+  }
+  int64_t m;
+  at::Tensor x, y, low_res, scale, seeds, t, noise, step, draw, active, bad, last_sample;
+  std::vector<at::Tensor> history;
+};
+
 Sampler::Sampler(std::shared_ptr<Denoiser> model, std::shared_ptr<ClassifierGrad> classifier,
-                 const Schedule& schedule, const SamplerParams& params)
+                 const std::vector<Schedule>& schedules, const SamplerParams& params)
     : model_(std::move(model)), classifier_(std::move(classifier)), params_(params) {
   if (!model_) throw std::invalid_argument("model: expected a Denoiser, got none");
   const auto& p = params_;
@@ -371,7 +409,9 @@ Sampler::Sampler(std::shared_ptr<Denoiser> model, std::shared_ptr<ClassifierGrad
     throw std::invalid_argument(cat("low_res_shape=", shape_str(p.low_res_shape), ": expected (C, h, w) or empty"));
   if (!(p.eta >= 0) || !std::isfinite(p.eta))
     throw std::invalid_argument(cat("eta=", p.eta, ": expected a finite eta >= 0"));
-  if (schedule.num_steps <= 0) throw std::invalid_argument("schedule: no steps");
+  if (schedules.empty()) throw std::invalid_argument("schedules: expected at least one step plan's schedule");
+  for (const Schedule& schedule : schedules)
+    if (schedule.num_steps <= 0) throw std::invalid_argument("schedule: no steps");
   if (!(p.device.is_cpu() || p.device.is_cuda()))
     throw std::invalid_argument(cat("device=", p.device, ": expected cpu or cuda"));
 #ifndef ADMRT_WITH_CUDA
@@ -379,7 +419,6 @@ Sampler::Sampler(std::shared_ptr<Denoiser> model, std::shared_ptr<ClassifierGrad
     throw std::invalid_argument("device=cuda: this admrt core was built without CUDA (rebuild it against a CUDA "
                                 "build of torch with nvcc on the PATH)");
 #endif
-  num_steps_ = schedule.num_steps;
   if (!(p.dynamic_threshold >= 0 && p.dynamic_threshold < 1))
     throw std::invalid_argument(cat("dynamic_threshold=", p.dynamic_threshold, ": expected a percentile in (0, 1), or 0 (off)"));
   if (p.guidance_every < 1)
@@ -389,24 +428,35 @@ Sampler::Sampler(std::shared_ptr<Denoiser> model, std::shared_ptr<ClassifierGrad
   has_noise_ = is_solver(p.method) ? p.method == Method::DPMPP2M_SDE
                                    : !(p.noise == NoiseMode::Seeded && p.method == Method::DDIM && p.eta == 0.0);
 
-  const int64_t n = num_steps_, B = p.batch_size;
-  std::vector<float> rows = coefficient_rows(schedule, p);
-  std::vector<float> t_rows(n);
-  for (int64_t k = 0; k < n; ++k) {
-    const int64_t t = schedule.timestep_map[n - 1 - k];
-    model_t_.push_back(t);
-    guided_steps_.push_back(classifier_ && t >= p.guidance_t_min && (p.guidance_t_max < 0 || t <= p.guidance_t_max) &&
-                            k % p.guidance_every == 0);
-    // _WrappedModel: the original timestep, or t * 1000 / T as float when rescaled.
-    t_rows[k] = schedule.rescale_timesteps
-                    ? static_cast<float>(t) * static_cast<float>(1000.0 / schedule.original_num_steps)
-                    : static_cast<float>(t);
+  // The plans' rows, one after the other.
+  std::vector<float> rows, t_rows;
+  for (const Schedule& schedule : schedules) {
+    const int64_t n = schedule.num_steps;
+    plan_offset_.push_back(static_cast<int64_t>(t_rows.size()));
+    plan_steps_.push_back(n);
+    std::vector<float> plan_rows = coefficient_rows(schedule, p);
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t t = schedule.timestep_map[n - 1 - k];
+      model_t_.push_back(t);
+      const bool guide = classifier_ && t >= p.guidance_t_min && (p.guidance_t_max < 0 || t <= p.guidance_t_max) &&
+                         k % p.guidance_every == 0;
+      guided_rows_.push_back(guide);
+      plan_rows[k * kNumCoefs + kGuide] = guide ? 1.0f : 0.0f;
+      // _WrappedModel: the original timestep, or t * 1000 / T as float when rescaled.
+      t_rows.push_back(schedule.rescale_timesteps
+                           ? static_cast<float>(t) * static_cast<float>(1000.0 / schedule.original_num_steps)
+                           : static_cast<float>(t));
+    }
+    rows.insert(rows.end(), plan_rows.begin(), plan_rows.end());
   }
+  const int64_t R = static_cast<int64_t>(t_rows.size()), B = p.batch_size;
   const auto f32 = at::TensorOptions().dtype(at::kFloat).device(p.device);
   const auto i64 = at::TensorOptions().dtype(at::kLong).device(p.device);
-  coef_ = at::from_blob(rows.data(), {n, kNumCoefs}, at::kFloat).to(p.device, /*non_blocking=*/false, /*copy=*/true);
-  t_table_ = at::from_blob(t_rows.data(), {n}, at::kFloat).to(p.device, false, true);
-  step_ = at::zeros({1}, i64);
+  coef_ = at::from_blob(rows.data(), {R, kNumCoefs}, at::kFloat).to(p.device, /*non_blocking=*/false, /*copy=*/true);
+  t_table_ = at::from_blob(t_rows.data(), {R}, at::kFloat).to(p.device, false, true);
+  step_ = at::zeros({B}, i64);
+  draw_ = at::zeros({B}, i64);
+  active_ = at::zeros({B}, at::TensorOptions().dtype(at::kBool).device(p.device));
   std::vector<int64_t> shape{B};
   shape.insert(shape.end(), p.image_shape.begin(), p.image_shape.end());
   x_ = at::zeros(shape, f32);
@@ -415,7 +465,7 @@ Sampler::Sampler(std::shared_ptr<Denoiser> model, std::shared_ptr<ClassifierGrad
   t_ = at::zeros({B}, f32);
   scale_ = at::zeros({B, 1, 1, 1}, f32);
   seeds_ = at::zeros({B}, i64);
-  bad_ = at::full({3}, -1, i64);  // first non-finite step: model output, gradient; final sample
+  bad_ = at::full({B, 3}, -1, i64);  // per slot, first non-finite step: model output, gradient; final sample
   for (int64_t j = 0; j < history_depth(p.method); ++j) history_.push_back(at::zeros(shape, f32));
   if (p.method == Method::UNIPC2M || p.method == Method::UNIPC3M) last_sample_ = at::zeros(shape, f32);
   if (!p.low_res_shape.empty()) {
@@ -423,6 +473,9 @@ Sampler::Sampler(std::shared_ptr<Denoiser> model, std::shared_ptr<ClassifierGrad
     ls.insert(ls.end(), p.low_res_shape.begin(), p.low_res_shape.end());
     low_res_ = at::zeros(ls, f32);
   }
+  slot_plan_.assign(B, -1);
+  slot_row_.assign(B, 0);
+  slot_scale_.assign(B, 0.0);
 #ifdef ADMRT_WITH_CUDA
   if (uses_graph()) graph_ = std::make_unique<Graph>(p.device);
 #endif
@@ -436,7 +489,7 @@ bool Sampler::uses_graph() const {
 
 bool Sampler::captured() const {
 #ifdef ADMRT_WITH_CUDA
-  return graph_ && (graph_->step[0] != nullptr || graph_->step[1] != nullptr);
+  return graph_ && !graph_->steps.empty();
 #else
   return false;
 #endif
@@ -499,119 +552,124 @@ at::Tensor Sampler::denoised(const at::Tensor& x0) const {
   return p.clip_denoised ? x0.clamp(-1, 1) : x0;
 }
 
-// One step over the buffers, reading its coefficients and t by the device step counter.
-void Sampler::step(const std::optional<at::Generator>& generator, bool guide) {
+// One step over the first m slots, each reading its coefficients and t by its own row index. A
+// slot that is not active keeps its sample and row.
+void Sampler::step(int64_t m, const std::optional<at::Generator>& generator, bool guide) {
   const auto& p = params_;
   const int64_t C = p.image_shape[0];
-  at::Tensor row = coef_.index_select(0, step_);                      // (1, K)
-  auto c = [&](int64_t j) { return row.narrow(1, j, 1).view({1, 1, 1, 1}); };
-  t_.copy_(t_table_.index_select(0, step_).expand({p.batch_size}));  // (B,)
+  const Views v(*this, m);
+  at::Tensor row = coef_.index_select(0, v.step);                      // (m, K)
+  auto c = [&](int64_t j) { return row.narrow(1, j, 1).reshape({m, 1, 1, 1}); };
+  v.t.copy_(t_table_.index_select(0, v.step));                         // (m,)
 
   std::optional<at::Tensor> low_res;
-  if (low_res_.defined()) low_res = low_res_;
-  at::Tensor out = (*model_)(x_, t_, y_, low_res);
+  if (v.low_res.defined()) low_res = v.low_res;
+  at::Tensor out = (*model_)(v.x, v.t, v.y, low_res);
   const bool learned = p.variance == Variance::LearnedRange;
-  if (out.dim() != 4 || out.size(0) != x_.size(0) || out.size(2) != x_.size(2) || out.size(3) != x_.size(3) ||
+  if (out.dim() != 4 || out.size(0) != m || out.size(2) != v.x.size(2) || out.size(3) != v.x.size(3) ||
       !(out.size(1) == 2 * C || (!learned && out.size(1) == C)))
-    throw std::runtime_error(cat("model output: expected shape (", x_.size(0), ", ", (learned ? 2 * C : C), ", ",
-                                 x_.size(2), ", ", x_.size(3), ")", (learned ? " (eps and variance values)" : ""),
+    throw std::runtime_error(cat("model output: expected shape (", m, ", ", (learned ? 2 * C : C), ", ",
+                                 v.x.size(2), ", ", v.x.size(3), ")", (learned ? " (eps and variance values)" : ""),
                                  ", got ", out.sizes()));
   out = out.to(at::kFloat);
-  auto flag_bad = [&](int64_t slot, const at::Tensor& t) {
-    at::Tensor cur = bad_.narrow(0, slot, 1);
-    cur.copy_(at::where(cur.lt(0).logical_and(at::isfinite(t).all().logical_not()), step_, cur));
+  auto flag_bad = [&](int64_t j, const at::Tensor& t) {
+    at::Tensor cur = v.bad.select(1, j);
+    at::Tensor not_finite = at::isfinite(t).reshape({m, -1}).all(1).logical_not();
+    cur.copy_(at::where(cur.lt(0).logical_and(not_finite).logical_and(v.active), v.draw, cur));
   };
   if (p.check_finite) flag_bad(0, out);
   at::Tensor pred = out.narrow(1, 0, C);
 
-  at::Tensor g;
+  // Guidance applies to the slots whose step is guided and whose scale is not zero; the others
+  // take the unguided values exactly (as a run without the classifier).
+  at::Tensor g, gmask;
   if (guide) {
-    g = (*classifier_)(x_, t_, y_);
-    if (g.sizes() != x_.sizes())
-      throw std::runtime_error(cat("classifier gradient: expected shape ", x_.sizes(), ", got ", g.sizes()));
-    g = g.to(at::kFloat) * scale_;
+    g = (*classifier_)(v.x, v.t, v.y);
+    if (g.sizes() != v.x.sizes())
+      throw std::runtime_error(cat("classifier gradient: expected shape ", v.x.sizes(), ", got ", g.sizes()));
+    g = g.to(at::kFloat) * v.scale;
     if (p.check_finite) flag_bad(1, g);
+    gmask = v.scale.ne(0).logical_and(c(kGuide).ne(0));
   }
 
-  // The step's noise: drawn into noise_ unless its coefficient is zero (then noise_ keeps finite
+  // The step's noise: drawn into noise unless its coefficient is zero (then noise keeps finite
   // values from before and is multiplied by 0).
   if (has_noise_) {
     if (p.noise == NoiseMode::Seeded) {
-      at::Tensor gate = row.narrow(1, kNoiseGate, 1);
-      seeded_normal_(noise_, seeds_, step_, /*draw_offset=*/1, gate);
+      at::Tensor noise = v.noise;
+      seeded_normal_(noise, v.seeds, v.draw, /*draw_offset=*/1, row.narrow(1, kNoiseGate, 1).reshape({m}).contiguous());
     } else {
-      noise_ = at::randn(x_.sizes(), generator, x_.options());
+      v.noise.copy_(at::randn(v.x.sizes(), generator, v.x.options()));
     }
   }
 
+  const at::Tensor& x = v.x;
   at::Tensor x_next;
   if (is_solver(p.method)) {
     // The guided eps (condition_score: eps - sqrt(1 - abar) g), its x_0, thresholded; then the
     // solver's linear update (coefficient_rows).
-    at::Tensor eps = p.prediction == Prediction::XStart ? (x_ * c(kSqrtRecipAc) - pred) / c(kSqrtRecipm1Ac) : pred;
-    if (guide) eps = eps - g * c(kSqrt1mAc);
-    at::Tensor m = denoised(x_ * c(kSqrtRecipAc) - eps * c(kSqrtRecipm1Ac));
-    const int64_t depth = static_cast<int64_t>(history_.size());
-    at::Tensor xc = x_;
-    if (last_sample_.defined()) {  // UniPC's corrector
-      xc = x_ * c(kCx) + last_sample_ * c(kCl) + m * c(kC0);
-      for (int64_t j = 0; j < depth; ++j) xc = xc + history_[j] * c(kC1 + j);
-      last_sample_.copy_(xc);
+    at::Tensor eps = p.prediction == Prediction::XStart ? (x * c(kSqrtRecipAc) - pred) / c(kSqrtRecipm1Ac) : pred;
+    if (guide) eps = at::where(gmask, eps - g * c(kSqrt1mAc), eps);
+    at::Tensor m0 = denoised(x * c(kSqrtRecipAc) - eps * c(kSqrtRecipm1Ac));
+    const int64_t depth = static_cast<int64_t>(v.history.size());
+    at::Tensor xc = x;
+    if (v.last_sample.defined()) {  // UniPC's corrector
+      xc = x * c(kCx) + v.last_sample * c(kCl) + m0 * c(kC0);
+      for (int64_t j = 0; j < depth; ++j) xc = xc + v.history[j] * c(kC1 + j);
+      v.last_sample.copy_(xc);
     }
-    x_next = xc * c(kPx) + m * c(kP0);
-    for (int64_t j = 0; j < depth && j < 2; ++j) x_next = x_next + history_[j] * c(kP1 + j);
-    if (has_noise_) x_next = x_next + noise_ * c(kPn);
-    for (int64_t j = depth - 1; j > 0; --j) history_[j].copy_(history_[j - 1]);
-    if (depth > 0) history_[0].copy_(m);
-    x_.copy_(x_next);
-    step_.add_(1);
-    return;
-  }
-
-  // x_0 prediction (p_mean_variance: the output itself, or _predict_xstart_from_eps), clipped.
-  at::Tensor x0 = denoised(p.prediction == Prediction::XStart ? pred : x_ * c(kSqrtRecipAc) - pred * c(kSqrtRecipm1Ac));
-  if (p.method == Method::DDPM) {
-    // p_sample: mean of q(x_{t-1} | x_t, x_0), variance Sigma_t.
-    at::Tensor mean = x0 * c(kPostCoef1) + x_ * c(kPostCoef2);
-    if (learned) {
-      at::Tensor frac = (out.narrow(1, C, C) + 1) / 2;
-      at::Tensor log_var = frac * c(kMaxLog) + (1 - frac) * c(kMinLog);
-      if (guide) mean = mean + at::exp(log_var) * g;  // condition_mean: mu + Sigma g
-      x_next = mean + c(kNonzero) * at::exp(0.5 * log_var) * noise_;
-    } else {
-      if (guide) mean = mean + g * c(kFixedVar);
-      x_next = mean + noise_ * c(kNoiseStd);
-    }
+    x_next = xc * c(kPx) + m0 * c(kP0);
+    for (int64_t j = 0; j < depth && j < 2; ++j) x_next = x_next + v.history[j] * c(kP1 + j);
+    if (has_noise_) x_next = x_next + v.noise * c(kPn);
+    for (int64_t j = depth - 1; j > 0; --j) v.history[j].copy_(v.history[j - 1]);
+    if (depth > 0) v.history[0].copy_(m0);
   } else {
-    // ddim_sample (eq. 12 of Song et al.), with condition_score guidance.
-    if (guide) {
-      at::Tensor e = (x_ * c(kSqrtRecipAc) - x0) / c(kSqrtRecipm1Ac);
-      e = e - g * c(kSqrt1mAc);
-      x0 = x_ * c(kSqrtRecipAc) - e * c(kSqrtRecipm1Ac);  // not clipped again (as the reference)
+    // x_0 prediction (p_mean_variance: the output itself, or _predict_xstart_from_eps), clipped.
+    at::Tensor x0 = denoised(p.prediction == Prediction::XStart ? pred : x * c(kSqrtRecipAc) - pred * c(kSqrtRecipm1Ac));
+    if (p.method == Method::DDPM) {
+      // p_sample: mean of q(x_{t-1} | x_t, x_0), variance Sigma_t.
+      at::Tensor mean = x0 * c(kPostCoef1) + x * c(kPostCoef2);
+      if (learned) {
+        at::Tensor frac = (out.narrow(1, C, C) + 1) / 2;
+        at::Tensor log_var = frac * c(kMaxLog) + (1 - frac) * c(kMinLog);
+        if (guide) mean = at::where(gmask, mean + at::exp(log_var) * g, mean);  // condition_mean: mu + Sigma g
+        x_next = mean + c(kNonzero) * at::exp(0.5 * log_var) * v.noise;
+      } else {
+        if (guide) mean = at::where(gmask, mean + g * c(kFixedVar), mean);
+        x_next = mean + v.noise * c(kNoiseStd);
+      }
+    } else {
+      // ddim_sample (eq. 12 of Song et al.), with condition_score guidance.
+      if (guide) {
+        at::Tensor e = (x * c(kSqrtRecipAc) - x0) / c(kSqrtRecipm1Ac);
+        e = e - g * c(kSqrt1mAc);
+        x0 = at::where(gmask, x * c(kSqrtRecipAc) - e * c(kSqrtRecipm1Ac), x0);  // not clipped again (as the reference)
+      }
+      at::Tensor e = (x * c(kSqrtRecipAc) - x0) / c(kSqrtRecipm1Ac);
+      x_next = x0 * c(kDdimSqrtAcp) + e * c(kDdimDir);
+      if (has_noise_) x_next = x_next + v.noise * c(kNoiseStd);
     }
-    at::Tensor e = (x_ * c(kSqrtRecipAc) - x0) / c(kSqrtRecipm1Ac);
-    x_next = x0 * c(kDdimSqrtAcp) + e * c(kDdimDir);
-    if (has_noise_) x_next = x_next + noise_ * c(kNoiseStd);
   }
-  x_.copy_(x_next);
-  step_.add_(1);
+  v.x.copy_(at::where(v.active.view({m, 1, 1, 1}), x_next, x));
+  v.step.add_(v.active);
+  v.draw.add_(v.active);
 }
 
-void Sampler::run_step(int64_t k, const std::optional<at::Generator>& generator) {
-  const bool guide = guided_steps_[k];
+void Sampler::run_step(int64_t m, bool guide, const std::optional<at::Generator>& generator) {
 #ifdef ADMRT_WITH_CUDA
   if (uses_graph()) {
-    // One graph per kind of step (with and without the classifier, under a guidance interval),
-    // each captured after one eager warm-up step of its kind.
-    const int v = guide ? 1 : 0;
-    if (graph_->step[v]) {
-      graph_->step[v]->replay();
+    // One graph per kind of step (with and without the classifier, under a guidance interval)
+    // and per number of slots run, each captured after one eager warm-up step of its kind.
+    const std::pair<int64_t, bool> key{m, guide};
+    auto found = graph_->steps.find(key);
+    if (found != graph_->steps.end()) {
+      found->second->replay();
       return;
     }
     if (!graph_->capture_error.empty()) throw std::runtime_error(graph_->capture_error);
-    if (!graph_->warmed[v]) {
-      step(generator, guide);  // warm-up, eager: lazy initialisation, kernel compilation, autotuning
-      graph_->warmed[v] = true;
+    if (!graph_->warmed.count(key)) {
+      step(m, generator, guide);  // warm-up, eager: lazy initialisation, kernel compilation, autotuning
+      graph_->warmed.insert(key);
       return;
     }
     const c10::DeviceIndex dev = params_.device.index();
@@ -620,7 +678,7 @@ void Sampler::run_step(int64_t k, const std::optional<at::Generator>& generator)
     g->capture_begin(pool);
     std::string error;
     try {
-      step(generator, guide);
+      step(m, generator, guide);
     } catch (const std::exception& e) {
       error = e.what();
     }
@@ -646,70 +704,180 @@ void Sampler::run_step(int64_t k, const std::optional<at::Generator>& generator)
           "a copy from host memory, a CPU tensor); sample with cuda_graphs=False to run the steps uncaptured.");
       throw std::runtime_error(graph_->capture_error);
     }
-    graph_->step[v] = std::move(g);
-    graph_->step[v]->replay();
+    g->replay();
+    graph_->steps[key] = std::move(g);
     return;
   }
 #endif
-  (void)k;
-  step(generator, guide);
+  step(m, generator, guide);
 }
 
-void Sampler::raise_if_not_finite() {
-  at::Tensor flags = bad_.to(at::kCPU);  // the loop's one host synchronisation
+void Sampler::raise_if_not_finite(const at::Tensor& bad, int64_t plan) const {
+  at::Tensor flags = bad.to(at::kCPU).contiguous();  // the loop's one host synchronisation
   const int64_t* f = flags.data_ptr<int64_t>();
   const char* what[2] = {"model output", "classifier gradient"};
   int64_t first = -1, which = 0;
-  for (int64_t j = 0; j < 2; ++j)
-    if (f[j] >= 0 && (first < 0 || f[j] < first)) first = f[j], which = j;
+  bool sample_bad = false;
+  for (int64_t b = 0; b < flags.size(0); ++b) {
+    for (int64_t j = 0; j < 2; ++j)
+      if (f[3 * b + j] >= 0 && (first < 0 || f[3 * b + j] < first)) first = f[3 * b + j], which = j;
+    sample_bad = sample_bad || f[3 * b + 2] >= 0;
+  }
   if (first >= 0)
-    throw std::runtime_error(cat(what[which], " contains NaN or Inf at step index ", num_steps_ - 1 - first,
-                                 " (timestep t=", model_t_[first],
+    throw std::runtime_error(cat(what[which], " contains NaN or Inf at step index ", plan_steps_[plan] - 1 - first,
+                                 " (timestep t=", model_t_[plan_offset_[plan] + first],
                                  "); check the weights, the dtype (fp16 overflow?) and the inputs"));
-  if (f[2] >= 0)
+  if (sample_bad)
     throw std::runtime_error("sample contains NaN or Inf; check the weights, the dtype (fp16 overflow?) and the inputs");
 }
 
 at::Tensor Sampler::sample(const BatchInputs& inputs, const ProgressFn& progress) {
   c10::NoGradGuard no_grad;
   load_inputs(inputs);  // on the caller's stream, before the loop's stream takes over
-#ifdef ADMRT_WITH_CUDA
-  // The loop runs on the context's own stream (capture needs a non-default one), after what the
-  // caller queued; the caller's stream waits for it on every way out (join declared first, so it
-  // runs after the guard has restored the caller's stream).
-  std::optional<JoinStreams> join;
-  std::optional<c10::cuda::CUDAStreamGuard> on_side;
-  if (uses_graph()) {
-    c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream(params_.device.index());
-    at::cuda::CUDAEvent ready;
-    ready.record(caller);
-    ready.block(graph_->stream);
-    join.emplace(caller, graph_->stream);
-    on_side.emplace(graph_->stream);
+  slots_stale_ = true;  // the slots' device state is this batch's now
+  std::fill(slot_plan_.begin(), slot_plan_.end(), -1);
+  const int64_t B = params_.batch_size;
+  {
+    ADMRT_ON_LOOP_STREAM;
+    step_.zero_();
+    draw_.zero_();
+    active_.fill_(true);
+    bad_.fill_(-1);
+    for (at::Tensor& h : history_) h.zero_();  // read with weight 0 before they are written
+    if (last_sample_.defined()) last_sample_.zero_();
+    if (inputs.x_T) {
+      x_.copy_(*inputs.x_T);
+    } else if (params_.noise == NoiseMode::Seeded) {
+      seeded_normal_(x_, seeds_, draw_, /*draw_offset=*/0);  // draw 0: x_T
+    } else {
+      x_.copy_(at::randn(x_.sizes(), inputs.generator, x_.options()));
+    }
+    for (int64_t k = 0; k < plan_steps_[0]; ++k) {
+      run_step(B, guided_rows_[k], inputs.generator);
+      if (progress) progress(k + 1, plan_steps_[0]);
+    }
+    if (params_.check_finite)
+      bad_.select(1, 2).masked_fill_(at::isfinite(x_).reshape({B, -1}).all(1).logical_not(), 0);
   }
-#endif
-  step_.zero_();
-  bad_.fill_(-1);
-  for (at::Tensor& h : history_) h.zero_();  // read with weight 0 before they are written
-  if (last_sample_.defined()) last_sample_.zero_();
-  if (inputs.x_T) {
-    x_.copy_(*inputs.x_T);
-  } else if (params_.noise == NoiseMode::Seeded) {
-    seeded_normal_(x_, seeds_, step_, /*draw_offset=*/0);  // draw 0: x_T
-  } else {
-    x_.copy_(at::randn(x_.sizes(), inputs.generator, x_.options()));
-  }
-  for (int64_t k = 0; k < num_steps_; ++k) {
-    run_step(k, inputs.generator);
-    if (progress) progress(k + 1, num_steps_);
-  }
-  if (params_.check_finite) bad_.narrow(0, 2, 1).masked_fill_(at::isfinite(x_).all().logical_not(), 0);
-#ifdef ADMRT_WITH_CUDA
-  on_side.reset();
-  join.reset();
-#endif
-  if (params_.check_finite) raise_if_not_finite();
+  if (params_.check_finite) raise_if_not_finite(bad_, 0);
   return x_.clone();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Step batching
+
+void Sampler::check_slot(int64_t slot, const char* what) const {
+  if (slot < 0 || slot >= params_.batch_size)
+    throw std::invalid_argument(cat(what, ": slot=", slot, ": expected 0..", params_.batch_size - 1));
+}
+
+int64_t Sampler::occupied() const {
+  return std::count_if(slot_plan_.begin(), slot_plan_.end(), [](int64_t p) { return p >= 0; });
+}
+
+void Sampler::enter(int64_t slot, const SlotInputs& in) {
+  const auto& p = params_;
+  check_slot(slot, "enter");
+  if (p.noise != NoiseMode::Seeded)
+    throw std::invalid_argument("noise='reference': step batching needs seeded noise (each image its own seeds)");
+  if (slot_plan_[slot] >= 0) throw std::invalid_argument(cat("enter: slot ", slot, " is busy"));
+  if (in.plan < 0 || in.plan >= num_plans())
+    throw std::invalid_argument(cat("plan=", in.plan, ": expected 0..", num_plans() - 1));
+  if (!std::isfinite(in.guidance)) throw std::invalid_argument(cat("guidance=", in.guidance, ": expected a finite scale"));
+  if (in.guidance != 0 && !guided())
+    throw std::invalid_argument("guidance: this context has no classifier; pass 0");
+  if (p.low_res_shape.empty() != !in.low_res.has_value() ||
+      (in.low_res && in.low_res->sizes() != at::IntArrayRef(p.low_res_shape)))
+    throw std::invalid_argument(cat("low_res: expected ", p.low_res_shape.empty() ? std::string("none (not an upsampler)")
+                                                                                 : "shape " + shape_str(p.low_res_shape),
+                                    ", got ", in.low_res ? shape_str(in.low_res->sizes()) : std::string("none")));
+  c10::NoGradGuard no_grad;
+  ADMRT_ON_LOOP_STREAM;
+  if (slots_stale_) {  // after sample(): every slot free, parked at row 0
+    active_.fill_(false);
+    step_.zero_();
+    slots_stale_ = false;
+  }
+  const int64_t offset = plan_offset_[in.plan];
+  auto one = [slot](const at::Tensor& t) { return t.narrow(0, slot, 1); };
+  one(y_).fill_(in.label);
+  one(scale_).fill_(in.guidance);
+  one(seeds_).fill_(static_cast<int64_t>(in.seed));
+  one(step_).fill_(offset);
+  one(draw_).zero_();
+  one(bad_).fill_(-1);
+  for (at::Tensor& h : history_) one(h).zero_();
+  if (last_sample_.defined()) one(last_sample_).zero_();
+  if (in.low_res) one(low_res_).copy_(in.low_res->unsqueeze(0));
+  at::Tensor x = one(x_);
+  seeded_normal_(x, one(seeds_), one(draw_), /*draw_offset=*/0);  // draw 0: x_T
+  one(active_).fill_(true);
+  slot_plan_[slot] = in.plan;
+  slot_row_[slot] = offset;
+  slot_scale_[slot] = in.guidance;
+}
+
+std::vector<int64_t> Sampler::iterate() {
+  std::vector<int64_t> done;
+  int64_t highest = -1;
+  bool guide = false;
+  for (int64_t b = 0; b < params_.batch_size; ++b) {
+    const int64_t plan = slot_plan_[b];
+    if (plan < 0 || slot_row_[b] == plan_offset_[plan] + plan_steps_[plan]) continue;  // free or done
+    highest = b;
+    guide = guide || (guided_rows_[slot_row_[b]] && slot_scale_[b] != 0);
+  }
+  if (highest < 0) return done;
+  int64_t m = 1;  // a power-of-two bucket of slots: few shapes (one graph each on CUDA)
+  while (m < highest + 1) m *= 2;
+  m = std::min(m, params_.batch_size);
+  c10::NoGradGuard no_grad;
+  ADMRT_ON_LOOP_STREAM;
+  run_step(m, guide, std::nullopt);
+  for (int64_t b = 0; b < m; ++b) {
+    const int64_t plan = slot_plan_[b];
+    if (plan < 0 || slot_row_[b] == plan_offset_[plan] + plan_steps_[plan]) continue;
+    if (++slot_row_[b] == plan_offset_[plan] + plan_steps_[plan]) {
+      done.push_back(b);
+      // Done: it keeps its sample, parked on a valid row until take().
+      auto one = [b](const at::Tensor& t) { return t.narrow(0, b, 1); };
+      one(active_).fill_(false);
+      one(step_).fill_(plan_offset_[plan]);
+    }
+  }
+  return done;
+}
+
+void Sampler::free_slot(int64_t slot) {
+  slot_plan_[slot] = -1;
+  active_.narrow(0, slot, 1).fill_(false);
+  step_.narrow(0, slot, 1).zero_();
+}
+
+at::Tensor Sampler::take(int64_t slot) {
+  check_slot(slot, "take");
+  const int64_t plan = slot_plan_[slot];
+  if (plan < 0 || slot_row_[slot] != plan_offset_[plan] + plan_steps_[plan])
+    throw std::invalid_argument(cat("take: slot ", slot, plan < 0 ? " is free" : " is not done"));
+  c10::NoGradGuard no_grad;
+  at::Tensor x, flags;
+  {
+    ADMRT_ON_LOOP_STREAM;
+    x = x_.narrow(0, slot, 1).clone();
+    flags = bad_.narrow(0, slot, 1).clone();
+    if (params_.check_finite) flags.select(1, 2).masked_fill_(at::isfinite(x).all().logical_not(), 0);
+    free_slot(slot);
+  }
+  if (params_.check_finite) raise_if_not_finite(flags, plan);
+  return x.squeeze(0);
+}
+
+void Sampler::release(int64_t slot) {
+  check_slot(slot, "release");
+  if (slot_plan_[slot] < 0) return;
+  c10::NoGradGuard no_grad;
+  ADMRT_ON_LOOP_STREAM;
+  free_slot(slot);
 }
 
 at::Tensor to_uint8_nhwc(const at::Tensor& x) {

@@ -114,11 +114,26 @@ struct BatchInputs {
 // device value, so on CUDA it does not wait for the step. May throw to cancel.
 using ProgressFn = std::function<void(int64_t, int64_t)>;
 
+// One image entering a slot (step batching): which of the context's plans it follows, its label
+// (ignored by an unconditional model), classifier scale, seed, and an upsampler's conditioning.
+struct SlotInputs {
+  int64_t plan = 0;
+  int64_t label = 0;
+  double guidance = 0.0;
+  uint64_t seed = 0;
+  std::optional<at::Tensor> low_res;  // float32 (C, h, w) in [-1, 1] (upsampler)
+};
+
 class Sampler {
  public:
   // classifier: guidance on (every batch computes the gradient; scales come per sample), or null.
+  // schedules: the step plans this context runs (one, or several for step batching: each image
+  // follows one of them; their methods are params.method); sample() runs the first.
+  Sampler(std::shared_ptr<Denoiser> model, std::shared_ptr<ClassifierGrad> classifier,
+          const std::vector<Schedule>& schedules, const SamplerParams& params);
   Sampler(std::shared_ptr<Denoiser> model, std::shared_ptr<ClassifierGrad> classifier, const Schedule& schedule,
-          const SamplerParams& params);
+          const SamplerParams& params)
+      : Sampler(std::move(model), std::move(classifier), std::vector<Schedule>{schedule}, params) {}
   ~Sampler();
   Sampler(const Sampler&) = delete;
   Sampler& operator=(const Sampler&) = delete;
@@ -126,39 +141,72 @@ class Sampler {
   // The whole reverse process for one batch; returns x_0 (B, C, H, W) float32 (a new tensor).
   at::Tensor sample(const BatchInputs& inputs, const ProgressFn& progress = nullptr);
 
+  // Step batching (seeded noise only): the batch is params.batch_size slots, each holding one
+  // image at its own step of its own plan (a per-slot row index into the device tables, per-slot
+  // draw counter, seed, label, scale and solver history). enter() puts an image into a free slot
+  // and draws its x_T; iterate() runs one batched step over the slots up to the highest occupied
+  // one (a power-of-two bucket: on CUDA one graph per bucket) -- free slots in that range keep
+  // their values -- and returns the slots whose image is now done; take() returns a done slot's
+  // x_0 (C, H, W) (throwing if it is not finite) and frees the slot; release() frees a slot at
+  // any step (cancel). An image's x_0 equals what sample() gives for the same seed, label and scale.
+  void enter(int64_t slot, const SlotInputs& in);
+  std::vector<int64_t> iterate();
+  at::Tensor take(int64_t slot);
+  void release(int64_t slot);
+  bool slot_busy(int64_t slot) const { return slot_plan_.at(slot) >= 0; }
+  int64_t occupied() const;
+  // Of a busy slot: steps done, and steps of its plan.
+  int64_t slot_step(int64_t slot) const { return slot_row_.at(slot) - plan_offset_.at(slot_plan_.at(slot)); }
+  int64_t plan_steps(int64_t plan) const { return plan_steps_.at(plan); }
+  int64_t num_plans() const { return static_cast<int64_t>(plan_steps_.size()); }
+
   const SamplerParams& params() const { return params_; }
-  int64_t num_steps() const { return num_steps_; }
+  int64_t num_steps() const { return plan_steps_[0]; }
   bool guided() const { return classifier_ != nullptr; }
   bool uses_graph() const;   // whether steps are captured and replayed (CUDA, seeded, cuda_graphs)
   bool captured() const;     // whether a graph exists (after the first batch's second step)
-  // Per step (loop order): whether the classifier runs (guided contexts; guidance interval).
-  const std::vector<bool>& guided_steps() const { return guided_steps_; }
+  // Per step of the first plan (loop order): whether the classifier runs (guided contexts;
+  // guidance interval).
+  std::vector<bool> guided_steps() const {
+    return std::vector<bool>(guided_rows_.begin(), guided_rows_.begin() + plan_steps_[0]);
+  }
 
  private:
+  struct Views;  // the buffers' first m slots
   void load_inputs(const BatchInputs& inputs);
-  // One step over the buffers; `guide`: run the classifier (decided on the host per step).
-  void step(const std::optional<at::Generator>& generator, bool guide);
+  // One step over the first m slots; `guide`: run the classifier (decided on the host).
+  void step(int64_t m, const std::optional<at::Generator>& generator, bool guide);
   at::Tensor denoised(const at::Tensor& x0) const;           // clamp or dynamic thresholding
-  void run_step(int64_t k, const std::optional<at::Generator>& generator);
-  void raise_if_not_finite();
+  void run_step(int64_t m, bool guide, const std::optional<at::Generator>& generator);
+  // Throws naming the first non-finite step found in `flags` ((b, 3) of bad_) of a plan.
+  void raise_if_not_finite(const at::Tensor& flags, int64_t plan) const;
+  void check_slot(int64_t slot, const char* what) const;
+  void free_slot(int64_t slot);
 
   std::shared_ptr<Denoiser> model_;
   std::shared_ptr<ClassifierGrad> classifier_;
   SamplerParams params_;
-  int64_t num_steps_ = 0;
-  std::vector<int64_t> model_t_;   // host copy of the original timesteps, loop order (errors)
+  std::vector<int64_t> plan_offset_, plan_steps_;  // the plans' rows in the tables
+  std::vector<int64_t> model_t_;   // host copy of the original timesteps per row (errors)
   bool has_noise_ = true;          // seeded DDIM with eta = 0 draws nothing after x_T
-  std::vector<bool> guided_steps_; // host: the classifier runs at step k
-  at::Tensor coef_;                // (N, K) float32, row k = the k-th step of the loop
-  at::Tensor t_table_;             // (N,) float32 model timesteps, loop order
-  at::Tensor step_;                // (1,) int64: steps done in this batch
-  at::Tensor x_, y_, low_res_, scale_, seeds_, t_, noise_, bad_;
+  std::vector<bool> guided_rows_;  // host: the classifier runs at this row
+  at::Tensor coef_;                // (R, K) float32, row offset + k = the k-th step of a plan's loop
+  at::Tensor t_table_;             // (R,) float32 model timesteps
+  // Per slot: step_ the row index into the tables, draw_ the steps done (noise draw counter),
+  // active_ whether it advances this step (bool).
+  at::Tensor step_, draw_, active_;
+  at::Tensor x_, y_, low_res_, scale_, seeds_, t_, noise_;
+  at::Tensor bad_;                 // (B, 3) int64: first non-finite step (model output, gradient, sample)
   // Solvers: the previous x_0 predictions (history_[0] the last call's) and UniPC's previous
   // corrected sample, preallocated.
   std::vector<at::Tensor> history_;
   at::Tensor last_sample_;
+  // Host state of the slots (step batching): plan (-1: free), row, scale.
+  std::vector<int64_t> slot_plan_, slot_row_;
+  std::vector<double> slot_scale_;
+  bool slots_stale_ = false;       // sample() used the buffers: reset the slots' device state first
   struct Graph;
-  std::unique_ptr<Graph> graph_;   // CUDA: side stream and captured step
+  std::unique_ptr<Graph> graph_;   // CUDA: side stream and captured steps
 };
 
 // ((x + 1) * 127.5).clamp(0, 255) as uint8, NCHW -> NHWC (the reference's sample scripts).
