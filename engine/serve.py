@@ -179,6 +179,8 @@ class Worker:
         guidance = [] if gen.guidance is None else [gen.guidance]
         rid = self.batcher.submit(gen.classes, guidance, [gen.seed], None if gen.classes else gen.n, gen.steps)
         ticket = Ticket(rid, gen.n, loop.create_future(), loop, progress=asyncio.Queue() if stream else None)
+        # A cancelled request's error (core.Cancelled) may have no one left to read it.
+        ticket.future.add_done_callback(lambda f: f.cancelled() or f.exception())
         with self.lock:
             self.tickets[rid] = ticket
             self.pending_images += gen.n
@@ -576,6 +578,9 @@ def run(args: argparse.Namespace) -> int:
             app.state.serving["draining"] = True
             super().handle_exit(sig, frame)
 
+    # uvicorn re-raises the signal that stopped it once it has shut down; after a drain on SIGTERM
+    # the process exits 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                    timeout_graceful_shutdown=args.grace, lifespan="on"))
     print(f"admrt serve: {args.batching} batching, {batcher.slots} slots, plans {' '.join(batcher.plans)}; "

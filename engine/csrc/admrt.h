@@ -284,9 +284,11 @@ class StepBatcher {
  private:
   struct Job;
   struct Pool;
+  void compact(Pool& pool);  // busy slots to the front: the step runs over fewer slots
   void admit(Pool& pool, bool upsampler);
   void harvest(Pool& pool, const std::vector<int64_t>& done, bool upsampler);
   void fail_pool(Pool& pool, const std::string& error);
+  void drop_gone(const std::vector<Pool*>& pools);
   void finish_if_complete(int64_t id, Job& job, std::vector<int64_t>& finished);
   void update_stats();  // from the iterating thread only (it reads the samplers' slots)
 

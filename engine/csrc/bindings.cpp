@@ -254,6 +254,8 @@ PYBIND11_MODULE(core, m) {
              return self.take(slot);
            }, py::arg("slot"), "x_0 (C, H, W) of a done slot, which is freed.")
       .def("release", &admrt::Sampler::release, py::arg("slot"), "Free a slot at any step (cancel).")
+      .def("move", &admrt::Sampler::move, py::arg("from_slot"), py::arg("to_slot"),
+           "Move a busy slot's image and state into a free slot.")
       .def("slot_busy", &admrt::Sampler::slot_busy, py::arg("slot"))
       .def("slot_step", &admrt::Sampler::slot_step, py::arg("slot"))
       .def_property_readonly("occupied", &admrt::Sampler::occupied);

@@ -828,9 +828,14 @@ std::vector<int64_t> Sampler::iterate() {
     guide = guide || (guided_rows_[slot_row_[b]] && slot_scale_[b] != 0);
   }
   if (highest < 0) return done;
-  int64_t m = 1;  // a power-of-two bucket of slots: few shapes (one graph each on CUDA)
-  while (m < highest + 1) m *= 2;
-  m = std::min(m, params_.batch_size);
+  // The slots run: up to the highest occupied one; captured, a power-of-two bucket (few shapes,
+  // one graph each).
+  int64_t m = highest + 1;
+  if (uses_graph()) {
+    m = 1;
+    while (m < highest + 1) m *= 2;
+    m = std::min(m, params_.batch_size);
+  }
   c10::NoGradGuard no_grad;
   ADMRT_ON_LOOP_STREAM;
   run_step(m, guide, std::nullopt);
@@ -870,6 +875,26 @@ at::Tensor Sampler::take(int64_t slot) {
   }
   if (params_.check_finite) raise_if_not_finite(flags, plan);
   return x.squeeze(0);
+}
+
+void Sampler::move(int64_t from, int64_t to) {
+  check_slot(from, "move");
+  check_slot(to, "move");
+  if (slot_plan_[from] < 0) throw std::invalid_argument(cat("move: slot ", from, " is free"));
+  if (slot_plan_[to] >= 0) throw std::invalid_argument(cat("move: slot ", to, " is busy"));
+  c10::NoGradGuard no_grad;
+  ADMRT_ON_LOOP_STREAM;
+  auto copy = [&](const at::Tensor& t) {
+    if (t.defined()) t.narrow(0, to, 1).copy_(t.narrow(0, from, 1));
+  };
+  for (const at::Tensor* t : {&x_, &y_, &low_res_, &scale_, &seeds_, &noise_, &step_, &draw_, &active_, &bad_,
+                              &last_sample_})
+    copy(*t);
+  for (const at::Tensor& h : history_) copy(h);
+  slot_plan_[to] = slot_plan_[from];
+  slot_row_[to] = slot_row_[from];
+  slot_scale_[to] = slot_scale_[from];
+  free_slot(from);
 }
 
 void Sampler::release(int64_t slot) {

@@ -145,14 +145,17 @@ class Sampler {
   // image at its own step of its own plan (a per-slot row index into the device tables, per-slot
   // draw counter, seed, label, scale and solver history). enter() puts an image into a free slot
   // and draws its x_T; iterate() runs one batched step over the slots up to the highest occupied
-  // one (a power-of-two bucket: on CUDA one graph per bucket) -- free slots in that range keep
-  // their values -- and returns the slots whose image is now done; take() returns a done slot's
+  // one (captured on CUDA: a power-of-two bucket, one graph per bucket) -- free slots in that
+  // range keep their values -- and returns the slots whose image is now done; take() returns a done slot's
   // x_0 (C, H, W) (throwing if it is not finite) and frees the slot; release() frees a slot at
   // any step (cancel). An image's x_0 equals what sample() gives for the same seed, label and scale.
   void enter(int64_t slot, const SlotInputs& in);
   std::vector<int64_t> iterate();
   at::Tensor take(int64_t slot);
   void release(int64_t slot);
+  // Moves a busy slot's image, with all its state, into a free slot (compaction: the step runs
+  // over the slots up to the highest busy one).
+  void move(int64_t from, int64_t to);
   bool slot_busy(int64_t slot) const { return slot_plan_.at(slot) >= 0; }
   int64_t occupied() const;
   // Of a busy slot: steps done, and steps of its plan.

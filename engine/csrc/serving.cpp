@@ -116,8 +116,21 @@ void StepBatcher::finish_if_complete(int64_t id, Job& job, std::vector<int64_t>&
   }
 }
 
+void StepBatcher::compact(Pool& pool) {
+  int64_t low = 0, high = static_cast<int64_t>(pool.held.size()) - 1;
+  while (true) {
+    while (low < high && pool.held[low].first != 0) ++low;
+    while (high > low && pool.held[high].first == 0) --high;
+    if (low >= high) return;
+    pool.sampler->move(high, low);
+    pool.held[low] = pool.held[high];
+    pool.held[high] = {0, 0};
+  }
+}
+
 void StepBatcher::admit(Pool& pool, bool upsampler) {
   Sampler& s = *pool.sampler;
+  compact(pool);
   for (int64_t slot = 0; slot < static_cast<int64_t>(pool.held.size()) && !pool.queue.empty(); ++slot) {
     if (pool.held[slot].first != 0) continue;
     const auto [id, i] = pool.queue.front();
@@ -168,25 +181,30 @@ void StepBatcher::fail_pool(Pool& pool, const std::string& error) {
   }
 }
 
+void StepBatcher::drop_gone(const std::vector<Pool*>& pools) {
+  // Cancelled or failed requests leave the queues and their slots (before they count as finished
+  // and can be taken).
+  auto gone = [&](const std::pair<int64_t, int64_t>& h) {
+    const Job& job = *jobs_.at(h.first);
+    return job.cancelled || !job.error.empty();
+  };
+  for (Pool* pool : pools) {
+    pool->queue.erase(std::remove_if(pool->queue.begin(), pool->queue.end(), gone), pool->queue.end());
+    for (int64_t slot = 0; slot < static_cast<int64_t>(pool->held.size()); ++slot)
+      if (pool->held[slot].first != 0 && gone(pool->held[slot])) {
+        pool->sampler->release(slot);
+        pool->held[slot] = {0, 0};
+      }
+  }
+}
+
 std::vector<int64_t> StepBatcher::iterate() {
   std::vector<int64_t> finished;
   std::vector<Pool*> pools{base_.get()};
   if (up_) pools.push_back(up_.get());
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    // Cancelled or failed requests leave the queues and their slots.
-    for (Pool* pool : pools) {
-      auto gone = [&](const std::pair<int64_t, int64_t>& h) {
-        const Job& job = *jobs_.at(h.first);
-        return job.cancelled || !job.error.empty();
-      };
-      pool->queue.erase(std::remove_if(pool->queue.begin(), pool->queue.end(), gone), pool->queue.end());
-      for (int64_t slot = 0; slot < static_cast<int64_t>(pool->held.size()); ++slot)
-        if (pool->held[slot].first != 0 && gone(pool->held[slot])) {
-          pool->sampler->release(slot);
-          pool->held[slot] = {0, 0};
-        }
-    }
+    drop_gone(pools);
     for (auto& [id, job] : jobs_) finish_if_complete(id, *job, finished);
     // Admission: step batching fills free slots at every step boundary; static batching admits a
     // new batch only when the pipeline is empty, and moves it to the upsampler as a whole.
@@ -213,6 +231,7 @@ std::vector<int64_t> StepBatcher::iterate() {
     if (!errors[p].empty()) fail_pool(*pools[p], errors[p]);
     else harvest(*pools[p], done[p], p == 1);
   }
+  drop_gone(pools);
   for (auto& [id, job] : jobs_) finish_if_complete(id, *job, finished);
   ++stats_.iterations;
   update_stats();
