@@ -135,6 +135,32 @@ def burst(port: int, n_requests: int, images: int, seed: int) -> dict:
     return summarize(results, float("inf"))
 
 
+def step_scaling(serve_args: str, slots=(1, 2, 4, 8, 16), repeats: int = 10) -> dict:
+    """Milliseconds of one step of each stage with m occupied slots (in this process, the models
+    `admrt serve` would load): whether a batch costs about the same as one image (step batching
+    then pays off) or about m times as much (a compute-bound CPU)."""
+    from admrt.engine.serve import add_arguments, build_batcher
+
+    ap = argparse.ArgumentParser()
+    add_arguments(ap)
+    found = {}
+    for m in slots:
+        args = ap.parse_args(serve_args.split() + ["--max-batch", str(m), "--batching", "static"])
+        batcher, num_classes = build_batcher(args)
+        labels = [i % (num_classes or 1) for i in range(m)] if num_classes else []
+        batcher.submit(labels, [], [1], None if labels else m, "")
+        times, stage = {"base": [], "upsampler": []}, "base"
+        while batcher.busy:
+            start = time.perf_counter()
+            batcher.iterate()
+            elapsed = time.perf_counter() - start
+            st = batcher.stats()
+            stage = "upsampler" if st["upsampler_slots"] and not st["base_slots"] else "base"
+            times[stage].append(elapsed)
+        found[str(m)] = {k: 1000 * float(np.median(v[2:2 + repeats])) for k, v in times.items() if len(v) > 2}
+    return found
+
+
 def environment() -> dict:
     import torch
 
@@ -158,8 +184,20 @@ def main() -> int:
     ap.add_argument("--burst-requests", type=int, default=48, help="requests of the maximum-throughput burst")
     ap.add_argument("--serve-args", default="", help="more `admrt serve` options (models, --steps, --device)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--report-only", action="store_true", help="rewrite OUT/README.md and the plot from OUT/results.json")
+    ap.add_argument("--scaling-only", action="store_true", help="measure only the step time by occupied slots "
+                                                                  "(added to OUT/results.json)")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.scaling_only:
+        report = json.loads((out / "results.json").read_text())
+        report["step_ms_by_slots"] = step_scaling(args.serve_args)
+        (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_report(report, out)
+        return 0
+    if args.report_only:
+        write_report(json.loads((out / "results.json").read_text()), out)
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     loads = [float(x) for x in args.loads.split(",")]
     report = {"environment": environment(), "settings": vars(args), "loads": {}}
@@ -167,6 +205,8 @@ def main() -> int:
     def save():
         (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
 
+    report["step_ms_by_slots"] = step_scaling(args.serve_args)
+    save()
     static = Server("static", args)
     try:
         alone = [run_stream(static.port, [0.0], bodies_for(1, args.images, 1000 + i))[0]["latency"] for i in range(5)]
@@ -186,6 +226,10 @@ def main() -> int:
     try:
         for mode in ("static", "step"):
             servers[mode] = Server(mode, args)
+            # Each server process's own speed (on this VM two processes can differ by up to ~1.5x):
+            times = [run_stream(servers[mode].port, [0.0], bodies_for(1, args.images, 2000 + i))[0]["latency"]
+                     for i in range(3)]
+            report.setdefault("latency_alone_by_server_s", {})[mode] = float(np.median(times))
         for i, load in enumerate(loads):
             rate = load * capacity / args.images  # requests per second
             rng = np.random.default_rng(args.seed + i)
@@ -217,16 +261,39 @@ def main() -> int:
     return 0
 
 
+def targets(report: dict) -> list[tuple[bool, str]]:
+    """The issue's targets, decided from the measurements: (met, what was measured)."""
+    found = []
+    row = report["loads"].get("0.7")
+    if row:
+        st, sp = row["static"]["p99"], row["step"]["p99"]
+        found.append((sp <= 0.5 * st, f"at 0.7 load, step p99 {sp:.2f} s <= 0.5x static p99 {st:.2f} s "
+                                      f"(ratio {sp / st:.2f})"))
+        found.append((sp <= 2 * report["latency_alone_s"], f"at 0.7 load, step p99 {sp:.2f} s <= 2x the latency "
+                                                           f"alone {report['latency_alone_s']:.2f} s "
+                                                           f"(ratio {sp / report['latency_alone_s']:.2f})"))
+    a, b = report["step_max"]["throughput_images_s"], report["static_max"]["throughput_images_s"]
+    found.append((a >= 0.95 * b, f"step max throughput {a:.2f} images/s within 5% of static's {b:.2f} (or above)"))
+    burst = report["overload_burst"]
+    found.append((not burst["other"] and burst["ok"] + burst["rejected_503"] == burst["requests"]
+                  and burst["healthy_after"],
+                  f"burst of {burst['requests']} requests: {burst['ok']} served + {burst['rejected_503']} refused "
+                  f"(503), none lost or hanging, server up"))
+    return found
+
+
 def write_report(report: dict, out: Path) -> None:
     env = report["environment"]
     alone, slo = report["latency_alone_s"], report["slo_s"]
     lines = [f"# admrt serve under load ({env['device']})", "",
              f"{env['date']}; admrt {env['admrt']}, torch {env['torch']}, python {env['python']}. "
-             f"`admrt serve` defaults (bundled stack, {report['settings']['max_batch']} slots) "
-             f"{report['settings']['serve_args']}; requests of n={report['settings']['images']}, "
+             f"`admrt serve --max-batch {report['settings']['max_batch']} {report['settings']['serve_args']}` "
+             f"(models: the bundled stack unless said); requests of n={report['settings']['images']}, "
              f"{report['settings']['requests']} per load and mode, Poisson arrivals, the same stream for both modes.", "",
              f"- Latency of a request alone: {alone:.2f} s (5 requests: {report['latency_alone_spread_s'][0]:.2f}-"
              f"{report['latency_alone_spread_s'][1]:.2f}); SLO = 3x = {slo:.2f} s.",
+             "- Latency alone in each load-test server process (median of 3): " + ", ".join(
+                 f"{m} {v:.2f} s" for m, v in report.get("latency_alone_by_server_s", {}).items()) + ".",
              f"- Maximum throughput (burst of {report['settings']['burst_requests']} requests): static "
              f"{report['static_max']['throughput_images_s']:.2f} images/s, step "
              f"{report['step_max']['throughput_images_s']:.2f} images/s "
@@ -240,6 +307,16 @@ def write_report(report: dict, out: Path) -> None:
                          f"{r['p99']:.2f} | {r['throughput_images_s']:.2f} | {100 * r['slo_attainment']:.0f}% | "
                          f"{r['rejected_503']} |")
     b = report["overload_burst"]
+    scaling = report.get("step_ms_by_slots")
+    if scaling:
+        lines += ["", "One step's time (ms, median) by occupied slots, per stage (static batching's iterations, "
+                      "in-process):", "", "| slots | " + " | ".join(scaling) + " |", "|---|" + "---|" * len(scaling)]
+        for stage in ("base", "upsampler"):
+            if any(stage in v for v in scaling.values()):
+                lines.append(f"| {stage} | " + " | ".join(f"{v.get(stage, float('nan')):.1f}" for v in scaling.values())
+                             + " |")
+    verdicts = targets(report)
+    lines += ["", "Targets (issue 26):", ""] + [f"- {'met' if ok else 'NOT met'}: {text}" for ok, text in verdicts]
     lines += ["", f"Overload: {b['requests']} requests at once (10x the queue bound): {b['ok']} served, "
                   f"{b['rejected_503']} refused with 503, other answers: {b['other'] or 'none'}; "
                   f"healthy afterwards: {b['healthy_after']}. Exit codes after SIGTERM: "
