@@ -182,13 +182,13 @@ class Worker:
     def submit(self, gen: Generation, loop, stream: bool = False) -> Ticket:
         """Queues a validated request; raises ValueError with the core's message."""
         guidance = [] if gen.guidance is None else [gen.guidance]
-        rid = self.batcher.submit(gen.classes, guidance, [gen.seed], None if gen.classes else gen.n, gen.steps)
-        ticket = Ticket(rid, gen.n, loop.create_future(), loop, progress=asyncio.Queue() if stream else None)
-        # A cancelled request's error (core.Cancelled) may have no one left to read it.
-        ticket.future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        with self.lock:
+        with self.lock:  # registered before the worker can report it finished
+            rid = self.batcher.submit(gen.classes, guidance, [gen.seed], None if gen.classes else gen.n, gen.steps)
+            ticket = Ticket(rid, gen.n, loop.create_future(), loop, progress=asyncio.Queue() if stream else None)
             self.tickets[rid] = ticket
             self.pending_images += gen.n
+        # A cancelled request's error (core.Cancelled) may have no one left to read it.
+        ticket.future.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.wake.set()
         return ticket
 
@@ -225,7 +225,12 @@ class Worker:
                     ticket = self.tickets.pop(rid, None)
                     if ticket is not None:
                         self.pending_images -= ticket.images
-                if ticket is None:
+                if ticket is None:  # not submitted through this worker: free it, say so
+                    log.warning("request %d finished with no one waiting for it; dropped", rid)
+                    try:
+                        self.batcher.take(rid)
+                    except Exception:
+                        pass
                     continue
                 try:
                     outcome = ("ok", self.batcher.take(rid))
@@ -295,7 +300,7 @@ def create_app(batcher, config: ServerConfig, num_classes: Optional[int], warm: 
 
     metrics = Metrics()
     worker = Worker(batcher, metrics)
-    state = {"ready": False, "draining": False}
+    state = {"ready": False, "draining": False, "steps_per_image": 25}
 
     def error(status: int, message: str, param: Optional[str] = None, headers=None):
         kind = {400: "invalid_request_error", 401: "authentication_error", 413: "invalid_request_error",
@@ -327,8 +332,9 @@ def create_app(batcher, config: ServerConfig, num_classes: Optional[int], warm: 
         return b"".join(chunks)
 
     def retry_after() -> str:
-        backlog = worker.pending_images / max(1, batcher.slots)
-        return str(max(1, math.ceil(backlog * max(worker.step_seconds, 0.001) * 50)))
+        """Seconds until the backlog has gone through the slots, at the last step's time."""
+        rounds = math.ceil(worker.pending_images / max(1, batcher.slots))
+        return str(max(1, math.ceil(rounds * state["steps_per_image"] * max(worker.step_seconds, 0.001))))
 
     async def generations(request):
         start = time.perf_counter()
@@ -442,7 +448,9 @@ def create_app(batcher, config: ServerConfig, num_classes: Optional[int], warm: 
             worker.start()
         if warm:  # one image through every stage: lazy initialisation before /ready says ready
             gen = Generation([0] if num_classes else [], 1, None, 0, "", "b64_json", False)
-            await worker.submit(gen, asyncio.get_running_loop()).future
+            ticket = worker.submit(gen, asyncio.get_running_loop())
+            state["steps_per_image"] = batcher.progress(ticket.id)["steps"]
+            await ticket.future
         state["ready"] = True
         try:
             yield
