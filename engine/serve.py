@@ -496,9 +496,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                  f"{', '.join(DEFAULT_STACK)}")
     p.add_argument("--model-preset", default=None, help="preset of a released .pt checkpoint")
     p.add_argument("--classifier", default=None, help="noisy classifier for guidance; 'none' for no guidance")
-    p.add_argument("--classifier-preset", default=None)
+    p.add_argument("--classifier-preset", default=None, help="preset of a released classifier .pt checkpoint")
     p.add_argument("--upsampler", default=None, help="upsampler; 'none' for one stage")
-    p.add_argument("--upsampler-preset", default=None)
+    p.add_argument("--upsampler-preset", default=None, help="preset of a released upsampler .pt checkpoint")
     p.add_argument("--package", default=None, help="an exported package folder (admrt export aoti) instead of models")
     p.add_argument("--backend", default="eager", help="eager | compile | aoti | onnxruntime | tensorrt")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="default fp32")
@@ -509,9 +509,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upsampler-steps", default=None, help="the upsampler's plan (default: as admrt sample)")
     p.add_argument("--method", default=None, help="sampler over the plans' respacings (as admrt sample)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    p.add_argument("--guidance-interval", type=int, nargs=2, default=None, metavar=("T_MIN", "T_MAX"))
-    p.add_argument("--guidance-every", type=int, default=1, metavar="K")
-    p.add_argument("--dynamic-threshold", type=float, default=0.0, metavar="P")
+    p.add_argument("--guidance-interval", type=int, nargs=2, default=None, metavar=("T_MIN", "T_MAX"),
+                   help="run the classifier only at model timesteps T_MIN..T_MAX (as admrt sample)")
+    p.add_argument("--guidance-every", type=int, default=1, metavar="K",
+                   help="run the classifier on every K-th model call only")
+    p.add_argument("--dynamic-threshold", type=float, default=0.0, metavar="P",
+                   help="Imagen's dynamic thresholding of x_0 at percentile P instead of the clamp (0: off)")
     p.add_argument("--max-batch", type=int, default=16, help="slots per stage: images stepped together")
     p.add_argument("--batching", choices=("step", "static"), default="step",
                    help="step: requests join the running batch at every step boundary; static: a new batch starts "
@@ -521,12 +524,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-images", type=int, default=None, help="images per request, n (default --max-batch)")
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request is cancelled (504)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but /health (or ADMRT_API_KEY)")
     p.add_argument("--grace", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM before they are cancelled")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="uvicorn's access and error log")
 
 
 def build_batcher(args):
