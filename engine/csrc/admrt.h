@@ -1,5 +1,6 @@
 // libadmrt's public API: the one driver of a sampling request, for every front end
-// (admrt.Engine, Engine.from_package, admrt sample, admrt-sample, a C++ program of your own).
+// (admrt.Engine, Engine.from_package, admrt sample, admrt-sample, a C++ program of your own), and
+// StepBatcher, the same requests batched step by step (admrt serve).
 //
 //   auto stack = admrt::Stack::load_package("stack.aoti", "cpu");  // the model handle (weights)
 //   auto params = admrt::Context::default_params();                // step plan, batch size, noise
