@@ -54,7 +54,13 @@ def test_group_norm_opaque_form_matches_reference_and_traces_as_one_op(ada):
                                torch.ones(2, 64, 3, 5))
     want, g_want = _forward_and_grad(lambda t: kernels.group_norm_act_reference(t, w, b, scale=sc, shift=sh), x,
                                      torch.ones(2, 64, 3, 5))
-    assert torch.equal(out, want) and torch.allclose(g, g_want, atol=1e-6)
+    # On CPU the opaque op runs the torch reference (bitwise); under TRITON_INTERPRET=1 it runs the
+    # Triton kernel: the project's kernel tolerance, error vs fp64 at most 2x torch's own, + atol.
+    f64 = lambda t: t.double() if t is not None else None
+    exact = kernels.group_norm_act_reference(x.double(), f64(w), f64(b), scale=f64(sc), shift=f64(sh))
+    err, err_torch = (out.double() - exact).abs().max(), (want.double() - exact).abs().max()
+    assert err <= 2 * err_torch + 1e-6, (err.item(), err_torch.item())
+    assert torch.allclose(g, g_want, atol=1e-6)
 
     class Norm(torch.nn.Module):
         def forward(self, t):
