@@ -468,3 +468,33 @@ def test_aoti_backend_compiles_the_units_in_process():
     want = admrt.Engine(model).sample(num=3, steps="ddim3", seeds=5, keep_float=True)
     got = admrt.Engine(model, backend="aoti").sample(num=3, steps="ddim3", seeds=5, keep_float=True)
     assert np.abs(got.samples - want.samples).max() <= 1e-4
+
+
+def test_step_batching_over_a_package(stack):
+    """admrt serve --package: the StepBatcher over a package's units (DDPM plans "6" and "2,2,2",
+    upsampler "4"): a request alone equals Engine.from_package's sample bitwise; requests sharing the
+    batch at different steps, within one uint8 level."""
+    _, _, pkg = stack
+    eng = admrt.Engine.from_package(pkg)
+    ctx = eng.context("6", "4", 4, keep=False)
+    b = core.StepBatcher(eng.stack, ctx.params, ["6", "2,2,2"], True)
+    alone = b.submit([1, 2, 3], [1.0], [5], None, "6")
+    while b.busy:
+        b.iterate()
+    images, _, base, _ = b.take(alone)
+    want = eng.sample(classes=[1, 2, 3], steps="6", upsampler_steps="4", guidance=1.0, seeds=5, batch_size=3)
+    assert np.array_equal(images.numpy(), want.images) and np.array_equal(base.numpy(), want.base_images)
+    first = b.submit([4, 5], [2.0], [9], None, "6")
+    b.iterate()
+    b.iterate()
+    second = b.submit([6, 7, 8], [1.0], [20], None, "2,2,2")
+    mixed = False
+    while b.busy:
+        b.iterate()
+        s = b.stats()
+        mixed = mixed or (s["base_slots"] > 1 and len(set(s["base_steps"])) > 1)
+    assert mixed
+    for rid, (classes, g, seed, plan) in {first: ([4, 5], 2.0, 9, "6"), second: ([6, 7, 8], 1.0, 20, "2,2,2")}.items():
+        images, _, _, _ = b.take(rid)
+        want = eng.sample(classes=classes, steps=plan, upsampler_steps="4", guidance=g, seeds=seed)
+        assert np.abs(images.numpy().astype(int) - want.images.astype(int)).max() <= 1
