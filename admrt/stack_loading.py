@@ -108,3 +108,11 @@ def load_models(args, device) -> LoadedModels:
     up = (None, None) if up_spec in (None, "none") else load_model_spec(up_spec, preset_of["upsampler"],
                                                                         "upsampler", device)
     return LoadedModels(model[0], clf[0], up[0], (model[1], clf[1], up[1]))
+
+
+def upsampler_steps(args, loaded: LoadedModels):
+    """--upsampler-steps, or DEFAULT_STACK_UPSAMPLER_STEPS when the bundled stack's upsampler runs
+    (no --model, no --upsampler), else None (the base model's plan)."""
+    if loaded.upsampler is not None and args.upsampler_steps is None and args.model is None and args.upsampler is None:
+        return DEFAULT_STACK_UPSAMPLER_STEPS
+    return args.upsampler_steps

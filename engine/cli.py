@@ -28,7 +28,8 @@ from admrt.cli import CommandError, Interrupted
 from admrt.distributed import leaving_process_group
 from admrt.io import atomic_write, device_description, file_fingerprint
 from admrt.core import Method
-from admrt.stack_loading import DEFAULT_STACK, DEFAULT_STACK_UPSAMPLER_STEPS, DEFAULT_STEPS, load_models
+from admrt.stack_loading import (DEFAULT_STACK, DEFAULT_STACK_UPSAMPLER_STEPS, DEFAULT_STEPS, load_models,
+                                 upsampler_steps)
 
 # The options that name the models a run samples from: recorded beside the request's own fields,
 # which run_samples records itself (engine/csrc/runfolder.cpp, run_record).
@@ -155,7 +156,8 @@ def _ranks():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def _package_engine(args, device):
+def package_engine(args, device):
+    """Engine.from_package for --package (also `admrt serve`'s); the model options are refused beside it."""
     from .engine import Engine
 
     given = [f"--{k.replace('_', '-')}" for k in ("model", "model_preset", "classifier", "classifier_preset",
@@ -168,7 +170,6 @@ def _package_engine(args, device):
         engine = Engine.from_package(args.package, device=device)
     except (ValueError, RuntimeError) as exc:
         raise CommandError(f"{exc}") from None
-    args.batch_size = args.batch_size or engine.default_batch_size
     return engine
 
 
@@ -222,7 +223,8 @@ def _run(args, device, rank, world, dist) -> int:
     args.clip_denoised = True
     if args.package is not None:
         args.num = args.num or DEFAULT_NUM
-        engine = _package_engine(args, device)
+        engine = package_engine(args, device)
+        args.batch_size = args.batch_size or engine.default_batch_size
         extra = None
     else:
         loaded = load_models(args, device)
@@ -232,9 +234,7 @@ def _run(args, device, rank, world, dist) -> int:
         if args.num <= 0 or args.batch_size <= 0:
             raise CommandError(f"num_samples={args.num} and batch_size={args.batch_size} (--gd-flags) "
                                "must be positive")
-        if loaded.upsampler is not None and args.upsampler_steps is None and args.model is None \
-                and args.upsampler is None:
-            args.upsampler_steps = DEFAULT_STACK_UPSAMPLER_STEPS
+        args.upsampler_steps = upsampler_steps(args, loaded)
         try:
             engine = Engine(loaded.model, classifier=loaded.classifier, upsampler=loaded.upsampler,
                             backend=args.backend, dtype=args.dtype, device=device)

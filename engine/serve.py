@@ -36,7 +36,7 @@ import random
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -48,6 +48,7 @@ log = logging.getLogger("admrt.serve")
 RESPONSE_FORMATS = ("b64_json", "png", "npz")
 FIELDS = ("class_label", "n", "guidance", "seed", "steps", "response_format", "stream")
 MAX_BODY_BYTES = 64 * 1024
+CORE_ARGS = {"classes": "class_label", "guidance": "guidance", "steps": "steps", "seeds": "seed"}  # core -> field
 SEED_LIMIT = 2 ** 64
 
 
@@ -148,7 +149,6 @@ class Ticket:
     images: int
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
-    submitted: float = field(default_factory=time.perf_counter)
     progress: Optional[asyncio.Queue] = None
 
 
@@ -355,8 +355,7 @@ def create_app(batcher, config: ServerConfig, num_classes: Optional[int], warm: 
             ticket = worker.submit(gen, loop, stream=gen.stream)
         except ValueError as exc:  # the core's validation: class range, plan, guidance without classifier
             message = str(exc)
-            param = next((f for f in ("class_label", "guidance", "steps", "seed") if message.startswith(
-                {"class_label": "classes", "guidance": "guidance", "steps": "steps", "seed": "seeds"}[f])), None)
+            param = next((p for arg, p in CORE_ARGS.items() if message.startswith(arg)), None)
             metrics.rejections.labels("http_422").inc()
             return error(422, message.replace("classes:", "class_label:", 1), param)
         if gen.stream:
@@ -537,7 +536,8 @@ def build_batcher(args):
     """(core.StepBatcher, the labels a request may ask for) from the command line's models."""
     import torch
     from admrt import core
-    from admrt.stack_loading import DEFAULT_STACK_UPSAMPLER_STEPS, DEFAULT_STEPS, load_models
+    from admrt.stack_loading import DEFAULT_STEPS, load_models, upsampler_steps
+    from .cli import package_engine
     from .engine import Engine
 
     for flag in ("max_batch", "max_queue", "max_images", "port"):
@@ -549,22 +549,12 @@ def build_batcher(args):
     if not (args.grace >= 0 and math.isfinite(args.grace)):
         raise CommandError(f"--grace={args.grace}: expected seconds >= 0")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.gd_flags = args.upsampler_gd_flags = None  # admrt sample's options that serve does not take
     if args.package is not None:
-        given = [f"--{k.replace('_', '-')}" for k in ("model", "model_preset", "classifier", "classifier_preset",
-                                                      "upsampler", "upsampler_preset", "dtype")
-                 if getattr(args, k) is not None] + ["--backend"] * (args.backend != "eager")
-        if given:
-            raise CommandError(f"--package holds the models, their precision and backend; drop {', '.join(given)}")
-        try:
-            engine = Engine.from_package(args.package, device=device)
-        except (ValueError, RuntimeError) as exc:
-            raise CommandError(str(exc)) from None
+        engine = package_engine(args, device)
     else:
-        args.gd_flags = args.upsampler_gd_flags = None
         loaded = load_models(args, device)
-        if loaded.upsampler is not None and args.upsampler_steps is None and args.model is None \
-                and args.upsampler is None:
-            args.upsampler_steps = DEFAULT_STACK_UPSAMPLER_STEPS
+        args.upsampler_steps = upsampler_steps(args, loaded)
         args.steps = args.steps or DEFAULT_STEPS
         try:
             engine = Engine(loaded.model, classifier=loaded.classifier, upsampler=loaded.upsampler,

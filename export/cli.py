@@ -114,13 +114,10 @@ def _check_writable(out: Path) -> None:
 
 
 def _load_stack(args, device: str):
-    from admrt.stack_loading import DEFAULT_STACK_UPSAMPLER_STEPS, load_models
+    from admrt.stack_loading import load_models, upsampler_steps
 
     loaded = load_models(args, device)
-    up_steps = args.upsampler_steps
-    if loaded.upsampler is not None and up_steps is None and args.model is None and args.upsampler is None:
-        up_steps = DEFAULT_STACK_UPSAMPLER_STEPS
-    return loaded, up_steps
+    return loaded, upsampler_steps(args, loaded)
 
 
 def _log(message: str) -> None:
