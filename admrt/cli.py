@@ -1,4 +1,4 @@
-"""The `admrt` command: sample | serve | train | export | eval | bench.
+"""The `admrt` command: sample | serve | train | export | cache | eval | bench.
 
 Each subcommand lives beside what it drives and provides `add_arguments(parser)` and
 `run(args)`; its module is imported only when that subcommand runs. `admrt bench` runs the
@@ -25,6 +25,8 @@ COMMANDS = {
     "serve": ("admrt.engine.serve", "an HTTP server that batches requests step by step (POST /v1/images/generations)"),
     "train": ("admrt.training.cli", "train the diffusion UNet, the noisy classifier or the upsampler"),
     "export": ("admrt.export.cli", "export the stack: AOTInductor packages (Python-free runtime), ONNX, TensorRT engines"),
+    "cache": ("admrt.engine.cache_cli", "list or clear the compile cache (what backend auto and the compiled "
+                                        "backends compiled, kept between runs)"),
     "eval": ("admrt.evaluation.cli", "FID, sFID, IS, precision/recall; guidance sweeps"),
     "bench": ("measure", "throughput and latency of the engine against the reference (bench/measure.py of a "
                          "source checkout)"),

@@ -15,14 +15,20 @@ unit with a dynamic batch, compiles it with AOTInductor when the Engine is built
 the C++ units loaded by `load_aoti_denoiser` / `load_aoti_gradient`; "onnxruntime" runs each unit's
 ONNX in an onnxruntime session; "tensorrt" builds TensorRT engines from that ONNX.) Others register
 with `register_backend`; an unknown name is an error listing what is available.
+
+"auto", the default, is the backend measured fastest for the device (choose_backend; the rule's
+numbers: bench/results/fast_default_cpu). The compiled ones keep what they compile in the
+persistent compile cache (admrt.engine.cache), so only the first run on a machine pays for it.
 """
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn as nn
 
 from admrt.models.units import ClassifierGradient, Denoiser
 
@@ -35,6 +41,7 @@ class Backend:
     denoiser: Callable[[Denoiser], DenoiserFn]
     classifier_gradient: Callable[[ClassifierGradient], GradientFn]
     capturable: bool = True   # whether its units can run inside the core's CUDA-graph capture
+    cached: bool = False      # its callables take (unit, cache: CompileCache) and keep what they compile there
 
 
 def _compile_denoiser(unit: Denoiser) -> DenoiserFn:
@@ -69,24 +76,64 @@ PROVIDERS = {"aoti": "admrt.export.backends", "onnxruntime": "admrt.export.backe
 
 
 def register_backend(name: str, denoiser: Callable[[Denoiser], DenoiserFn],
-                     classifier_gradient: Callable[[ClassifierGradient], GradientFn], capturable: bool = True) -> None:
+                     classifier_gradient: Callable[[ClassifierGradient], GradientFn], capturable: bool = True,
+                     cached: bool = False) -> None:
     """Make `Engine(..., backend=name)` run `denoiser(unit)` and `classifier_gradient(unit)`;
-    capturable=False: the core runs its steps uncaptured on CUDA."""
-    _BACKENDS[name] = Backend(denoiser, classifier_gradient, capturable)
+    capturable=False: the core runs its steps uncaptured on CUDA; cached=True: they are called as
+    (unit, cache) with the Engine's CompileCache (admrt.engine.cache)."""
+    if name == AUTO:
+        raise ValueError(f"backend name {AUTO!r} is reserved for the automatic choice")
+    _BACKENDS[name] = Backend(denoiser, classifier_gradient, capturable, cached)
 
 
 def backend_names() -> list[str]:
-    """Every backend name `get_backend` takes: the registered ones and the PROVIDERS'."""
-    return sorted(set(_BACKENDS) | set(PROVIDERS))
+    """Every backend name the Engine takes: "auto", the registered ones and the PROVIDERS'."""
+    return [AUTO] + sorted(set(_BACKENDS) | set(PROVIDERS))
 
 
 def get_backend(name: str) -> Backend:
+    if not isinstance(name, str):
+        raise ValueError(f"backend={name!r}: expected one of {backend_names()}")
     if name not in _BACKENDS and name in PROVIDERS:
         importlib.import_module(PROVIDERS[name])   # registers it
     if name not in _BACKENDS:
         raise ValueError(f"backend={name!r}: expected one of {backend_names()} "
                          "(or a name registered with admrt.engine.register_backend)")
     return _BACKENDS[name]
+
+
+# -- backend="auto" ----------------------------------------------------------------------------------
+
+AUTO = "auto"
+
+
+def choose_backend(device: torch.device, modules: Sequence[Optional[nn.Module]]) -> tuple[str, Optional[str]]:
+    """backend="auto": (the backend to run, why it is not the rule's first choice or None).
+
+    The rule, from the committed benchmark (bench/results/fast_default_cpu, bench/README.md):
+    - CUDA: "eager", whose steps the core captures as whole-step CUDA graphs (no GPU run has yet
+      compared the compiled backends there);
+    - CPU: "aoti": the units compiled by AOTInductor and run by the core with no Python in the
+      loop, the fastest per step at the bundled models' size at batch 1 and 16 (TODO-MEASURE); it needs only torch and a C++ compiler, and compiles once per machine into the
+      compile cache. Without a C++ compiler: "eager". A guided-diffusion module (not an admrt
+      model) runs "eager": its networks do not trace with a dynamic batch (load its weights into an
+      admrt model with admrt.load_model(path, preset=...) to compile it).
+    """
+    if device.type != "cpu":
+        return "eager", None
+    foreign = [type(m).__name__ for m in modules if m is not None and getattr(m, "config", None) is None]
+    if foreign:
+        return "eager", (f"{', '.join(foreign)} is not an admrt model, which the compiled backends need; load its "
+                         "weights with admrt.load_model(path, preset=...) to compile it")
+    if not _cpp_compiler():
+        return "eager", "AOTInductor needs a C++ compiler (c++, g++ or clang++ on PATH, or $CXX) and none was found"
+    return "aoti", None
+
+
+def _cpp_compiler() -> Optional[str]:
+    import shutil
+    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+    return next((c for c in candidates if shutil.which(c)), None)
 
 
 # -- the C++ core's loaders of compiled units (the "aoti" backend hands its .pt2 files to them) --

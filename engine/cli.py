@@ -98,13 +98,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
                    help="precision of the networks' body convolutions (default fp32; fp16 with --gd-flags "
                         "'--use_fp16 True')")
-    p.add_argument("--backend", default="eager",
-                   help="eager | compile | aoti | onnxruntime | tensorrt (engine/backends.py), or one registered "
-                        "with admrt.engine.register_backend (default eager)")
+    add_backend_arguments(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--out", default="samples", help="the run folder (default ./samples): run.json, shards/, the final "
                                                     ".npz and grid.png; a rerun of the same command resumes it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_backend_arguments(p: argparse.ArgumentParser) -> None:
+    """--backend and --cache-dir: admrt sample's and admrt serve's."""
+    p.add_argument("--backend", default="auto",
+                   help="auto | eager | compile | aoti | onnxruntime | tensorrt (engine/backends.py), or one registered "
+                        "with admrt.engine.register_backend. auto (default): the backend measured fastest for the "
+                        "device (CPU: aoti, compiled on the first run and kept in the compile cache; CUDA: eager "
+                        "with whole-step CUDA graphs)")
+    p.add_argument("--cache-dir", default=None,
+                   help="the compile cache (default $ADMRT_CACHE_DIR, else $XDG_CACHE_HOME/admrt, else ~/.cache/admrt; "
+                        "admrt cache list | clear)")
+
+
+def models_engine(args, loaded, device):
+    """The Engine of the models a command line loaded (admrt sample's and admrt serve's), on
+    --backend with --dtype (default fp32) and --cache-dir."""
+    from .engine import Engine
+
+    try:
+        return Engine(loaded.model, classifier=loaded.classifier, upsampler=loaded.upsampler, backend=args.backend,
+                      dtype=args.dtype or "fp32", device=device, cache_dir=args.cache_dir)
+    except (TypeError, ValueError, OSError) as exc:
+        raise CommandError(f"{exc}") from None
 
 
 def _gd_sampling_options(args) -> None:
@@ -163,7 +185,7 @@ def package_engine(args, device):
     given = [f"--{k.replace('_', '-')}" for k in ("model", "model_preset", "classifier", "classifier_preset",
                                                   "upsampler", "upsampler_preset", "gd_flags", "upsampler_gd_flags",
                                                   "dtype") if getattr(args, k) is not None]
-    given += ["--backend"] * (args.backend != "eager")
+    given += ["--backend"] * (args.backend != "auto")
     if given:
         raise CommandError(f"--package holds the models, their precision and backend; drop {', '.join(given)}")
     try:
@@ -173,12 +195,13 @@ def package_engine(args, device):
     return engine
 
 
-def _extra_record(args, loaded, device) -> dict:
+def _extra_record(args, loaded, device, backend: str) -> dict:
     """The record fields (OUT/run.json) that describe an Engine built here from models, beside the
     common ones run_samples writes (steps, guidance, classes, num, seed, eta, noise, shard_size,
-    ...): a rerun must match them to resume. A package run has none: its record is admrt-sample's."""
+    ...): a rerun must match them to resume (`backend` is the one that ran: "auto" resolved). A package
+    run has none: its record is admrt-sample's."""
     record = {key: getattr(args, key) for key in MODEL_KEYS}
-    record.update(backend=args.backend, device=device_description(device),
+    record.update(backend=backend, device=device_description(device),
                   models=[getattr(m, "preset", None) and m.preset.name for m in loaded[:3]],
                   weights=[file_fingerprint(s) if isinstance(s, Path) else s for s in loaded.sources])
     return record
@@ -217,7 +240,6 @@ def _classes(args) -> list[int]:
 
 def _run(args, device, rank, world, dist) -> int:
     from admrt import core
-    from .engine import Engine
 
     out = Path(args.out)
     args.clip_denoised = True
@@ -235,15 +257,11 @@ def _run(args, device, rank, world, dist) -> int:
             raise CommandError(f"num_samples={args.num} and batch_size={args.batch_size} (--gd-flags) "
                                "must be positive")
         args.upsampler_steps = upsampler_steps(args, loaded)
-        try:
-            engine = Engine(loaded.model, classifier=loaded.classifier, upsampler=loaded.upsampler,
-                            backend=args.backend, dtype=args.dtype, device=device)
-        except (TypeError, ValueError) as exc:
-            raise CommandError(f"{exc}") from None
+        engine = models_engine(args, loaded, device)
         if args.guidance not in (None, 0) and engine.classifier_info is None:
             raise CommandError(f"--guidance={args.guidance}: guidance needs a --classifier (this run has none); "
                                "pass --classifier, or --guidance 0")
-        extra = _extra_record(args, loaded, device)
+        extra = _extra_record(args, loaded, device, engine.backend_name)
     classes = _classes(args)
     try:
         ctx = engine.context(steps=args.steps, upsampler_steps=args.upsampler_steps, batch_size=args.batch_size,

@@ -18,6 +18,7 @@ which on CUDA captures one whole step as a CUDA graph and replays it.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -30,7 +31,7 @@ from admrt.diffusion import build_tables, default_variance
 from admrt.models.units import ClassifierGradient, Denoiser, ModelInfo, device_of
 
 from admrt import core
-from .backends import get_backend
+from .backends import AUTO, choose_backend, get_backend
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,13 @@ class Engine:
     classifier: noisy classifier (EncoderUNet, admrt's or guided-diffusion's) for guidance, or None.
     upsampler: SuperRes model (admrt's or guided-diffusion's) conditioned on the base model's uint8
         output, or None.
-    backend: "eager", "compile" (torch.compile, fullgraph), "aoti" (AOTInductor), "onnxruntime",
-        "tensorrt" (engine/backends.py), or one registered with register_backend.
+    backend: "auto" (the default: the backend measured fastest for the device, backends.choose_backend;
+        on CPU "aoti", compiled once per machine into the compile cache), "eager", "compile"
+        (torch.compile, fullgraph), "aoti" (AOTInductor), "onnxruntime", "tensorrt"
+        (engine/backends.py), or one registered with register_backend. A backend "auto" picked that
+        cannot run here falls back to "eager" with a logged warning; a named one raises.
+    cache_dir: the compile cache's folder (admrt.engine.cache: default $ADMRT_CACHE_DIR, else
+        $XDG_CACHE_HOME/admrt, else ~/.cache/admrt), for the backends that compile.
     dtype: "fp32" | "fp16" | "bf16" for the networks' body convolutions (norms, embeddings and
         heads stay fp32). Applied to inference copies (admrt.engine.Denoiser /
         ClassifierGradient): the given modules are not changed.
@@ -88,18 +94,23 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, classifier: Optional[nn.Module] = None,
-                 upsampler: Optional[nn.Module] = None, backend: str = "eager", dtype: str = "fp32", *,
+                 upsampler: Optional[nn.Module] = None, backend: str = "auto", dtype: str = "fp32", *,
                  diffusion: Optional[DiffusionConfig] = None,
                  upsampler_diffusion: Optional[DiffusionConfig] = None,
                  device: Union[str, torch.device, None] = None, cuda_graphs: bool = True,
-                 channels_last: Optional[bool] = None):
+                 channels_last: Optional[bool] = None, cache_dir: Union[str, "os.PathLike", None] = None):
         for role, module in (("model", model), ("classifier", classifier), ("upsampler", upsampler)):
             if not isinstance(module, nn.Module) and (module is not None or role == "model"):
                 raise TypeError(f"{role}={module!r}: expected a torch.nn.Module (admrt.load_model(...) loads one "
                                 f"from a file or bundled name), got {type(module).__name__}")
+        self.device = device_of(model, device)
+        automatic = backend == AUTO
+        if automatic:
+            backend, why = choose_backend(self.device, (model, classifier, upsampler))
+            if why:
+                log.warning("backend='auto' runs %r: %s", backend, why)
         self.backend_name, self.dtype = backend, dtype
         backend_impl = get_backend(backend)
-        self.device = device_of(model, device)
         self.cuda_graphs = bool(cuda_graphs)
         if cuda_graphs and not backend_impl.capturable and self.device.type == "cuda":
             _log_once(f"backend={backend!r} runs the steps uncaptured (its runtime is not captured in the core's "
@@ -124,9 +135,15 @@ class Engine:
         # role -> the callable the core runs (the backend's unit): for profiling and checks.
         self.units = eager
         if backend != "eager":
-            self.units = {role: (backend_impl.classifier_gradient(unit) if role == "classifier"
-                                 else backend_impl.denoiser(unit)) for role, unit in eager.items()}
-            self.stack = self._build_stack(self.units, capturable=backend_impl.capturable)
+            try:
+                self.units = _backend_units(backend_impl, eager, cache_dir)
+                self.stack = self._build_stack(self.units, capturable=backend_impl.capturable)
+            except Exception as exc:
+                if not automatic:
+                    raise
+                log.warning("backend='auto': %s failed here (%s); running 'eager' (pass backend=%r to see the "
+                            "error)", backend, str(exc).split("\n")[0], backend)
+                self.backend_name, self.units = "eager", eager
         self._context_key, self._context = None, None
 
     @classmethod
@@ -392,6 +409,17 @@ def _request(classes, guidance, seeds, num) -> tuple[list, list, list, int]:
 
 
 _logged: set[str] = set()
+
+
+def _backend_units(backend_impl, eager: dict, cache_dir) -> dict:
+    """role -> the backend's unit for each eager unit (with the compile cache, for the backends
+    that keep what they compile)."""
+    extra = ()
+    if backend_impl.cached:
+        from .cache import CompileCache
+        extra = (CompileCache(cache_dir),)
+    return {role: (backend_impl.classifier_gradient(unit, *extra) if role == "classifier"
+                   else backend_impl.denoiser(unit, *extra)) for role, unit in eager.items()}
 
 
 def _log_once(message: str) -> None:

@@ -490,6 +490,7 @@ def _png(image: np.ndarray) -> bytes:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from admrt.stack_loading import DEFAULT_STACK, DEFAULT_STEPS
+    from .cli import add_backend_arguments
 
     p.add_argument("--model", default=None, help="preset name or checkpoint path; default: the bundled stack "
                                                  f"{', '.join(DEFAULT_STACK)}")
@@ -499,7 +500,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upsampler", default=None, help="upsampler; 'none' for one stage")
     p.add_argument("--upsampler-preset", default=None, help="preset of a released upsampler .pt checkpoint")
     p.add_argument("--package", default=None, help="an exported package folder (admrt export aoti) instead of models")
-    p.add_argument("--backend", default="eager", help="eager | compile | aoti | onnxruntime | tensorrt")
+    add_backend_arguments(p)
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="default fp32")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--steps", default=None,
@@ -537,8 +538,7 @@ def build_batcher(args):
     import torch
     from admrt import core
     from admrt.stack_loading import DEFAULT_STEPS, load_models, upsampler_steps
-    from .cli import package_engine
-    from .engine import Engine
+    from .cli import models_engine, package_engine
 
     for flag in ("max_batch", "max_queue", "max_images", "port"):
         value = getattr(args, flag)
@@ -556,11 +556,7 @@ def build_batcher(args):
         loaded = load_models(args, device)
         args.upsampler_steps = upsampler_steps(args, loaded)
         args.steps = args.steps or DEFAULT_STEPS
-        try:
-            engine = Engine(loaded.model, classifier=loaded.classifier, upsampler=loaded.upsampler,
-                            backend=args.backend, dtype=args.dtype or "fp32", device=device)
-        except (TypeError, ValueError) as exc:
-            raise CommandError(str(exc)) from None
+        engine = models_engine(args, loaded, device)
     plans = (args.steps or "").split()
     try:
         # The same settings an Engine context takes (checked there), then the batcher over them.

@@ -21,7 +21,10 @@ Forms of the fused ops in the graph (admrt.kernels' exporter forms):
   (schemas in admrt.export.onnx_ops) for runtimes that supply the kernels.
 The gradient graph is ClassifierGradient.graph() (make_fx of forward and backward) with the
 backward ops the ONNX exporter lacks decomposed here: convolution_backward's input gradient as
-a transposed convolution, silu_backward, avg_pool2d_backward (2x2, stride 2: ADM's pooling).
+a plain convolution with the flipped, channel-swapped weight (not ConvTranspose: OpenVINO's CPU
+plugin computes a ConvTranspose wrongly in fp32 when it shares a square weight initializer with a
+forward Conv, as the gradient graph's would), silu_backward, avg_pool2d_backward (2x2, stride 2:
+ADM's pooling).
 
 Export writes into a temporary folder, passes onnx.checker on every file and runs each in
 onnxruntime against eager at batch 1 and 5, and only then renames the folder into place.
@@ -32,11 +35,10 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -46,6 +48,8 @@ import torch.nn.functional as F
 from . import MissingPackageError
 from .stack import (ExportReport, check_stack, example_inputs, low_res_size, model_entry, parse_step_plans,
                     relative_error, staging_folder, weights_fingerprint)
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -80,18 +84,54 @@ class ClassifierLogits(nn.Module):
 
 # -- the gradient graph's decompositions ------------------------------------------------------
 
+def _zero_stuff(x, dim, stride):
+    """s - 1 zeros between consecutive elements of x along dim (length L -> (L - 1) * s + 1)."""
+    if stride == 1:
+        return x
+    length = x.shape[dim]
+    x = x.unsqueeze(dim + 1)   # (cat of zeros, not F.pad: a 5-D pad's trace fixes the symbolic batch)
+    x = torch.cat([x] + [torch.zeros_like(x)] * (stride - 1), dim + 1).flatten(dim, dim + 1)
+    return x.narrow(dim, 0, (length - 1) * stride + 1)
+
+
 def _convolution_backward(grad_output, input, weight, bias_sizes, stride, padding, dilation, transposed,
                           output_padding, groups, output_mask):
-    """The input gradient of a convolution as the transposed convolution of grad_output."""
+    """The input gradient of a convolution as a plain convolution of grad_output (zero-stuffed by
+    the stride) with the weight flipped in space and its input / output channels swapped per group.
+    Not a ConvTranspose of the weight itself: that node would share the forward Conv's weight
+    initializer, and OpenVINO's CPU plugin (2026.4, fp32) then feeds one of the two the other's
+    packed weights when the weight is square (in == out channels): a silent wrong gradient."""
     if transposed or output_mask[1] or output_mask[2]:
         raise NotImplementedError(f"convolution_backward: admrt's ONNX gradient graph takes the input gradient of "
                                   f"a plain convolution only (got transposed={transposed}, output_mask={output_mask})")
     spatial = weight.dim() - 2
-    # output_padding restores the input size that the strided forward rounded down
-    extra = [input.shape[2 + i] - ((grad_output.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
-                                   + dilation[i] * (weight.shape[2 + i] - 1) + 1) for i in range(spatial)]
-    transpose = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[spatial]
-    return transpose(grad_output, weight, None, stride, padding, extra, groups, dilation), None, None
+    kernel = weight.shape[2:]
+    if groups == 1:
+        w = weight.transpose(0, 1)
+    else:
+        out_channels, in_per_group = weight.shape[:2]
+        w = weight.reshape(groups, out_channels // groups, in_per_group, *kernel).transpose(1, 2) \
+            .reshape(groups * in_per_group, out_channels // groups, *kernel)
+    if any(k > 1 for k in kernel):
+        w = w.flip(list(range(2, 2 + spatial)))
+    g = grad_output
+    for i in range(spatial):
+        g = _zero_stuff(g, 2 + i, stride[i])
+    # padding before / after each side: the full correlation's d * (k - 1), less the forward's padding;
+    # after also gets the rows / columns the strided forward rounded off (the input size decides)
+    before = [dilation[i] * (kernel[i] - 1) - padding[i] for i in range(spatial)]
+    after = [input.shape[2 + i] - g.shape[2 + i] - before[i] + dilation[i] * (kernel[i] - 1) for i in range(spatial)]
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
+    if before == after and min(before) >= 0:
+        return conv(g, w, None, 1, before, dilation, groups), None, None
+    for i in range(spatial):   # a negative side crops
+        if before[i] < 0 or after[i] < 0:
+            start, stop = max(-before[i], 0), g.shape[2 + i] - max(-after[i], 0)
+            g = g.narrow(2 + i, start, stop - start)
+    pad = [p for i in reversed(range(spatial)) for p in (max(before[i], 0), max(after[i], 0))]
+    if any(pad):
+        g = F.pad(g, pad)
+    return conv(g, w, None, 1, 0, dilation, groups), None, None
 
 
 def _silu_backward(grad_output, x):
@@ -346,17 +386,39 @@ def _output_shape(unit):
     return lambda shape: (shape[0], classes, *shape[2:])
 
 
-def onnxruntime_unit(unit: nn.Module, *, opset: int = DEFAULT_OPSET) -> OnnxRuntimeUnit:
-    """The Engine backend "onnxruntime": export the unit to a temporary file, check it against
-    eager at batch 1 and 5, and return the session's callable for the core. The unit's info
-    must be complete (the Engine fits it: ModelInfo.fitted, the upsampler's low-res size)."""
+def cached_onnx(unit: nn.Module, cache, load: Callable[[Path], T], *, opset: int = DEFAULT_OPSET) -> T:
+    """load(folder holding unit.onnx): the unit exported to ONNX and checked in onnxruntime against
+    eager at batch 1 and 5, once per key of the compile cache (`cache`: admrt.engine.cache.CompileCache).
+    The unit's info must be complete (the Engine fits it: ModelInfo.fitted, the upsampler's low-res size)."""
+    require_onnx()
+    import onnx
+    import onnxruntime as ort
+    import onnxscript
+
+    from admrt.engine.cache import describe, unit_fields
+
+    device = _device(unit)
+
+    def build(folder: Path) -> dict:
+        path = folder / "unit.onnx"
+        seconds = export_unit_onnx(unit, path, opset=opset)
+        error = check_file(path, unit, device)[0]
+        return {"export_s": round(seconds, 2), "check_relative_error": error}
+
+    what, params = describe(unit)
+    fields = {**unit_fields(unit), "opset": opset, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__,
+              "onnxruntime": ort.__version__}
+    return cache.get_or_build("onnxruntime", fields, build, load, what=what, size_hint=params)
+
+
+def onnxruntime_unit(unit: nn.Module, cache, *, opset: int = DEFAULT_OPSET) -> OnnxRuntimeUnit:
+    """The Engine backend "onnxruntime": the unit's checked ONNX file (cached_onnx) in an
+    onnxruntime session, as the callable the core runs."""
     require_onnx()
     device = _device(unit)
     providers_for(device)   # fail before the export's minute when the device has no provider
-    with tempfile.TemporaryDirectory(prefix="admrt-onnx-") as tmp:
-        path = Path(tmp) / "unit.onnx"
-        export_unit_onnx(unit, path, opset=opset)
-        return check_file(path, unit, device)[1]
+    return cached_onnx(unit, cache, lambda folder: OnnxRuntimeUnit(session(folder / "unit.onnx", device),
+                                                                    _output_shape(unit)), opset=opset)
 
 
 # -- the stack -> a folder -------------------------------------------------------------------------

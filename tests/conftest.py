@@ -1,6 +1,10 @@
 """Shared test set-up: tests/ and bench/ on sys.path (gd_reference; bench's gd_oracle and
-measure), the gpu marker, quiet warnings."""
+measure), the gpu marker, quiet warnings, and a compile cache of the session's own (what the
+compiled backends build is shared by the session's tests, and never taken from or left in the
+user's ~/.cache/admrt)."""
+import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -11,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "bench"))
 warnings.filterwarnings("ignore", category=FutureWarning, module="guided_diffusion")
 torch.set_num_threads(2)
+os.environ["ADMRT_CACHE_DIR"] = tempfile.mkdtemp(prefix="admrt-test-cache-")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -37,3 +42,8 @@ def cli_error(capsys):
         assert "Traceback" not in err and lines and lines[-1].startswith(f"admrt {argv[0]}: "), err
         return lines[-1]
     return run
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+    shutil.rmtree(os.environ["ADMRT_CACHE_DIR"], ignore_errors=True)

@@ -38,7 +38,7 @@ def _engine_vs_oracle(model, ref_model, clf, ref_clf, diffusion, steps, method, 
     y = torch.tensor([3, 7])
     expected = reference_sample(ref_model, ref_clf if scale else None, preset, steps, scale, y,
                                 (2, 3, 16, 16), CPU, seed=SEED, method=method)
-    eng = admrt.Engine(model, classifier=clf if scale else None, diffusion=diffusion)
+    eng = admrt.Engine(model, classifier=clf if scale else None, diffusion=diffusion, backend="eager")
     out = eng.sample(classes=y.tolist() if labelled else None, num=2, steps=steps, method=method, guidance=scale,
                      noise="reference", seeds=SEED, keep_float=True)
     return (torch.from_numpy(out.samples) - expected).abs().max().item()
@@ -95,7 +95,7 @@ def test_every_diffusion_field_changes_what_it_governs(tiny):
 
     def sample(**fields):
         d = DiffusionConfig(**{"steps": 500, **fields})  # T != 1000, so rescale_timesteps shows
-        return admrt.Engine(model, diffusion=d).sample(num=2, steps="10", seeds=3, keep_float=True).samples
+        return admrt.Engine(model, diffusion=d, backend="eager").sample(num=2, steps="10", seeds=3, keep_float=True).samples
 
     base = sample()
     for name, value in SAMPLING_FIELDS.items():
@@ -131,13 +131,13 @@ def test_engine_over_guided_diffusion_unet_and_classifier_matches_oracle(tiny):
     y = torch.tensor([3, 7])
     for steps in ("25", "ddim10"):
         expected = reference_sample(ref_model, ref_clf, preset, steps, 3.0, y, (2, 3, 16, 16), CPU, seed=SEED)
-        eng = admrt.Engine(ref_model, classifier=ref_clf, diffusion=preset.diffusion)
+        eng = admrt.Engine(ref_model, classifier=ref_clf, diffusion=preset.diffusion, backend="eager")
         out = eng.sample(classes=[3, 7], steps=steps, guidance=3.0, noise="reference", seeds=SEED, keep_float=True)
         assert (torch.from_numpy(out.samples) - expected).abs().max().item() <= TOL, steps
     # fp16 through the modules' own convert_to_fp16, on inference copies
-    half = admrt.Engine(ref_model, classifier=ref_clf, diffusion=preset.diffusion, dtype="fp16")
+    half = admrt.Engine(ref_model, classifier=ref_clf, diffusion=preset.diffusion, dtype="fp16", backend="eager")
     low = half.sample(classes=[3, 7], steps="ddim10", guidance=3.0, seeds=SEED, keep_float=True)
-    full = admrt.Engine(ref_model, classifier=ref_clf, diffusion=preset.diffusion).sample(
+    full = admrt.Engine(ref_model, classifier=ref_clf, diffusion=preset.diffusion, backend="eager").sample(
         classes=[3, 7], steps="ddim10", guidance=3.0, seeds=SEED, keep_float=True)
     assert 0 < np.abs(low.samples - full.samples).max() < 0.1
     assert ref_model.dtype == torch.float32 and next(ref_model.parameters()).dtype == torch.float32
@@ -154,8 +154,8 @@ def test_engine_over_guided_diffusion_superres_equals_admrt_superres(tiny):
     info = ModelInfo.of(ref_up, "upsampler")
     assert (info.kind, info.in_channels, info.out_channels, info.learn_sigma) == ("superres", 3, 6, True)
     kwargs = dict(classes=[1, 2, 5], steps="ddim4", seeds=9, keep_float=True)
-    want = admrt.Engine(base, upsampler=up).sample(**kwargs)
-    got = admrt.Engine(base, upsampler=ref_up, upsampler_diffusion=up.preset.diffusion).sample(**kwargs)
+    want = admrt.Engine(base, upsampler=up, backend="eager").sample(**kwargs)
+    got = admrt.Engine(base, upsampler=ref_up, upsampler_diffusion=up.preset.diffusion, backend="eager").sample(**kwargs)
     assert np.abs(got.samples - want.samples).max() <= TOL  # 0 on the torch path; the fused one rounds
     assert (got.base_images == want.base_images).all()
 
@@ -166,12 +166,12 @@ def test_guided_diffusion_classifier_of_any_pool_and_misfits():
     ref = reference_model(cfg)
     assert ModelInfo.of(ref, "classifier").image_size is None  # an adaptive pool takes any size
     model = random_model("tiny-cond")
-    assert admrt.Engine(model, classifier=ref).classifier_info.image_size == 16
+    assert admrt.Engine(model, classifier=ref, backend="eager").classifier_info.image_size == 16
     big = reference_model(dataclasses.replace(cfg, image_size=32, pool="attention"))
     with pytest.raises(ValueError, match="classifier: it classifies 32x32 images, but the model samples 16x16"):
-        admrt.Engine(model, classifier=big)
+        admrt.Engine(model, classifier=big, backend="eager")
     with pytest.raises(TypeError, match="classifier: expected an admrt model"):
-        admrt.Engine(model, classifier=torch.nn.Linear(2, 2))
+        admrt.Engine(model, classifier=torch.nn.Linear(2, 2), backend="eager")
 
 
 # --- 3. presets from guided-diffusion's flags ----------------------------------------------------
@@ -402,7 +402,7 @@ def test_sample_cli_from_gd_flags_gives_the_reference_images(tmp_path, sample_fl
     line = (f"{MODEL_FLAGS} {CLASSIFIER_FLAGS} --classifier_path {tmp_path / 'clf.pt'} --model_path "
             f"{tmp_path / 'model.pt'} {sample_flags} --num_samples 2 --batch_size 2")
     assert main(["sample", "--gd-flags", line, "--classes", "5,998", "--noise", "reference", "--seed", "7",
-                 "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+                 "--out", str(tmp_path / "run"), "--no-progress", "--backend", "eager"]) == 0
     got = np.load(tmp_path / "run" / "samples_2x64x64x3.npz")
 
     preset = admrt.preset_from_flags("unet", **flags)

@@ -38,7 +38,7 @@ LAYERS = [
     {"training", "evaluation", "cli"},
 ]
 # admrt.engine.serve: `admrt serve`, a front end like `admrt sample` (engine/cli.py).
-CLI_MODULES = {"admrt.cli", "admrt.stack_loading", "admrt.engine.serve"}
+CLI_MODULES = {"admrt.cli", "admrt.stack_loading", "admrt.engine.serve", "admrt.engine.cache_cli"}
 ADAPTER = "admrt.models.guided_diffusion"
 # (importer, imported) edges allowed to break the rules: none.
 KNOWN: set[tuple[str, str]] = set()

@@ -20,7 +20,7 @@ import admrt
 from admrt.cli import main
 
 SAMPLE = ["sample", "--model", "tiny-cond", "--classifier", "tiny-classifier", "--num", "3", "--batch-size", "2",
-          "--shard-size", "2", "--steps", "ddim2", "--device", "cpu", "--no-progress"]
+          "--shard-size", "2", "--steps", "ddim2", "--device", "cpu", "--no-progress", "--backend", "eager"]
 TRAIN = ["train", "diffusion", "--preset", "tiny-cond", "--batch-size", "4", "--eval-images", "0", "--log-every",
          "1", "--device", "cpu", "--no-progress"]
 
@@ -330,10 +330,10 @@ def test_eval_refuses_batches_of_other_sizes_or_channels(tmp_path, cli_error):
 def test_engine_api_checks_types():
     model, clf = admrt.create_model("tiny-cond"), admrt.create_model("tiny-classifier")
     with pytest.raises(TypeError, match="classifier='tiny-classifier': expected a torch.nn.Module"):
-        admrt.Engine(model, classifier="tiny-classifier")
+        admrt.Engine(model, classifier="tiny-classifier", backend="eager")
     with pytest.raises(TypeError, match="upsampler=3: expected a torch.nn.Module"):
-        admrt.Engine(model, upsampler=3)
-    eng = admrt.Engine(model, classifier=clf)
+        admrt.Engine(model, upsampler=3, backend="eager")
+    eng = admrt.Engine(model, classifier=clf, backend="eager")
     for kwargs, message in ((dict(num=2.5), "num=2.5: expected a positive int"),
                             (dict(num=True), "num=True: expected a positive int"),
                             (dict(classes=[1.5, 2]), "classes: expected integer ids, got float64"),

@@ -9,7 +9,7 @@ from admrt.cli import main
 
 ARGS = ["sample", "--model", "tiny-cond", "--classifier", "tiny-classifier", "--num", "5", "--batch-size", "2",
         "--shard-size", "2", "--steps", "ddim2", "--classes", "3,8", "--seed", "7", "--device", "cpu",
-        "--no-progress"]
+        "--no-progress", "--backend", "eager"]
 
 
 def test_sample_writes_npz_and_grid_and_resumes(tmp_path, capsys, cli_error):

@@ -78,7 +78,7 @@ def test_eta_zero_ddim_is_deterministic_given_x_T():
 
 
 def test_engine_same_seed_same_image_any_batch(cond, clf):
-    eng = admrt.Engine(cond, classifier=clf)
+    eng = admrt.Engine(cond, classifier=clf, backend="eager")
     kw = dict(steps="ddim5", guidance=[0.0, 2.0, 1.0], keep_float=True)
     a = eng.sample(classes=[1, 4, 9], seeds=[11, 12, 13], batch_size=3, **kw)
     b = eng.sample(classes=[9, 4, 1], seeds=[13, 12, 11], batch_size=2, guidance=[1.0, 2.0, 0.0],
@@ -91,7 +91,7 @@ def test_engine_same_seed_same_image_any_batch(cond, clf):
 
 
 def test_guidance_changes_the_sample(cond, clf):
-    eng = admrt.Engine(cond, classifier=clf)
+    eng = admrt.Engine(cond, classifier=clf, backend="eager")
     out = eng.sample(classes=[2, 2], seeds=[3, 3], guidance=[0.0, 10.0], steps="ddim5", keep_float=True)
     assert not np.allclose(out.samples[0], out.samples[1], atol=1e-3)
 
@@ -102,7 +102,7 @@ def test_cascade_base_then_upsampler(clf):
                            attention_resolutions=(4,), channel_mult=(1, 2), num_classes=10, num_head_channels=16)
     base = admrt.create_model(base_cfg)
     up = random_model("tiny-upsample")
-    eng = admrt.Engine(base, upsampler=up)
+    eng = admrt.Engine(base, upsampler=up, backend="eager")
     calls = []
     out = eng.sample(classes=[0, 3, 5], steps="ddim4", upsampler_steps="ddim3", batch_size=2,
                      progress=lambda done, total: calls.append((done, total)))
@@ -110,21 +110,21 @@ def test_cascade_base_then_upsampler(clf):
     assert out.images.dtype == np.uint8 and out.labels.tolist() == [0, 3, 5]
     assert calls[-1] == (14, 14) and len(calls) == 14  # 2 batches x (4 + 3) steps
     with pytest.raises(ValueError, match="conditioned on 8x8 images"):
-        admrt.Engine(random_model("tiny-cond"), upsampler=up)
+        admrt.Engine(random_model("tiny-cond"), upsampler=up, backend="eager")
 
 
 def test_fixed_variance_and_ddpm_run(clf):
     uncond = random_model("tiny-uncond")
-    out = admrt.Engine(uncond, classifier=clf).sample(classes=[1], steps="5", guidance=1.0)
+    out = admrt.Engine(uncond, classifier=clf, backend="eager").sample(classes=[1], steps="5", guidance=1.0)
     assert out.images.shape == (1, 16, 16, 3)
-    out = admrt.Engine(uncond).sample(num=2, steps="ddim3")
+    out = admrt.Engine(uncond, backend="eager").sample(num=2, steps="ddim3")
     assert out.labels is None and out.images.shape == (2, 16, 16, 3)
     with pytest.raises(ValueError, match="variance='learned_range'"):
-        admrt.Engine(uncond).sample(num=1, variance="learned_range")
+        admrt.Engine(uncond, backend="eager").sample(num=1, variance="learned_range")
 
 
 def test_bad_inputs_give_clear_errors(cond, clf):
-    eng = admrt.Engine(cond)
+    eng = admrt.Engine(cond, backend="eager")
     with pytest.raises(ValueError, match="steps='fast'"):
         eng.sample(classes=[1], steps="fast")
     with pytest.raises(ValueError, match="steps='ddim999'"):
@@ -138,13 +138,13 @@ def test_bad_inputs_give_clear_errors(cond, clf):
     with pytest.raises(ValueError, match="noise='fancy'"):
         eng.sample(classes=[1], noise="fancy")
     with pytest.raises(ValueError, match="dtype='fp8'"):
-        admrt.Engine(cond, dtype="fp8")
+        admrt.Engine(cond, dtype="fp8", backend="eager")
     with pytest.raises(ValueError, match="backend='openvino'"):
         admrt.Engine(cond, backend="openvino")
     with pytest.raises(ValueError, match="expected a noisy classifier"):
-        admrt.Engine(cond, classifier=cond)
+        admrt.Engine(cond, classifier=cond, backend="eager")
     with pytest.raises(ValueError, match="guidance: expected one scale or 2"):
-        admrt.Engine(cond, classifier=clf).sample(classes=[1, 2], guidance=[1.0, 2.0, 3.0])
+        admrt.Engine(cond, classifier=clf, backend="eager").sample(classes=[1, 2], guidance=[1.0, 2.0, 3.0])
 
 
 def test_nan_from_the_model_is_reported():
@@ -152,7 +152,7 @@ def test_nan_from_the_model_is_reported():
     with torch.no_grad():
         model.out[-1].bias.fill_(float("nan"))
     with pytest.raises(RuntimeError, match=r"model output contains NaN or Inf at step index 2 \(timestep t=668\)"):
-        admrt.Engine(model).sample(classes=[1], steps="ddim3")
+        admrt.Engine(model, backend="eager").sample(classes=[1], steps="ddim3")
 
 
 def test_core_checks_its_inputs():
@@ -180,7 +180,7 @@ def test_core_checks_its_inputs():
     with pytest.raises(TypeError):  # the enums are real types, not strings checked twice
         _params(1).method = "plms"
     with pytest.raises(ValueError, match="method='plms'"):
-        admrt.Engine(random_model("tiny-cond")).sample(classes=[1], method="plms")
+        admrt.Engine(random_model("tiny-cond"), backend="eager").sample(classes=[1], method="plms")
 
 
 def test_lazy_engine_export():

@@ -22,7 +22,8 @@ from admrt import core
 from admrt.engine import Engine
 from admrt.engine.serve import ServerConfig, create_app
 
-MODELS = ["--model", "fashion16-cond", "--classifier", "fashion16-classifier", "--upsampler", "none"]
+MODELS = ["--model", "fashion16-cond", "--classifier", "fashion16-classifier", "--upsampler", "none",
+          "--backend", "eager"]
 
 
 def _free_port():
@@ -65,7 +66,7 @@ class ThreadServer:
 
 @pytest.fixture(scope="module")
 def engine():
-    return Engine(admrt.load_model("fashion16-cond"), classifier=admrt.load_model("fashion16-classifier"))
+    return Engine(admrt.load_model("fashion16-cond"), classifier=admrt.load_model("fashion16-classifier"), backend="eager")
 
 
 def _serve(engine, slots=4, plans=("ddim5", "ddim12"), step=True, **config):

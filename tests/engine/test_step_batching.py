@@ -143,7 +143,7 @@ def test_a_non_finite_image_fails_alone():
 @pytest.fixture(scope="module")
 def engine():
     return Engine(admrt.load_model("fashion16-cond"), classifier=admrt.load_model("fashion16-classifier"),
-                  upsampler=admrt.load_model("fashion-upsample16-32"))
+                  upsampler=admrt.load_model("fashion-upsample16-32"), backend="eager")
 
 
 def _batcher(engine, slots, plans=("ddim6", "ddim10"), step=True, up="ddim3"):

@@ -59,7 +59,7 @@ def test_units_leave_the_callers_module_alone():
     assert d16.net.input_blocks[0][0].weight.dtype == torch.float16 and not d16.net.training
     # fp32 on the same device shares the weights' storage (no copy)
     assert d32.net.input_blocks[0][0].weight.data_ptr() == model.input_blocks[0][0].weight.data_ptr()
-    admrt.Engine(model, dtype="bf16")
+    admrt.Engine(model, dtype="bf16", backend="eager")
     assert {k: (v.dtype, v.data_ptr()) for k, v in model.state_dict().items()} == before
 
 
@@ -119,6 +119,6 @@ def test_compile_backend_fullgraph_matches_eager():
     sampling the same images as eager."""
     model, clf = random_model("tiny-cond"), random_model("tiny-classifier")
     kw = dict(classes=[1, 7], steps="ddim3", guidance=2.0, seeds=[3, 4], keep_float=True)
-    eager = admrt.Engine(model, classifier=clf).sample(**kw)
+    eager = admrt.Engine(model, classifier=clf, backend="eager").sample(**kw)
     compiled = admrt.Engine(model, classifier=clf, backend="compile").sample(**kw)
     np.testing.assert_allclose(compiled.samples, eager.samples, atol=1e-4)

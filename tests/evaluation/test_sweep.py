@@ -64,7 +64,7 @@ def test_sweep_writes_a_report(tmp_path):
 
 def test_sweep_with_a_real_engine(one_thread, tmp_path):
     torch.manual_seed(0)
-    engine = admrt.Engine(admrt.create_model("tiny-cond"), classifier=admrt.create_model("tiny-classifier"))
+    engine = admrt.Engine(admrt.create_model("tiny-cond"), classifier=admrt.create_model("tiny-classifier"), backend="eager")
     ev = _evaluator(tmp_path)
     ref = ev.reference(np.random.default_rng(0).integers(0, 256, (30, 16, 16, 3), dtype=np.uint8))
     config = SweepConfig(scales=(0.0, 8.0), samplers=("ddim2",), num_samples=(20,), batch_size=20)

@@ -98,7 +98,7 @@ def test_program_and_from_package_equal_the_engine(stack, tmp_path, steps, up_st
     """The C++ program's npz, and Engine.from_package's floats, against admrt.Engine (eager)."""
     _, models, pkg = stack
     classes, seed, num = [1, 2, 3, 9, 0], 11, 5
-    eng = admrt.Engine(models["base"], classifier=models["clf"], upsampler=models["up"])
+    eng = admrt.Engine(models["base"], classifier=models["clf"], upsampler=models["up"], backend="eager")
     want = eng.sample(classes=classes, steps=steps, upsampler_steps=up_steps, guidance=guidance, seeds=seed,
                       batch_size=2, keep_float=True)
 
@@ -135,7 +135,7 @@ def test_package_honours_the_recorded_parameterisation(stack, tmp_path):
     del manifest["models"]["upsampler"]["diffusion"]["predict_xstart"]  # as packages before it was recorded
     (edited / "manifest.json").write_text(json.dumps(manifest))
     x0_model = dataclasses.replace(models["base"].preset.diffusion, predict_xstart=True)
-    eng = admrt.Engine(models["base"], classifier=models["clf"], upsampler=models["up"], diffusion=x0_model)
+    eng = admrt.Engine(models["base"], classifier=models["clf"], upsampler=models["up"], diffusion=x0_model, backend="eager")
     # Unguided: a guided DDIM step through an x_0 model cancels large terms (x_t / sqrt(abar) against
     # the predicted x_0) and the compiled classifier gradient's rounding can move a base pixel across a
     # uint8 bin, which the upsampler then amplifies; the guided x_0 loops are checked against
@@ -221,7 +221,7 @@ def test_the_same_request_through_eager_units_and_a_package(stack, tmp_path):
     request = ["--num", 5, "--batch-size", 2, "--shard-size", 3, "--seed", 11, "--classes", "4,1", "--guidance", 0.5,
                "--steps", "2,2,2", "--upsampler-steps", "ddim3", "--no-progress"]
     models = ["--model", d / "base.safetensors", "--classifier", d / "clf.safetensors",
-              "--upsampler", d / "up.safetensors"]
+              "--upsampler", d / "up.safetensors", "--backend", "eager"]
     assert main(["sample", *map(str, models + request), "--out", str(tmp_path / "eager")]) == 0
     assert main(["sample", *map(str, ["--package", pkg] + request), "--out", str(tmp_path / "package")]) == 0
     eager, packaged = (np.load(tmp_path / name / "samples_5x16x16x3.npz") for name in ("eager", "package"))
@@ -357,7 +357,7 @@ def test_bad_requests_give_the_same_message_in_every_front_end(stack, tmp_path, 
     with pytest.raises(ValueError) as got:
         admrt.Engine.from_package(pkg).sample(**{"steps": "ddim5", **kwargs})
     assert str(got.value) == want
-    eager = admrt.Engine(models["base"], classifier=models["clf"], upsampler=models["up"])
+    eager = admrt.Engine(models["base"], classifier=models["clf"], upsampler=models["up"], backend="eager")
     if eager_too:
         with pytest.raises(ValueError) as got:
             eager.sample(**{"steps": "ddim5", **kwargs})
@@ -465,7 +465,7 @@ def test_aoti_backend_compiles_the_units_in_process():
     """Engine(model, backend="aoti"): the units exported and AOT-compiled when the Engine is built,
     run as C++ units by the core; the same images as eager."""
     model = random_model("tiny-uncond")
-    want = admrt.Engine(model).sample(num=3, steps="ddim3", seeds=5, keep_float=True)
+    want = admrt.Engine(model, backend="eager").sample(num=3, steps="ddim3", seeds=5, keep_float=True)
     got = admrt.Engine(model, backend="aoti").sample(num=3, steps="ddim3", seeds=5, keep_float=True)
     assert np.abs(got.samples - want.samples).max() <= 1e-4
 
