@@ -105,13 +105,14 @@ setup(
     package_data={"admrt": ["bundled/*.safetensors", "bundled/*.json"]},
     ext_modules=[CMakeExtension("admrt.core", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
-    # starlette, uvicorn, prometheus-client: admrt serve (admrt/serving).
+    # starlette, uvicorn, prometheus-client: admrt serve (engine/serve.py). onnx, onnxscript, onnxruntime,
+    # openvino: backend "auto" runs models of 50M parameters and more in OpenVINO on CPU (engine/backends.py).
     install_requires=["torch>=2.6", "numpy", "safetensors", "tqdm", "pillow", "starlette>=0.40", "uvicorn>=0.30",
-                      "prometheus-client>=0.20"],
+                      "prometheus-client>=0.20", "onnx>=1.18", "onnxscript", "onnxruntime>=1.22", "openvino>=2025.0"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark>=5,<6", "guided-diffusion-sdk==1.0.0", "diffusers>=0.30", "scipy", "triton>=3.6,<3.8; platform_system=='Linux'",
-                 "onnx>=1.18", "onnxscript", "onnxruntime>=1.22", "onnxruntime-extensions"],
-        "export": ["onnx>=1.18", "onnxscript", "onnxruntime>=1.22", "onnxruntime-extensions"],
+        "test": ["pytest", "pytest-benchmark>=5,<6", "guided-diffusion-sdk==1.0.0", "diffusers>=0.30", "scipy",
+                 "triton>=3.6,<3.8; platform_system=='Linux'", "onnxruntime-extensions"],
+        "export": ["onnxruntime-extensions"],
     },
     entry_points={"console_scripts": ["admrt=admrt.cli:main"]},
     zip_safe=False,

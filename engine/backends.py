@@ -72,7 +72,7 @@ _BACKENDS: dict[str, Backend] = {
 # Built-in backends that another admrt package provides: name -> the module whose import registers
 # it (with register_backend), imported by get_backend the first time the name is asked for.
 PROVIDERS = {"aoti": "admrt.export.backends", "onnxruntime": "admrt.export.backends",
-             "tensorrt": "admrt.export.backends"}
+             "openvino": "admrt.export.backends", "tensorrt": "admrt.export.backends"}
 
 
 def register_backend(name: str, denoiser: Callable[[Denoiser], DenoiserFn],
@@ -107,24 +107,46 @@ def get_backend(name: str) -> Backend:
 AUTO = "auto"
 
 
+# CPU: at or above this many parameters in the base model, "auto" takes the ONNX runtimes. Measured
+# (bench/results/fast_default_cpu): at the bundled models (4.0M parameters) aoti is the fastest per
+# step at batch 1 and 16; at full-size ADM-64 (296M) OpenVINO then onnxruntime are, and aoti is
+# slower than eager. Where between the two the order turns was not measured: 50M is a round number
+# between them.
+LARGE_MODEL_PARAMS = 50_000_000
+
+
 def choose_backend(device: torch.device, modules: Sequence[Optional[nn.Module]]) -> tuple[str, Optional[str]]:
-    """backend="auto": (the backend to run, why it is not the rule's first choice or None).
+    """backend="auto": (the backend to run, why it is not the rule's first choice, or None).
 
     The rule, from the committed benchmark (bench/results/fast_default_cpu, bench/README.md):
     - CUDA: "eager", whose steps the core captures as whole-step CUDA graphs (no GPU run has yet
       compared the compiled backends there);
-    - CPU: "aoti": the units compiled by AOTInductor and run by the core with no Python in the
-      loop, the fastest per step at the bundled models' size at batch 1 and 16 (TODO-MEASURE); it needs only torch and a C++ compiler, and compiles once per machine into the
-      compile cache. Without a C++ compiler: "eager". A guided-diffusion module (not an admrt
-      model) runs "eager": its networks do not trace with a dynamic batch (load its weights into an
-      admrt model with admrt.load_model(path, preset=...) to compile it).
+    - CPU, a base model under LARGE_MODEL_PARAMS: "aoti", the units compiled by AOTInductor and run
+      by the core with no Python in the loop (needs only torch and a C++ compiler; without one:
+      "eager");
+    - CPU, a larger one: "openvino" if installed, else "onnxruntime" if installed (both run the same
+      checked ONNX files), else "eager" (saying what to install);
+    - a guided-diffusion module (not an admrt model) runs "eager": its networks do not trace with a
+      dynamic batch (load its weights with admrt.load_model(path, preset=...) to compile it).
+    The compiled backends compile once per machine into the compile cache (admrt.engine.cache).
     """
+    import importlib.util
+
     if device.type != "cpu":
         return "eager", None
     foreign = [type(m).__name__ for m in modules if m is not None and getattr(m, "config", None) is None]
     if foreign:
         return "eager", (f"{', '.join(foreign)} is not an admrt model, which the compiled backends need; load its "
                          "weights with admrt.load_model(path, preset=...) to compile it")
+    params = sum(p.numel() for p in modules[0].parameters())
+    if params >= LARGE_MODEL_PARAMS:
+        export = ("onnx", "onnxscript", "onnxruntime")   # the export and its check (admrt.export.onnx)
+        for name, needs in (("openvino", export + ("openvino",)), ("onnxruntime", export)):
+            if all(importlib.util.find_spec(m) is not None for m in needs):
+                return name, None
+        return "eager", (f"a model of {params / 1e6:.0f}M parameters runs fastest on CPU in OpenVINO or onnxruntime "
+                         "(bench/results/fast_default_cpu), not installed here: pip install onnx onnxscript "
+                         "onnxruntime openvino")
     if not _cpp_compiler():
         return "eager", "AOTInductor needs a C++ compiler (c++, g++ or clang++ on PATH, or $CXX) and none was found"
     return "aoti", None

@@ -266,7 +266,7 @@ class CompileCache:
                 self.log(f"admrt: compile cache entry {final} is damaged ({problem}); compiling it again")
                 shutil.rmtree(final, ignore_errors=True)
             self._clean_staging(staging)
-            estimate = self._estimate(backend, size_hint)
+            estimate = self._estimate(backend, what, size_hint)
             self.log(f"admrt: compiling {what} for backend {backend} (no compiled form in the cache for these "
                      f"weights, precision, device and versions; about {_duration(estimate)}, once); "
                      f"cached in {final.parent}")
@@ -309,15 +309,20 @@ class CompileCache:
             return f"{ENTRY} unreadable: {exc}"
         return None
 
-    def _estimate(self, backend: str, size_hint: int) -> float:
-        """Seconds: the latest compile of this backend in the cache scaled by parameter count
-        (within 0.5x-4x), else FIRST_ESTIMATE_S."""
-        latest = max((e for e in self.entries() if e.backend == backend and e.record.get("compile_s")),
-                     key=lambda e: e.record.get("created", 0), default=None)
-        if latest is None:
+    def _estimate(self, backend: str, what: str, size_hint: int) -> float:
+        """Seconds: the compile of this backend in the cache nearest in parameter count (of the same
+        kind of unit when there is one: a gradient graph compiles slower than a forward), scaled by
+        the count (within 0.25x-4x), else FIRST_ESTIMATE_S."""
+        import math
+
+        done = [e for e in self.entries() if e.backend == backend and e.record.get("compile_s")
+                and e.record.get("size_hint")]
+        done = [e for e in done if e.record.get("what") == what] or done
+        if not done or not size_hint:
             return FIRST_ESTIMATE_S.get(backend, 60.0)
-        ratio = size_hint / latest.record["size_hint"] if size_hint and latest.record.get("size_hint") else 1.0
-        return latest.record["compile_s"] * min(4.0, max(0.5, ratio))
+        nearest = min(done, key=lambda e: abs(math.log(size_hint / e.record["size_hint"])))
+        ratio = size_hint / nearest.record["size_hint"]
+        return nearest.record["compile_s"] * min(4.0, max(0.25, ratio))
 
     def _clean_staging(self, staging: Path) -> None:
         """Remove staging folders whose process is gone (a killed compile)."""

@@ -108,10 +108,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def add_backend_arguments(p: argparse.ArgumentParser) -> None:
     """--backend and --cache-dir: admrt sample's and admrt serve's."""
     p.add_argument("--backend", default="auto",
-                   help="auto | eager | compile | aoti | onnxruntime | tensorrt (engine/backends.py), or one registered "
-                        "with admrt.engine.register_backend. auto (default): the backend measured fastest for the "
-                        "device (CPU: aoti, compiled on the first run and kept in the compile cache; CUDA: eager "
-                        "with whole-step CUDA graphs)")
+                   help="auto | eager | compile | aoti | onnxruntime | openvino | tensorrt (engine/backends.py), or "
+                        "one registered with admrt.engine.register_backend. auto (default): the backend measured "
+                        "fastest for the device (CPU: aoti for a model under 50M parameters, else openvino, compiled "
+                        "on the first run and kept in the compile cache; CUDA: eager with whole-step CUDA graphs)")
     p.add_argument("--cache-dir", default=None,
                    help="the compile cache (default $ADMRT_CACHE_DIR, else $XDG_CACHE_HOME/admrt, else ~/.cache/admrt; "
                         "admrt cache list | clear)")

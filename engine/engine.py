@@ -72,9 +72,10 @@ class Engine:
     classifier: noisy classifier (EncoderUNet, admrt's or guided-diffusion's) for guidance, or None.
     upsampler: SuperRes model (admrt's or guided-diffusion's) conditioned on the base model's uint8
         output, or None.
-    backend: "auto" (the default: the backend measured fastest for the device, backends.choose_backend;
-        on CPU "aoti", compiled once per machine into the compile cache), "eager", "compile"
-        (torch.compile, fullgraph), "aoti" (AOTInductor), "onnxruntime", "tensorrt"
+    backend: "auto" (the default: the backend measured fastest for the device, backends.choose_backend:
+        on CPU "aoti" for a base model under 50M parameters, else "openvino"; on CUDA "eager";
+        compiled once per machine into the compile cache), "eager", "compile" (torch.compile,
+        fullgraph), "aoti" (AOTInductor), "onnxruntime", "openvino" (CPU), "tensorrt"
         (engine/backends.py), or one registered with register_backend. A backend "auto" picked that
         cannot run here falls back to "eager" with a logged warning; a named one raises.
     cache_dir: the compile cache's folder (admrt.engine.cache: default $ADMRT_CACHE_DIR, else

@@ -1,4 +1,4 @@
-"""The Engine's compiled backends, which export provides: "aoti", "onnxruntime", "tensorrt".
+"""The Engine's compiled backends, which export provides: "aoti", "onnxruntime", "openvino", "tensorrt".
 
 Importing this module registers them with admrt.engine.register_backend; admrt.engine.backends
 imports it (its PROVIDERS) the first time one of these names is asked for, so
@@ -13,8 +13,10 @@ points one way: export builds on engine, engine names this module only as a stri
   compiled kernels.
 - "onnxruntime": each unit exported to ONNX (admrt.export.onnx; the checked file kept in the compile
   cache) and run in an onnxruntime session, its buffers bound to the core's by pointer.
+- "openvino" (CPU): the same checked ONNX file compiled by OpenVINO in fp32; the fastest of them
+  per step at full-size ADM-64 on 2 CPU cores (bench/results/fast_default_cpu).
 - "tensorrt": TensorRT engines built from that ONNX (admrt.export.tensorrt; needs TensorRT and a GPU).
-Neither of the last two runs inside the core's CUDA-graph capture (they allocate and pick streams
+None of the last three runs inside the core's CUDA-graph capture (they allocate and pick streams
 on their own terms).
 """
 from __future__ import annotations
@@ -54,6 +56,11 @@ def onnxruntime_unit(unit, cache: CompileCache):
     return build(unit, cache)
 
 
+def openvino_unit(unit, cache: CompileCache):
+    from .onnx import openvino_unit as build
+    return build(unit, cache)
+
+
 def tensorrt_denoiser(unit):
     from .tensorrt import tensorrt_denoiser as build
     return build(unit)
@@ -67,4 +74,5 @@ def tensorrt_gradient(unit):
 register_backend("aoti", lambda unit, cache: aoti_unit(unit, cache, load_aoti_denoiser),
                  lambda unit, cache: aoti_unit(unit, cache, load_aoti_gradient), cached=True)
 register_backend("onnxruntime", onnxruntime_unit, onnxruntime_unit, capturable=False, cached=True)
+register_backend("openvino", openvino_unit, openvino_unit, capturable=False, cached=True)
 register_backend("tensorrt", tensorrt_denoiser, tensorrt_gradient, capturable=False)

@@ -374,6 +374,42 @@ class OnnxRuntimeUnit:
         return out
 
 
+class OpenVinoUnit:
+    """An exported unit compiled by OpenVINO for the CPU in fp32 (INFERENCE_PRECISION_HINT f32:
+    OpenVINO's own default on a CPU with bf16 units is bf16, which changes the images), called as
+    the core calls units. Inputs are shared with torch's CPU tensors; the output is copied out."""
+
+    def __init__(self, path: Path, names: list[str]):
+        import openvino as ov
+
+        self.compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        self.request = self.compiled.create_infer_request()
+        self.names = names
+
+    def __call__(self, *args: Optional[torch.Tensor]) -> torch.Tensor:
+        while args and args[-1] is None:
+            args = args[:-1]
+        if len(args) != len(self.names):
+            raise TypeError(f"openvino unit: got {len(args)} inputs, expected {len(self.names)} ({', '.join(self.names)})")
+        inputs = {name: a.contiguous().numpy() for name, a in zip(self.names, args)}
+        self.request.infer(inputs, share_inputs=True)
+        return torch.from_numpy(self.request.get_output_tensor(0).data.copy())
+
+
+def openvino_unit(unit: nn.Module, cache, *, opset: int = DEFAULT_OPSET) -> OpenVinoUnit:
+    """The Engine backend "openvino" (CPU): the unit's checked ONNX file (cached_onnx: the same file
+    as the onnxruntime backend's) compiled by OpenVINO, as the callable the core runs."""
+    import importlib.util
+
+    device = _device(unit)
+    if device.type != "cpu":
+        raise ValueError(f"backend='openvino' runs on the CPU; the models are on {device}")
+    if importlib.util.find_spec("openvino") is None:
+        raise MissingPackageError("backend='openvino' needs OpenVINO: pip install openvino")
+    names = signature(unit)[0]
+    return cached_onnx(unit, cache, lambda folder: OpenVinoUnit(folder / "unit.onnx", names), opset=opset)
+
+
 def _output_shape(unit):
     """(x_t's shape) -> the unit's output shape."""
     from admrt.models.units import ClassifierGradient

@@ -199,6 +199,16 @@ def test_auto_rule(monkeypatch):
     from gd_oracle import reference_model
     name, why = choose_backend(torch.device("cpu"), (reference_model(model.config), None, None))
     assert name == "eager" and "UNetModel is not an admrt model" in why
+    big = admrt.create_model("imagenet64-cond", device="meta")   # 296M parameters: the ONNX runtimes
+    assert choose_backend(torch.device("cpu"), (big, None, None)) == ("openvino", None)
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    assert choose_backend(torch.device("cpu"), (big, None, None)) == ("onnxruntime", None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if "onnx" in name else real(name, *a))
+    name, why = choose_backend(torch.device("cpu"), (big, None, None))
+    assert name == "eager" and "296M parameters runs fastest on CPU in OpenVINO or onnxruntime" in why
+    monkeypatch.setattr(importlib.util, "find_spec", real)
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     name, why = choose_backend(torch.device("cpu"), (model, None, None))
     assert name == "eager" and "needs a C++ compiler" in why

@@ -59,3 +59,24 @@ def test_sample_help(capsys):
 ])
 def test_bench_rejects_bad_arguments_in_one_line(argv, message, cli_error):
     assert message in cli_error(["bench", *argv])
+
+
+def test_sample_defaults_to_auto_and_compiles_once(tmp_path, capfd, cli_error):
+    """No --backend: auto (aoti on CPU), compiled on the first run with one notice per unit, taken
+    from the cache by the next (no notice, the same images), recorded as the backend that ran;
+    eager's images within one level. A forced backend whose cache cannot be written: one line."""
+    import json
+    args = ["sample", "--model", "tiny-cond", "--num", "2", "--batch-size", "2", "--steps", "ddim2", "--classes",
+            "1,2", "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert capfd.readouterr().err.count("admrt: compiling the base model for backend aoti") == 1
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    assert "compiling" not in capfd.readouterr().err
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["backend"] == "aoti"
+    assert main(args + ["--backend", "eager", "--out", str(tmp_path / "c")]) == 0
+    images = {name: np.load(tmp_path / name / "samples_2x16x16x3.npz")["arr_0"].astype(int) for name in "abc"}
+    assert np.array_equal(images["a"], images["b"]) and np.abs(images["a"] - images["c"]).max() <= 1
+    (tmp_path / "file").write_text("not a folder")
+    line = cli_error(args[:-1] + [str(tmp_path / "file" / "cache"), "--backend", "aoti", "--out", str(tmp_path / "d")])
+    assert f"compile cache {tmp_path / 'file' / 'cache'}: cannot create it" in line
+    assert not (tmp_path / "d").exists()

@@ -90,10 +90,31 @@ def test_bundled_export_files_metadata_and_runtime(bundled):
     schedule = meta["model"]["schedules"]["ddim25"]
     assert schedule["method"] == "ddim" and len(schedule["tables"]["timestep_map"]) == 25
     assert meta["model"]["diffusion"]["noise_schedule"] == models["model"].preset.diffusion.noise_schedule
+    # the input gradient of every convolution is a plain Conv: no ConvTranspose (which OpenVINO's CPU
+    # plugin computes wrongly in fp32 when it shares a square weight with a forward Conv)
+    assert node_types(out / FILES["classifier_grad"]).get("ConvTranspose", 0) == 0
     # fp32 graphs at opset 23: attention as ONNX Attention, group norm as GroupNormalization
     for name in ("model", "classifier", "upsampler"):
         types = node_types(out / FILES[name])
         assert types.get("Attention", 0) > 0 and types.get("GroupNormalization", 0) > 0, (name, types)
+
+
+def test_openvino_runs_the_exported_files_as_eager(bundled):
+    """OpenVINO (CPU, fp32) on admrt's ONNX files: the denoiser and the classifier gradient (whose
+    ConvTranspose form OpenVINO 2026.4 got wrong, relative error about 1, with no error raised)."""
+    ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install openvino)")
+    out, models = bundled
+    grad = ClassifierGradient(models["classifier"])
+    torch.manual_seed(0)
+    for name, unit in (("model", Denoiser(models["model"])), ("classifier_grad", grad)):
+        compiled = ov.Core().compile_model(str(out / FILES[name]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        for batch in (1, 5):
+            x = torch.randn(batch, 1, 16, 16)
+            t = torch.randint(0, 1000, (batch,))
+            y = torch.randint(0, 10, (batch,))
+            got = torch.from_numpy(compiled([x.numpy(), t.numpy(), y.numpy()])[compiled.output(0)])
+            want = unit(x, t, y)
+            assert (got - want).abs().max() / want.abs().max() < 1e-4, (name, batch)
 
 
 @pytest.mark.parametrize("steps", ["ddim8", "dpmpp2m-sde6"])
@@ -110,6 +131,12 @@ def test_sample_backend_onnxruntime_gives_eager_images(bundled, tmp_path, steps)
     assert np.abs(eager["arr_0"].astype(int) - ort_run["arr_0"]).max() <= 1
     record = json.loads((tmp_path / "ort" / "run.json").read_text())
     assert record["backend"] == "onnxruntime"
+    if steps == "ddim8" and importlib.util.find_spec("openvino") is not None:
+        # the openvino backend: the same cached ONNX files (no second export), OpenVINO in fp32
+        assert main([*common, "--backend", "openvino", "--out", str(tmp_path / "ov")]) == 0
+        ov_run = np.load(next((tmp_path / "ov").glob("*.npz")))
+        assert np.abs(eager["arr_0"].astype(int) - ov_run["arr_0"]).max() <= 1
+        assert json.loads((tmp_path / "ov" / "run.json").read_text())["backend"] == "openvino"
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +208,8 @@ def test_convolution_backward_decomposition_matches_autograd():
     # (spatial dims, size, stride, kernel, padding, dilation, groups)
     for dims, size, stride, kernel, padding, dilation, groups in (
             (2, 9, 2, 3, 1, 1, 1), (2, 8, 2, 3, 1, 1, 1), (2, 7, 1, 1, 0, 1, 1), (2, 6, 1, 3, 1, 1, 1),
-            (1, 11, 1, 1, 0, 1, 1), (1, 10, 2, 3, 1, 1, 2), (2, 9, 1, 3, 2, 2, 2), (3, 5, 2, 3, 1, 1, 1)):
+            (1, 11, 1, 1, 0, 1, 1), (1, 10, 2, 3, 1, 1, 2), (2, 9, 1, 3, 2, 2, 2), (3, 5, 2, 3, 1, 1, 1),
+            (2, 9, 2, 3, 3, 1, 1), (1, 17, 2, 3, 0, 2, 2), (2, 13, 3, 5, 4, 1, 1)):
         x = torch.randn(2, 4, *[size] * dims, dtype=torch.float64, requires_grad=True)
         w = torch.randn(6, 4 // groups, *[kernel] * dims, dtype=torch.float64)
         y = conv[dims](x, w, stride=stride, padding=padding, dilation=dilation, groups=groups)
