@@ -4,6 +4,7 @@ and the compile cache (admrt.engine.cache). Not a test: it writes bench/results/
     python bench/fast_default.py steps --models bundled --batches 1 16 --out DIR
     python bench/fast_default.py steps --models adm64 --batches 1 4 --out DIR
     python bench/fast_default.py main-job --rounds 3 --out DIR
+    python bench/fast_default.py startup --rounds 5 --out DIR
     python bench/fast_default.py report DIR
 
 steps: one guided DDIM step (the denoiser and the classifier gradient, through the C++ core, as
@@ -226,6 +227,39 @@ def main_job(args) -> int:
     return 0
 
 
+def startup(args) -> int:
+    """Spawn to first step of `admrt sample` (second run, warm cache) with and without Triton
+    importable, alternating: README's runtime install has no Triton (the test extras add it),
+    and importing it costs start-up even on a CPU. Without it is simulated by a sitecustomize that
+    makes `import triton` fail."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="admrt-startup-"))
+    env = dict(os.environ)
+    env.pop("ADMRT_CACHE_DIR", None)
+    env["XDG_CACHE_HOME"] = str(work / "xdg")
+    (work / "block").mkdir()
+    (work / "block" / "sitecustomize.py").write_text("import sys\nsys.modules['triton'] = None  # import fails\n")
+    blocked = {**env, "PYTHONPATH": os.pathsep.join([str(work / "block")] + env.get("PYTHONPATH", "").split(os.pathsep))}
+    admrt = shutil.which("admrt")
+
+    def cmd(name):
+        shutil.rmtree(work / name, ignore_errors=True)
+        return [admrt, "sample", "--out", str(work / name)]
+
+    _timed_process(cmd("warm"), env)   # fills the cache
+    rows = []
+    for r in range(args.rounds):
+        for name, e in (("with triton", env), ("without triton (runtime install)", blocked)):
+            row = _timed_process(cmd("run"), e)
+            rows.append({"impl": name, "round": r, "wall_s": row["wall_s"], "first_step_s": row["first_step_s"]})
+            print(f"round {r} {name:<34} first step {row['first_step_s']:.2f} s  wall {row['wall_s']:.2f} s",
+                  file=sys.stderr, flush=True)
+    (out / "startup.json").write_text(json.dumps({"env": _env(), "rows": rows}, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
 def gd_main_job(args) -> int:
     """guided-diffusion's loops on the bundled models (the reference side of main-job)."""
     import numpy as np
@@ -276,6 +310,17 @@ def report(args) -> int:
                          f"{ref / statistics.median(walls):.2f} | "
                          f"{f'{statistics.median(starts):.2f}' if starts else '-'} |")
         lines += ["", f"Images: {r['image_check']}", ""]
+    start = folder / "startup.json"
+    if start.exists():
+        rows = json.loads(start.read_text())["rows"]
+        lines += ["## Start-up: spawn to the first step, `admrt sample` second run (`startup`)", "",
+                  "| import of Triton | first step s, median (min-max) | wall s, median |", "|---|---|---|"]
+        for name in dict.fromkeys(row["impl"] for row in rows):
+            firsts = [row["first_step_s"] for row in rows if row["impl"] == name]
+            walls = [row["wall_s"] for row in rows if row["impl"] == name]
+            lines.append(f"| {name} | {statistics.median(firsts):.2f} ({min(firsts):.2f}-{max(firsts):.2f}) | "
+                         f"{statistics.median(walls):.2f} |")
+        lines.append("")
     for path in sorted(folder.glob("steps_*.json")):
         r = json.loads(path.read_text())
         c = r["config"]
@@ -315,12 +360,16 @@ def main(argv=None) -> int:
     m = sub.add_parser("main-job")
     m.add_argument("--rounds", type=int, default=3)
     m.add_argument("--out", required=True)
+    u = sub.add_parser("startup")
+    u.add_argument("--rounds", type=int, default=5)
+    u.add_argument("--out", required=True)
     g = sub.add_parser("gd-main-job")
     g.add_argument("--out", required=True)
     r = sub.add_parser("report")
     r.add_argument("folder")
     args = p.parse_args(argv)
-    return {"steps": steps, "main-job": main_job, "gd-main-job": gd_main_job, "report": report}[args.mode](args)
+    return {"steps": steps, "main-job": main_job, "startup": startup, "gd-main-job": gd_main_job,
+            "report": report}[args.mode](args)
 
 
 if __name__ == "__main__":
