@@ -30,7 +30,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -51,18 +50,13 @@ IMPLS = ("eager", "compile", "aoti", "onnxruntime", "openvino")
 
 
 def _env() -> dict:
+    """bench/measure.py's environment record, with OpenVINO's version and the CPU's vector ISA."""
     import torch
+    from measure import _env as measure_env
 
-    import admrt
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "device": f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {platform.machine()}, "
-                     f"{torch.backends.cpu.get_cpu_capability()})",
-           "torch": torch.__version__, "admrt": admrt.__version__, "python": platform.python_version()}
-    for name in ("onnxruntime", "openvino"):
-        try:
-            env[name] = __import__(name).__version__
-        except ImportError:
-            env[name] = None
+    env = measure_env(torch.device("cpu"))
+    env["device"] += f", {torch.backends.cpu.get_cpu_capability()}"
+    env["openvino"] = __import__("openvino").__version__ if _has("openvino") else None
     return env
 
 

@@ -84,13 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "images, each atomically, and a rerun of the same command samples only the missing ones "
                         "(default: 4 batches)")
     p.add_argument("--seed", type=int, default=0, help="image i gets seed SEED + i (default 0)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
-    p.add_argument("--guidance-interval", type=int, nargs=2, default=None, metavar=("T_MIN", "T_MAX"),
-                   help="run the classifier only at model timesteps T_MIN..T_MAX (0..T-1); elsewhere it is not run")
-    p.add_argument("--guidance-every", type=int, default=1, metavar="K",
-                   help="run the classifier on every K-th model call only (default 1)")
-    p.add_argument("--dynamic-threshold", type=float, default=0.0, metavar="P",
-                   help="Imagen's dynamic thresholding of x_0 at percentile P (e.g. 0.995) instead of the clamp")
+    add_step_options(p)
     p.add_argument("--noise", choices=("seeded", "reference"), default="seeded",
                    help="seeded: each image's noise comes from its own seed (counter-based), the same at any batch "
                         "size, position and device; reference: one torch generator drawn in guided-diffusion's "
@@ -103,6 +97,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="samples", help="the run folder (default ./samples): run.json, shards/, the final "
                                                     ".npz and grid.png; a rerun of the same command resumes it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_step_options(p: argparse.ArgumentParser) -> None:
+    """The step options beside the plan: --eta, --guidance-interval, --guidance-every,
+    --dynamic-threshold (admrt sample's and admrt serve's)."""
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    p.add_argument("--guidance-interval", type=int, nargs=2, default=None, metavar=("T_MIN", "T_MAX"),
+                   help="run the classifier only at model timesteps T_MIN..T_MAX (0..T-1); elsewhere it is not run")
+    p.add_argument("--guidance-every", type=int, default=1, metavar="K",
+                   help="run the classifier on every K-th model call only (default 1)")
+    p.add_argument("--dynamic-threshold", type=float, default=0.0, metavar="P",
+                   help="Imagen's dynamic thresholding of x_0 at percentile P (e.g. 0.995) instead of the clamp")
 
 
 def add_backend_arguments(p: argparse.ArgumentParser) -> None:

@@ -490,7 +490,7 @@ def _png(image: np.ndarray) -> bytes:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from admrt.stack_loading import DEFAULT_STACK, DEFAULT_STEPS
-    from .cli import add_backend_arguments
+    from .cli import add_backend_arguments, add_step_options
 
     p.add_argument("--model", default=None, help="preset name or checkpoint path; default: the bundled stack "
                                                  f"{', '.join(DEFAULT_STACK)}")
@@ -508,13 +508,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the first is a request's default")
     p.add_argument("--upsampler-steps", default=None, help="the upsampler's plan (default: as admrt sample)")
     p.add_argument("--method", default=None, help="sampler over the plans' respacings (as admrt sample)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    p.add_argument("--guidance-interval", type=int, nargs=2, default=None, metavar=("T_MIN", "T_MAX"),
-                   help="run the classifier only at model timesteps T_MIN..T_MAX (as admrt sample)")
-    p.add_argument("--guidance-every", type=int, default=1, metavar="K",
-                   help="run the classifier on every K-th model call only")
-    p.add_argument("--dynamic-threshold", type=float, default=0.0, metavar="P",
-                   help="Imagen's dynamic thresholding of x_0 at percentile P instead of the clamp (0: off)")
+    add_step_options(p)
     p.add_argument("--max-batch", type=int, default=16, help="slots per stage: images stepped together")
     p.add_argument("--batching", choices=("step", "static"), default="step",
                    help="step: requests join the running batch at every step boundary; static: a new batch starts "
