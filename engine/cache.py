@@ -310,14 +310,13 @@ class CompileCache:
         return None
 
     def _estimate(self, backend: str, what: str, size_hint: int) -> float:
-        """Seconds: the compile of this backend in the cache nearest in parameter count (of the same
-        kind of unit when there is one: a gradient graph compiles slower than a forward), scaled by
+        """Seconds: the compile of the same kind of unit and backend in the cache nearest in
+        parameter count (a gradient graph compiles slower than a forward of its size), scaled by
         the count (within 0.25x-4x), else FIRST_ESTIMATE_S."""
         import math
 
-        done = [e for e in self.entries() if e.backend == backend and e.record.get("compile_s")
-                and e.record.get("size_hint")]
-        done = [e for e in done if e.record.get("what") == what] or done
+        done = [e for e in self.entries() if e.backend == backend and e.record.get("what") == what
+                and e.record.get("compile_s") and e.record.get("size_hint")]
         if not done or not size_hint:
             return FIRST_ESTIMATE_S.get(backend, 60.0)
         nearest = min(done, key=lambda e: abs(math.log(size_hint / e.record["size_hint"])))
