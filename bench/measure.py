@@ -28,8 +28,8 @@ then the variants are timed alternately, A B C A B C ..., for --reps rounds: med
 what was live before it was built. Images are compared with the reference in a separate,
 untimed run with reference noise (guided-diffusion's draw order, uncaptured). Work is counted
 by `step_flops` (torch's FLOP counter on meta tensors: the denoiser's forward, the classifier's
-forward and its input-gradient backward), so each row also gives achieved TFLOP/s and, on a
-device with a measured matrix rate (MATMUL_PEAK_TFLOPS), its percentage of that rate.
+forward and its input-gradient backward), so each row also gives achieved TFLOP/s and its
+percentage of the device's dense matrix-multiply rate, measured in the same run (`matmul_tflops`).
 
     admrt bench --preset imagenet64-cond --classifier imagenet64-classifier \
         --batch 32 --steps ddim25 --dtype fp16 --compile --out bench/results
@@ -59,9 +59,10 @@ from gd_oracle import reference_cascade, reference_model, reference_sample, set_
 
 DTYPE_NAMES = ("fp16", "bf16", "fp32")
 
-# Dense matrix-multiply rates measured on the devices this project is run on (TFLOP/s, bf16/fp16
-# inputs, fp32 accumulation): the yardstick of "% of the matmul rate". The H100's 798 is the rate
-# the throughput issue states as measured; the H200's is the device tool's "about 790".
+# Dense matrix-multiply rates measured on the devices this project has run on (TFLOP/s, bf16/fp16
+# inputs, fp32 accumulation): the yardstick of "% of the matmul rate" for result files written
+# before each run measured its own (`matmul_tflops`, below). The H100's 798 is the rate the
+# throughput issue states as measured; the H200's is the device tool's "about 790".
 MATMUL_PEAK_TFLOPS = {"H100": 798.0, "H200": 790.0}
 
 # The implementations a run can time, by id (what --impls and the pytest suite take) -> row name.
@@ -174,8 +175,26 @@ def step_flops(preset, classifier_preset=None) -> dict:
 
 
 def matmul_peak_tflops(device_name: str):
-    """The measured matrix rate of a device (MATMUL_PEAK_TFLOPS), or None where none is known."""
+    """The recorded matrix rate of a device (MATMUL_PEAK_TFLOPS), or None: for result files that
+    carry no rate measured in their own run."""
     return next((v for k, v in MATMUL_PEAK_TFLOPS.items() if k in device_name), None)
+
+
+def matmul_tflops(device, dtype: str = "fp16", reps: int = 10) -> float:
+    """The dense matrix-multiply rate this device gives now, in TFLOP/s: the median of `reps`
+    square products on random data (METHOD.md: never zeros), n = 8192 in `dtype` on CUDA (fp32
+    accumulation), n = 2048 in fp32 on CPU (what the networks run there). The yardstick of every
+    row's "% of the matmul rate", measured in the same run."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    n, dt = (8192, resolve_dtype(dtype)) if cuda else (2048, torch.float32)
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dt, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dt, generator=gen)
+    times = []
+    for _ in range(reps + 2):  # two warm-ups (cuBLAS handle, workspace, clocks)
+        times.append(_timed(lambda: a @ b, device)[0])
+    return 2 * n ** 3 / statistics.median(times[2:]) / 1e12
 
 
 def _reference_variants(impls, stack, args, y, device) -> dict:
@@ -298,6 +317,7 @@ def measure(args) -> dict:
         # torch's allocator only: onnxruntime's own CUDA arena is not seen (NaN for its row)
         peak[name] = (_peak(device) - base / 2 ** 30 if device.type == "cuda" and "onnxruntime" not in name
                       else float("nan"))
+        print(f"{name}: cold run {cold[name]:.1f} s", flush=True)   # a run cut short still says this much
     live = [k for k in variants if k not in failed]
     times = {k: [] for k in live}
     for _ in range(args.reps):  # alternate: A B C A B C ...
@@ -305,7 +325,7 @@ def measure(args) -> dict:
             times[name].append(_timed(variants[name], device)[0])
 
     env = _env(device)
-    peak_rate = matmul_peak_tflops(env["device"])
+    peak_rate = results["matmul_tflops"] = matmul_tflops(device, args.dtype)  # same run, after the rounds
     for name in variants:
         if name in failed:
             results["rows"].append({"impl": name, "error": failed[name]})
@@ -328,7 +348,8 @@ def measure(args) -> dict:
         for row in results["rows"]:
             if "median_s" in row:
                 row["speedup_vs_reference"] = ref_row["median_s"] / row["median_s"]
-    if IMPLS["gd"] in variants and IMPLS["gd"] not in failed and built and admrt_steps == args.steps:
+    if (IMPLS["gd"] in variants and IMPLS["gd"] not in failed and built and admrt_steps == args.steps
+            and not args.skip_image_check):
         # image parity, untimed: the reference's noise order, uncaptured
         ref_img = variants[IMPLS["gd"]]().cpu().int()
         eng = next(iter(built.values()))
@@ -411,6 +432,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated implementations to time instead of the flags' choice: {', '.join(IMPLS)}")
     p.add_argument("--skip-reference", action="store_true",
                    help="do not time guided-diffusion, nor compare images with it (admrt's variants only)")
+    p.add_argument("--skip-image-check", action="store_true",
+                   help="do not compare the images with guided-diffusion's (that check is one more untimed loop on "
+                        "each side: minutes at ADM-256 b64)")
     p.add_argument("--out", type=Path, default=None,
                    help="folder for a JSON of the results (default: print only)")
 

@@ -43,7 +43,7 @@ def _backfill_work(run: dict) -> None:
     if "flops_per_image_step" not in run:
         run["flops_per_image_step"] = bm.step_flops(c["preset"], c.get("classifier") or None)
     steps = build_tables(get_preset(c["preset"]).diffusion, c["steps"]).num_timesteps
-    peak = bm.matmul_peak_tflops(run["env"].get("device", ""))
+    peak = run.get("matmul_tflops") or bm.matmul_peak_tflops(run["env"].get("device", ""))
     for row in run["rows"]:
         if "median_s" in row and row.get("achieved_tflops") is None:
             row["achieved_tflops"] = run["flops_per_image_step"]["total"] * int(c["batch"]) * steps / row["median_s"] / 1e12
