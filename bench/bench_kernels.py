@@ -28,7 +28,7 @@ It is the first call *in this process*: the in-memory JIT cache may already hold
 compiled for an earlier shape with the same constexprs and specialisations (then it is close
 to a warm call), and Triton's on-disk cache (~/.triton/cache) may hold one from an earlier
 process (then it is a load, not a compile): `triton_cache_empty_at_start` says which
-(bench/run_kernels.sh gives the benchmark an empty cache folder). The launch configs come from
+(give it an empty TRITON_CACHE_DIR for a cold compile). The launch configs come from
 stated rules (no autotuning), so there is no tuning cost.
 Device copy bandwidth (`copy_gbs`) is measured in the same run (frac_copy = GB/s over it), and
 the graph-replayed time of an empty Triton kernel, grid (1,) (`bare_launch_us`, top level and
@@ -48,7 +48,7 @@ so tiny shapes take each path (one pass both ways, one pass forward and two back
 ways). Its numbers mean nothing; it checks the benchmark itself.
 
     python bench/bench_kernels.py --out bench/results/kernels_h100.json   # [--only gn|attn]
-    python bench/bench_kernels.py --rep 50 --graph-rep 20 --time-limit 270 --out ...   # bench/run_kernels.sh
+    python bench/bench_kernels.py --rep 20 --graph-rep 10 --time-limit 35 --out ...   # bench/gpu_check.py's kernels stage
     TRITON_INTERPRET=1 python bench/bench_kernels.py --smoke --out /tmp/kernels_smoke.json
 Order: the group norm shapes that decide targets (ADM-256 res 256, 128, 8; ADM-64 res 8), then
 attention, then the other group norm shapes. --time-limit S starts no row after S seconds (the

@@ -60,18 +60,10 @@ def _env() -> dict:
     return env
 
 
-def matmul_gflops(reps: int = 5, n: int = 2048) -> float:
-    """fp32 n^3 matmul rate (GFLOP/s), the median of `reps`."""
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
+def matmul_gflops() -> float:
+    """The fp32 matmul rate on CPU in GFLOP/s (bench/measure.py's matmul_tflops: 2048^3, median)."""
+    from measure import matmul_tflops
+    return 1e3 * matmul_tflops("cpu", reps=5)
 
 
 # -- steps ----------------------------------------------------------------------------------

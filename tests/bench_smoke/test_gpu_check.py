@@ -31,7 +31,7 @@ def dry_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_dry_run_runs_every_stage_it_can_and_names_what_it_skipped(dry_run):
-    proc, out, _ = dry_run
+    proc, out, work = dry_run
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.md", "logs.tgz"]  # <= 8 come back
     result = json.loads((out / "gpu_check.json").read_text())
@@ -42,6 +42,7 @@ def test_dry_run_runs_every_stage_it_can_and_names_what_it_skipped(dry_run):
     paths = stages["smoke"]["paths"]
     assert paths["admrt sample (default)"]["status"] == "ok"
     assert paths["admrt sample (default)"]["images"]["images"] == 2
+    assert list((work / "smoke" / "base").glob("samples_2x*.npz"))   # the compiled paths' reference
     assert [p["line"] for k, p in paths.items() if k != "admrt sample (default)"] == ["needs CUDA"] * 2
     rows = stages["throughput"]["rows"]
     assert [r["status"] for r in rows.values()] == ["ok", "ok"]
@@ -156,3 +157,13 @@ def test_bad_arguments_are_one_line(argv, expected, tmp_path):
                           timeout=120)
     assert proc.returncode == 2 and expected in proc.stderr.strip().splitlines()[-1], proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_the_check_runs_every_gpu_marked_test_file():
+    """A GPU test added in a file the check does not list would never run on a GPU (TensorRT's need
+    TensorRT, which cannot be installed here or there)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                           "tests"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    files = {line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line}
+    assert files - {"tests/export/test_tensorrt.py"} == set(gpu_check.GPU_TESTS)

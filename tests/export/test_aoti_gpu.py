@@ -1,7 +1,7 @@
 """AOTInductor packages on CUDA (skipped without a GPU): the package compiled for CUDA (its units
 hold the Triton kernels), run by the C++ Context with whole-step CUDA graphs, equals the eager
 Engine; admrt-sample's latency against the Python front end on the same package is printed (the
-table is bench/run_aoti.sh's)."""
+table is `admrt bench --package`'s)."""
 import subprocess
 import time
 
