@@ -227,7 +227,7 @@ def build(check: Check, box: float) -> dict:
     """pip install -e . (CMake builds the C++ core with nvcc for this GPU's architecture only)."""
     env = json.loads(check.python(ENV_SNIPPET, "env.log") or "{}")
     smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm",
-                          "--format=csv,noheader"], capture_output=True, text=True) if not check.dry else None
+                          "--format=csv,noheader"], capture_output=True, text=True) if _gpu_present() else None
     if smi is not None and smi.returncode == 0:
         env["nvidia_smi"] = smi.stdout.strip()
     check.result["env"].update(env)
@@ -242,7 +242,7 @@ def build(check: Check, box: float) -> dict:
     ran = run([PY, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-cache-dir", "-e", "."],
               check.logs / "build.log", box, env={"ADMRT_CUDA_ARCH_LIST": arch})
     if not ran.ok:
-        return {"status": "failed", "seconds": ran.seconds, "summary": f"build failed: {ran.error_line()}",
+        return {"status": "failed", "seconds": ran.seconds, "summary": f"build failed: {_first_build_error(ran)}",
                 "log_tail": _tail(ran.log, 40)}
     have = check.python(probe, "build_probe.log")
     if have is None or not have.startswith("True"):
@@ -251,6 +251,15 @@ def build(check: Check, box: float) -> dict:
                            f"(build_probe.log)"}
     return {"status": "ok", "seconds": ran.seconds, "summary": f"built for sm_{arch.replace('.', '')} in "
                                                                f"{ran.seconds:.0f} s"}
+
+
+def _first_build_error(ran: Ran) -> str:
+    """The compiler's or CMake's first error (pip's own closing lines only say that a subprocess failed)."""
+    pattern = re.compile(r"(CMake Error|fatal error|error:|Error \d|undefined reference)", re.IGNORECASE)
+    for line in ran.log.read_text(errors="replace").splitlines():
+        if pattern.search(line) and "subprocess-exited-with-error" not in line:
+            return line.strip()[:300]
+    return ran.error_line()
 
 
 def _tail(path: Path, n: int) -> list[str]:

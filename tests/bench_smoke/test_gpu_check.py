@@ -167,3 +167,12 @@ def test_the_check_runs_every_gpu_marked_test_file():
     assert proc.returncode == 0, proc.stdout[-2000:]
     files = {line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line}
     assert files - {"tests/export/test_tensorrt.py"} == set(gpu_check.GPU_TESTS)
+
+
+def test_a_failed_build_is_named_by_its_first_compiler_error(tmp_path):
+    log = tmp_path / "build.log"
+    log.write_text("$ pip install -e .\n[3/15] Building CUDA object noise_cuda.cu.o\n"
+                   "/repo/engine/csrc/noise_cuda.cu(41): error: identifier \"at::cuda::getCurrentCUDAStream\" is undefined\n"
+                   "ninja: build stopped: subcommand failed.\n  error: subprocess-exited-with-error\n")
+    ran = gpu_check.Ran(["pip"], 1, 3.0, log)
+    assert gpu_check._first_build_error(ran).startswith("/repo/engine/csrc/noise_cuda.cu(41): error: identifier")
