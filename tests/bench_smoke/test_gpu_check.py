@@ -5,6 +5,7 @@ pytest output parser, the time boxes, the argument checks."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,7 @@ def dry_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gpu_check")
     out, work = tmp / "out", tmp / "work"
     proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", str(out), "--work", str(work)], cwd=tmp,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})
     return proc, out, work
 
 
@@ -154,7 +155,7 @@ def test_bad_arguments_are_one_line(argv, expected, tmp_path):
     if not argv and gpu_check._gpu_present():
         pytest.skip("this machine has a GPU")
     proc = subprocess.run(["bash", str(SCRIPT), *argv, "--out", str(tmp_path / "o")], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 2 and expected in proc.stderr.strip().splitlines()[-1], proc.stderr
     assert not (tmp_path / "o").exists()
 
