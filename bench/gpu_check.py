@@ -185,11 +185,16 @@ class Check:
 
         def tar(path):
             with tarfile.open(path, "w:gz") as t:
-                for f in sorted(self.work.rglob("*")):
-                    parts = f.relative_to(self.work).parts
-                    if f.is_file() and f.suffix in (".log", ".json", ".md", ".txt") and f.stat().st_size < 8 << 20 \
-                            and "cache" not in parts and "package" not in parts:
-                        t.add(f, arcname=str(f.relative_to(self.work)))
+                # os.walk skips what vanishes under it: a stage running beside this one writes meanwhile
+                for folder, dirs, files in os.walk(self.work):
+                    dirs[:] = sorted(d for d in dirs if d not in ("cache", "package"))
+                    for name in sorted(files):
+                        f = Path(folder, name)
+                        try:
+                            if f.suffix in (".log", ".json", ".md", ".txt") and f.stat().st_size < 8 << 20:
+                                t.add(f, arcname=str(f.relative_to(self.work)))
+                        except OSError:
+                            continue
         _replace(self.out / "logs.tgz", tar)
 
 
