@@ -557,7 +557,7 @@ def main(argv=None) -> int:
                    help="on CPU: every stage's code path that runs without CUDA; says which stages it skipped")
     p.add_argument("--stages", default=",".join(s.name for s in STAGES),
                    help="comma-separated stages to run, in priority order regardless (build is added when admrt "
-                        "does not import)")
+                        "does not import; name it after changing C++ on a warm machine)")
     p.add_argument("--total", type=float, default=480, help="seconds for the whole check (default 480)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default $OUT, else a new temporary one)")
     p.add_argument("--work", type=Path, default=None,

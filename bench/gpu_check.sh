@@ -21,7 +21,8 @@ if [ "${1:-}" = --prepare ]; then
 fi
 if ls .whl/*.whl > /dev/null 2>&1; then   # carried wheels: pure Python, unpacked beside the image's packages
     site=/tmp/admrt-gpu-check-site
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" .whl/*.whl || exit 1
+    PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" \
+        .whl/*.whl || { echo "gpu_check.sh: could not install the carried wheels of .whl/ into $site" >&2; exit 1; }
     export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 fi
 exec "$PY" bench/gpu_check.py "$@"
