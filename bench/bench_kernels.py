@@ -303,6 +303,7 @@ class Results:
 
     def add(self, row):
         self.rows.append(row)
+        self.meta["targets"] = run_targets(self.rows)   # so a run killed from outside keeps its verdicts too
         self.write()
 
     def write(self):
@@ -559,6 +560,12 @@ def targets(rows, gn_copy_shapes=TARGET_GN_COPY_SHAPES, attn_long_t=TARGET_ATTN_
     return out
 
 
+def run_targets(rows):
+    """targets() at this run's shapes (the smoke run's own under --smoke)."""
+    return targets(rows, SMOKE_TARGET_GN_COPY_SHAPES if SMOKE else TARGET_GN_COPY_SHAPES,
+                   32 if SMOKE else TARGET_ATTN_LONG_T)
+
+
 def print_targets(tgts):
     print("targets:")
     for t in tgts:
@@ -644,8 +651,7 @@ def main(argv=None):
             bench_attention(K, dev, res, SMOKE_ATTN_SHAPES if args.smoke else ATTN_SHAPES)
         if args.only in (None, "gn"):
             bench_group_norm(K, dev, copy_gbs, bare_us, res, rest)
-    tgts = targets(res.rows, SMOKE_TARGET_GN_COPY_SHAPES if args.smoke else TARGET_GN_COPY_SHAPES,
-                   32 if args.smoke else TARGET_ATTN_LONG_T)
+    tgts = run_targets(res.rows)
     print_targets(tgts)
     if res.meta["skipped"]:
         print(f"skipped after the time limit ({args.time_limit:.0f} s): {len(res.meta['skipped'])} rows")

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime
+import io
 import json
 import os
 import re
@@ -126,24 +127,33 @@ def run(argv: list[str], log: Path, timeout: float, env: dict | None = None) -> 
     with open(log, "ab") as f:
         f.write(f"$ {shlex.join(argv)}\n".encode())
         f.flush()
-        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-                                env=None if env is None else {**os.environ, **env})
+        try:
+            proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                                    env=None if env is None else {**os.environ, **env})
+        except OSError as exc:   # e.g. a program that was not built: that command fails, not the check
+            f.write(f"gpu_check: cannot start {argv[0]}: {exc}\n".encode())
+            return Ran(argv, 127, time.monotonic() - start, log)
         try:
             rc = proc.wait(timeout=max(timeout, 1.0))
         except subprocess.TimeoutExpired:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=5)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            _kill_group(proc)
             rc = None
             f.write(f"\n[gpu_check: killed at its time limit, {timeout:.0f} s]\n".encode())
     return Ran(argv, rc, time.monotonic() - start, log)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the command's process group, then SIGKILL to whatever of it is left (a child that
+    ignores SIGTERM must not run on into a timed stage)."""
+    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 # -- the check ---------------------------------------------------------------------------------
@@ -166,7 +176,11 @@ class Check:
     def python(self, code: str, log_name: str, timeout: float = 60) -> str | None:
         """Run a snippet in a fresh interpreter; its stdout's last line, or None where it failed."""
         log = self.logs / log_name
-        proc = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        try:
+            proc = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.write_text(f"gpu_check: stopped after {timeout} s\n")
+            return None
         log.write_text(proc.stdout + proc.stderr)
         lines = proc.stdout.strip().splitlines()
         return lines[-1] if proc.returncode == 0 and lines else None
@@ -190,11 +204,16 @@ class Check:
                     dirs[:] = sorted(d for d in dirs if d not in ("cache", "package"))
                     for name in sorted(files):
                         f = Path(folder, name)
-                        try:
+                        try:   # read first, then add: a file replaced meanwhile cannot misalign the archive
                             if f.suffix in (".log", ".json", ".md", ".txt") and f.stat().st_size < 8 << 20:
-                                t.add(f, arcname=str(f.relative_to(self.work)))
+                                data = f.read_bytes()
+                            else:
+                                continue
                         except OSError:
                             continue
+                        info = tarfile.TarInfo(str(f.relative_to(self.work)))
+                        info.size, info.mtime = len(data), int(time.time())
+                        t.addfile(info, io.BytesIO(data))
         _replace(self.out / "logs.tgz", tar)
 
 
@@ -228,14 +247,23 @@ print(json.dumps(env))
 """
 
 
+def environment(check: Check) -> dict:
+    """Device, driver and versions (nvidia-smi and torch), for every call whether it builds or not."""
+    try:
+        env = json.loads(check.python(ENV_SNIPPET, "env.log") or "{}")
+    except json.JSONDecodeError:
+        env = {}
+    if _gpu_present():
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm",
+                              "--format=csv,noheader"], capture_output=True, text=True)
+        if smi.returncode == 0:
+            env["nvidia_smi"] = smi.stdout.strip()
+    return env
+
+
 def build(check: Check, box: float) -> dict:
     """pip install -e . (CMake builds the C++ core with nvcc for this GPU's architecture only)."""
-    env = json.loads(check.python(ENV_SNIPPET, "env.log") or "{}")
-    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm",
-                          "--format=csv,noheader"], capture_output=True, text=True) if _gpu_present() else None
-    if smi is not None and smi.returncode == 0:
-        env["nvidia_smi"] = smi.stdout.strip()
-    check.result["env"].update(env)
+    env = check.result["env"]
     probe = "import admrt.core as c, admrt.engine as e; print(c.built_with_cuda(), e.sample_program)"
     if check.dry:
         have = check.python(probe, "build_probe.log")
@@ -244,7 +272,8 @@ def build(check: Check, box: float) -> dict:
         return {"status": "skipped", "summary": "dry run: this machine's installed build is used (built with CUDA: "
                                                 f"{have.split()[0]})"}
     arch = env.get("capability", "9.0")
-    ran = run([PY, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-cache-dir", "-e", "."],
+    ran = run([PY, "-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps", "--no-index", "--no-cache-dir",
+               "--disable-pip-version-check", "-e", "."],
               check.logs / "build.log", box, env={"ADMRT_CUDA_ARCH_LIST": arch})
     if not ran.ok:
         return {"status": "failed", "seconds": ran.seconds, "summary": f"build failed: {_first_build_error(ran)}",
@@ -297,7 +326,7 @@ def pytest_outcomes(text: str) -> dict:
 
 def correctness(check: Check, box: float) -> dict:
     """The GPU-marked tests of GPU_TESTS; on CPU (--dry-run) only collected."""
-    base = [PY, "-m", "pytest", "-p", "no:cacheprovider", "-m", "gpu", *GPU_TESTS]
+    base = [PY, "-m", "pytest", "-p", "no:cacheprovider", "--continue-on-collection-errors", "-m", "gpu", *GPU_TESTS]
     if check.dry:
         ran = run(base + ["--collect-only", "-q"], check.logs / "correctness.log", box)
         found = re.search(r"(\d+)(?:/\d+)? tests? collected", ran.log.read_text())
@@ -308,9 +337,9 @@ def correctness(check: Check, box: float) -> dict:
     extra = ["-v", "-rfE", "--tb=short"]
     if _importable("xdist"):
         extra += ["-n", "6"]          # the AOTI and Inductor compiles are CPU work: 16 cores
-    if _importable("pytest_timeout"):
-        extra += ["--timeout", "150"]
-    ran = run(base + extra, check.logs / "correctness.log", box)
+    if _importable("pytest_timeout"):   # under the box, so a hung test is named; a thread also stops a CUDA call
+        extra += ["--timeout", "120", "--timeout-method", "thread"]
+    ran = run(base + extra, check.logs / "correctness.log", box, env={"COLUMNS": "300"})   # whole failure reasons
     text = ran.log.read_text(errors="replace")
     out = pytest_outcomes(text)
     total = (re.search(r"(\d+) selected", text) or re.search(r"workers \[(\d+) items", text)
@@ -364,10 +393,14 @@ def smoke(check: Check, box: float) -> dict:
     def one(name):
         folder, commands = items[name]
         start = time.monotonic()
-        for argv in commands:
-            ran = run(argv, check.logs / f"smoke_{folder}.log", box - (time.monotonic() - start), env=env)
-            if not ran.ok:
-                return {"status": "failed", "seconds": time.monotonic() - start, "line": ran.error_line()}
+        try:
+            for argv in commands:
+                ran = run(argv, check.logs / f"smoke_{folder}.log", box - (time.monotonic() - start), env=env)
+                if not ran.ok:
+                    return {"status": "failed", "seconds": time.monotonic() - start, "line": ran.error_line()}
+        except Exception as exc:   # this path fails, the others still report
+            return {"status": "failed", "seconds": time.monotonic() - start,
+                    "line": f"gpu_check.py: {type(exc).__name__}: {exc}"}
         return {"status": "ok", "seconds": time.monotonic() - start, "line": "ok"}
 
     with concurrent.futures.ThreadPoolExecutor(len(todo)) as pool:
@@ -439,9 +472,9 @@ def throughput(check: Check, box: float) -> dict:
         failed = [r["impl"] for r in res["rows"] if "error" in r]
         if failed:
             rows[row.name].update(status="failed", line=f"{', '.join(failed)} failed; " + rows[row.name]["line"])
-    bad = [k for k, r in rows.items() if r["status"] in ("failed", "timeout")]
+    bad = [k for k, r in rows.items() if r["status"] == "failed"]
     done = [k for k, r in rows.items() if r["status"] == "ok"]
-    status = "failed" if bad else ("ok" if len(done) == len(rows) else "partial")
+    status = "failed" if bad else ("ok" if len(done) == len(rows) else "partial")   # a cut row measured nothing
     summary = "; ".join(f"{k}: {r['line']}" for k, r in rows.items())
     return {"status": status, "summary": summary, "rows": rows}
 
@@ -521,21 +554,23 @@ class Stage:
     box_s: float
     expected_s: float     # on an H200 (not yet measured: bench/README.md says how each was estimated)
     run: Callable[[Check, float], dict]
+    min_s: float = 15     # with less left, the stage is skipped rather than started and cut
 
 
 # By priority. The boxes add up to more than --total: a stage gets its box or what is left of the
 # total, so on an H200 as estimated the profile gets what the others leave (often nothing: then
 # `--stages profile` in a second call).
-STAGES = [Stage("build", 150, 60, build), Stage("correctness", 140, 140, correctness),
-          Stage("smoke", 140, 120, smoke), Stage("throughput", 240, 235, throughput),
-          Stage("kernels", 60, 60, kernels), Stage("profile", 60, 50, profile)]
+STAGES = [Stage("build", 150, 60, build, min_s=60), Stage("correctness", 140, 140, correctness, min_s=30),
+          Stage("smoke", 140, 120, smoke, min_s=30), Stage("throughput", 240, 235, throughput, min_s=60),
+          Stage("kernels", 60, 60, kernels, min_s=30), Stage("profile", 60, 50, profile, min_s=40)]
 SIDE_BY_SIDE = ("correctness", "smoke")
 
 
 def run_stage(check: Check, stage: Stage) -> dict:
     box = min(stage.box_s, check.left())
-    if box < 15:
-        result = {"status": "skipped", "summary": f"no time left of the check's {check.result['total_s']:.0f} s"}
+    if box < stage.min_s:
+        result = {"status": "skipped", "summary": f"{max(box, 0):.0f} s left of the check's "
+                                                  f"{check.result['total_s']:.0f} s; it needs {stage.min_s:.0f}"}
     else:
         print(f"== {stage.name}: up to {box:.0f} s", flush=True)
         start = time.monotonic()
@@ -545,7 +580,7 @@ def run_stage(check: Check, stage: Stage) -> dict:
             result = {"status": "failed", "summary": f"gpu_check.py: {type(exc).__name__}: {exc}"}
         result.setdefault("seconds", time.monotonic() - start)
         result["wall_s"] = time.monotonic() - start
-    result["box_s"] = stage.box_s
+    result["box_s"] = round(max(box, 0), 1)   # the box that applied: its own, or what was left
     check.record(stage.name, result)
     print(f"== {stage.name}: {result['status']}: {result['summary']}", flush=True)
     return result
@@ -576,7 +611,8 @@ def main(argv=None) -> int:
     if out.resolve() == work.resolve() or work.resolve().is_relative_to(out.resolve()):
         p.error(f"--work={work}: must be outside --out ({out}): only three files go back from there")
     check = Check(out, work, args.dry_run, args.total)
-    if "build" not in names and check.python("import admrt.core", "import_probe.log") is None:
+    check.result["env"].update(environment(check))
+    if "build" not in names and check.python("import admrt.core; print('ok')", "import_probe.log") is None:
         names.insert(0, "build")
     print(f"gpu_check: {'dry run, ' if args.dry_run else ''}stages {', '.join(names)} within {args.total:.0f} s; "
           f"results in {out}, scratch in {work}", flush=True)

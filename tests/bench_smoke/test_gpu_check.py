@@ -124,18 +124,27 @@ def test_pytest_output_parsed_per_test_with_reasons():
 
 def test_a_command_past_its_box_is_killed_with_its_children_and_says_so(tmp_path):
     start = time.monotonic()
-    ran = gpu_check.run(["bash", "-c", "echo started; sleep 30 & sleep 30; wait"], tmp_path / "x.log", timeout=1)
+    ran = gpu_check.run(["bash", "-c", "echo started; trap '' TERM; sleep 30 & sleep 30; wait"], tmp_path / "x.log",
+                        timeout=1)   # SIGTERM ignored: SIGKILL follows
     assert ran.rc is None and time.monotonic() - start < 15
-    assert ran.error_line().startswith("stopped at its time limit after 1 s (last: started)")
+    assert ran.error_line().startswith("stopped at its time limit after ")
+    assert "(last: started)" in ran.error_line()
     assert "killed at its time limit" in (tmp_path / "x.log").read_text()
+    assert subprocess.run(["pgrep", "-f", "sleep 30"], capture_output=True).returncode == 1   # none left
+
+
+def test_a_program_that_cannot_start_fails_that_command_only(tmp_path):
+    ran = gpu_check.run([str(tmp_path / "no-such-program")], tmp_path / "y.log", timeout=5)
+    assert ran.rc == 127 and "cannot start" in ran.error_line()
 
 
 def test_no_time_left_skips_the_stage_and_still_writes_the_results(tmp_path):
     check = gpu_check.Check(tmp_path / "out", tmp_path / "work", dry=True, total=5)
     called = []
-    stage = gpu_check.Stage("profile", 60, 50, lambda c, box: called.append(box) or {"status": "ok", "summary": ""})
+    stage = gpu_check.Stage("profile", 60, 50, lambda c, box: called.append(box) or {"status": "ok", "summary": ""},
+                            min_s=40)
     result = gpu_check.run_stage(check, stage)
-    assert not called and result["status"] == "skipped" and "no time left" in result["summary"]
+    assert not called and result["status"] == "skipped" and "s left of the check's 5 s; it needs 40" in result["summary"]
     assert json.loads((tmp_path / "out" / "gpu_check.json").read_text())["stages"]["profile"]["status"] == "skipped"
 
 
