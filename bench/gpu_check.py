@@ -113,33 +113,63 @@ class Ran:
         lines = [ln.strip() for ln in self.log.read_text(errors="replace").splitlines() if ln.strip()]
         if self.rc is None:
             last = [ln for ln in lines if not ln.startswith(("$ ", "[gpu_check:"))]
-            return f"stopped at its time limit after {self.seconds:.0f} s" + (f" (last: {last[-1][:200]})" if last else "")
+            why = "interrupted" if lines and lines[-1].startswith("[gpu_check: interrupted") else "stopped at its time limit"
+            return f"{why} after {self.seconds:.0f} s" + (f" (last: {last[-1][:200]})" if last else "")
         pattern = re.compile(r"(Error|error:|Exception|FAILED|Traceback|^admrt[\w -]*: |CUDA|Killed)")
         hits = [ln for ln in lines if pattern.search(ln) and not ln.startswith("$ ")]
         line = (hits or lines or [f"exit code {self.rc}, no output"])[-1]
         return f"exit code {self.rc}: {line[:300]}"
 
 
+_LIVE: set[subprocess.Popen] = set()   # the commands running now (stages side by side run two at once)
+_LIVE_LOCK = threading.Lock()
+_STOPPING = threading.Event()           # set on Ctrl-C / SIGTERM: every command is being stopped
+
+
 def run(argv: list[str], log: Path, timeout: float, env: dict | None = None) -> Ran:
-    """Run argv with stdout and stderr appended to log, killed with its whole process group at timeout."""
+    """Run argv with stdout and stderr appended to log, killed with its whole process group at timeout
+    (or when the check is interrupted: rc None then too)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     with open(log, "ab") as f:
         f.write(f"$ {shlex.join(argv)}\n".encode())
         f.flush()
+        if _STOPPING.is_set():   # interrupted: a stage's next command does not start
+            f.write(b"[gpu_check: interrupted, not started]\n")
+            return Ran(argv, None, 0.0, log)
         try:
             proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
                                     env=None if env is None else {**os.environ, **env})
         except OSError as exc:   # e.g. a program that was not built: that command fails, not the check
             f.write(f"gpu_check: cannot start {argv[0]}: {exc}\n".encode())
             return Ran(argv, 127, time.monotonic() - start, log)
+        with _LIVE_LOCK:
+            _LIVE.add(proc)
         try:
             rc = proc.wait(timeout=max(timeout, 1.0))
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             rc = None
             f.write(f"\n[gpu_check: killed at its time limit, {timeout:.0f} s]\n".encode())
+        except BaseException:   # Ctrl-C in this thread: the command goes with the check
+            _kill_group(proc)
+            raise
+        finally:
+            with _LIVE_LOCK:
+                _LIVE.discard(proc)
+        if _STOPPING.is_set():
+            rc = None
+            f.write(b"\n[gpu_check: interrupted]\n")
     return Ran(argv, rc, time.monotonic() - start, log)
+
+
+def _stop_all() -> None:
+    """Stop every running command: their own sessions do not get the terminal's Ctrl-C."""
+    _STOPPING.set()
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for proc in live:
+        _kill_group(proc)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -169,6 +199,7 @@ class Check:
         self.deadline = time.monotonic() + total
         self.lock = threading.Lock()
         self.result = {"dry_run": dry, "started": _now(), "total_s": total, "env": {}, "stages": {}}
+        self.write()   # at once: files an earlier run left in --out never stand for this one
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -606,10 +637,14 @@ def main(argv=None) -> int:
         p.error(f"--total={args.total}: expected a positive number of seconds")
     if not args.dry_run and not _gpu_present():
         p.error("no GPU here (nvidia-smi lists none): run it on the GPU machine, or pass --dry-run")
-    out = args.out or Path(os.environ.get("OUT") or tempfile.mkdtemp(prefix="gpu-check-out-"))
-    work = args.work or Path(tempfile.mkdtemp(prefix="gpu-check-work-"))
-    if out.resolve() == work.resolve() or work.resolve().is_relative_to(out.resolve()):
-        p.error(f"--work={work}: must be outside --out ({out}): only three files go back from there")
+    out = (args.out or Path(os.environ.get("OUT") or tempfile.mkdtemp(prefix="gpu-check-out-"))).resolve()
+    work = (args.work or Path(tempfile.mkdtemp(prefix="gpu-check-work-"))).resolve()
+    if work == out or work.is_relative_to(out):
+        p.error(f"--work={args.work}: must be outside --out ({out}): only three files go back from there")
+    if work.exists() and (not work.is_dir() or any(work.iterdir())):
+        p.error(f"--work={args.work}: expected a new or empty folder (an earlier check's run folders and results "
+                "there would be taken for this one's)")
+    signal.signal(signal.SIGTERM, _interrupt)   # the device tool's limit, a scheduler: as Ctrl-C
     check = Check(out, work, args.dry_run, args.total)
     check.result["env"].update(environment(check))
     if "build" not in names and check.python("import admrt.core; print('ok')", "import_probe.log") is None:
@@ -620,23 +655,42 @@ def main(argv=None) -> int:
     skipped = [s.name for s in STAGES if s.name not in names]
     for name in skipped:
         check.result["stages"][name] = {"status": "skipped", "summary": "not chosen (--stages)"}
-    i = 0
-    while i < len(chosen):
-        group = [chosen[i]]
-        if chosen[i].name in SIDE_BY_SIDE:
-            while i + len(group) < len(chosen) and chosen[i + len(group)].name in SIDE_BY_SIDE:
-                group.append(chosen[i + len(group)])
-        with concurrent.futures.ThreadPoolExecutor(len(group)) as pool:
-            results = list(pool.map(lambda s: run_stage(check, s), group))
-        i += len(group)
-        if group[0].name == "build" and results[0]["status"] == "failed":
-            for s in chosen[i:]:
-                check.record(s.name, {"status": "skipped", "summary": "the build failed", "box_s": s.box_s})
-            break
+    groups: list[list[Stage]] = []   # one stage each, but correctness and smoke side by side
+    for s in chosen:
+        if groups and s.name in SIDE_BY_SIDE and groups[-1][-1].name in SIDE_BY_SIDE:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    try:
+        for k, group in enumerate(groups):
+            with concurrent.futures.ThreadPoolExecutor(len(group)) as pool:
+                futures = [pool.submit(run_stage, check, s) for s in group]
+                try:
+                    results = [f.result() for f in futures]
+                except BaseException:
+                    _stop_all()   # the side-by-side stage's commands too, before the pool waits for it
+                    raise
+            if group[0].name == "build" and results[0]["status"] == "failed":
+                for s in (s for g in groups[k + 1:] for s in g):
+                    check.record(s.name, {"status": "skipped", "summary": "the build failed", "box_s": 0})
+                break
+    except KeyboardInterrupt:
+        _stop_all()
+        for s in chosen:
+            check.result["stages"].setdefault(s.name, {"status": "interrupted", "summary": "interrupted (Ctrl-C or "
+                                                       "SIGTERM) before it ended", "box_s": 0})
+        check.result["interrupted"] = _now()
+        check.write()
+        print(f"gpu_check: interrupted; what the stages measured before is in {out}", file=sys.stderr, flush=True)
+        return 130
     check.result["finished"] = _now()
     check.write()
     print(markdown(check.result), flush=True)
     return 0 if all(r["status"] in ("ok", "skipped", "partial") for r in check.result["stages"].values()) else 1
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _gpu_present() -> bool:
@@ -653,6 +707,8 @@ def markdown(result: dict) -> str:
              f", torch {env.get('torch', '?')}, CUDA {env.get('cuda')}, triton {env.get('triton')}, "
              f"Python {env.get('python', '?')}; started {result['started']}"
              + (f"; nvidia-smi: {env['nvidia_smi']}" if env.get("nvidia_smi") else "") + ".", "",
+             *([f"**Interrupted** at {result['interrupted']}: the stages below stopped there.", ""]
+               if result.get("interrupted") else []),
              "| stage | status | s (box, expected) | result |", "|---|---|---|---|"]
     for stage in STAGES:
         r = result["stages"].get(stage.name)

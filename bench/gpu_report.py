@@ -71,7 +71,7 @@ def verdicts(result: dict) -> list[tuple[str, str, str]]:
 def _yes(ok: bool, stage: dict) -> str:
     if stage.get("status") in (None, "skipped"):
         return "—"
-    if stage.get("status") in ("timeout", "partial"):   # cut by its box with nothing failed: undecided
+    if stage.get("status") in ("timeout", "partial", "interrupted"):   # cut short with nothing failed: undecided
         return "partial"
     return "yes" if ok else "**no**"
 
@@ -139,9 +139,13 @@ def main(argv=None) -> int:
         if not path.is_file():
             p.error(f"{folder}: no gpu_check.json there (expected the files bench/gpu_check.sh left under $OUT)")
         try:
-            calls.append(json.loads(path.read_text()))
-        except json.JSONDecodeError as exc:
+            call = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             p.error(f"{path}: not JSON ({exc})")
+        if not (isinstance(call, dict) and isinstance(call.get("stages"), dict)
+                and isinstance(call.get("started"), str) and "dry_run" in call):
+            p.error(f"{path}: not a GPU check's result (expected an object with dry_run, started and stages)")
+        calls.append(call)
     if any(c["dry_run"] for c in calls) and not args.allow_dry_run:
         p.error(f"{', '.join(str(f) for f, c in zip(args.calls, calls) if c['dry_run'])}: a dry run (CPU): "
                 "not GPU figures; refused")

@@ -25,7 +25,7 @@ SCRIPT = ROOT / "bench" / "gpu_check.sh"
 def dry_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gpu_check")
     out, work = tmp / "out", tmp / "work"
-    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", str(out), "--work", str(work)], cwd=tmp,
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", "out", "--work", "work"], cwd=tmp,   # the caller's
                           capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})
     return proc, out, work
 
@@ -186,3 +186,32 @@ def test_a_failed_build_is_named_by_its_first_compiler_error(tmp_path):
                    "ninja: build stopped: subcommand failed.\n  error: subprocess-exited-with-error\n")
     ran = gpu_check.Ran(["pip"], 1, 3.0, log)
     assert gpu_check._first_build_error(ran).startswith("/repo/engine/csrc/noise_cuda.cu(41): error: identifier")
+
+
+def test_a_used_work_folder_is_refused_in_one_line(tmp_path):
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "throughput").mkdir()
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", "o", "--work", "w"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith(
+        "--work=w: expected a new or empty folder (an earlier check's run folders and results there would be taken "
+        "for this one's)")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_command_and_keeps_what_was_measured(tmp_path):
+    work = tmp_path / "work"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--dry-run", "--stages", "kernels",
+                             "--out", str(tmp_path / "out"), "--work", str(work)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:   # the kernels benchmark (about 30 s under the interpreter) has started
+        if line.startswith("== kernels: up to"):
+            break
+    time.sleep(3)
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("gpu_check: interrupted;")
+    result = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert result["interrupted"] and result["stages"]["kernels"]["status"] != "ok"
+    assert subprocess.run(["pgrep", "-f", str(work)], capture_output=True).returncode == 1   # no command left
