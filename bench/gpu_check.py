@@ -55,6 +55,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import report   # bench/report.py: the throughput table and the best admrt row (standard library only)
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
@@ -490,9 +492,10 @@ def throughput(check: Check, box: float) -> dict:
         if left < 20:
             rows[row.name] = {"status": "skipped", "line": f"no time left in the stage's {box:.0f} s"}
             continue
-        argv = [PY, "-m", "admrt.cli", "bench", *row.args, "--out", str(folder)]
-        ran = run(argv, check.logs / f"throughput_{row.name.replace(' ', '_')}.log", left)
-        path = _bench_result(folder, row)
+        slug = row.name.replace(" ", "_")
+        ran = run([PY, "-m", "admrt.cli", "bench", *row.args, "--out", str(folder / slug)],
+                  check.logs / f"throughput_{slug}.log", left)
+        path = next((folder / slug).glob("sampling_*.json"), None)   # the one file `admrt bench --out` writes
         if not ran.ok or path is None:
             rows[row.name] = {"status": "failed" if ran.rc is not None else "timeout", "line": ran.error_line(),
                               "seconds": ran.seconds}
@@ -510,24 +513,16 @@ def throughput(check: Check, box: float) -> dict:
     return {"status": status, "summary": summary, "rows": rows}
 
 
-def _bench_result(folder: Path, row: Row) -> Path | None:
-    a = {flag: value for flag, value in zip(row.args, row.args[1:]) if flag.startswith("--")}
-    path = folder / f"sampling_{a['--preset']}_{a['--dtype']}_b{a['--batch']}_{a['--steps']}.json"
-    return path if path.exists() else None
-
-
 def _row_line(res: dict) -> str:
-    """'admrt + graphs 2.31x guided-diffusion, 0.95 vs 0.41 images/s, 31% of 790 TFLOP/s'."""
-    rows = [r for r in res["rows"] if "median_s" in r]
-    ref = next((r for r in rows if r["impl"].startswith("guided-diffusion (")), None)
-    ours = max((r for r in rows if r["impl"].startswith("admrt")), key=lambda r: r["images_per_s"], default=None)
+    """'admrt + graphs 1.1 images/s, 2.31x guided-diffusion, 31.0% of the 790 TFLOP/s matmul rate'."""
+    ours = report._best_admrt(res)
     if ours is None:
         return "no admrt row"
     text = f"{ours['impl']} {ours['images_per_s']:.3g} images/s"
-    if ref is not None:
-        text += f", {ours['images_per_s'] / ref['images_per_s']:.2f}x guided-diffusion ({ref['images_per_s']:.3g})"
+    if ours.get("speedup_vs_reference") is not None:
+        text += f", {ours['speedup_vs_reference']:.2f}x guided-diffusion"
     if ours.get("pct_of_matmul_peak") is not None:
-        text += f", {ours['pct_of_matmul_peak']:.1f}% of the {res.get('matmul_tflops', 0):.3g} TFLOP/s matmul rate"
+        text += f", {ours['pct_of_matmul_peak']:.1f}% of the {res['matmul_tflops']:.3g} TFLOP/s matmul rate"
     return text
 
 
@@ -575,7 +570,7 @@ def profile(check: Check, box: float) -> dict:
         return {"status": "failed" if ran.rc is not None else "timeout", "summary": ran.error_line()}
     res = json.loads(files[0].read_text())
     top = ", ".join(f"{r['category']} {r['pct_of_step']:.0f}%" for r in res["categories"][:4])
-    return {"status": "ok", "seconds": ran.seconds, "result": res,
+    return {"status": "ok", "seconds": ran.seconds, "result": res, "markdown": files[0].with_suffix(".md").read_text(),
             "summary": f"step {res['step_ms']:.1f} ms: {top}"}
 
 
@@ -726,40 +721,26 @@ def markdown(result: dict) -> str:
         lines += ["", "## User paths", ""] + [f"- {k}: {v['status']}: {_cell(v['line'])}" for k, v in sm["paths"].items()]
     tp = result["stages"].get("throughput", {})
     if tp.get("rows"):
-        lines += ["", "## Throughput (guided, alternating rounds, median)", "",
-                  "| row | implementation | images/s | ms/step | min-max s | x reference | % matmul | peak GiB |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for name, row in tp["rows"].items():
-            if row["status"] != "ok" and "result" not in row:
-                lines.append(f"| {name} | {row['status']}: {_cell(row['line'])} | | | | | | |")
-                continue
-            for r in row["result"]["rows"]:
-                if "median_s" not in r:
-                    lines.append(f"| {name} | {r['impl']}: failed: {_cell(r.get('error', ''))} | | | | | | |")
-                    continue
-                lines.append(f"| {name} | {r['impl']} | {r['images_per_s']:.3g} | {r['ms_per_step']:.1f} | "
-                             f"{r['min_s']:.2f}-{r['max_s']:.2f} | {_num(r.get('speedup_vs_reference'))} | "
-                             f"{_num(r.get('pct_of_matmul_peak'), '{:.1f}')} | {_num(r.get('peak_mem_gib'))} |")
+        runs = [row["result"] for row in tp["rows"].values() if "result" in row]
+        lines += ["", "## Throughput (guided, alternating rounds, median)", ""]
+        lines += [report.table(runs)] if runs else []
+        lines += [f"- {name}: {row['status']}: {_cell(row['line'])}" for name, row in tp["rows"].items()
+                  if "result" not in row]
     kn = result["stages"].get("kernels", {})
     if kn.get("targets"):
         lines += ["", "## Kernel targets", ""]
         lines += [f"- {({True: 'met', False: '**not met**', None: 'n/a'})[t.get('met')]}: {t['text']}"
-                  + (f" ({t['metric']} = {_num(t['value'], '{:.3g}')}, {t.get('decided_by')})" if "value" in t else "")
+                  + (f" ({t['metric']} = {report._fmt(t['value'], '{:.3g}')}, {t.get('decided_by')})"
+                     if "value" in t else "")
                   for t in kn["targets"]]
     pr = result["stages"].get("profile", {})
-    if pr.get("result"):
-        lines += ["", "## Step profile", "", "| category | ms/step | % of step |", "|---|---|---|"]
-        lines += [f"| {r['category']} | {r['ms_per_step']:.2f} | {r['pct_of_step']:.1f} |"
-                  for r in pr["result"]["categories"]]
+    if pr.get("markdown"):
+        lines += ["", "## Step profile", "", pr["markdown"]]   # profile_step.py's own
     return "\n".join(lines) + "\n"
 
 
 def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _num(value, spec="{:.2f}") -> str:
-    return "—" if value is None or value != value else spec.format(value)
 
 
 if __name__ == "__main__":

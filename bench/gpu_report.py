@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpu_check  # noqa: E402  (the stage names and the markdown of one call)
+import report  # noqa: E402  (the throughput targets)
 
 BEGIN = "<!-- gpu-check: begin (bench/gpu_report.py writes this block) -->"
 END = "<!-- gpu-check: end -->"
@@ -56,7 +57,6 @@ def verdicts(result: dict) -> list[tuple[str, str, str]]:
         rows.append((f"user path: {name}", path["line"], _yes(path["status"] == "ok", path)))
     runs = [r["result"] for r in (st.get("throughput", {}).get("rows") or {}).values() if "result" in r]
     if runs:
-        import report
         for line in report.targets(runs).splitlines()[2:]:
             target, measured, met = [cell.strip() for cell in line.strip("|").split("|")]
             rows.append((target, measured, met))
