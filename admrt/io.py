@@ -28,13 +28,33 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], mode: in
     return path
 
 
-def file_fingerprint(path) -> str:
-    """sha256 of a file's bytes (its first 16 hex digits), streamed: about a second per GB."""
-    h = hashlib.sha256()
+def hash_file(path, h=None):
+    """Stream a file's bytes into the hash h (a new sha256 by default) and return h: about a second per GB."""
+    h = hashlib.sha256() if h is None else h
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
             h.update(chunk)
-    return "sha256:" + h.hexdigest()[:16]
+    return h
+
+
+def file_fingerprint(path) -> str:
+    """sha256 of a file's bytes (its first 16 hex digits)."""
+    return "sha256:" + hash_file(path).hexdigest()[:16]
+
+
+def hash_weights(modules: dict, h=None):
+    """Hash the weights' content into h (a new sha256 by default) and return h: role, key, dtype,
+    shape and bytes of every tensor of each module of `modules` (role -> nn.Module). The content,
+    not a file's bytes: an identical re-saved checkpoint hashes the same."""
+    import torch
+
+    h = hashlib.sha256() if h is None else h
+    for role in sorted(modules):
+        for key, value in sorted(modules[role].state_dict().items()):
+            t = value.detach().cpu().contiguous()
+            h.update(f"{role}/{key}/{t.dtype}/{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h
 
 
 def device_description(device) -> str:

@@ -43,6 +43,8 @@ from typing import Callable, Iterator, Optional, TypeVar
 import torch
 import torch.nn as nn
 
+from admrt.io import hash_file, hash_weights
+
 T = TypeVar("T")
 ENTRY = "entry.json"
 DEFAULT_MAX_BYTES = 10 * 2 ** 30
@@ -75,15 +77,9 @@ def _max_bytes_from_env() -> int:
 # -- what a key hashes -----------------------------------------------------------------------------
 
 def weights_digest(module: nn.Module) -> str:
-    """blake2b of every parameter and buffer (name, dtype, shape, bytes): the weights' content, not
-    a file's bytes, so an identical re-saved checkpoint gives the same digest."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach()
-        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        if tensor.numel():
-            h.update(tensor.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """blake2b of the weights' content (admrt.io.hash_weights), so an identical re-saved checkpoint
+    gives the same digest."""
+    return hash_weights({"": module}, hashlib.blake2b(digest_size=16)).hexdigest()
 
 
 def network_description(module: nn.Module) -> dict:
@@ -174,14 +170,6 @@ class Entry:
     size: int
     last_used: float
     record: dict
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _folder_size(path: Path) -> int:
@@ -280,7 +268,7 @@ class CompileCache:
                     warnings.filterwarnings("ignore", category=DeprecationWarning)
                     extra = build(tmp) or {}
                 seconds = time.perf_counter() - t0
-                files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                files = {p.name: {"bytes": p.stat().st_size, "sha256": hash_file(p).hexdigest()}
                          for p in sorted(tmp.iterdir()) if p.is_file()}
                 record = {"backend": backend, "key": key, "what": what, "fields": fields, "files": files,
                           "compile_s": round(seconds, 2), "size_hint": size_hint, "created": time.time(), **extra}
@@ -303,7 +291,7 @@ class CompileCache:
                 path = folder / name
                 if not path.is_file():
                     return f"{name} is missing"
-                if path.stat().st_size != want["bytes"] or _sha256(path) != want["sha256"]:
+                if path.stat().st_size != want["bytes"] or hash_file(path).hexdigest() != want["sha256"]:
                     return f"{name} does not match its recorded size and sha256"
         except (OSError, ValueError, KeyError, TypeError) as exc:
             return f"{ENTRY} unreadable: {exc}"

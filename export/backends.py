@@ -28,12 +28,12 @@ from admrt.engine.cache import CompileCache, describe, unit_fields
 from admrt.models.units import ClassifierGradient, device_of
 
 AOTI_MAX_BATCH = 1024  # the batch bound of units compiled by the "aoti" backend
+
+
 def aoti_unit(unit, cache: CompileCache, load):
     """`unit` (a Denoiser or ClassifierGradient whose info the Engine fitted to its stack) compiled
     to a .pt2 with a dynamic batch up to AOTI_MAX_BATCH (once per cache key), loaded by
     `load(path, device)`."""
-    import torch
-
     from .aoti import compile_unit
     from .stack import example_inputs, low_res_size
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -17,6 +16,8 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
+
+from admrt.io import hash_weights
 
 
 @dataclass(frozen=True)
@@ -133,13 +134,7 @@ def example_inputs(info, batch: int, device, low_res_size=None, seed=0) -> list[
 def weights_fingerprint(modules: dict) -> str:
     """sha256 (first 16 hex digits) of the exported modules' weights: role, key, dtype, shape and
     bytes of every tensor; run records compare it (engine/csrc/runfolder.cpp)."""
-    h = hashlib.sha256()
-    for role in sorted(modules):
-        for key, value in sorted(modules[role].state_dict().items()):
-            t = value.detach().cpu().contiguous()
-            h.update(f"{role}/{key}/{t.dtype}/{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return "sha256:" + h.hexdigest()[:16]
+    return "sha256:" + hash_weights(modules).hexdigest()[:16]
 
 
 def low_res_size(info) -> Optional[int]:

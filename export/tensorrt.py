@@ -41,6 +41,8 @@ from typing import Optional, Sequence
 import onnx
 import torch
 
+from admrt.io import hash_file
+
 from . import require_tensorrt
 from .stack import staging_folder
 
@@ -101,12 +103,6 @@ def _external_data_files(onnx_path: Path) -> list[Path]:
     return sorted(files)
 
 
-def _hash_file(h, path: Path) -> None:
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-
-
 def engine_cache_key(onnx_path: str | os.PathLike, trt_version: str, gpu_name: str, *,
                      compute_capability: tuple[int, int], batch: BatchProfile, plugins: str = "") -> str:
     """sha256 (hex) over everything the engine depends on: the ONNX file and its external data,
@@ -119,7 +115,7 @@ def engine_cache_key(onnx_path: str | os.PathLike, trt_version: str, gpu_name: s
     h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
     for path in [onnx_path, *_external_data_files(onnx_path)]:
         h.update(path.name.encode())
-        _hash_file(h, path)
+        hash_file(path, h)
     return h.hexdigest()
 
 

@@ -23,7 +23,6 @@ Two networks share one interface (`FeatureNetwork`):
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -33,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from admrt.io import hash_file
 
 BUNDLED_FASHION_FEATURES = Path(__file__).resolve().parent.parent / "bundled" / "fashion_features.safetensors"
 
@@ -47,14 +48,6 @@ class Activations:
 
     def __len__(self) -> int:
         return len(self.pool)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class FeatureNetwork(nn.Module):
@@ -301,7 +294,7 @@ class InceptionV3FID(FeatureNetwork):
                 f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
                 f"{'...' if len(unexpected) > 5 else ''}")
         net.load_state_dict(state, strict=False)
-        net.fingerprint = _file_sha256(path)
+        net.fingerprint = hash_file(path).hexdigest()
         return net.eval()
 
     def forward(self, images: torch.Tensor):
@@ -445,7 +438,7 @@ class FashionFeatureNet(FeatureNetwork):
         if missing or unexpected:
             raise ValueError(f"{path}: does not match its config; missing {missing[:5]}, unexpected {unexpected[:5]}")
         net.load_state_dict(state, strict=False)
-        net.fingerprint = _file_sha256(path)
+        net.fingerprint = hash_file(path).hexdigest()
         net.metadata = meta
         return net.eval()
 
