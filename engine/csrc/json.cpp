@@ -1,10 +1,12 @@
 #include "json.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <charconv>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
@@ -26,7 +28,10 @@ class Parser {
 
  private:
   [[noreturn]] void fail(const std::string& why) const {
-    throw std::runtime_error(source_ + ": not valid JSON at byte " + std::to_string(i_) + ": " + why);
+    const size_t at = std::min(i_, s_.size());
+    const size_t line = 1 + static_cast<size_t>(std::count(s_.begin(), s_.begin() + static_cast<std::ptrdiff_t>(at), '\n'));
+    throw std::runtime_error(source_ + ": not valid JSON at line " + std::to_string(line) + " (byte " +
+                             std::to_string(at) + "): " + why);
   }
   void skip_space() {
     while (i_ < s_.size() && (s_[i_] == ' ' || s_[i_] == '\n' || s_[i_] == '\r' || s_[i_] == '\t')) ++i_;
@@ -45,48 +50,24 @@ class Parser {
     ++i_;
   }
 
+  // Arrays and objects nest at most kMaxDepth deep: the reader recurses once per level, and a
+  // hostile file of 20000 '[' would otherwise overflow the stack.
+  struct Nested {
+    explicit Nested(Parser& p) : p_(p) {
+      if (++p_.depth_ > kMaxDepth) p_.fail("nested deeper than " + std::to_string(kMaxDepth) + " levels");
+    }
+    ~Nested() { --p_.depth_; }
+    Parser& p_;
+  };
+
   Value value() {
     skip_space();
     if (i_ >= s_.size()) fail("unexpected end");
     Value v;
     char c = s_[i_];
-    if (c == '{') {
-      v.type = Value::Type::Object;
-      ++i_;
-      skip_space();
-      if (i_ < s_.size() && s_[i_] == '}') {
-        ++i_;
-        return v;
-      }
-      while (true) {
-        skip_space();
-        if (i_ >= s_.size() || s_[i_] != '"') fail("expected a string key");
-        std::string key = string();
-        expect(':');
-        Value item = value();
-        if (!v.object.count(key)) v.keys.push_back(key);
-        v.object[key] = std::move(item);
-        skip_space();
-        if (i_ < s_.size() && s_[i_] == ',') { ++i_; continue; }
-        expect('}');
-        return v;
-      }
-    }
-    if (c == '[') {
-      v.type = Value::Type::Array;
-      ++i_;
-      skip_space();
-      if (i_ < s_.size() && s_[i_] == ']') {
-        ++i_;
-        return v;
-      }
-      while (true) {
-        v.array.push_back(value());
-        skip_space();
-        if (i_ < s_.size() && s_[i_] == ',') { ++i_; continue; }
-        expect(']');
-        return v;
-      }
+    if (c == '{' || c == '[') {
+      Nested level(*this);
+      return c == '{' ? object() : array();
     }
     if (c == '"') {
       v.type = Value::Type::String;
@@ -103,24 +84,90 @@ class Parser {
     return number();
   }
 
-  Value number() {
-    size_t start = i_;
-    if (i_ < s_.size() && s_[i_] == '-') ++i_;
-    bool integer = true;
-    while (i_ < s_.size()) {
-      char c = s_[i_];
-      if (c >= '0' && c <= '9') { ++i_; continue; }
-      if (c == '.' || c == 'e' || c == 'E' || c == '+' || c == '-') { integer = false; ++i_; continue; }
-      break;
+  Value object() {
+    Value v;
+    v.type = Value::Type::Object;
+    ++i_;
+    skip_space();
+    if (i_ < s_.size() && s_[i_] == '}') {
+      ++i_;
+      return v;
     }
-    std::string text = s_.substr(start, i_ - start);
-    if (text.empty() || text == "-") fail("expected a value");
+    while (true) {
+      skip_space();
+      if (i_ >= s_.size() || s_[i_] != '"') fail("expected a string key");
+      std::string key = string();
+      expect(':');
+      Value item = value();
+      if (!v.object.count(key)) v.keys.push_back(key);  // a repeated key: the last value, as Python's json
+      v.object[key] = std::move(item);
+      skip_space();
+      if (i_ < s_.size() && s_[i_] == ',') { ++i_; continue; }
+      expect('}');
+      return v;
+    }
+  }
+
+  Value array() {
+    Value v;
+    v.type = Value::Type::Array;
+    ++i_;
+    skip_space();
+    if (i_ < s_.size() && s_[i_] == ']') {
+      ++i_;
+      return v;
+    }
+    while (true) {
+      v.array.push_back(value());
+      skip_space();
+      if (i_ < s_.size() && s_[i_] == ',') { ++i_; continue; }
+      expect(']');
+      return v;
+    }
+  }
+
+  // JSON's number grammar: -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?
+  Value number() {
+    const size_t start = i_;
+    auto digits = [&] {
+      const size_t from = i_;
+      while (i_ < s_.size() && s_[i_] >= '0' && s_[i_] <= '9') ++i_;
+      return i_ - from;
+    };
+    if (i_ < s_.size() && s_[i_] == '-') ++i_;
+    const size_t int_start = i_;
+    if (digits() == 0) { i_ = start; fail("expected a value"); }
+    if (s_[int_start] == '0' && i_ - int_start > 1) { i_ = start; fail("bad number (a leading zero)"); }
+    bool integer = true;
+    if (i_ < s_.size() && s_[i_] == '.') {
+      integer = false;
+      ++i_;
+      if (digits() == 0) fail("bad number (no digits after '.')");
+    }
+    if (i_ < s_.size() && (s_[i_] == 'e' || s_[i_] == 'E')) {
+      integer = false;
+      ++i_;
+      if (i_ < s_.size() && (s_[i_] == '+' || s_[i_] == '-')) ++i_;
+      if (digits() == 0) fail("bad number (no exponent digits)");
+    }
+    const std::string text = s_.substr(start, i_ - start);
     Value v;
     v.type = Value::Type::Number;
     // from_chars: no locale (strtod would read "0.5" as 0 under a comma-decimal locale)
-    const char* first = text.c_str() + (text[0] == '+' ? 1 : 0);
-    auto [end, ec] = std::from_chars(first, text.c_str() + text.size(), v.number);
-    if (ec != std::errc() || end != text.c_str() + text.size()) fail("bad number '" + text + "'");
+    auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v.number);
+    if (ec == std::errc::result_out_of_range) {
+      // Underflow reads as 0 (as Python's float()); overflow is refused rather than read as inf.
+      const size_t e = text.find_first_of("eE");
+      if (e != std::string::npos && text[e + 1] == '-') {
+        v.number = text[0] == '-' ? -0.0 : 0.0;
+      } else {
+        i_ = start;
+        fail("number " + text.substr(0, 40) + " is beyond the range of a double");
+      }
+    } else if (ec != std::errc() || end != text.data() + text.size()) {
+      i_ = start;
+      fail("bad number '" + text.substr(0, 40) + "'");
+    }
     if (integer) {
       errno = 0;
       long long n = std::strtoll(text.c_str(), nullptr, 10);
@@ -137,8 +184,11 @@ class Parser {
     std::string out;
     while (true) {
       if (i_ >= s_.size()) fail("unterminated string");
+      const size_t at = i_;
       char c = s_[i_++];
       if (c == '"') return out;
+      if (static_cast<unsigned char>(c) < 0x20) { i_ = at; fail("a control character inside a string"); }
+      if (static_cast<unsigned char>(c) >= 0x80) { i_ = at; utf8_char(out); continue; }
       if (c != '\\') { out.push_back(c); continue; }
       if (i_ >= s_.size()) fail("unterminated escape");
       char e = s_[i_++];
@@ -153,7 +203,9 @@ class Parser {
         case 't': out.push_back('\t'); break;
         case 'u': {
           uint32_t cp = hex4();
-          if (cp >= 0xD800 && cp < 0xDC00 && take("\\u")) {
+          if (cp >= 0xDC00 && cp <= 0xDFFF) fail("a lone surrogate \\u escape (not UTF-8 text)");
+          if (cp >= 0xD800 && cp < 0xDC00) {
+            if (!take("\\u")) fail("a lone surrogate \\u escape (not UTF-8 text)");
             const uint32_t low = hex4();
             if (low < 0xDC00 || low > 0xDFFF) fail("bad surrogate pair");
             cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
@@ -165,6 +217,26 @@ class Parser {
       }
     }
   }
+  // One UTF-8 encoded character at i_ (a lead byte >= 0x80), checked and appended to `out`.
+  void utf8_char(std::string& out) {
+    const unsigned char lead = static_cast<unsigned char>(s_[i_]);
+    int n;
+    uint32_t cp, min;
+    if (lead >= 0xC2 && lead <= 0xDF) { n = 1; cp = lead & 0x1F; min = 0x80; }
+    else if (lead >= 0xE0 && lead <= 0xEF) { n = 2; cp = lead & 0x0F; min = 0x800; }
+    else if (lead >= 0xF0 && lead <= 0xF4) { n = 3; cp = lead & 0x07; min = 0x10000; }
+    else fail("not UTF-8 text");
+    if (s_.size() - i_ <= static_cast<size_t>(n)) fail("not UTF-8 text (a truncated character)");
+    for (int k = 1; k <= n; ++k) {
+      const unsigned char b = static_cast<unsigned char>(s_[i_ + k]);
+      if ((b & 0xC0) != 0x80) fail("not UTF-8 text");
+      cp = (cp << 6) | (b & 0x3F);
+    }
+    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) fail("not UTF-8 text");
+    out.append(s_, i_, static_cast<size_t>(n) + 1);
+    i_ += static_cast<size_t>(n) + 1;
+  }
+
   uint32_t hex4() {
     if (i_ + 4 > s_.size()) fail("short \\u escape");
     uint32_t v = 0;
@@ -196,50 +268,66 @@ class Parser {
     }
   }
 
+  static constexpr int kMaxDepth = 256;
   const std::string& s_;
   const std::string& source_;
   size_t i_ = 0;
+  int depth_ = 0;
 };
 
-[[noreturn]] void wrong(const std::string& what, const char* expected) {
-  throw std::runtime_error(what + ": expected " + expected);
+// `v` in a few words for an error: a number or a short string as written, else its kind.
+std::string brief(const Value& v) {
+  using T = Value::Type;
+  switch (v.type) {
+    case T::Null: return "null";
+    case T::Bool: return v.boolean ? "true" : "false";
+    case T::Number: return v.is_integer ? std::to_string(v.integer) : number_text(v.number);
+    case T::String: return v.string.size() <= 40 ? quote(v.string) : quote(v.string.substr(0, 40)) + "...";
+    case T::Array: return "an array";
+    case T::Object: return "an object";
+  }
+  return "?";
+}
+
+[[noreturn]] void wrong(const std::string& what, const char* expected, const Value& got) {
+  throw std::runtime_error(what + ": expected " + expected + ", got " + brief(got));
 }
 
 }  // namespace
 
 const Value& Value::at(const std::string& key, const std::string& what) const {
-  if (type != Type::Object) wrong(what, "an object");
+  if (type != Type::Object) wrong(what, "an object", *this);
   auto it = object.find(key);
   if (it == object.end()) throw std::runtime_error(what + ": has no '" + key + "'");
   return it->second;
 }
 double Value::as_number(const std::string& what) const {
-  if (type != Type::Number) wrong(what, "a number");
+  if (type != Type::Number) wrong(what, "a number", *this);
   return number;
 }
 int64_t Value::as_int(const std::string& what) const {
-  if (type != Type::Number || !is_integer) wrong(what, "an integer");
+  if (type != Type::Number || !is_integer) wrong(what, "an integer", *this);
   return integer;
 }
 bool Value::as_bool(const std::string& what) const {
-  if (type != Type::Bool) wrong(what, "true or false");
+  if (type != Type::Bool) wrong(what, "true or false", *this);
   return boolean;
 }
 const std::string& Value::as_string(const std::string& what) const {
-  if (type != Type::String) wrong(what, "a string");
+  if (type != Type::String) wrong(what, "a string", *this);
   return string;
 }
 const std::vector<Value>& Value::as_array(const std::string& what) const {
-  if (type != Type::Array) wrong(what, "an array");
+  if (type != Type::Array) wrong(what, "an array", *this);
   return array;
 }
 const std::map<std::string, Value>& Value::as_object(const std::string& what) const {
-  if (type != Type::Object) wrong(what, "an object");
+  if (type != Type::Object) wrong(what, "an object", *this);
   return object;
 }
 
 Value& Value::set(const std::string& key, Value value) {
-  if (type != Type::Object) wrong("json::Value::set", "an object");
+  if (type != Type::Object) wrong("json::Value::set", "an object", *this);
   if (!object.count(key)) {
     if (keys.size() != object.size()) keys = ordered_keys();
     keys.push_back(key);
@@ -418,10 +506,17 @@ std::string dump(const Value& v, int indent) {
 Value parse(const std::string& text, const std::string& source) { return Parser(text, source).document(); }
 
 Value parse_file(const std::string& path) {
+  // Manifests and run records are a few KB; a larger file is not one (and is not read whole).
+  constexpr std::uintmax_t kMaxBytes = 64ull << 20;
+  std::error_code ec;
+  const std::uintmax_t size = std::filesystem::file_size(path, ec);
+  if (!ec && size > kMaxBytes)
+    throw std::runtime_error(path + ": " + std::to_string(size) + " bytes; expected a JSON file of at most 64 MiB");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error(path + ": cannot be read");
   std::stringstream ss;
   ss << in.rdbuf();
+  if (in.bad()) throw std::runtime_error(path + ": cannot be read");
   return parse(ss.str(), path);
 }
 

@@ -1,6 +1,8 @@
 #include "npz.h"
 
 #include <algorithm>
+#include <charconv>
+#include <climits>
 #include <array>
 #include <cstdint>
 #include <cstdio>
@@ -105,34 +107,83 @@ void write_atomic_with(const std::string& path, const std::function<void(std::of
   }
 }
 
+size_t itemsize_of(at::ScalarType t) { return t == at::kByte ? 1 : t == at::kInt || t == at::kFloat ? 4 : 8; }
+
+// The value text of `key` in a .npy header ("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }"):
+// what follows "'key':" up to the next top-level ',' or '}'.
+std::string header_field(const std::string& header, const std::string& key, const std::string& path) {
+  const std::string quoted = "'" + key + "'";
+  const size_t k = header.find(quoted);
+  if (k == std::string::npos || header.find(quoted, k + 1) != std::string::npos)
+    throw std::runtime_error(path + ": damaged .npy header (expected one '" + key + "')");
+  size_t i = k + quoted.size();
+  while (i < header.size() && header[i] == ' ') ++i;
+  if (i >= header.size() || header[i] != ':') throw std::runtime_error(path + ": damaged .npy header (" + key + ")");
+  ++i;
+  while (i < header.size() && header[i] == ' ') ++i;
+  const size_t start = i;
+  int parens = 0;
+  for (; i < header.size(); ++i) {
+    const char c = header[i];
+    if (c == '(') ++parens;
+    else if (c == ')') --parens;
+    else if ((c == ',' || c == '}') && parens <= 0) break;
+  }
+  size_t end = i;
+  while (end > start && header[end - 1] == ' ') --end;
+  return header.substr(start, end - start);
+}
+
+// One .npy array of `size` bytes at `at` in `s`. Every size the header declares is checked against
+// the bytes present before anything is allocated.
 at::Tensor parse_npy(const std::string& s, size_t at, size_t size, const std::string& path) {
+  auto damaged = [&](const std::string& why) { return std::runtime_error(path + ": damaged .npy data (" + why + ")"); };
   if (size < 10 || s.compare(at, 6, "\x93NUMPY") != 0) throw std::runtime_error(path + ": damaged .npz (not .npy data)");
   const int major = static_cast<uint8_t>(s[at + 6]);
-  size_t header_len, offset;
-  if (major == 1) { header_len = get(s, at + 8, 2, path); offset = 10; }
-  else { header_len = get(s, at + 8, 4, path); offset = 12; }
+  if (major < 1 || major > 3) throw damaged("format version " + std::to_string(major) + "; expected 1, 2 or 3");
+  const size_t offset = major == 1 ? 10 : 12;
+  if (size < offset) throw damaged("truncated header");
+  const uint64_t header_len = get(s, at + 8, major == 1 ? 2 : 4, path);
+  if (header_len > size - offset) throw damaged("header of " + std::to_string(header_len) + " bytes past the member's end");
   const std::string header = s.substr(at + offset, header_len);
-  auto field = [&](const std::string& key) {
-    size_t k = header.find("'" + key + "'");
-    if (k == std::string::npos) throw std::runtime_error(path + ": damaged .npy header (no " + key + ")");
-    return header.substr(header.find(':', k) + 1);
-  };
-  std::string descr = field("descr");
-  descr = descr.substr(descr.find('\'') + 1);
-  descr = descr.substr(0, descr.find('\''));
-  if (field("fortran_order").find("True") < field("fortran_order").find(','))
-    throw std::runtime_error(path + ": Fortran-ordered arrays are not supported");
-  std::string shape_text = field("shape");
-  shape_text = shape_text.substr(shape_text.find('(') + 1, shape_text.find(')') - shape_text.find('(') - 1);
+  std::string descr = header_field(header, "descr", path);
+  if (descr.size() < 2 || (descr.front() != '\'' && descr.front() != '"') || descr.back() != descr.front())
+    throw damaged("descr " + descr.substr(0, 40) + "; expected a quoted dtype");
+  descr = descr.substr(1, descr.size() - 2);
+  const at::ScalarType dtype = dtype_of(descr, path);
+  const std::string fortran = header_field(header, "fortran_order", path);
+  if (fortran == "True") throw std::runtime_error(path + ": Fortran-ordered arrays are not supported");
+  if (fortran != "False") throw damaged("fortran_order " + fortran.substr(0, 40) + "; expected True or False");
+  const std::string shape_text = header_field(header, "shape", path);
+  if (shape_text.size() < 2 || shape_text.front() != '(' || shape_text.back() != ')')
+    throw damaged("shape " + shape_text.substr(0, 40) + "; expected a tuple");
   std::vector<int64_t> shape;
-  std::stringstream ss(shape_text);
+  uint64_t count = 1;
+  bool overflow = false;
+  std::stringstream ss(shape_text.substr(1, shape_text.size() - 2));
   std::string item;
-  while (std::getline(ss, item, ','))
-    if (item.find_first_not_of(' ') != std::string::npos) shape.push_back(std::stoll(item));
-  at::Tensor t = at::empty(shape, at::TensorOptions().dtype(dtype_of(descr, path)));
-  const size_t data_at = at + offset + header_len;
-  if (data_at + t.nbytes() > at + size) throw std::runtime_error(path + ": damaged .npz (array data truncated)");
-  std::memcpy(t.data_ptr(), s.data() + data_at, t.nbytes());
+  while (std::getline(ss, item, ',')) {
+    const size_t b = item.find_first_not_of(' '), e = item.find_last_not_of(' ');
+    if (b == std::string::npos) continue;  // the trailing comma of (n,)
+    const std::string digits = item.substr(b, e - b + 1);
+    uint64_t d = 0;
+    auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), d);
+    if (ec != std::errc() || end != digits.data() + digits.size() || digits[0] == '+' ||
+        d > static_cast<uint64_t>(INT64_MAX))
+      throw damaged("shape " + shape_text.substr(0, 40) + "; expected sizes >= 0");
+    if (shape.size() == 32) throw damaged("shape of more than 32 dimensions");
+    shape.push_back(static_cast<int64_t>(d));
+    overflow = overflow || __builtin_mul_overflow(count, d, &count);
+  }
+  uint64_t nbytes = 0;
+  overflow = overflow || __builtin_mul_overflow(count, static_cast<uint64_t>(itemsize_of(dtype)), &nbytes);
+  const uint64_t present = size - offset - header_len;
+  if (overflow || nbytes != present)
+    throw damaged("shape " + shape_text.substr(0, 40) + " of '" + descr + "' needs " +
+                  (overflow ? std::string("more than 2^64") : std::to_string(nbytes)) + " bytes; the member holds " +
+                  std::to_string(present));
+  at::Tensor t = at::empty(shape, at::TensorOptions().dtype(dtype));
+  if (nbytes) std::memcpy(t.data_ptr(), s.data() + at + offset + header_len, nbytes);
   return t;
 }
 
