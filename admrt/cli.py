@@ -5,10 +5,13 @@ Each subcommand lives beside what it drives and provides `add_arguments(parser)`
 benchmark of the source checkout (bench/measure.py: bench/ is not installed; an editable install
 finds it beside the package, and says so in one line when it is absent).
 
-One error path for every command: an expected failure (a bad argument, file, preset, path or
-setting: `CommandError`, `ValueError`, `OSError`) prints one line `admrt <command>: <message>`
-and exits 1; a bad option is one line too (exit 2); Ctrl-C prints one line saying what was kept
-and exits 130. A traceback means a bug in admrt, or `--debug` was given.
+One error path for every command: an expected failure (a bad file, preset, path or setting:
+`CommandError`, `ValueError`, `OSError`) prints one line `admrt <command>: <message>` and exits
+1; a bad option or option value is one line too (exit 2): the parser's own checks, the value
+types below (an int out of range, a non-finite float, an empty string, a device this machine
+lacks) and `UsageError` for a value refused once the command knows more (e.g. the memory --num
+needs). Ctrl-C prints one line saying what was kept and exits 130. A traceback means a bug in
+admrt, or `--debug` was given.
 """
 from __future__ import annotations
 
@@ -39,6 +42,10 @@ class CommandError(Exception):
     """An expected failure of a command; `main` prints `admrt <command>: <message>`."""
 
 
+class UsageError(CommandError):
+    """A bad option value found after parsing (before any work or write): exit 2, like the parser's."""
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C, carrying what the command kept (e.g. "the finished shards are kept: ...")."""
 
@@ -65,6 +72,60 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+# -- option value types: argparse reports their refusal as `admrt CMD: argument --X: <message>` (exit 2)
+
+SEED_MAX = 2 ** 64 - 1  # seeds are uint64 in both front ends (admrt-sample's --seed too)
+
+
+def int_in(lo: int, hi: int, what: str = "an int"):
+    """An option type: an int from lo to hi (inclusive), else the value and the range."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {what} from {lo} to {hi}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+positive_int = int_in(1, 2 ** 63 - 1, "a positive int")
+seed_value = int_in(0, SEED_MAX, "an integer")
+
+
+def finite_float(text: str) -> float:
+    """An option type: a finite float (no nan or inf)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number")
+    return value
+
+
+def nonempty(text: str) -> str:
+    """An option type: a non-empty string (an empty --out or --steps is a slip, not the default)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a non-empty value (leave the option out for its "
+                                         "default)")
+    return text
+
+
+def device_value(text: str) -> str:
+    """An option type: a device this machine has (admrt.io.check_device, the one check)."""
+    from admrt.io import check_device
+
+    try:
+        return check_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _version() -> str:
@@ -104,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"{prog}: {error_line(exc)}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_ERROR
 
 
 def bench_module():

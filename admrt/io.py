@@ -1,5 +1,7 @@
 """Atomic file writes: a finished file or none, never a partial one (long runs keep their work);
-and what run records (OUT/run.json, engine/csrc/runfolder.cpp) say of files and devices."""
+what run records (OUT/run.json, engine/csrc/runfolder.cpp) say of files and devices; the one
+check of a --device argument; the one cache root (the compile cache, the evaluator's reference
+statistics and TensorRT's engines live under it)."""
 from __future__ import annotations
 
 import hashlib
@@ -22,6 +24,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], mode: in
         write(tmp)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is None or exc.filename == tmp:  # a full disk names no file (errno 28): name `path`
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -65,3 +71,59 @@ def device_description(device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return device.type
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (a folder named for its pid is stale once it is gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def cache_root() -> Path:
+    """Where admrt keeps what it computes once: $ADMRT_CACHE_DIR, else $XDG_CACHE_HOME/admrt, else
+    ~/.cache/admrt. The compile cache is this folder, the evaluator's reference statistics are under
+    eval/ and TensorRT's engines under tensorrt/ (each command's --cache-dir overrides its own)."""
+    if os.environ.get("ADMRT_CACHE_DIR"):
+        return Path(os.environ["ADMRT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "admrt"
+
+
+def available_devices() -> list[str]:
+    """The devices this torch can run on here: cpu, and cuda, cuda:0 .. cuda:N-1 (and mps) where present."""
+    import torch
+
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def check_device(value: str) -> str:
+    """A --device argument as given, once it names a device this machine has; else ValueError
+    naming the value and the devices available (the one check of every command's --device)."""
+    import torch
+
+    available = available_devices()
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{value!r}: not a device; expected one of {', '.join(available)}") from None
+    name = device.type if device.index is None or device.type == "cpu" else f"{device.type}:{device.index}"
+    if name not in available:
+        if device.type == "cuda" and not torch.backends.cuda.is_built():
+            why = "this torch is built without CUDA"
+        elif device.type == "cuda" and not torch.cuda.is_available():
+            why = "no CUDA device is visible"
+        else:
+            why = "no such device here"
+        raise ValueError(f"{value!r}: {why}; available: {', '.join(available)}")
+    return value

@@ -43,7 +43,8 @@ from typing import Callable, Iterator, Optional, TypeVar
 import torch
 import torch.nn as nn
 
-from admrt.io import hash_file, hash_weights
+from admrt.io import cache_root as default_root  # the one cache root ($ADMRT_CACHE_DIR, XDG, ~/.cache/admrt)
+from admrt.io import hash_file, hash_weights, pid_alive
 
 T = TypeVar("T")
 ENTRY = "entry.json"
@@ -51,14 +52,6 @@ DEFAULT_MAX_BYTES = 10 * 2 ** 30
 # Rough compile seconds per unit on 2 CPU cores (bench/results/compile_cache_cpu): the estimate a
 # first run prints before the cache holds a compile of this backend to scale from.
 FIRST_ESTIMATE_S = {"aoti": 60.0, "onnxruntime": 25.0}
-
-
-def default_root() -> Path:
-    """$ADMRT_CACHE_DIR, else $XDG_CACHE_HOME/admrt, else ~/.cache/admrt."""
-    if os.environ.get("ADMRT_CACHE_DIR"):
-        return Path(os.environ["ADMRT_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "admrt"
 
 
 def _max_bytes_from_env() -> int:
@@ -174,16 +167,6 @@ class Entry:
 
 def _folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class CompileCache:
@@ -315,7 +298,7 @@ class CompileCache:
         """Remove staging folders whose process is gone (a killed compile)."""
         for tmp in staging.iterdir():
             pid = tmp.name.split(".")[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(tmp, ignore_errors=True)
 
     # -- inspect and bound ------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from admrt.cli import CommandError, Interrupted
+from admrt.cli import (SEED_MAX, CommandError, Interrupted, UsageError, device_value, int_in, nonempty,
+                       positive_int, seed_value)
 from admrt.distributed import leaving_process_group
 from admrt.io import atomic_write, device_description, file_fingerprint
 from admrt.core import Method
@@ -62,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "win. docs/migration.md")
     p.add_argument("--upsampler-gd-flags", default=None, metavar="FLAGS",
                    help="guided-diffusion's super_res_sample.py flags for --upsampler (large_size, small_size, ...)")
-    p.add_argument("--steps", default=None, help="step plan: ddimN (DDIM), N / a,b,c (DDPM respaced), or a solver "
+    p.add_argument("--steps", type=nonempty, default=None, help="step plan: ddimN (DDIM), N / a,b,c (DDPM respaced), or a solver "
                                                  "with N model calls: dpmpp2mN, dpmpp3mN, dpmpp2m-sdeN, unipc2mN, "
                                                  "unipc3mN (append -logsnr for a log-SNR grid); default "
                                                  f"{DEFAULT_STEPS} (with --package: a step plan it carries, "
@@ -74,16 +75,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"{DEFAULT_STACK_UPSAMPLER_STEPS} (DDPM) for the bundled stack)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier scale (default 1.0 with a classifier, 0 without)")
-    p.add_argument("--classes", default=None,
+    p.add_argument("--classes", type=class_list, default=None,
                    help="comma-separated labels, cycled over --num images (default 0,1,2,... cycling)")
-    p.add_argument("--num", type=int, default=None, help=f"number of images (default {DEFAULT_NUM})")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--num", type=positive_int, default=None, help=f"number of images (default {DEFAULT_NUM})")
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="images per network call (default 16; with --package at most its bound)")
-    p.add_argument("--shard-size", type=int, default=None,
+    p.add_argument("--shard-size", type=positive_int, default=None,
                    help="images per shard: the run is written as OUT/shards/shard_NNNNN.npz files of this many "
                         "images, each atomically, and a rerun of the same command samples only the missing ones "
                         "(default: 4 batches)")
-    p.add_argument("--seed", type=int, default=0, help="image i gets seed SEED + i (default 0)")
+    p.add_argument("--seed", type=seed_value, default=0,
+                   help=f"image i gets seed SEED + i, from 0 to {SEED_MAX} (wrapping past it; default 0)")
     add_step_options(p)
     p.add_argument("--noise", choices=("seeded", "reference"), default="seeded",
                    help="seeded: each image's noise comes from its own seed (counter-based), the same at any batch "
@@ -93,8 +95,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="precision of the networks' body convolutions (default fp32; fp16 with --gd-flags "
                         "'--use_fp16 True')")
     add_backend_arguments(p)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--out", default="samples", help="the run folder (default ./samples): run.json, shards/, the final "
+    p.add_argument("--device", type=device_value, default=None,
+                   help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--out", type=nonempty, default="samples", help="the run folder (default ./samples): run.json, shards/, the final "
                                                     ".npz and grid.png; a rerun of the same command resumes it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -216,12 +219,6 @@ def _extra_record(args, loaded, device, backend: str) -> dict:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    if not -2 ** 63 <= args.seed < 2 ** 63:
-        raise CommandError(f"--seed={args.seed}: expected an int in [-2**63, 2**63) (image i gets seed + i, mod 2**64)")
-    for flag in ("num", "batch_size", "shard_size"):
-        value = getattr(args, flag)
-        if value is not None and value <= 0:
-            raise CommandError(f"--{flag.replace('_', '-')}={value}: expected a positive int")
     rank, world = _ranks()
     dist = None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -234,14 +231,30 @@ def run(args: argparse.Namespace) -> int:
         return _run(args, device, rank, world, dist)
 
 
-def _classes(args) -> list[int]:
-    """--classes as ints (cycled over --num by run_samples); [] when not given."""
-    if not args.classes:
-        return []
+def class_list(text: str) -> list[int]:
+    """--classes: comma-separated class ids (ints >= 0; the model's range is the core's to check), cycled
+    over --num by run_samples."""
+    parse = int_in(0, 2 ** 63 - 1, "class ids: ints")
     try:
-        return [int(c) for c in args.classes.split(",")]
-    except ValueError:
-        raise CommandError(f"--classes={args.classes!r}: expected comma-separated ints") from None
+        return [parse(c.strip()) for c in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated class ids (ints from 0 to the "
+                                         "model's classes - 1)") from None
+
+
+def check_memory(num: int, image_shape) -> None:
+    """Refuse a --num whose final array (held in memory to write the final .npz) cannot fit this
+    machine's memory, before anything is written."""
+    per_image = int(np.prod(image_shape)) + 8   # uint8 image + int64 label
+    need = num * per_image
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have:
+        raise UsageError(f"--num={num}: {num} images of {'x'.join(map(str, [*image_shape[1:], image_shape[0]]))} (HxWxC) need {need / 2 ** 30:.3g} "
+                         f"GiB of memory for the final .npz, this machine has {have / 2 ** 30:.3g} GiB; sample "
+                         "fewer per run (several --out folders)")
 
 
 def _run(args, device, rank, world, dist) -> int:
@@ -268,7 +281,9 @@ def _run(args, device, rank, world, dist) -> int:
             raise CommandError(f"--guidance={args.guidance}: guidance needs a --classifier (this run has none); "
                                "pass --classifier, or --guidance 0")
         extra = _extra_record(args, loaded, device, engine.backend_name)
-    classes = _classes(args)
+    classes = args.classes or []
+    stack = engine.stack
+    check_memory(args.num, stack.stage("upsampler" if stack.has_upsampler else "model").image_shape)
     try:
         ctx = engine.context(steps=args.steps, upsampler_steps=args.upsampler_steps, batch_size=args.batch_size,
                              eta=args.eta, noise=args.noise, method=args.method, clip_denoised=args.clip_denoised,
@@ -294,7 +309,7 @@ def _run(args, device, rank, world, dist) -> int:
     try:
         final = core.run_samples(
             ctx, out=str(out), command="admrt sample", num=args.num, classes=classes, guidance=args.guidance,
-            seed=args.seed, shard_size=args.shard_size or 0, extra=extra, rank=rank, world=world,
+            seed=args.seed - 2 ** 64 if args.seed >= 2 ** 63 else args.seed, shard_size=args.shard_size or 0, extra=extra, rank=rank, world=world,
             progress=progress if not args.no_progress and rank == 0 else None,
             barrier=dist.barrier if dist is not None else None,
             broadcast_error=broadcast_error if dist is not None else None)

@@ -58,7 +58,10 @@ TIMING_CACHE = "timing.cache"
 
 
 def default_cache_dir() -> Path:
-    return Path.home() / ".cache" / "admrt" / "tensorrt"
+    """tensorrt/ under admrt's one cache root (admrt.io.cache_root: $ADMRT_CACHE_DIR, else
+    $XDG_CACHE_HOME/admrt, else ~/.cache/admrt)."""
+    from admrt.io import cache_root
+    return cache_root() / "tensorrt"
 
 
 @dataclass(frozen=True)

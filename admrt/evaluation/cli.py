@@ -37,7 +37,8 @@ def _add_feature_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-batch-size", type=int, default=64, help="images per feature-network batch")
     g.add_argument("--device", default="cpu", help="torch device for features and sampling (default cpu)")
     g.add_argument("--cache-dir", default=None,
-                   help="reference statistics cache (default $XDG_CACHE_HOME/admrt/eval or ~/.cache/admrt/eval)")
+                   help="reference statistics cache (default: eval/ under $ADMRT_CACHE_DIR, else "
+                        "$XDG_CACHE_HOME/admrt, else ~/.cache/admrt)")
     g.add_argument("--no-cache", action="store_true", help="neither read nor write cached reference statistics")
     g.add_argument("--k", type=int, default=3, help="nearest neighbours of precision/recall (default 3)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

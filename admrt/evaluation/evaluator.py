@@ -13,8 +13,9 @@ supplies its FID/sFID statistics (as the reference's read_statistics); its image
 needed for precision/recall.
 
 Reference statistics (pool and spatial Gaussians, pool features, k-NN radii) are computed once
-per (image content, feature network, k) and cached as .npz under `cache_dir` (default
-$XDG_CACHE_HOME/admrt/eval or ~/.cache/admrt/eval), written atomically.
+per (image content, feature network, k) and cached as .npz under `cache_dir` (default eval/ under
+admrt's cache root: $ADMRT_CACHE_DIR, else $XDG_CACHE_HOME/admrt, else ~/.cache/admrt), written
+atomically.
 """
 from __future__ import annotations
 
@@ -35,8 +36,10 @@ CACHE_VERSION = 1
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "admrt" / "eval"
+    """eval/ under admrt's one cache root (admrt.io.cache_root: $ADMRT_CACHE_DIR, else
+    $XDG_CACHE_HOME/admrt, else ~/.cache/admrt)."""
+    from admrt.io import cache_root
+    return cache_root() / "eval"
 
 
 @dataclass(frozen=True)
