@@ -6,6 +6,7 @@ and marks a complete checkpoint. The Trainer (training/loop.py) writes and reads
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -44,6 +45,47 @@ def latest_checkpoint(path) -> Path:
     return found[-1][1]
 
 
+STATE_FIELDS = ("step", "train_config", "optimizer", "scaler")  # the metadata a state file holds
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def read_state(path, *, tensors: bool = True) -> tuple[dict, dict]:
+    """The parsed metadata (step, train_config, optimizer, scaler, ...) and the tensors of a
+    state_*.safetensors checkpoint. A file that is not one (damaged, another format, a model's
+    weights) raises ValueError in one line naming it; nothing in it is executed (safetensors)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    expected = "expected a training-state file (state_*.safetensors of `admrt train`) or its run folder"
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            found = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    except OSError:
+        raise
+    except Exception as exc:  # safetensors' own errors (a damaged header, not safetensors at all)
+        raise ValueError(f"{path}: not a readable .safetensors file ({_first_line(exc)}); {expected}") from None
+    missing = [k for k in STATE_FIELDS if k not in meta]
+    if missing:
+        what = "a model's weights" if "step" in meta or "format" in meta else "another file"
+        raise ValueError(f"{path}: {what}, not a training state (its metadata has no {missing[0]!r}); {expected}")
+    parsed = dict(meta)
+    for key in STATE_FIELDS:
+        try:
+            parsed[key] = int(meta[key]) if key == "step" else json.loads(meta[key])
+            if key != "step" and not isinstance(parsed[key], dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: damaged training state (metadata {key!r}: {_first_line(exc)}); "
+                             f"{expected}") from None
+    if parsed["step"] < 0:
+        raise ValueError(f"{path}: damaged training state (metadata 'step': {parsed['step']}); {expected}")
+    return parsed, found
+
+
 def load_weights(model: nn.Module, path: Path, preset_name: str = "?") -> None:
     """Copy a checkpoint's weights into `model` in place (the optimizer keeps its parameters),
     after the checkpoint loader's key and shape check."""
@@ -53,7 +95,13 @@ def load_weights(model: nn.Module, path: Path, preset_name: str = "?") -> None:
 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (the checkpoint is incomplete)")
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except OSError:
+        raise
+    except Exception as exc:  # safetensors' own errors: a damaged file
+        raise ValueError(f"{path}: not a readable .safetensors file ({_first_line(exc)}); the checkpoint is "
+                         "damaged") from None
     check_state_dict(model, state, source=path.name, preset_name=preset_name)
     model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()}, strict=True)
 

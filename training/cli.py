@@ -16,6 +16,7 @@ step; Ctrl-C writes a checkpoint of the last finished step and exits 130.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -103,6 +104,112 @@ def _check_arguments(args) -> None:
             raise CommandError(f"{flag}={value!r}: expected {expected}")
     if Path(args.out).is_file():
         raise CommandError(f"--out={args.out!r}: a file, not a folder")
+    if not args.out:
+        raise CommandError("--out='': expected a folder name")
+
+
+def _device(args, default: torch.device) -> torch.device:
+    """--device as a torch.device that this torch can use, or a one-line refusal."""
+    if not args.device:
+        return default
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise CommandError(f"--device={args.device!r}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device={args.device!r}: this torch has no usable CUDA device; pass --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CommandError(f"--device={args.device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if device.type not in ("cpu", "cuda"):
+        raise CommandError(f"--device={args.device!r}: expected cpu, cuda or cuda:N")
+    return device
+
+
+def _check_batch(args, cfg, world: int) -> None:
+    """The batch split over processes and microbatches (Trainer's rule), before the folder is touched."""
+    if cfg.batch_size % world:
+        raise CommandError(f"--batch-size={cfg.batch_size}: expected a multiple of the {world} processes")
+    local = cfg.batch_size // world
+    if cfg.microbatch and local % cfg.microbatch:
+        raise CommandError(f"--microbatch={cfg.microbatch}: expected a divisor of the per-process batch {local} "
+                           f"(--batch-size {cfg.batch_size} over {world} process{'es' if world > 1 else ''})")
+
+
+def _activation_bytes(preset, cfg) -> int | None:
+    """Bytes the autograd graph keeps per training image (the tensors saved for backward), measured
+    by one training loss on the meta device (no memory, no compute). None if it cannot be measured."""
+    import admrt
+
+    from .tasks import Batch, make_task
+
+    try:
+        b = 2
+        model = admrt.create_model(preset, device="meta")
+        c = preset.model
+        meta = lambda *shape, dtype=torch.float32: torch.zeros(*shape, device="meta", dtype=dtype)  # noqa: E731
+        x = (b, c.in_channels, c.image_size, c.image_size)
+        batch = Batch(x=meta(*x), y=meta(b, dtype=torch.int64), t=meta(b, dtype=torch.int64), weights=meta(b),
+                      noise=meta(*x), flip=meta(b, dtype=torch.bool), crop=meta(b, 3))
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            make_task(cfg, preset).losses(model, batch, cfg)
+        return total // b
+    except Exception:  # an op without a meta kernel: no estimate (the run goes on unchecked)
+        return None
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    """Memory a run on `device` can still take: the free GPU memory, or the kernel's MemAvailable."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError):
+        pass
+    return None
+
+
+def _check_fits(args, preset, cfg, device: torch.device, world: int) -> None:
+    """Refuse, in one line and before anything is allocated or written, a microbatch whose
+    activations alone would not fit in the device's free memory (--batch-size 100000 would
+    otherwise allocate until the kernel kills the process)."""
+    micro = cfg.microbatch or cfg.batch_size // world
+    per_image, free = _activation_bytes(preset, cfg), _available_bytes(device)
+    if per_image is None or free is None or micro * per_image <= free:
+        return
+    gib = lambda n: f"{n / 2 ** 30:.1f} GiB"  # noqa: E731
+    flag = "--microbatch" if cfg.microbatch else "--batch-size"
+    fits = max(1, free // per_image)
+    raise CommandError(f"{flag}={cfg.microbatch or cfg.batch_size}: a step of {micro} images per process keeps "
+                       f"about {gib(micro * per_image)} of activations ({per_image / 2 ** 20:.1f} MiB per image of "
+                       f"preset {preset.name!r}); {device.type} has {gib(free)} free: pass --microbatch "
+                       f"{_divisor_at_most(cfg.batch_size // world, fits)} or less (gradient accumulation) or a "
+                       "smaller --batch-size")
+
+
+def _divisor_at_most(n: int, limit: int) -> int:
+    """The largest divisor of n that is at most limit (a microbatch that fits and splits the batch)."""
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0) if n <= 10 ** 7 else 1
+
+
+def _check_resume(args, cfg, dataset_size: int) -> None:
+    """--resume names a readable training state of a run with these settings (before the folder is touched)."""
+    from .checkpoints import latest_checkpoint, read_state
+    from .loop import check_resumable
+
+    if not args.resume:
+        return
+    state = latest_checkpoint(args.resume)
+    meta, _ = read_state(state, tensors=False)
+    check_resumable(state, meta, cfg, dataset_size)
 
 
 def _record(args, preset, cfg, dataset_size: int) -> dict:
@@ -124,7 +231,8 @@ def _resume_point(args, cfg, out: Path, folder: RunFolder, record: dict) -> Path
         raise CommandError(f"--out={str(out)!r} holds checkpoints (up to step {here[-1][0]}) and no run.json; {hint}")
     if args.resume:
         state = latest_checkpoint(args.resume)
-        if state.parent.resolve() == out.resolve():
+        own = state.parent.resolve() == out.resolve()
+        if own:
             later = [step for step, p in here if p.resolve() != state.resolve() and step > step_of(state)]
             if later:
                 raise CommandError(f"--resume={args.resume!r}: {out} has later checkpoints of this run (steps "
@@ -136,7 +244,9 @@ def _resume_point(args, cfg, out: Path, folder: RunFolder, record: dict) -> Path
             print(f"admrt train: {out} holds this run's checkpoints (up to step {here[-1][0]}): continuing from "
                   f"its latest, not from --resume", file=sys.stderr)
             return here[-1][1]
-        folder.check_record(record, finished=len(here), may_differ=may_differ)
+        # Checkpoints of --out without a run.json are taken only when --resume names them: the
+        # state file's own settings are checked against this command's (Trainer.resume).
+        folder.check_record(record, finished=len(here), may_differ=may_differ, adopt=own)
         return state
     resumed = folder.check_record(record, finished=len(here), may_differ=may_differ)
     return here[-1][1] if resumed else None
@@ -211,8 +321,10 @@ def run(args: argparse.Namespace) -> int:
                            f"has {n_classes}")
 
     rank, world, device = init_distributed()
-    if args.device:
-        device = torch.device(args.device)
+    device = _device(args, device)
+    _check_batch(args, cfg, world)
+    _check_resume(args, cfg, len(dataset))
+    _check_fits(args, preset, cfg, device, world)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -222,6 +334,9 @@ def run(args: argparse.Namespace) -> int:
     with leaving_process_group():
         try:
             return _train(args, preset, cfg, dataset, test, device, rank, world, folder)
+        except BaseException:
+            folder.abandon()  # a run that finished nothing leaves nothing that it made; finished work stays
+            raise
         finally:
             folder.unlock()
 
@@ -297,7 +412,8 @@ def _train(args, preset, cfg, dataset, test, device, rank, world, folder) -> int
         if test is not None:
             summary["test"] = evaluate(final_model, test, cfg, preset, device=trainer.device)
         print("summary:", summary)
-        (out / "summary.txt").write_text(repr(summary) + "\n")
+        with _naming(out / "summary.txt"):
+            (out / "summary.txt").write_text(repr(summary) + "\n")
         if args.export:
             admrt.save_model(final_model, args.export, preset=preset,
                              extra_metadata={"train_config": cfg.to_json(), "steps": trainer.step,
@@ -357,8 +473,9 @@ class _Logger:
             self._writer = csv.DictWriter(self._csv, fieldnames=list(row), extrasaction="ignore")
             if self._csv.tell() == 0:
                 self._writer.writeheader()
-        self._writer.writerow(row)
-        self._csv.flush()
+        with _naming(self.csv_path):
+            self._writer.writerow(row)
+            self._csv.flush()
         if self.bar is not None:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "mse", "vb", "acc@1")})
         if self.tb is not None:
@@ -370,9 +487,21 @@ class _Logger:
         if self.enabled:
             if self.bar is not None:
                 self.bar.close()
-            self._csv.close()
+            with _naming(self.csv_path):
+                self._csv.close()
             if self.tb is not None:
                 self.tb.close()
+
+
+@contextlib.contextmanager
+def _naming(path: Path):
+    """An OSError of a write to `path` names it (a full disk's errno 28 names no file)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+        raise
 
 
 def _keep_rows_up_to(path: Path, step: int) -> None:

@@ -32,8 +32,8 @@ import admrt
 from admrt.checkpoint import stored_preset
 from admrt.config import Preset
 
-from .checkpoints import (config_diff, flatten_optimizer, latest_checkpoint, load_weights, save_tensors,
-                          unflatten_optimizer)
+from .checkpoints import (config_diff, flatten_optimizer, latest_checkpoint, load_weights, read_state,
+                          save_tensors, unflatten_optimizer)
 from .config import DTYPES, KIND_OF_TASK, TrainConfig, resumable_changes
 from .ema import EMA
 from .losses import make_sampler
@@ -339,16 +339,12 @@ class Trainer:
     def resume(self, path) -> int:
         """Restore model, EMA, optimizer, loss scaler, sampler, step and RNG states from a
         checkpoint: a state_*.safetensors file or a folder (its latest complete checkpoint)."""
-        from safetensors import safe_open
-
         state_path = latest_checkpoint(path)
         folder = state_path.parent
-        with safe_open(str(state_path), framework="pt", device="cpu") as f:
-            meta = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        step = int(meta["step"])
+        meta, tensors = read_state(state_path)
+        step = meta["step"]
         tag = f"{step:06d}"
-        self._check_resumable(state_path, json.loads(meta["train_config"]), meta)
+        self._check_resumable(state_path, meta["train_config"], meta)
         model_path = folder / f"model_{tag}.safetensors"
         stored = stored_preset(model_path) if model_path.is_file() else None
         if stored is not None and (stored.model, stored.diffusion) != (self.preset.model, self.preset.diffusion):
@@ -361,8 +357,12 @@ class Trainer:
                 load_weights(m, p, self.preset.name)
             else:  # a rate that run did not keep starts from the model
                 m.load_state_dict(self.model.state_dict())
-        self.opt.load_state_dict(unflatten_optimizer(tensors, json.loads(meta["optimizer"]), self.device))
-        self.scaler.load_state_dict(json.loads(meta["scaler"]))
+        try:
+            self.opt.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"], self.device))
+            self.scaler.load_state_dict(meta["scaler"])
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as exc:
+            raise ValueError(f"{state_path}: damaged training state (optimizer or loss scaler: "
+                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})") from None
         self.sampler.load_state_dict({k[len("sampler/"):]: v for k, v in tensors.items()
                                       if k.startswith("sampler/")})
         saved_world = int(meta.get("world_size", 1))
@@ -375,17 +375,22 @@ class Trainer:
         return step
 
     def _check_resumable(self, state_path: Path, saved: dict, meta: dict) -> None:
-        """A resumed run continues the same run: the settings that decide a step (all of
-        TrainConfig but resumable_changes) and the data set's size must be the checkpoint's."""
-        now = json.loads(self.config.to_json())
-        changed = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-                   if k not in resumable_changes(self.config) and saved.get(k) != now.get(k)]
-        size = meta.get("dataset_size")
-        if size is not None and int(size) != len(self.dataset):
-            changed.append(f"data set size: {int(size)} -> {len(self.dataset)}")
-        if changed:
-            raise ValueError(f"resume={str(state_path)!r}: the checkpoint's run has other settings ("
-                             + "; ".join(changed) + "); pass the run's settings to resume it")
+        check_resumable(state_path, meta, self.config, len(self.dataset))
+
+
+def check_resumable(state_path: Path, meta: dict, config: TrainConfig, dataset_size: int) -> None:
+    """A resumed run continues the same run: the settings that decide a step (all of TrainConfig
+    but resumable_changes) and the data set's size must be those of the checkpoint (`meta`, as
+    read_state returns it)."""
+    saved, now = meta["train_config"], json.loads(config.to_json())
+    changed = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+               if k not in resumable_changes(config) and saved.get(k) != now.get(k)]
+    size = meta.get("dataset_size")
+    if size is not None and str(size) != str(dataset_size):
+        changed.append(f"data set size: {size} -> {dataset_size}")
+    if changed:
+        raise ValueError(f"resume={str(state_path)!r}: the checkpoint's run has other settings ("
+                         + "; ".join(changed) + "); pass the run's settings to resume it")
 
 
 def timer() -> Callable[[], float]:

@@ -100,12 +100,17 @@ void bind_runfolder(py::module_& m) {
            "Take OUT/.lock, or raise RunFolderError naming the process that holds it; then remove stale .tmp files.")
       .def("unlock", &admrt::RunFolder::unlock)
       .def("check_record", [](admrt::RunFolder& self, const py::dict& record, int64_t finished,
-                              const py::iterable& may_differ) {
-             return self.check_record(from_python(record, "run record"), finished, strings(may_differ));
+                              const py::iterable& may_differ, bool adopt) {
+             return self.check_record(from_python(record, "run record"), finished, strings(may_differ), adopt);
            }, py::arg("record"), py::kw_only(), py::arg("finished"), py::arg("may_differ") = py::tuple(),
+           py::arg("adopt") = false,
            "Write OUT/run.json, or compare it with `record`; True when an earlier run with this record is "
            "resumed. finished: how much of it is done (none: a different record is replaced); may_differ: "
-           "fields a resume may change.");
+           "fields a resume may change; adopt: take finished work without a run.json (the caller checks it). "
+           "Refuses another kind of run's work (record['command']) and, unless adopt, work without a run.json.")
+      .def("abandon", &admrt::RunFolder::abandon,
+           "The command failed before finishing any work: remove what this RunFolder created and what holds "
+           "no work (its new run.json, its .lock, an empty shards/, OUT if it made it and it is empty); unlock.");
 
   m.def("run_samples", &run_samples_py, py::arg("ctx"), py::kw_only(), py::arg("out"), py::arg("command"),
         py::arg("num"), py::arg("classes") = std::vector<int64_t>{}, py::arg("guidance") = py::none(),

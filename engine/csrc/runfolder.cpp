@@ -14,6 +14,7 @@
 
 #include <fcntl.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "npz.h"
@@ -111,41 +112,136 @@ void RunFolder::say(const std::string& line) const {
   else std::cerr << text << "\n";
 }
 
+namespace {
+
+// The finished work a folder holds, by kind of run: a sample run's shards and final files, a
+// training run's checkpoints (state_*.safetensors, written last of a checkpoint).
+struct Work {
+  int64_t shards = 0, samples = 0, checkpoints = 0;
+  int64_t of(const std::string& kind) const { return kind == "train" ? checkpoints : shards + samples; }
+};
+
+bool name_is(const std::string& name, const char* prefix, const char* suffix) {
+  const size_t p = std::strlen(prefix), q = std::strlen(suffix);
+  return name.size() > p + q && name.compare(0, p, prefix) == 0 && name.compare(name.size() - q, q, suffix) == 0;
+}
+
+Work work_in(const fs::path& out) {
+  Work w;
+  std::error_code ec;
+  for (auto it = fs::directory_iterator(out, ec); !ec && it != fs::directory_iterator(); it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    w.samples += name_is(name, "samples_", ".npz");
+    w.checkpoints += name_is(name, "state_", ".safetensors");
+  }
+  ec.clear();
+  if (fs::is_directory(fs::symlink_status(out / "shards", ec)))
+    for (auto it = fs::directory_iterator(out / "shards", ec); !ec && it != fs::directory_iterator(); it.increment(ec))
+      w.shards += name_is(it->path().filename().string(), "shard_", ".npz");
+  return w;
+}
+
+std::string plural(int64_t n, const std::string& what) {
+  return std::to_string(n) + " " + what + (n == 1 ? "" : "s");
+}
+
+// A kind's work as a refusal lists it: "3 shards, samples_4x16x16x3.npz" / "2 checkpoints".
+std::string work_text(const Work& w, const std::string& kind) {
+  if (kind == "train") return plural(w.checkpoints, "checkpoint");
+  std::string text = w.shards ? plural(w.shards, "shard") : "";
+  if (w.samples) text += (text.empty() ? "" : ", ") + plural(w.samples, "samples file");
+  return text;
+}
+
+// The kind of run a record is of: its "command" ("sample" for records that predate the field).
+std::string kind_of(const json::Value& record) {
+  if (record.has("command") && record.object.at("command").type == json::Value::Type::String)
+    return record.object.at("command").string;
+  return "sample";
+}
+
+std::string program_of(const std::string& kind) { return "`admrt " + kind + "`"; }
+
+std::string errno_text() { return std::strerror(errno); }
+
+}  // namespace
+
 void RunFolder::lock() {
   if (fd_ >= 0) return;
   const fs::path out(out_);
   std::error_code made;
+  // OUT and the parents this command makes (removed again by abandon() when left empty).
+  std::vector<std::string> new_dirs;
+  for (fs::path p = fs::absolute(out, made).lexically_normal(); !made && !p.empty(); p = p.parent_path()) {
+    if (fs::exists(fs::symlink_status(p, made)) || p == p.parent_path()) break;
+    new_dirs.push_back(p.string());
+  }
+  made.clear();
   fs::create_directories(out, made);
   if (made) throw RunFolderError("--out=" + py_repr(out_) + ": cannot be made a folder (" + made.message() + ")");
+  made_dirs_ = new_dirs;
   const fs::path path = out / kLock;
-  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  if (fd < 0) throw RunFolderError(path.string() + ": cannot be opened (" + std::strerror(errno) + ")");
-  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
-    std::ifstream in(path);
-    std::string holder;
-    std::getline(in, holder);
-    ::close(fd);
-    while (!holder.empty() && std::isspace(static_cast<unsigned char>(holder.back()))) holder.pop_back();
-    throw RunFolderError("--out=" + py_repr(out_) + " is in use by " + (holder.empty() ? "another process" : holder) +
-                         "; wait for it to finish, or stop it (its finished work is kept)");
+  for (int attempt = 0;; ++attempt) {
+    // Never through a link (one planted at OUT/.lock would make admrt write its target), never a
+    // FIFO or device (O_NONBLOCK: the open does not wait on one; it is refused below).
+    bool made_now = true;
+    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0644);
+    if (fd < 0 && errno == EEXIST) {
+      made_now = false;
+      fd = ::open(path.c_str(), O_RDWR | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    }
+    if (fd < 0 && errno == ELOOP)
+      throw RunFolderError(path.string() + ": a symbolic link, not a lock file; admrt does not follow links "
+                           "there (remove it, or use another --out)");
+    if (fd < 0) throw RunFolderError(path.string() + ": cannot be opened (" + errno_text() + ")");
+    struct stat st {};
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+      ::close(fd);
+      throw RunFolderError(path.string() + ": not a regular file, not a lock file (remove it, or use another --out)");
+    }
+    if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+      char buf[256] = {};
+      const ssize_t got = ::pread(fd, buf, sizeof buf - 1, 0);
+      ::close(fd);
+      std::string holder(buf, got > 0 ? static_cast<size_t>(got) : 0);
+      holder = holder.substr(0, holder.find('\n'));
+      while (!holder.empty() && std::isspace(static_cast<unsigned char>(holder.back()))) holder.pop_back();
+      throw RunFolderError("--out=" + py_repr(out_) + " is in use by " + (holder.empty() ? "another process" : holder) +
+                           "; wait for it to finish, or stop it (its finished work is kept)");
+    }
+    // The lock holds only while OUT/.lock is still this file: a failed command removes the
+    // .lock it made (abandon) while it holds it, and another process may have opened it before.
+    struct stat now {};
+    if (::lstat(path.c_str(), &now) != 0 || now.st_ino != st.st_ino || now.st_dev != st.st_dev) {
+      ::close(fd);
+      if (attempt < 8) continue;
+      throw RunFolderError(path.string() + ": replaced while it was being locked; rerun the command");
+    }
+    made_lock_ = made_now;
+    fd_ = fd;
+    break;
   }
   char when[32];
   const std::time_t now = std::time(nullptr);
   std::strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", std::localtime(&now));
   const std::string line = "process " + std::to_string(::getpid()) + " (" + command_ + ", since " + when + ")\n";
-  if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, line.data(), line.size(), 0) < 0) {
+  if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, line.data(), line.size(), 0) < 0) {
     // the lock holds without the note; only the message of a refused second process is poorer
   }
-  fd_ = fd;
-  // Temporary files a killed process left (not deeper: OUT may hold other runs' folders).
+  // Temporary files a killed process left (not deeper: OUT may hold other runs' folders); a link
+  // planted under such a name is removed too (a write would follow it).
   for (const fs::path& dir : {out, out / "shards"}) {
     std::error_code ec;
-    if (!fs::is_directory(dir, ec)) continue;
-    for (const auto& entry : fs::directory_iterator(dir)) {
-      const std::string name = entry.path().filename().string();
+    if (!fs::is_directory(fs::symlink_status(dir, ec))) continue;
+    for (auto it = fs::directory_iterator(dir, ec); !ec && it != fs::directory_iterator(); it.increment(ec)) {
+      const std::string name = it->path().filename().string();
+      std::error_code kind;
+      const fs::file_status st = it->symlink_status(kind);
       if (name.size() > 5 && name[0] == '.' && name.compare(name.size() - 4, 4, ".tmp") == 0 &&
-          entry.is_regular_file(ec))
-        fs::remove(entry.path(), ec);
+          (fs::is_regular_file(st) || fs::is_symlink(st))) {
+        std::error_code gone;
+        fs::remove(it->path(), gone);
+      }
     }
   }
 }
@@ -157,52 +253,96 @@ void RunFolder::unlock() {
   }
 }
 
-bool RunFolder::check_record(const json::Value& record, int64_t finished, const std::vector<std::string>& may_differ) {
+void RunFolder::abandon() {
+  if (fd_ < 0) return;
+  const fs::path out(out_);
+  std::error_code ec;
+  const Work w = work_in(out);
+  if (wrote_new_record_ && w.shards + w.samples + w.checkpoints == 0) fs::remove(out / kRecord, ec);
+  if (fs::is_directory(fs::symlink_status(out / "shards", ec))) fs::remove(out / "shards", ec);  // only if empty
+  if (made_lock_) fs::remove(out / kLock, ec);  // while held: see lock()
+  unlock();
+  for (const std::string& dir : made_dirs_) {
+    std::error_code left;
+    if (!fs::remove(dir, left)) break;  // not empty (or gone): its parents are not empty either
+  }
+  made_dirs_.clear();
+  made_lock_ = wrote_new_record_ = false;
+}
+
+bool RunFolder::check_record(const json::Value& record, int64_t finished, const std::vector<std::string>& may_differ,
+                             bool adopt, const json::Value& old_defaults) {
   if (record.type != json::Value::Type::Object) throw std::invalid_argument("run record: expected a JSON object");
   const fs::path path = fs::path(out_) / kRecord;
   const std::string text = record_text(record);
-  if (fs::exists(path)) {
-    json::Value previous;
+  const std::string kind = kind_of(record), other = kind == "train" ? "sample" : "train";
+  const Work work = work_in(fs::path(out_));
+  std::error_code ec;
+  const bool recorded = fs::exists(fs::symlink_status(path, ec));
+  json::Value previous;
+  if (recorded) {
     try {
       previous = json::parse_file(path.string());
       if (previous.type != json::Value::Type::Object) throw std::runtime_error("not a JSON object");
     } catch (const std::exception& e) {
       previous = json::make_object().set("<unreadable run.json>", json::make_string(e.what()));
     }
-    // A key the record did not have (written by an older admrt) is not a change: it is added.
-    // Keys in sorted order (std::map), as Python's sorted().
-    std::vector<std::string> changed;
-    std::set<std::string> keys;
-    for (const auto& kv : record.object) keys.insert(kv.first);
-    for (const auto& kv : previous.object) keys.insert(kv.first);
-    for (const std::string& k : keys) {
-      if (std::find(may_differ.begin(), may_differ.end(), k) != may_differ.end() || !previous.has(k)) continue;
-      const json::Value& old = previous.object.at(k);
-      const json::Value none;
-      if (old != (record.has(k) ? record.object.at(k) : none)) changed.push_back(k);
-    }
-    if (changed.empty()) {
-      std::string added;
-      for (const std::string& k : record.ordered_keys())
-        if (!previous.has(k)) added += (added.empty() ? "" : ", ") + k;
-      if (!added.empty()) say(path.string() + " did not record " + added + " (an older admrt); recorded now");
-      if (previous != record) write_atomic(path.string(), text);
-      return finished > 0;
-    }
-    if (finished > 0) {
-      std::string diff;
-      for (size_t i = 0; i < changed.size() && i < 6; ++i) {
-        const std::string& k = changed[i];
-        diff += (i ? "; " : "") + k + ": " + show(&previous.object.at(k)) + " -> " +
-                show(record.has(k) ? &record.object.at(k) : nullptr);
-      }
-      const std::string more = changed.size() > 6 ? " (and " + std::to_string(changed.size() - 6) + " more)" : "";
-      throw RunFolderError("--out=" + py_repr(out_) + " holds a run with other arguments (" + diff + more +
-                           "); rerun with the recorded values to resume it, or use another --out (or delete that "
-                           "folder) to start over");
-    }
-    say(out_ + " held a run that finished nothing; starting over");
   }
+  const bool others_record = recorded && previous.has("command") ? kind_of(previous) == other
+                             : recorded && !previous.has("<unreadable run.json>") && kind == "train";
+  // Another kind of run's finished work (with or without its record) is never replaced.
+  if (work.of(other) > 0)
+    throw RunFolderError("--out=" + py_repr(out_) + " holds an " + program_of(other) + " run (" +
+                         (others_record ? "run.json, " : "") + work_text(work, other) + "); use another --out");
+  if (!recorded) {
+    if (work.of(kind) > 0 && !adopt)
+      throw RunFolderError("--out=" + py_repr(out_) + " holds " + work_text(work, kind) + " but no run.json (its "
+                           "record was lost or deleted): they cannot be told apart from another run's; move them "
+                           "away or use another --out");
+    write_atomic(path.string(), text);
+    wrote_new_record_ = true;
+    return false;
+  }
+  if (others_record) {
+    say(out_ + " held an " + program_of(other) + " run that finished nothing; starting over");
+    write_atomic(path.string(), text);
+    return false;
+  }
+  // A key the record did not have (written by an older admrt) is not a change: it is added.
+  // Keys in sorted order (std::map), as Python's sorted().
+  std::vector<std::string> changed;
+  std::set<std::string> keys;
+  for (const auto& kv : record.object) keys.insert(kv.first);
+  for (const auto& kv : previous.object) keys.insert(kv.first);
+  for (const std::string& k : keys) {
+    if (std::find(may_differ.begin(), may_differ.end(), k) != may_differ.end() || !previous.has(k)) continue;
+    const json::Value* old = &previous.object.at(k);
+    if (old->is_null() && old_defaults.type == json::Value::Type::Object && old_defaults.has(k))
+      old = &old_defaults.object.at(k);  // an older admrt recorded the default as null
+    const json::Value none;
+    if (*old != (record.has(k) ? record.object.at(k) : none)) changed.push_back(k);
+  }
+  if (changed.empty()) {
+    std::string added;
+    for (const std::string& k : record.ordered_keys())
+      if (!previous.has(k)) added += (added.empty() ? "" : ", ") + k;
+    if (!added.empty()) say(path.string() + " did not record " + added + " (an older admrt); recorded now");
+    if (previous != record) write_atomic(path.string(), text);
+    return finished > 0;
+  }
+  if (finished > 0) {
+    std::string diff;
+    for (size_t i = 0; i < changed.size() && i < 6; ++i) {
+      const std::string& k = changed[i];
+      diff += (i ? "; " : "") + k + ": " + show(&previous.object.at(k)) + " -> " +
+              show(record.has(k) ? &record.object.at(k) : nullptr);
+    }
+    const std::string more = changed.size() > 6 ? " (and " + std::to_string(changed.size() - 6) + " more)" : "";
+    throw RunFolderError("--out=" + py_repr(out_) + " holds a run with other arguments (" + diff + more +
+                         "); rerun with the recorded values to resume it, or use another --out (or delete that "
+                         "folder) to start over");
+  }
+  say(out_ + " held a run that finished nothing; starting over");
   write_atomic(path.string(), text);
   return false;
 }
@@ -237,6 +377,9 @@ namespace {
 // Labels a run's images may take (none: unconditional and unguided).
 std::optional<int64_t> stack_classes(const Context& ctx) { return ctx.stack().num_classes(); }
 
+// The guidance scale of a run that gives none (Context::request): 1 with a classifier, else 0.
+double default_guidance(const Context& ctx) { return ctx.stack().classifier() ? 1.0 : 0.0; }
+
 // Whether the run draws seeded noise (its images then do not depend on the batch size).
 bool seeded_noise(const Context& ctx) { return ctx.params().noise == "seeded"; }
 
@@ -246,10 +389,12 @@ json::Value run_record(const Context& ctx, const SampleRun& run, int64_t shard_s
   std::string classes;
   for (int64_t c : run.classes) classes += (classes.empty() ? "" : ",") + std::to_string(c);
   json::Value r = json::make_object();
+  r.set("command", json::make_string("sample"));  // the kind of run (admrt sample and admrt-sample share folders)
   r.set("steps", json::make_string(p.steps));
   r.set("upsampler_steps", ctx.stack().upsampler() && !p.upsampler_steps.empty()
                                ? json::make_string(p.upsampler_steps) : json::make_null());
-  r.set("guidance", run.guidance ? json::make_number(*run.guidance) : json::make_null());
+  // The scale the run uses (an explicit default equals an omitted one).
+  r.set("guidance", json::make_number(run.guidance ? *run.guidance : default_guidance(ctx)));
   r.set("classes", run.classes.empty() ? json::make_null() : json::make_string(classes));
   r.set("num", json::make_int(run.num));
   r.set("seed", json::make_int(run.seed));
@@ -298,6 +443,11 @@ int64_t finished_shards(const fs::path& shards) {
 // ------------------------------------------------------------------------------------------------
 // run_samples
 
+namespace {
+std::string sample_shards(Context& ctx, const SampleRun& run, const std::vector<int64_t>& labels,
+                          const std::vector<double>& guidance, int64_t shard_size, const fs::path& out);
+}  // namespace
+
 std::string run_samples(Context& ctx, const SampleRun& run) {
   // Every argument is checked before anything is written (num by ctx.validate, with the driver's message).
   if (run.shard_size < 0)
@@ -331,11 +481,19 @@ std::string run_samples(Context& ctx, const SampleRun& run) {
       folder.lock();
       const std::vector<std::string> may_differ =
           seeded_noise(ctx) ? std::vector<std::string>{"batch_size"} : std::vector<std::string>{};
-      folder.check_record(record, finished_shards(shards), may_differ);
-      fs::create_directories(shards);
+      // Records before this admrt wrote null for the default guidance.
+      const json::Value old_defaults = json::make_object().set("guidance", json::make_number(default_guidance(ctx)));
+      folder.check_record(record, finished_shards(shards), may_differ, false, old_defaults);
+      std::error_code ec;
+      const fs::file_status st = fs::symlink_status(shards, ec);
+      if (fs::exists(st) && !fs::is_directory(st))
+        throw RunFolderError(shards.string() + ": not a folder (" + (fs::is_symlink(st) ? "a symbolic link" : "a file") +
+                             "); admrt writes its shards into a folder of its own there: remove it, or use another --out");
+      fs::create_directories(shards, ec);
+      if (ec) throw RunFolderError(shards.string() + ": cannot be made a folder (" + ec.message() + ")");
     } catch (const std::exception& e) {
+      folder.abandon();  // removes only what holds no work
       if (run.world == 1) throw;
-      folder.unlock();
       refused = std::current_exception();
       refusal = first_line(e.what());
     }
@@ -346,6 +504,23 @@ std::string run_samples(Context& ctx, const SampleRun& run) {
     if (!message.empty()) throw RunFolderError(message);
   }
 
+  // A failure from here on (Ctrl-C, a failed write, a damaged shard) leaves the finished shards;
+  // a run that finished none leaves nothing it created (abandon()).
+  try {
+    return sample_shards(ctx, run, labels, guidance, shard_size, out);
+  } catch (...) {
+    if (run.rank == 0) folder.abandon();
+    throw;
+  }
+}
+
+namespace {
+
+// The shards of this rank that are missing, then (rank 0) the final file from all of them.
+std::string sample_shards(Context& ctx, const SampleRun& run, const std::vector<int64_t>& labels,
+                          const std::vector<double>& guidance, int64_t shard_size, const fs::path& out) {
+  const int64_t batch = ctx.params().batch_size;
+  const fs::path shards = out / "shards";
   // The shard plan: shard s holds images [s * shard_size, min((s + 1) * shard_size, num)).
   const int64_t n_shards = (run.num + shard_size - 1) / shard_size;
   std::vector<fs::path> paths;
@@ -422,5 +597,7 @@ std::string run_samples(Context& ctx, const SampleRun& run) {
   write_npz(final_path.string(), arrays);
   return final_path.string();
 }
+
+}  // namespace
 
 }  // namespace admrt

@@ -6,9 +6,17 @@
 //                  that blocks the corrected one. A rerun compares it field by field: equal, the
 //                  run resumes from its finished work (shards, checkpoints); different, it is
 //                  refused with each field's recorded and new value. A record whose run finished
-//                  nothing is replaced.
+//                  nothing is replaced. Its "command" field names the kind of run ("sample": `admrt
+//                  sample`, `admrt sample --package` and `admrt-sample` share folders; "train"): a
+//                  folder holding another kind's finished work is refused, naming it, and finished
+//                  work without a run.json (the record lost or deleted) is refused as an orphan,
+//                  never adopted by a run that cannot tell it from its own.
 //   OUT/.lock      held (flock) by the process working in OUT; a second process is refused,
 //                  naming the holder. The OS releases it when the holder exits or is killed.
+//                  Opened without following links (a link planted there is refused).
+//   work           shards/shard_*.npz and samples_*.npz (sample runs), state_*.safetensors
+//                  (training checkpoints). A command that fails before finishing any calls
+//                  abandon(): what it created (run.json, .lock, an empty shards/, OUT) is removed.
 //   .*.tmp         temporary files of atomic writes (write_atomic, Python's admrt.io.atomic_write);
 //                  those a killed process left in OUT and OUT/shards are removed once the lock is held.
 //
@@ -51,8 +59,9 @@ class RunFolder {
   const std::string& out() const { return out_; }
   const std::string& command() const { return command_; }
 
-  // Takes OUT/.lock (creating OUT), or throws RunFolderError naming the process that holds it;
-  // then removes the stale .*.tmp files in OUT and OUT/shards.
+  // Takes OUT/.lock (creating OUT), or throws RunFolderError naming the process that holds it
+  // (or a .lock that is a link or not a regular file); then removes the stale .*.tmp files in OUT
+  // and OUT/shards.
   void lock();
   void unlock();
   bool locked() const { return fd_ >= 0; }
@@ -61,14 +70,25 @@ class RunFolder {
   // earlier run with this record is resumed. finished: how much of the recorded run is done
   // (shards, checkpoints): with none, a different record is replaced; may_differ: fields a resume
   // may change (the batch size under seeded noise). A key the old record lacks is added (a record
-  // of an older admrt). Throws RunFolderError listing the changed fields.
-  bool check_record(const json::Value& record, int64_t finished, const std::vector<std::string>& may_differ = {});
+  // of an older admrt); old_defaults: fields an older admrt recorded as null for the default, with
+  // the value that null stands for. Throws RunFolderError listing the changed fields, naming
+  // another kind of run's work, or refusing finished work without a run.json (unless adopt: the
+  // caller checks that work itself, as `admrt train --resume OUT` checks a checkpoint's settings).
+  bool check_record(const json::Value& record, int64_t finished, const std::vector<std::string>& may_differ = {},
+                    bool adopt = false, const json::Value& old_defaults = json::Value());
+
+  // The command failed before finishing any work: removes what this RunFolder created and what
+  // holds no work (the run.json it wrote where none was, the .lock file it made, an empty shards/,
+  // OUT and the parents it made, when left empty), then unlocks. Never removes finished work.
+  void abandon();
 
  private:
   void say(const std::string& line) const;
   std::string out_, command_;
   NoteFn note_;
   int fd_ = -1;
+  bool made_lock_ = false, wrote_new_record_ = false;
+  std::vector<std::string> made_dirs_;  // OUT and the parents lock() created, deepest first
 };
 
 // A record as OUT/run.json holds it: json.dumps(record, indent=1) + "\n". Throws
