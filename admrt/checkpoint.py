@@ -83,7 +83,7 @@ def load_model(path, preset=None, *, device=None, dtype=None) -> nn.Module:
                 raise ValueError(f"preset={chosen.name!r} does not match the config stored in {p.name} "
                                  f"({stored.name!r}); pass preset=None to use the stored one")
     else:
-        state = _read_torch(p)
+        state = read_torch_state(p)
         if preset is None:
             raise ValueError(f"preset=None: {p.name} is a torch checkpoint (as guided-diffusion releases them), "
                              f"which does not record its config; pass one of {sorted(PRESETS)}")
@@ -136,7 +136,10 @@ def checkpoint_format(path: Path) -> str:
     return "unknown"
 
 
-def _read_torch(path: Path) -> dict:
+def read_torch_state(path: Path) -> dict:
+    """A torch .pt/.pth state dict of tensors, read with weights_only=True (a pickle's code is never
+    run); ValueError with one line naming the file otherwise."""
+    path = Path(path)
     fmt = checkpoint_format(path)
     if fmt == "unknown":
         raise ValueError(f"path={str(path)!r}: not a checkpoint (neither a torch .pt file nor .safetensors)")
@@ -144,6 +147,10 @@ def _read_torch(path: Path) -> dict:
         # mmap needs the zip format; a legacy file is read into memory
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=fmt == "torch-zip")
     except Exception as exc:  # zip/pickle errors of a truncated or foreign file
+        if "weights only load failed" in str(exc).lower():
+            # torch's own text advises weights_only=False, i.e. running the file's code: not repeated here
+            raise ValueError(f"path={str(path)!r}: not a weights file admrt loads safely: it holds Python objects "
+                             "other than tensors (code a pickle would run; admrt never runs it)") from None
         raise ValueError(f"path={str(path)!r}: cannot read the torch checkpoint (truncated, or not a state dict "
                          f"of tensors?): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -151,7 +158,9 @@ def _read_torch(path: Path) -> dict:
     return state
 
 
-def _read_safetensors(path: Path) -> tuple[dict, Preset | None]:
+def read_safetensors_state(path: Path) -> tuple[dict, dict]:
+    """(tensors, metadata) of a .safetensors file; ValueError with one line naming the file when it
+    is not one (truncated, damaged, another format)."""
     from safetensors import safe_open
 
     try:
@@ -159,8 +168,14 @@ def _read_safetensors(path: Path) -> tuple[dict, Preset | None]:
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
+        text = " ".join(str(exc).split())
         raise ValueError(f"path={str(path)!r}: cannot read the safetensors file (truncated or "
-                         f"corrupted?): {exc}") from exc
+                         f"corrupted?): {text}") from None
+    return state, meta
+
+
+def _read_safetensors(path: Path) -> tuple[dict, Preset | None]:
+    state, meta = read_safetensors_state(path)
     return state, _preset_of(meta)
 
 

@@ -277,13 +277,11 @@ class InceptionV3FID(FeatureNetwork):
             raise FileNotFoundError(
                 f"inception weights {str(path)!r} not found: pass --inception-weights the local path of "
                 f"pytorch-fid's pt_inception-2015-12-05-6726825d.pth (admrt never downloads it)")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
+        from admrt.checkpoint import checkpoint_format, read_safetensors_state, read_torch_state
+        if path.suffix == ".safetensors" or checkpoint_format(path) == "safetensors":
+            state = read_safetensors_state(path)[0]
         else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-            if not isinstance(state, dict):
-                raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+            state = read_torch_state(path)   # weights_only; one line naming the file when it is not one
         state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
         net = cls()
         own = {k for k in net.state_dict() if not k.endswith("num_batches_tracked")}
@@ -293,7 +291,7 @@ class InceptionV3FID(FeatureNetwork):
                 f"{path}: not pytorch-fid's pt_inception-2015-12-05 layout; missing keys {missing[:5]}"
                 f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
                 f"{'...' if len(unexpected) > 5 else ''}")
-        net.load_state_dict(state, strict=False)
+        _load_checked(net, state, path)
         net.fingerprint = hash_file(path).hexdigest()
         return net.eval()
 
@@ -420,27 +418,44 @@ class FashionFeatureNet(FeatureNetwork):
     @classmethod
     def from_file(cls, path: str | os.PathLike | None = None) -> "FashionFeatureNet":
         """Load the bundled network (default) or another file written by `save`."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+        from admrt.checkpoint import checkpoint_format, read_safetensors_state
         path = Path(path) if path is not None else BUNDLED_FASHION_FEATURES
         if not path.is_file():
             raise FileNotFoundError(
                 f"fashion feature network {str(path)!r} not found (the bundled one is written by "
                 f"`python -m admrt.evaluation.train_features`)")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        if checkpoint_format(path) != "safetensors":
+            raise ValueError(f"{path}: not a .safetensors file (a fashion feature network is one, written by "
+                             "FashionFeatureNet.save)")
+        state, meta = read_safetensors_state(path)   # one line naming the file when it is not one
         if meta.get("format") != "admrt-fashion-features":
-            raise ValueError(f"{path}: metadata format={meta.get('format')!r}, expected 'admrt-fashion-features'")
-        net = cls(FashionNetConfig.from_json(meta["config"]))
-        state = load_file(str(path))
+            raise ValueError(f"{path}: metadata format={meta.get('format')!r}, expected 'admrt-fashion-features' "
+                             "(a file written by FashionFeatureNet.save)")
+        try:
+            config = FashionNetConfig.from_json(meta["config"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: its metadata 'config' is not a FashionNetConfig ({exc})") from None
+        net = cls(config)
         own = {k for k in net.state_dict() if not k.endswith("num_batches_tracked")}
         missing, unexpected = sorted(own - state.keys()), sorted(state.keys() - own)
         if missing or unexpected:
             raise ValueError(f"{path}: does not match its config; missing {missing[:5]}, unexpected {unexpected[:5]}")
-        net.load_state_dict(state, strict=False)
+        _load_checked(net, state, path)
         net.fingerprint = hash_file(path).hexdigest()
         net.metadata = meta
         return net.eval()
+
+
+def _load_checked(net: nn.Module, state: dict, path: Path) -> None:
+    """Assign `state` (keys already checked) to `net`; a tensor of another shape is named in one line."""
+    own = net.state_dict()
+    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        k, got, want = wrong[0]
+        raise ValueError(f"{path}: {len(wrong)} tensors of another shape than the network's (first: {k}: file {got}, "
+                         f"network {want})")
+    net.load_state_dict(state, strict=False)
 
 
 def load_feature_network(kind: str = "fashion", weights: str | os.PathLike | None = None) -> FeatureNetwork:
