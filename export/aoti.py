@@ -8,8 +8,10 @@ A package is a folder:
                          ClassifierGradient, weights as explicit inputs), when a classifier is given
     upsampler.pt2        (x_t, t, y, low_res) -> [eps | v], when an upsampler is given
     manifest.json        format version, admrt/torch versions, device, dtype, batch bounds, each
-                         model's preset and diffusion process, and the coefficient tables of every
-                         requested step plan (built once, by admrt.diffusion)
+                         model's preset and diffusion process, each unit's content hash (sha256 of
+                         the .pt2 file: the runtime refuses a unit that differs from it), and the
+                         coefficient tables of every requested step plan (built once, by
+                         admrt.diffusion)
 
 Export writes into a temporary folder beside the target, checks every unit as the C++ runtime
 loads it against eager on random inputs at two batch sizes, and only then renames the folder
@@ -27,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from admrt import core
+from admrt.io import hash_file
 
 from .stack import (ExportReport, check_stack, example_inputs, low_res_size, model_entry, parse_step_plans,
                     staging_folder, weights_fingerprint)
@@ -101,6 +104,7 @@ def export_aoti(model: nn.Module, classifier: Optional[nn.Module] = None, upsamp
             log(f"admrt export: {role}: exporting and compiling {FILES[role]} (batch 1..{max_batch}, {dtype}, "
                 f"{device.type}); this takes minutes")
             seconds[role] = compile_unit(traced, example, tmp / FILES[role], max_batch)
+            manifest["models"][role]["sha256"] = hash_file(tmp / FILES[role]).hexdigest()
             units[role] = (unit, low)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         errors = check_package(tmp, units, infos, dtype, device)

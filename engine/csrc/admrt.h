@@ -41,7 +41,7 @@
 
 namespace admrt {
 
-constexpr int64_t kPackageFormatVersion = 1;   // export/aoti.py reads it from admrt.core (one source)
+constexpr int64_t kPackageFormatVersion = 2;   // export/aoti.py reads it from admrt.core (one source)
 // The upsampler stage's seed of an image is derive_seed(seed, kUpsamplerStream).
 constexpr uint64_t kUpsamplerStream = (uint64_t{1} << 63) + 1;
 // What an image's seed means under seeded noise (philox.h); run records carry it.
@@ -180,6 +180,11 @@ class Context {
   // writes anything); throws std::invalid_argument.
   void validate(const std::vector<int64_t>& classes, const std::vector<double>& guidance,
                 const std::vector<uint64_t>& seeds = {}, std::optional<int64_t> num = std::nullopt) const;
+  // Checks that `num` is positive and that a run of num images fits in this machine's memory (its
+  // results are held there: the images of every stage, labels, seeds, scales, keep_float's x_0),
+  // before anything is allocated for them; throws std::invalid_argument naming num. validate and
+  // sample call it first; a front end that sizes anything by num calls it before doing so.
+  void check_num(int64_t num) const;
 
   // Stops a running sample() at its next step boundary (it throws Cancelled); thread-safe. The
   // flag is cleared when sample() returns or throws, so a cancel() while none runs stops the

@@ -3,6 +3,8 @@
 // progress, for every front end. Its messages are the ones every front end shows.
 #include "admrt.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -211,7 +213,8 @@ Context::Request Context::request(const std::vector<int64_t>& classes, const std
   const Stack& st = *stack_;
   const std::optional<int64_t> k = st.num_classes();
   Request r;
-  if (num_arg && *num_arg <= 0) throw std::invalid_argument(cat("num=", *num_arg, ": expected a positive int"));
+  if (num_arg) check_num(*num_arg);
+  else if (!classes.empty()) check_num(static_cast<int64_t>(classes.size()));
   const int64_t num = num_arg.value_or(-1);
   // Labels, validated once on the host (nothing checks them per step).
   if (classes.empty()) {
@@ -266,6 +269,35 @@ Context::Request Context::request(const std::vector<int64_t>& classes, const std
   else if (static_cast<int64_t>(seeds.size()) == n) r.seeds = seeds;
   else throw std::invalid_argument(cat("seeds: expected ", n, " (one per image) or one int, got ", seeds.size()));
   return r;
+}
+
+void Context::check_num(int64_t num) const {
+  if (num <= 0) throw std::invalid_argument(cat("num=", num, ": expected a positive int"));
+  const Stack& st = *stack_;
+  auto pixels = [](const std::vector<int64_t>& chw) { return chw[0] * chw[1] * chw[2]; };
+  const Stage& last = st.upsampler() ? *st.upsampler() : st.base();
+  // Bytes held per image: uint8 images of each stage (and the run folder's copy of the final
+  // ones), label, seed and scale, and the float x_0 when kept.
+  int64_t per_image = 2 * pixels(last.image_shape) + 3 * 8;
+  if (st.upsampler()) per_image += pixels(st.base().image_shape);
+  if (params_.keep_float) per_image += 4 * pixels(last.image_shape);
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGESIZE);
+  const double memory = pages > 0 && page > 0 ? static_cast<double>(pages) * page : 0.0;
+  if (memory > 0 && static_cast<double>(num) * per_image > memory) {
+    auto size = [](double b) {
+      const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
+      int u = 0;
+      for (; b >= 1024 && u < 6; ++u) b /= 1024;
+      std::ostringstream s;
+      s.precision(3);
+      s << b << " " << units[u];
+      return s.str();
+    };
+    throw std::invalid_argument(cat("num=", num, ": the run's images take ", size(static_cast<double>(num) * per_image),
+                                    " of memory (", per_image, " B each), more than this machine's ", size(memory),
+                                    "; expected at most ", static_cast<int64_t>(memory / per_image),
+                                    " images (split the run over several --out folders or --seed ranges)"));
+  }
 }
 
 void Context::validate(const std::vector<int64_t>& classes, const std::vector<double>& guidance,

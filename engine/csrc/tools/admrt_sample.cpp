@@ -63,6 +63,19 @@ int64_t to_int(const std::string& flag, const std::string& v) {
   throw UsageError(flag + "='" + v + "': expected an integer");
 }
 
+// A seed: exactly the integers 0..2^64-1 (as `admrt sample` takes them).
+uint64_t to_seed(const std::string& v) {
+  const std::string expected = "--seed=" + v + ": expected an integer from 0 to 18446744073709551615";
+  if (v.empty() || v.size() > 20 || v.find_first_not_of("0123456789") != std::string::npos) throw UsageError(expected);
+  try {
+    size_t used = 0;
+    const unsigned long long x = std::stoull(v, &used);
+    if (used == v.size()) return x;
+  } catch (const std::exception&) {
+  }
+  throw UsageError(expected);
+}
+
 double to_double(const std::string& flag, const std::string& v) {
   try {
     size_t used = 0;
@@ -121,7 +134,11 @@ int main(int argc, char** argv) {
       throw UsageError("--batch-size=" + opt["--batch-size"] + ": expected a positive int");
     std::vector<double> guidance;
     if (opt.count("--guidance")) guidance.push_back(to_double("--guidance", opt["--guidance"]));
-    const int64_t seed = to_int("--seed", opt["--seed"]);
+    const uint64_t seed = to_seed(opt["--seed"]);
+    // An empty value is refused, not taken for the default.
+    for (const char* flag : {"--steps", "--upsampler-steps", "--device", "--package", "--out"})
+      if (opt.count(flag) && opt[flag].empty())
+        throw UsageError(std::string(flag) + "='': expected a value (leave the option out for its default)");
 
     auto package = admrt::Stack::load_package(opt["--package"], opt.count("--device") ? opt["--device"] : "");
     if (batch == 0) batch = std::min<int64_t>(16, package->max_batch());
@@ -146,6 +163,7 @@ int main(int argc, char** argv) {
       params.dynamic_threshold = to_double("--dynamic-threshold", opt["--dynamic-threshold"]);
     params.cuda_graphs = graphs;
     admrt::Context ctx(package, params);
+    ctx.check_num(num);  // before anything is sized by it
 
     admrt::SampleRun run;
     run.out = opt["--out"];
@@ -158,7 +176,7 @@ int main(int argc, char** argv) {
       if (run.classes.empty()) throw UsageError("--classes='': expected comma-separated ints");
     }
     if (opt.count("--guidance")) run.guidance = to_double("--guidance", opt["--guidance"]);
-    run.seed = seed;
+    run.seed = static_cast<int64_t>(seed);  // the uint64's bits (runfolder.h)
     run.shard_size = shard;
     run.progress = [&](int64_t done, int64_t total) {
       if (interrupted) throw Interrupted();
@@ -171,6 +189,15 @@ int main(int argc, char** argv) {
     return 0;
   } catch (const UsageError& e) {
     std::cerr << "admrt-sample: " << e.what() << "\n";
+    return 2;
+  } catch (const admrt::RunFolderError& e) {  // a refused folder
+    if (line_open) std::cerr << "\n";
+    std::cerr << "admrt-sample: " << std::string(e.what()).substr(0, std::string(e.what()).find('\n')) << "\n";
+    return 1;
+  } catch (const std::invalid_argument& e) {  // a bad argument, as the driver words it
+    if (line_open) std::cerr << "\n";
+    const std::string msg = e.what();
+    std::cerr << "admrt-sample: " << msg.substr(0, msg.find('\n')) << "\n";
     return 2;
   } catch (const Interrupted& e) {
     std::cerr << (line_open ? "\n" : "") << "admrt-sample: " << e.what() << "\n";
