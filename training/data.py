@@ -205,7 +205,7 @@ class ImageFolder(Dataset):
                else center_crop_arr(im, self.image_size))
         if self.random_flip and self._rng.random() < 0.5:
             arr = arr[:, ::-1]
-        x = torch.from_numpy(np.ascontiguousarray(arr)).to(torch.float32) / 127.5 - 1.0
+        x = torch.from_numpy(np.array(arr, dtype=np.float32)) / 127.5 - 1.0  # a writable copy (no torch warning)
         x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
         return x.contiguous(), self.labels[i]
 
