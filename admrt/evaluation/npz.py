@@ -14,6 +14,7 @@ import hashlib
 import math
 import os
 import struct
+import tokenize
 import zipfile
 import zlib
 from contextlib import contextmanager
@@ -58,7 +59,7 @@ def save_batch(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray |
 # What a damaged or hostile file can raise from zipfile, zlib and numpy's header reader; each is
 # turned into one ValueError line naming the file (the CLI's one-line error).
 _READ_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, NotImplementedError,
-                RuntimeError, struct.error, OverflowError, UnicodeDecodeError, SyntaxError, TypeError,
+                RuntimeError, struct.error, OverflowError, UnicodeDecodeError, SyntaxError, TypeError, tokenize.TokenError,
                 KeyError, IndexError, MemoryError, ValueError)
 _EXPECTED = "expected an .npz as np.savez writes it (a zip of .npy arrays)"
 

@@ -61,13 +61,21 @@ const char* descr_of(at::ScalarType t) {
   }
 }
 
+// At most 40 characters of header text for an error line: control and non-ASCII bytes as '?'.
+std::string shown(const std::string& text) {
+  std::string out = text.substr(0, 40);
+  for (char& c : out)
+    if (static_cast<unsigned char>(c) < 0x20 || static_cast<unsigned char>(c) >= 0x7F) c = '?';
+  return out + (text.size() > 40 ? "..." : "");
+}
+
 at::ScalarType dtype_of(const std::string& descr, const std::string& path) {
   if (descr == "|u1") return at::kByte;
   if (descr == "<i8") return at::kLong;
   if (descr == "<i4") return at::kInt;
   if (descr == "<f4") return at::kFloat;
   if (descr == "<f8") return at::kDouble;
-  throw std::runtime_error(path + ": array dtype '" + descr + "' is not supported");
+  throw std::runtime_error(path + ": array dtype '" + shown(descr) + "' is not supported; expected |u1, <i4, <i8, <f4 or <f8");
 }
 
 // The .npy header of `a` (format 1.0); the array's bytes follow it.
@@ -148,15 +156,15 @@ at::Tensor parse_npy(const std::string& s, size_t at, size_t size, const std::st
   const std::string header = s.substr(at + offset, header_len);
   std::string descr = header_field(header, "descr", path);
   if (descr.size() < 2 || (descr.front() != '\'' && descr.front() != '"') || descr.back() != descr.front())
-    throw damaged("descr " + descr.substr(0, 40) + "; expected a quoted dtype");
+    throw damaged("descr " + shown(descr) + "; expected a quoted dtype");
   descr = descr.substr(1, descr.size() - 2);
   const at::ScalarType dtype = dtype_of(descr, path);
   const std::string fortran = header_field(header, "fortran_order", path);
   if (fortran == "True") throw std::runtime_error(path + ": Fortran-ordered arrays are not supported");
-  if (fortran != "False") throw damaged("fortran_order " + fortran.substr(0, 40) + "; expected True or False");
+  if (fortran != "False") throw damaged("fortran_order " + shown(fortran) + "; expected True or False");
   const std::string shape_text = header_field(header, "shape", path);
   if (shape_text.size() < 2 || shape_text.front() != '(' || shape_text.back() != ')')
-    throw damaged("shape " + shape_text.substr(0, 40) + "; expected a tuple");
+    throw damaged("shape " + shown(shape_text) + "; expected a tuple");
   std::vector<int64_t> shape;
   uint64_t count = 1;
   bool overflow = false;
@@ -170,7 +178,7 @@ at::Tensor parse_npy(const std::string& s, size_t at, size_t size, const std::st
     auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), d);
     if (ec != std::errc() || end != digits.data() + digits.size() || digits[0] == '+' ||
         d > static_cast<uint64_t>(INT64_MAX))
-      throw damaged("shape " + shape_text.substr(0, 40) + "; expected sizes >= 0");
+      throw damaged("shape " + shown(shape_text) + "; expected sizes >= 0");
     if (shape.size() == 32) throw damaged("shape of more than 32 dimensions");
     shape.push_back(static_cast<int64_t>(d));
     overflow = overflow || __builtin_mul_overflow(count, d, &count);
@@ -179,7 +187,7 @@ at::Tensor parse_npy(const std::string& s, size_t at, size_t size, const std::st
   overflow = overflow || __builtin_mul_overflow(count, static_cast<uint64_t>(itemsize_of(dtype)), &nbytes);
   const uint64_t present = size - offset - header_len;
   if (overflow || nbytes != present)
-    throw damaged("shape " + shape_text.substr(0, 40) + " of '" + descr + "' needs " +
+    throw damaged("shape " + shown(shape_text) + " of '" + shown(descr) + "' needs " +
                   (overflow ? std::string("more than 2^64") : std::to_string(nbytes)) + " bytes; the member holds " +
                   std::to_string(present));
   at::Tensor t = at::empty(shape, at::TensorOptions().dtype(dtype));

@@ -7,7 +7,7 @@
 //
 // Each line is "<status>\t<message>" in the order of the files: status "ok" (the message
 // summarises what was read), "error" (the reader refused the file with std::runtime_error or
-// std::invalid_argument; the message is e.what() with newlines written as \n) or "unexpected"
+// std::invalid_argument; the message is e.what() with \\, newline, CR and tab written as \\\\, \\n, \\r, \\t) or "unexpected"
 // (any other exception: a bug). A crash or a hang is the other kind of bug; the exit status is
 // 0 when every file was read or refused, 1 when one was unexpected, 2 for bad arguments.
 #include <exception>
@@ -25,7 +25,9 @@ namespace {
 std::string escaped(const std::string& text) {
   std::string out;
   for (char c : text) {
-    if (c == '\n') out += "\\n";
+    if (c == '\\') out += "\\\\";
+    else if (c == '\n') out += "\\n";
+    else if (c == '\r') out += "\\r";
     else if (c == '\t') out += "\\t";
     else out.push_back(c);
   }
