@@ -12,17 +12,20 @@ import sys
 import textwrap
 
 import numpy as np
-import onnx
-import onnx.helper as oh
-import onnx.numpy_helper
 import pytest
 import torch
 
-import admrt.export.onnx_ops  # noqa: F401  (registers the admrt-domain schemas with onnx.defs)
-from admrt.export import MissingPackageError
-from admrt.export import tensorrt as trt_export
-from admrt.export import trt_plugins as tp
-from admrt.kernels import group_norm as gn
+# Without onnx (an optional extra) the module is skipped, as test_onnx.py is, instead of failing
+# collection: the TensorRT path goes through ONNX files.
+onnx = pytest.importorskip("onnx", reason="the TensorRT path needs onnx (pip install 'admrt[export]')")
+import onnx.helper as oh  # noqa: E402
+import onnx.numpy_helper  # noqa: E402
+
+import admrt.export.onnx_ops  # noqa: E402,F401  (registers the admrt-domain schemas with onnx.defs)
+from admrt.export import MissingPackageError  # noqa: E402
+from admrt.export import tensorrt as trt_export  # noqa: E402
+from admrt.export import trt_plugins as tp  # noqa: E402
+from admrt.kernels import group_norm as gn  # noqa: E402
 
 NO_TRT = "TensorRT cannot be installed here (PyPI's tensorrt packages download from NVIDIA's index)"
 needs_triton = pytest.mark.skipif(not tp.HAS_TRITON, reason="triton is not installed")
@@ -364,3 +367,13 @@ def test_tensorrt_denoiser_matches_eager(tmp_path):
     x, t, y = torch.randn(3, 3, 8, 8).cuda(), torch.rand(3).cuda() * 999, torch.randint(0, 10, (3,)).cuda()
     with torch.no_grad():
         torch.testing.assert_close(engine(x, t, y, None), unit(x, t, y), rtol=1e-3, atol=1e-3)  # as the core calls
+
+
+def test_module_is_skipped_not_an_error_without_onnx(tmp_path):
+    """Where onnx is not installed, collecting this file was an error (test_onnx.py skipped)."""
+    code = ("import sys; sys.modules['onnx'] = None\n"
+            "import pytest\n"
+            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-rs', {__file__!r}]))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 5, res.stdout[-3000:] + res.stderr[-2000:]  # 5: no tests collected (all skipped)
+    assert "1 skipped" in res.stdout and "the TensorRT path needs onnx" in res.stdout, res.stdout[-3000:]
