@@ -99,6 +99,7 @@ void bind_runfolder(py::module_& m) {
       .def("lock", &admrt::RunFolder::lock,
            "Take OUT/.lock, or raise RunFolderError naming the process that holds it; then remove stale .tmp files.")
       .def("unlock", &admrt::RunFolder::unlock)
+      .def("locked", &admrt::RunFolder::locked, "Whether this RunFolder holds OUT/.lock.")
       .def("check_record", [](admrt::RunFolder& self, const py::dict& record, int64_t finished,
                               const py::iterable& may_differ, bool adopt) {
              return self.check_record(from_python(record, "run record"), finished, strings(may_differ), adopt);

@@ -173,7 +173,8 @@ void RunFolder::lock() {
   // OUT and the parents this command makes (removed again by abandon() when left empty).
   std::vector<std::string> new_dirs;
   for (fs::path p = fs::absolute(out, made).lexically_normal(); !made && !p.empty(); p = p.parent_path()) {
-    if (fs::exists(fs::symlink_status(p, made)) || p == p.parent_path()) break;
+    std::error_code missing;  // set for a path that does not exist
+    if (fs::exists(fs::symlink_status(p, missing)) || p == p.parent_path()) break;
     new_dirs.push_back(p.string());
   }
   made.clear();

@@ -1,8 +1,11 @@
 """The run folder's record (engine/csrc/runfolder.cpp, bound as core.RunFolder): written as
 json.dumps(record, indent=1) writes it, compared as Python compares what json.loads returns
 (nested lists and objects included), refused with each changed field, replaced when the run
-finished nothing, extended when an older admrt did not record a field."""
+finished nothing, extended when an older admrt did not record a field; another kind of run's
+work and work without its record refused; the lock never through a link; abandon() removing only
+what the failed command made and what holds no work."""
 import json
+import os
 
 import pytest
 
@@ -27,13 +30,13 @@ def test_changed_fields_are_listed_and_a_run_that_finished_nothing_is_replaced(t
     folder.lock()
     folder.check_record(RECORD, finished=0)
     changed = dict(RECORD, lr=0.01, preset={"name": "tiny-cond", "channel_mult": [1, 2, 2]}, text="x" * 70,
-                   seed=4, eta=0.5, big=1, tiny=2, command="sample")
+                   seed=4, eta=0.5, big=1, tiny=2, flag=False)
     with pytest.raises(RunFolderError) as exc:
         folder.check_record(changed, finished=1, may_differ=("seed",))
     message = str(exc.value)
     assert isinstance(exc.value, ValueError)
     assert message.startswith(f"--out={str(tmp_path / 'r')!r} holds a run with other arguments (big: 1e+16 -> 1; "
-                              "command: 'train' -> 'sample'; eta: 0.0 -> 0.5; lr: 0.0001 -> 0.01; "
+                              "eta: 0.0 -> 0.5; flag: true -> false; lr: 0.0001 -> 0.01; "
                               'preset: {"name": "tiny-cond", "channel_mult": [1, 2]} -> {"name": "tiny-cond", '
                               '"channel_mult": [1, 2, 2]}; text: "it\'s" -> ')
     assert " (and 1 more)); rerun with the recorded values to resume it" in message and "seed" not in message
@@ -56,3 +59,85 @@ def test_fields_an_older_record_lacks_are_added(tmp_path, capsys):
     with pytest.raises(ValueError, match="run record: lr=nan: expected a finite number"):
         folder.check_record(dict(RECORD, lr=float("nan")), finished=0)
     folder.unlock()
+
+
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"work")
+
+
+def test_another_kind_of_runs_work_is_refused_and_orphans_are_not_adopted(tmp_path, capsys):
+    out = tmp_path / "r"
+    folder = RunFolder(out, "test")
+    folder.lock()
+    folder.check_record(RECORD, finished=0)  # a "train" record
+    _touch(out / "state_000005.safetensors")
+    sample = {"command": "sample", "seed": 0}
+    with pytest.raises(RunFolderError, match=r"holds an `admrt train` run \(run.json, 1 checkpoint\); use another"):
+        folder.check_record(sample, finished=0)
+    assert json.loads((out / "run.json").read_text()) == RECORD
+    (out / "state_000005.safetensors").unlink()
+    assert folder.check_record(sample, finished=0) is False  # its run finished nothing: replaced
+    assert "held an `admrt train` run that finished nothing; starting over" in capsys.readouterr().err
+    # Without run.json, finished work cannot be told apart from another run's: refused, unless adopted.
+    (out / "run.json").unlink()
+    _touch(out / "shards" / "shard_00000.npz")
+    _touch(out / "shards" / "shard_00001.npz")
+    with pytest.raises(RunFolderError, match=r"holds 2 shards but no run.json \(its record was lost or deleted\)"):
+        folder.check_record(sample, finished=2)
+    with pytest.raises(RunFolderError, match=r"holds an `admrt sample` run \(2 shards\)"):
+        folder.check_record(RECORD, finished=0)
+    assert not (out / "run.json").exists()
+    assert folder.check_record(sample, finished=2, adopt=True) is False
+    folder.unlock()
+
+
+def test_the_lock_is_never_opened_through_a_link_or_a_non_file(tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    target = tmp_path / "target"
+    target.write_text("keep")
+    (out / ".lock").symlink_to(target)
+    with pytest.raises(RunFolderError, match=r"\.lock: a symbolic link, not a lock file"):
+        RunFolder(out, "test").lock()
+    (out / ".lock").unlink()
+    (out / ".lock").symlink_to(tmp_path / "missing")  # a dangling link would be created
+    with pytest.raises(RunFolderError, match="a symbolic link"):
+        RunFolder(out, "test").lock()
+    assert target.read_text() == "keep" and not (tmp_path / "missing").exists()
+    (out / ".lock").unlink()
+    os.mkfifo(out / ".lock")
+    with pytest.raises(RunFolderError, match=r"\.lock: not a regular file"):
+        RunFolder(out, "test").lock()
+    # A link planted as a temporary file is removed with the stale ones, never written through.
+    (out / ".lock").unlink()
+    (out / ".run.json.tmp").symlink_to(tmp_path / "elsewhere")
+    folder = RunFolder(out, "test")
+    folder.lock()
+    assert not os.path.lexists(out / ".run.json.tmp")
+    folder.check_record(RECORD, finished=0)
+    assert not (tmp_path / "elsewhere").exists()
+    folder.unlock()
+
+
+def test_abandon_removes_what_the_command_made_and_never_work(tmp_path):
+    out = tmp_path / "a" / "b"
+    folder = RunFolder(out, "test")
+    folder.lock()
+    folder.check_record(RECORD, finished=0)
+    (out / "shards").mkdir()
+    folder.abandon()
+    assert not (tmp_path / "a").exists() and not folder.locked()
+    # Finished work keeps its record, and a folder that was there stays.
+    folder = RunFolder(out, "test")
+    folder.lock()
+    folder.check_record(RECORD, finished=0)
+    _touch(out / "state_000001.safetensors")
+    folder.abandon()
+    assert sorted(p.name for p in out.iterdir()) == ["run.json", "state_000001.safetensors"]
+    (out / "state_000001.safetensors").unlink()
+    folder = RunFolder(out, "test")
+    folder.lock()
+    folder.check_record(RECORD, finished=0)  # a record there before this command: kept
+    folder.abandon()
+    assert sorted(p.name for p in out.iterdir()) == ["run.json"]  # the .lock it made is gone too
