@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -73,59 +75,85 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
 
+    def _get_value(self, action, arg_string):
+        # An option type's refusal (OptionValueError) reads `--flag=VALUE: expected ...`, as the
+        # commands' own checks and admrt-sample's read; argparse's other messages are kept.
+        try:
+            return super()._get_value(action, arg_string)
+        except argparse.ArgumentError as exc:
+            cause = exc.__context__
+            if not isinstance(cause, OptionValueError):
+                raise
+            flag = action.option_strings[-1] if action.option_strings else action.metavar or action.dest
+            shown = arg_string if re.fullmatch(r"[\w.:,+-]+", arg_string) else repr(arg_string)
+            raise argparse.ArgumentError(None, f"{flag}={shown}: {cause}") from None
 
-# -- option value types: argparse reports their refusal as `admrt CMD: argument --X: <message>` (exit 2)
+
+# -- option value types: a refusal is one line `admrt CMD: --flag=VALUE: expected ...` (exit 2)
 
 SEED_MAX = 2 ** 64 - 1  # seeds are uint64 in both front ends (admrt-sample's --seed too)
 
 
+class OptionValueError(argparse.ArgumentTypeError):
+    """An option type's refusal: what was expected (ArgumentParser adds the flag and the value)."""
+
+
 def int_in(lo: int, hi: int, what: str = "an int"):
-    """An option type: an int from lo to hi (inclusive), else the value and the range."""
+    """An option type: an int from lo to hi (inclusive)."""
     def parse(text: str) -> int:
         try:
             value = int(text, 10)
         except ValueError:
             value = None
         if value is None or not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected {what} from {lo} to {hi}")
+            raise OptionValueError(f"expected {what} from {lo} to {hi}")
         return value
     parse.__name__ = what
     return parse
 
 
-positive_int = int_in(1, 2 ** 63 - 1, "a positive int")
+def positive_int(text: str) -> int:
+    """An option type: an int from 1 to 2**63 - 1."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise OptionValueError("expected a positive int")
+    if value >= 2 ** 63:
+        raise OptionValueError("expected a positive int below 2**63")
+    return value
+
+
 seed_value = int_in(0, SEED_MAX, "an integer")
 
 
 def finite_float(text: str) -> float:
     """An option type: a finite float (no nan or inf)."""
-    import math
-
     try:
         value = float(text)
     except ValueError:
         value = math.nan
     if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number")
+        raise OptionValueError("expected a finite number")
     return value
 
 
 def nonempty(text: str) -> str:
     """An option type: a non-empty string (an empty --out or --steps is a slip, not the default)."""
     if not text.strip():
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a non-empty value (leave the option out for its "
-                                         "default)")
+        raise OptionValueError("expected a value (leave the option out for its default)")
     return text
 
 
 def device_value(text: str) -> str:
     """An option type: a device this machine has (admrt.io.check_device, the one check)."""
-    from admrt.io import check_device
+    from admrt.io import device_problem
 
-    try:
-        return check_device(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    problem = device_problem(text)
+    if problem is not None:
+        raise OptionValueError(problem)
+    return text
 
 
 def _version() -> str:

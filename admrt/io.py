@@ -107,23 +107,31 @@ def available_devices() -> list[str]:
     return devices
 
 
-def check_device(value: str) -> str:
-    """A --device argument as given, once it names a device this machine has; else ValueError
-    naming the value and the devices available (the one check of every command's --device)."""
+def device_problem(value: str) -> str | None:
+    """What is wrong with a --device argument on this machine (naming the devices available), or
+    None when it names one this machine has: the one check behind every command's --device."""
     import torch
 
     available = available_devices()
     try:
         device = torch.device(value)
     except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"{value!r}: not a device; expected one of {', '.join(available)}") from None
+        return f"not a device; expected one of {', '.join(available)}"
     name = device.type if device.index is None or device.type == "cpu" else f"{device.type}:{device.index}"
-    if name not in available:
-        if device.type == "cuda" and not torch.backends.cuda.is_built():
-            why = "this torch is built without CUDA"
-        elif device.type == "cuda" and not torch.cuda.is_available():
-            why = "no CUDA device is visible"
-        else:
-            why = "no such device here"
-        raise ValueError(f"{value!r}: {why}; available: {', '.join(available)}")
+    if name in available:
+        return None
+    if device.type == "cuda" and not torch.backends.cuda.is_built():
+        why = "this torch is built without CUDA"
+    elif device.type == "cuda" and not torch.cuda.is_available():
+        why = "no CUDA device is visible"
+    else:
+        why = "no such device here"
+    return f"{why}; available: {', '.join(available)}"
+
+
+def check_device(value: str) -> str:
+    """`value` when this machine has that device, else ValueError naming it and the devices available."""
+    problem = device_problem(value)
+    if problem is not None:
+        raise ValueError(f"device={value!r}: {problem}")
     return value

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 import admrt
-from admrt.cli import CommandError
+from admrt.cli import CommandError, device_value, finite_float
 from admrt.export import MissingPackageError
 from admrt.diffusion import build_tables
 from admrt.models.unet import resolve_dtype
@@ -407,7 +407,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admrt-steps", default="",
                    help="admrt's rows run this plan instead (e.g. dpmpp2m10 against the reference's ddim25): speed "
                         "at equal quality in one run (docs/solvers has the FID of each plan); no image comparison")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier scale")
+    p.add_argument("--guidance", type=finite_float, default=1.0, help="classifier scale")
     p.add_argument("--upsampler", default="",
                    help="an upsampler's architecture (e.g. upsample64-256): time the cascade, the guided model's "
                         "samples then the upsampler's loop on them (unguided), as the reference scripts run it")
@@ -417,7 +417,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true",
                    help="run admrt's networks in NHWC (Engine(channels_last=True)); guided-diffusion stays as it is")
     p.add_argument("--reps", type=int, default=5, help="timed rounds, variants alternating")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("--device", type=device_value, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="also time backend='compile' (fullgraph)")
     p.add_argument("--onnxruntime", action="store_true",
@@ -458,12 +458,6 @@ def _check(args) -> None:
                                f"{list(IMPLS)}")
     if args.impls is not None and not args.impls:
         raise CommandError(f"--impls='': expected some of {list(IMPLS)}")
-    try:
-        torch.device(args.device)
-    except RuntimeError:
-        raise CommandError(f"--device={args.device!r}: expected cpu, cuda or cuda:N") from None
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise CommandError(f"--device={args.device!r}: no CUDA device on this machine")
     packaged = {"aoti", "admrt-sample"} & set(args.impls or default_impls(args))
     if args.upsampler and packaged:
         raise CommandError(f"--upsampler={args.upsampler!r}: the package variants ({', '.join(sorted(packaged))}) "
@@ -500,8 +494,13 @@ def write_results(results: dict, out: Path, args) -> Path:
 def run(args) -> int:
     _check(args)
     results = measure(args)
-    if args.out is not None:
-        write_results(results, args.out, args)
+    path = write_results(results, args.out, args) if args.out is not None else None
+    failed = [row for row in results["rows"] if "error" in row]
+    if failed:   # a failing variant fails the command (exit 1), after the others' rows are kept
+        kept = f"the other rows are in {path}" if path is not None else "the other rows are printed above"
+        names = ", ".join(row["impl"] for row in failed)
+        first = " ".join(failed[0]["error"].split())[:300]
+        raise CommandError(f"{len(failed)} of {len(results['rows'])} variants failed ({names}; first: {first}); {kept}")
     return 0
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from admrt.cli import (SEED_MAX, CommandError, Interrupted, UsageError, device_value, int_in, nonempty,
+from admrt.cli import (SEED_MAX, CommandError, Interrupted, OptionValueError, UsageError, device_value, nonempty,
                        positive_int, seed_value)
 from admrt.distributed import leaving_process_group
 from admrt.io import atomic_write, device_description, file_fingerprint
@@ -234,12 +234,18 @@ def run(args: argparse.Namespace) -> int:
 def class_list(text: str) -> list[int]:
     """--classes: comma-separated class ids (ints >= 0; the model's range is the core's to check), cycled
     over --num by run_samples."""
-    parse = int_in(0, 2 ** 63 - 1, "class ids: ints")
     try:
-        return [parse(c.strip()) for c in text.split(",")]
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated class ids (ints from 0 to the "
-                                         "model's classes - 1)") from None
+        ids = [int(c, 10) for c in text.split(",")]
+    except ValueError:
+        ids = None
+    if not ids or not all(0 <= i < 2 ** 63 for i in ids):
+        raise OptionValueError("expected comma-separated ints (class ids from 0 to the model's classes - 1)")
+    return ids
+
+
+def _int64(seed: int) -> int:
+    """A uint64 seed as the int64 of the same bits (the core's, and admrt-sample's, seed type)."""
+    return seed - 2 ** 64 if seed >= 2 ** 63 else seed
 
 
 def check_memory(num: int, image_shape) -> None:
@@ -252,7 +258,8 @@ def check_memory(num: int, image_shape) -> None:
     except (ValueError, OSError, AttributeError):
         return
     if need > have:
-        raise UsageError(f"--num={num}: {num} images of {'x'.join(map(str, [*image_shape[1:], image_shape[0]]))} (HxWxC) need {need / 2 ** 30:.3g} "
+        c, h, w = image_shape
+        raise UsageError(f"--num={num}: {num} images of {h}x{w}x{c} (HxWxC) need {need / 2 ** 30:.3g} "
                          f"GiB of memory for the final .npz, this machine has {have / 2 ** 30:.3g} GiB; sample "
                          "fewer per run (several --out folders)")
 
@@ -309,7 +316,7 @@ def _run(args, device, rank, world, dist) -> int:
     try:
         final = core.run_samples(
             ctx, out=str(out), command="admrt sample", num=args.num, classes=classes, guidance=args.guidance,
-            seed=args.seed - 2 ** 64 if args.seed >= 2 ** 63 else args.seed, shard_size=args.shard_size or 0, extra=extra, rank=rank, world=world,
+            seed=_int64(args.seed), shard_size=args.shard_size or 0, extra=extra, rank=rank, world=world,
             progress=progress if not args.no_progress and rank == 0 else None,
             barrier=dist.barrier if dist is not None else None,
             broadcast_error=broadcast_error if dist is not None else None)

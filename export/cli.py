@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from admrt.cli import CommandError, Interrupted
+from admrt.cli import CommandError, Interrupted, device_value, nonempty
 from admrt.stack_loading import DEFAULT_STEPS
 
 
@@ -36,7 +36,7 @@ def _add_stack_arguments(a: argparse.ArgumentParser, dtypes=("fp32", "fp16", "bf
                    help="the upsampler's step plans (default: --steps; 100 for the bundled stack)")
     a.add_argument("--dtype", choices=dtypes, default="fp32",
                    help="precision of the networks' bodies, fixed in the export")
-    a.add_argument("--out", required=True, help="the folder to create")
+    a.add_argument("--out", type=nonempty, required=True, help="the folder to create")
     a.add_argument("--force", action="store_true", help="replace an existing folder")
 
 
@@ -49,8 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a = sub.add_parser("aoti", formatter_class=HelpFormatter,
                        help="AOTInductor package: denoiser.pt2, classifier_grad.pt2, upsampler.pt2, manifest.json")
     _add_stack_arguments(a)
-    a.add_argument("--device", default=None, help="cpu or cuda: the device the package is compiled for "
-                                                  "(default: cuda if available)")
+    a.add_argument("--device", type=device_value, default=None,
+                   help="cpu or cuda: the device the package is compiled for (default: cuda if available)")
     a.add_argument("--max-batch", type=int, default=64, help="the largest batch the package takes")
 
     o = sub.add_parser("onnx", formatter_class=HelpFormatter,
@@ -65,8 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--no-check", action="store_true",
                    help="write the files checked by onnx.checker only, not run against eager in onnxruntime (for "
                         "fp16 --fused-ops graphs, whose custom nodes nothing here runs)")
-    o.add_argument("--device", default="cpu", help="the device the export is checked on (cpu, or cuda with "
-                                                   "onnxruntime-gpu)")
+    o.add_argument("--device", type=device_value, default="cpu",
+                   help="the device the export is checked on (cpu, or cuda with onnxruntime-gpu)")
 
     t = sub.add_parser("tensorrt", formatter_class=HelpFormatter,
                        help="TensorRT engines from the ONNX export (needs TensorRT and an NVIDIA GPU)")
@@ -105,9 +105,11 @@ def _check_writable(out: Path) -> None:
     import os
     import tempfile
 
+    from .stack import staging_prefix
+
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        os.rmdir(tempfile.mkdtemp(dir=out.parent, prefix=staging_prefix(out), suffix=".tmp"))
     except OSError as exc:
         raise CommandError(f"--out={str(out)!r}: cannot create it in {str(out.parent)!r} "
                            f"({exc.strerror or exc})") from None

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from admrt.io import hash_weights
+from admrt.io import hash_weights, pid_alive
 
 
 @dataclass(frozen=True)
@@ -153,16 +154,41 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want.float()).abs().max()) / max(float(want.abs().max()), 1e-12)
 
 
+def staging_prefix(out: Path) -> str:
+    """The name a staging folder of `out` starts with: `.<out>.<pid>.` (then mkdtemp's random part
+    and `.tmp`), so that a later export of the same `out` knows whose it is."""
+    return f".{out.name}.{os.getpid()}."
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Remove the staging folders of `out` whose export process is gone (killed: SIGKILL, the OOM
+    killer, a power cut), as the run folder removes a killed run's .tmp files; returns them.
+    Another live export's folder, and folders of other names, are left alone."""
+    out = Path(out)
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(\d+)\.[^.]+\.tmp$")
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for path in out.parent.iterdir():
+        match = pattern.match(path.name)
+        if match and path.is_dir() and not path.is_symlink() and not pid_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def staging_folder(out: Path, overwrite: bool):
-    """A temporary folder beside `out`, renamed to `out` when the block succeeds (replacing it
-    when overwrite) and removed when it fails: an export is all there or not at all."""
+    """A temporary folder beside `out` (`.<out>.<pid>.<random>.tmp`), renamed to `out` when the
+    block succeeds (replacing it when overwrite) and removed when it fails: an export is all there
+    or not at all. A killed export's staging folder is removed by the next export of `out`."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"out={str(out)!r}: exists; choose another folder or pass overwrite (--force) "
                               "to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    remove_stale_staging(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=staging_prefix(out), suffix=".tmp"))
     tmp.chmod(0o755)  # mkdtemp's 0700 would hide the folder from other users
     try:
         yield tmp

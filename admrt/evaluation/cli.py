@@ -20,7 +20,8 @@ import time
 
 import numpy as np
 
-from admrt.cli import ArgumentParser, UsageError, device_value, finite_float, int_in, nonempty, positive_int
+from admrt.cli import (ArgumentParser, OptionValueError, UsageError, device_value, finite_float, int_in, nonempty,
+                       positive_int)
 
 FASHION_REF = "fashion-test"
 FASHION_MAX_SIZE = 256   # fashion-test:SIZE pixels per side (the 10,000 test images are resized in memory)
@@ -30,7 +31,7 @@ def guidance_scale(text: str) -> float:
     """--scales: a finite guidance scale >= 0."""
     value = finite_float(text)
     if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite guidance scale >= 0")
+        raise OptionValueError("expected a finite guidance scale >= 0")
     return value
 
 
@@ -40,8 +41,8 @@ def step_plan(text: str) -> str:
 
     try:
         StepPlan.parse(text, "samplers")
-    except ValueError as exc:   # the core's message names the value: samplers='ddimx': expected ...
-        raise argparse.ArgumentTypeError(" ".join(str(exc).split())) from None
+    except ValueError as exc:   # the core's message: samplers='ddimx': expected ... (the parser names the value)
+        raise OptionValueError(" ".join(str(exc).split()).split(": ", 1)[-1]) from None
     return text
 
 
@@ -87,8 +88,8 @@ def _check_folder_writable(flag: str, folder, shown: str) -> None:
         os.close(fd)
         os.unlink(tmp)
     except OSError as exc:
-        raise UsageError(f"{flag}={shown!r}: cannot write there ({exc.strerror or exc}"
-                         f"{': ' + str(exc.filename) if exc.filename and str(exc.filename) != shown else ''})") from None
+        where = f": {exc.filename}" if exc.filename and str(exc.filename) != shown else ""
+        raise UsageError(f"{flag}={shown!r}: cannot write there ({exc.strerror or exc}{where})") from None
     finally:
         for d in missing:   # the folders made for the check: the command makes them when it writes
             try:
@@ -107,13 +108,15 @@ def _add_feature_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--feature-weights", type=nonempty, default=None, metavar="PATH",
                    help="another Fashion feature network file (default: the bundled one)")
     g.add_argument("--eval-batch-size", type=positive_int, default=64, help="images per feature-network batch")
-    g.add_argument("--device", type=device_value, default="cpu", help="torch device for features and sampling (default cpu)")
+    g.add_argument("--device", type=device_value, default="cpu",
+                   help="torch device for features and sampling (default cpu)")
     g.add_argument("--cache-dir", default=None,
                    help="reference statistics cache (default: eval/ under $ADMRT_CACHE_DIR, else "
                         "$XDG_CACHE_HOME/admrt, else ~/.cache/admrt)")
     g.add_argument("--no-cache", action="store_true", help="neither read nor write cached reference statistics")
     g.add_argument("--k", type=positive_int, default=3, help="nearest neighbours of precision/recall (default 3)")
-    g.add_argument("--threads", type=int_in(1, 4096, "a thread count"), default=None, help="torch CPU threads (default: torch's)")
+    g.add_argument("--threads", type=int_in(1, 4096, "a thread count"), default=None,
+                   help="torch CPU threads (default: torch's)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -165,7 +168,8 @@ def sweep_parser() -> argparse.ArgumentParser:
                    help="precision of the networks' bodies")
     g.add_argument("--reference", default=FASHION_REF,
                    help="reference .npz, or fashion-test (the Fashion-MNIST test split at the samples' size)")
-    g.add_argument("--out", type=nonempty, default="docs/guidance_sweep", help="report folder (default docs/guidance_sweep)")
+    g.add_argument("--out", type=nonempty, default="docs/guidance_sweep",
+                   help="report folder (default docs/guidance_sweep)")
     g.add_argument("--title", default="Guidance sweep: the bundled Fashion-MNIST models", help="the report's title")
     g.add_argument("--merge", type=nonempty, nargs="+", default=None, metavar="DIR",
                    help="sample nothing: merge the reports of earlier sweeps (e.g. one process per sampler) "

@@ -3,6 +3,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from admrt.cli import main
@@ -52,13 +53,44 @@ def test_sample_help(capsys):
     (["--preset", "nope"], "--preset='nope': unknown preset"),
     (["--batch", "0", "--device", "cpu"], "--batch=0: expected a positive int"),
     (["--reps", "0", "--device", "cpu"], "--reps=0: expected a positive int"),
-    (["--device", "gpu0"], "--device='gpu0': expected cpu, cuda or cuda:N"),
     (["--impls", "gd,fast", "--device", "cpu"], "--impls='gd,fast': unknown implementation 'fast'; expected some of"),
     (["--impls", ",", "--device", "cpu"], "--impls='': expected some of"),
     (["--impls", "eager,graphs", "--device", "cpu"], "'graphs' (CUDA-graph replay) needs a CUDA --device, got 'cpu'"),
 ])
 def test_bench_rejects_bad_arguments_in_one_line(argv, message, cli_error):
     assert message in cli_error(["bench", *argv])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--device", "gpu0"], "--device=gpu0: not a device; expected one of cpu"),
+    (["--guidance", "nan"], "--guidance=nan: expected a finite number"),
+])
+def test_bench_refuses_bad_option_values_as_the_parser_does(argv, message, capsys, monkeypatch):
+    """Values no run could take: exit 2, before any model is built (guidance nan once made every
+    variant fail and the command exit 0)."""
+    from admrt.cli import bench_module
+
+    def measured(args):
+        raise AssertionError("measured with a bad option value")
+    monkeypatch.setattr(bench_module(), "measure", measured)
+    if torch.cuda.is_available():
+        message = message.replace("expected one of cpu", "expected one of cpu, cuda")
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", *argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith(f"admrt bench: {message}"), err
+
+
+def test_a_failing_bench_variant_fails_the_command(monkeypatch, tmp_path, cli_error):
+    """A variant that fails is a FAILED row and the command exits 1 naming it, after the others'
+    results are written."""
+    from admrt.cli import bench_module
+    measure = bench_module()
+    rows = [{"impl": "admrt eager", "median_s": 1.0}, {"impl": "guided-diffusion", "error": "RuntimeError: boom"}]
+    monkeypatch.setattr(measure, "measure", lambda args: {"config": {}, "rows": rows})
+    line = cli_error(["bench", "--device", "cpu", "--out", tmp_path])
+    assert "1 of 2 variants failed (guided-diffusion; first: RuntimeError: boom); the other rows are in" in line
+    assert len(list(tmp_path.glob("sampling_*.json"))) == 1
 
 
 def test_sample_defaults_to_auto_and_compiles_once(tmp_path, capfd):
