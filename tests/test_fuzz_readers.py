@@ -47,21 +47,39 @@ pytestmark = pytest.mark.skipif(not Path(READ_CHECK).is_file(), reason="admrt-re
 # ------------------------------------------------------------------------------------------------
 # Valid starting points
 
+FAKE_UNIT = b"PK\x03\x04 not an AOTInductor unit" * 8   # the fuzz stops at loading it, after every field check
+
+
 def base_manifest() -> dict:
-    """A package manifest of the shape `admrt export aoti` writes (short tables)."""
-    tables = {k: [0.1 * (i + 1) for i in range(4)] for k in ("betas", "alphas_cumprod", "alphas_cumprod_prev")}
-    tables["timestep_map"] = [0, 333, 666, 999]
+    """A package manifest as `admrt export aoti` writes it (one 16px stage, one respacing), whose
+    every field passes the loader's checks; its unit is FAKE_UNIT (hash recorded)."""
+    import dataclasses
+    import hashlib
+
+    from admrt import __version__, core
+    from admrt.export.stack import schedule_entry
+    from admrt.presets import get_preset
+
+    preset = get_preset("fashion16-cond")
     model = {"file": "denoiser.pt2", "kind": "unet", "image_size": 16, "in_channels": 1, "out_channels": 2,
-             "num_classes": 10, "low_res_size": None, "variance": "learned_range",
-             "diffusion": {"steps": 1000, "noise_schedule": "cosine", "predict_xstart": False,
-                           "rescale_timesteps": False, "sigma_small": False, "use_kl": False,
-                           "rescale_learned_sigmas": False},
-             "schedules": {"t4": {"method": "ddim", "num_steps": 4, "original_num_steps": 1000,
-                                  "rescale_timesteps": False, "tables": tables}}}
-    return {"format": "admrt-aoti", "format_version": 1, "admrt_version": "0.1.0", "torch_version": "2.13.0+cpu",
-            "device": "cpu", "dtype": "fp32", "batch": {"min": 1, "max": 2}, "default_steps": "t4",
-            "default_upsampler_steps": None, "models": {"model": model, "classifier": None},
-            "weights": {"model": "ab" * 32}, "title": "caf\u00e9 \U0001F600"}
+             "num_classes": 10, "low_res_size": None, "preset": json.loads(preset.to_json()),
+             "variance": "learned_range", "diffusion": dataclasses.asdict(preset.diffusion),
+             "schedules": {"t4": schedule_entry(preset.diffusion, "ddim4")},
+             "sha256": hashlib.sha256(FAKE_UNIT).hexdigest()}
+    return {"format": "admrt-aoti", "format_version": core.PACKAGE_FORMAT_VERSION, "admrt_version": __version__,
+            "torch_version": "2.13.0+cpu", "device": "cpu", "dtype": "fp32", "batch": {"min": 1, "max": 2},
+            "seeded_noise": core.SEEDED_NOISE_FORMAT, "default_steps": "ddim4", "default_upsampler_steps": None,
+            "models": {"model": model}, "weights": "ab" * 32, "title": "caf\u00e9 \U0001F600"}
+
+
+_BASE = None
+
+
+def _base_manifest() -> dict:
+    global _BASE
+    if _BASE is None:
+        _BASE = base_manifest()
+    return copy.deepcopy(_BASE)
 
 
 def npy_bytes(a: np.ndarray, header_edit=None, version=(1, 0)) -> bytes:
@@ -161,7 +179,7 @@ def _byte_mutation(rng: random.Random, data: bytes) -> bytes:
 
 
 def json_case(rng: random.Random) -> bytes:
-    m = base_manifest()
+    m = _base_manifest()
     text = json.dumps(m, indent=rng.choice([None, 1]))
     kind = rng.randrange(8)
     leaves = list(_leaves(m))
@@ -296,14 +314,20 @@ def _object_npy(rng) -> bytes:
 
 
 def corpus(kind: str, folder: Path, count: int, seed: int = SEED) -> list[Path]:
-    """`count` fuzz cases of `kind` ("json" or "npz") written under `folder`, from `seed`."""
+    """`count` fuzz cases of `kind` written under `folder`, from `seed`: "npz" files, or "package"
+    folders (a fuzzed manifest.json beside FAKE_UNIT as denoiser.pt2)."""
     rng = random.Random(f"{seed}-{kind}")
     folder.mkdir(parents=True, exist_ok=True)
-    make = json_case if kind == "json" else npz_case
     paths = []
     for i in range(count):
-        p = folder / (f"case{i:05d}" + (".json" if kind == "json" else ".npz"))
-        p.write_bytes(make(rng))
+        if kind == "npz":
+            p = folder / f"case{i:05d}.npz"
+            p.write_bytes(npz_case(rng))
+        else:
+            p = folder / f"case{i:05d}"
+            p.mkdir()
+            (p / "manifest.json").write_bytes(json_case(rng))
+            (p / "denoiser.pt2").write_bytes(FAKE_UNIT)
         paths.append(p)
     return paths
 
@@ -352,9 +376,14 @@ def _unescape(message: str) -> str:
     return "".join(out)
 
 
-def check_results(results, what):
-    bad = [(p, s, m) for p, s, m in results
-           if s not in ("ok", "error") or (s == "error" and ("\n" in m or "\r" in m or not m.startswith(f"{p}: ")))]
+def check_results(results, what, names_file=True):
+    """The set of statuses; fails unless every case was read ("ok") or refused in one line that
+    starts with its path (names_file) or names its folder."""
+    def one_line(p, m):
+        named = m.startswith(f"{p}: ") if names_file else str(p) in m
+        return named and "\n" not in m and "\r" not in m
+
+    bad = [(p, s, m) for p, s, m in results if s not in ("ok", "error") or (s == "error" and not one_line(p, m))]
     assert not bad, f"{what}: {len(bad)} cases neither read nor refused in one line naming the file, e.g. " + \
         "; ".join(f"{p.name}: {s}: {m[:300]}" for p, s, m in bad[:5])
     statuses = {s for _, s, _ in results}
@@ -416,11 +445,33 @@ def run_python_reader(paths: list[Path], seconds: float):
 
 # ------------------------------------------------------------------------------------------------
 
+def test_base_manifest_passes_every_field_check(tmp_path):
+    """The fuzz starts from a manifest the loader accepts up to loading its (fake) unit, so that
+    mutations reach every field check."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "manifest.json").write_text(json.dumps(base_manifest()))
+    (pkg / "denoiser.pt2").write_bytes(FAKE_UNIT)
+    ((_, status, message),) = run_read_check(READ_CHECK, "package", [pkg], 60)
+    assert status == "error" and message.startswith(f"{pkg / 'denoiser.pt2'}: "), message
+    assert "manifest.json" not in message and "sha256" not in message, message
+
+
 def test_manifest_reader_never_crashes(tmp_path):
-    paths = corpus("json", tmp_path / "json", MAX_CASES)
-    results = run_read_check(READ_CHECK, "json", paths, SECONDS)
-    assert len(results) >= min(1000, len(paths)), f"only {len(results)} cases in {SECONDS} s"
+    packages = corpus("package", tmp_path / "json", MAX_CASES)
+    results = run_read_check(READ_CHECK, "json", [p / "manifest.json" for p in packages], SECONDS)
+    assert len(results) >= min(1000, len(packages)), f"only {len(results)} cases in {SECONDS} s"
     assert check_results(results, "json::parse_file") == {"ok", "error"}  # both outcomes reached
+
+
+def test_package_loader_never_crashes(tmp_path):
+    """The same manifests through Stack::load_package (every field, unit path and hash checked)."""
+    packages = corpus("package", tmp_path / "pkg", MAX_CASES)
+    results = run_read_check(READ_CHECK, "package", packages, SECONDS)
+    assert len(results) >= min(1000, len(packages)), f"only {len(results)} cases in {SECONDS} s"
+    assert check_results(results, "Stack::load_package", names_file=False) == {"error"}
+    reached = {m.split(": ", 2)[1].split(":")[0] for _, _, m in results if "manifest.json: " in m}
+    assert len(reached) >= 20, sorted(reached)  # the mutations reach many fields' checks
 
 
 def test_cpp_npz_reader_never_crashes(tmp_path):

@@ -4,6 +4,8 @@
 //
 //   admrt-read-check json FILE...      json::parse_file (manifest.json, run.json)
 //   admrt-read-check npz FILE...       read_npz (the shards of a run folder)
+//   admrt-read-check package DIR...    Stack::load_package(DIR, "cpu"): the manifest's every field,
+//                                      the unit paths and hashes, then the units (as admrt-sample)
 //
 // Each line is "<status>\t<message>" in the order of the files: status "ok" (the message
 // summarises what was read), "error" (the reader refused the file with std::runtime_error or
@@ -17,6 +19,7 @@
 #include <typeinfo>
 #include <vector>
 
+#include "admrt.h"
 #include "json.h"
 #include "npz.h"
 
@@ -57,8 +60,8 @@ std::string summary(const std::vector<at::Tensor>& arrays) {
 
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "";
-  if (mode != "json" && mode != "npz") {
-    std::cerr << "usage: admrt-read-check json|npz FILE...\n";
+  if (mode != "json" && mode != "npz" && mode != "package") {
+    std::cerr << "usage: admrt-read-check json|npz|package FILE...\n";
     return 2;
   }
   bool unexpected = false;
@@ -66,7 +69,9 @@ int main(int argc, char** argv) {
     const std::string path = argv[i];
     std::string status = "ok", message;
     try {
-      message = mode == "json" ? summary(admrt::json::parse_file(path)) : summary(admrt::read_npz(path));
+      if (mode == "json") message = summary(admrt::json::parse_file(path));
+      else if (mode == "npz") message = summary(admrt::read_npz(path));
+      else message = admrt::Stack::load_package(path, "cpu")->describe();
     } catch (const std::runtime_error& e) {
       status = "error";
       message = e.what();
