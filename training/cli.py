@@ -20,6 +20,7 @@ import contextlib
 import csv
 import io
 import json
+import os
 import signal
 import sys
 import threading
@@ -225,13 +226,13 @@ def _resume_point(args, cfg, out: Path, folder: RunFolder, record: dict) -> Path
 
     here = state_files(out)
     may_differ = resumable_changes(cfg)
-    if here and not (out / "run.json").exists():
+    state = latest_checkpoint(args.resume) if args.resume else None
+    own = state is not None and state.parent.resolve() == out.resolve()
+    if here and not own and not (out / "run.json").exists():
         hint = (f"continue {args.resume} into an empty --out" if args.resume else
                 f"pass --resume {out} to continue them, or use another --out")
         raise CommandError(f"--out={str(out)!r} holds checkpoints (up to step {here[-1][0]}) and no run.json; {hint}")
-    if args.resume:
-        state = latest_checkpoint(args.resume)
-        own = state.parent.resolve() == out.resolve()
+    if state is not None:
         if own:
             later = [step for step, p in here if p.resolve() != state.resolve() and step > step_of(state)]
             if later:
@@ -356,7 +357,7 @@ def _train(args, preset, cfg, dataset, test, device, rank, world, folder) -> int
             folder.lock()
             state = _resume_point(args, cfg, out, folder, _record(args, preset, cfg, len(dataset)))
             decision[1] = None if state is None else str(state)
-        except (CommandError, ValueError, OSError) as exc:  # every rank learns of it (no rank left waiting)
+        except (CommandError, ValueError, OSError, RuntimeError) as exc:  # every rank learns of it (none left waiting)
             decision[0] = str(exc)
     if world > 1:
         torch.distributed.broadcast_object_list(decision, src=0)
@@ -412,8 +413,7 @@ def _train(args, preset, cfg, dataset, test, device, rank, world, folder) -> int
         if test is not None:
             summary["test"] = evaluate(final_model, test, cfg, preset, device=trainer.device)
         print("summary:", summary)
-        with _naming(out / "summary.txt"):
-            (out / "summary.txt").write_text(repr(summary) + "\n")
+        atomic_write(out / "summary.txt", lambda tmp: Path(tmp).write_text(repr(summary) + "\n"))
         if args.export:
             admrt.save_model(final_model, args.export, preset=preset,
                              extra_metadata={"train_config": cfg.to_json(), "steps": trainer.step,
@@ -442,7 +442,9 @@ class _Logger:
         out.mkdir(parents=True, exist_ok=True)
         self.csv_path = out / "log.csv"
         _keep_rows_up_to(self.csv_path, start)
-        self._csv = open(self.csv_path, "a", newline="")
+        with _naming(self.csv_path):  # appended to, never through a link planted there
+            self._csv = os.fdopen(os.open(self.csv_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                                          | os.O_CLOEXEC, 0o644), "a", newline="")
         self._writer = None
         self.bar = None
         if progress:

@@ -174,3 +174,15 @@ def test_a_run_that_finishes_nothing_leaves_nothing_it_made(tmp_path, images):
     (sample / ".lock").unlink()
     _refused(_run(*SAMPLE, "--seed", "7", "--out", sample), "sample", "seed: 0 -> 7")
     assert not (sample / ".lock").exists()
+
+
+def test_checkpoints_without_run_json_are_refused_unless_resume_names_them(tmp_path, trained):
+    (trained / "run.json").unlink()
+    base = TRAIN + ["--data", tmp_path / "images", "--steps", "2", "--out", trained]
+    _refused(_run(*base), "train", "holds checkpoints (up to step 1) and no run.json; pass --resume")
+    _refused(_run(*SAMPLE, "--out", trained), "sample", "holds an `admrt train` run (1 checkpoint)")
+    _refused(_run(*base, "--seed", "5", "--resume", trained), "train", "other settings (seed: 0 -> 5)")
+    assert not (trained / "run.json").exists()
+    res = _run(*base, "--resume", trained)  # named: its own settings were checked against this command's
+    assert res.returncode == 0 and "resuming from step 1" in res.stderr, res.stderr
+    assert json.loads((trained / "run.json").read_text())["command"] == "train"
