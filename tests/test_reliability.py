@@ -169,7 +169,6 @@ def test_train_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint(tmp
     (["--steps", "ddimx"], "steps='ddimx': expected 'ddimN'"),
     (["--guidance", "nan"], "guidance=nan: expected finite scales"),
     (["--eta", "nan"], "eta=nan: expected a finite eta >= 0"),
-    (["--shard-size", "-1"], "--shard-size=-1: expected a positive int"),
     (["--classifier", "none", "--guidance", "2"], "--guidance=2.0: guidance needs a --classifier"),
     (["--model", "nope"], "--model='nope': not a file, a bundled model or a preset name"),
 ])
@@ -261,7 +260,7 @@ def test_errors_are_one_line_with_exit_codes_and_debug_shows_the_traceback(tmp_p
     assert res.stderr.startswith("admrt sample: --model='nope'")
     res = _admrt("sample", "--num", "x")
     assert res.returncode == 2 and res.stderr.strip() == (
-        "admrt sample: argument --num: invalid int value: 'x' (see `admrt sample --help`)")
+        "admrt sample: --num=x: expected a positive int (see `admrt sample --help`)")
     res = _admrt("sample", "--model", "nope", "--out", tmp_path / "a", "--debug")
     assert res.returncode == 1 and "Traceback" in res.stderr and "CommandError" in res.stderr
     assert not (tmp_path / "a").exists()
@@ -396,3 +395,239 @@ def test_version_and_help_state_every_default(capsys):
             shown = p._get_formatter()._get_help_string(action)
             if action.default is not None and action.default is not False and not action.required:
                 assert "default" in shown, f"{p.prog} {action.option_strings[0]}: the default is not stated"
+
+
+# Issue 29: every bad value is one line through the real command line, before any work or write.
+LIMIT_AS = 4 * 2 ** 30   # a refusal runs in well under 2 GiB of address space (torch's mappings included)
+NO_CUDA = "this torch is built without CUDA" if not torch.backends.cuda.is_built() else "no CUDA device is visible"
+
+
+def _bounded():
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (LIMIT_AS, LIMIT_AS))
+
+
+def _admrt_bounded(argv, cwd) -> subprocess.CompletedProcess:
+    """`admrt ARGV` in a child of at most LIMIT_AS bytes of address space (a regression that
+    allocates fails instead of taking the machine)."""
+    return subprocess.run([sys.executable, "-m", "admrt.cli", *map(str, argv)], capture_output=True, text=True,
+                          timeout=300, cwd=cwd, preexec_fn=_bounded)
+
+
+def _one_line(res, command: str, code: int) -> str:
+    """The one stderr line of a refused command, after checking the exit code and that there is no traceback."""
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == code and len(lines) == 1 and "Traceback" not in res.stderr, (res.returncode, res.stderr)
+    assert lines[0].startswith(f"admrt {command}"), lines[0]
+    return lines[0]
+
+
+# (argv, the message): exit 2, one line, nothing written (the refusals of the option parser and the
+# commands' up-front checks). Each was a traceback, a silent default or minutes of work before.
+REFUSED = [
+    (["sample", "--classes", str(10 ** 20)], f"--classes={10 ** 20}: expected comma-separated ints"),
+    (["sample", "--classes", ""], "--classes='': expected comma-separated ints"),
+    (["sample", "--steps", ""], "--steps='': expected a value"),
+    (["sample", "--out", ""], "--out='': expected a value"),
+    (["sample", "--device", "bogus"], "--device=bogus: not a device; expected one of cpu"),
+    (["sample", "--seed", "-1"], "--seed=-1: expected an integer from 0 to 18446744073709551615"),
+    (["sample", "--seed", str(2 ** 64)], f"--seed={2 ** 64}: expected an integer from 0 to 18446744073709551615"),
+    (["sample", "--num", "0"], "--num=0: expected a positive int"),
+    (["export", "aoti", "--device", "bogus", "--out", "pkg"], "--device=bogus: not a device"),
+    (["export", "onnx", "--device", "bogus", "--out", "pkg"], "--device=bogus: not a device"),
+    (["eval", "--threads", "0", "fashion-test", "s.npz"], "--threads=0: expected a thread count from 1 to 4096"),
+    (["eval", "fashion-test:100000", "s.npz"], "reference 'fashion-test:100000': expected fashion-test or "
+                                               "fashion-test:SIZE with SIZE the images' side in pixels, from 1 to 256"),
+    (["eval", "--json", "folder", "fashion-test", "s.npz"], "--json='folder': a folder; expected a file name"),
+    (["eval", "sweep", "--scales", "0", "nan"], "--scales=nan: expected a finite number"),
+    (["eval", "sweep", "--samplers", "ddim5", "ddimx"], "--samplers=ddimx: expected 'ddimN' (DDIM)"),
+    (["eval", "sweep", "--batch-size", "0"], "--batch-size=0: expected a positive int"),
+    (["eval", "sweep", "--out", "s.npz"], "--out='s.npz': not a folder"),
+    (["eval", "sweep", "--merge", "/nonexistent", "--out", "merged"], "--merge /nonexistent: No such file or directory"),
+    (["bench", "--guidance", "nan"], "--guidance=nan: expected a finite number"),
+]
+if not torch.cuda.is_available():
+    REFUSED += [(["sample", "--device", "cuda"], f"--device=cuda: {NO_CUDA}; available: cpu"),
+                (["export", "aoti", "--device", "cuda", "--out", "pkg"], f"--device=cuda: {NO_CUDA}; available: cpu")]
+
+
+@pytest.mark.parametrize("argv,message", REFUSED, ids=[" ".join(a) for a, _ in REFUSED])
+def test_bad_option_values_are_one_line_exit_2_and_write_nothing(tmp_path, monkeypatch, capsys, argv, message):
+    """In-process through admrt.cli.main (the exit code of the parser's SystemExit or main's return);
+    test_bad_option_values_through_the_real_command_line runs a few as processes."""
+    from admrt.evaluation.npz import save_batch
+
+    save_batch(tmp_path / "s.npz", np.zeros((20, 16, 16, 1), dtype=np.uint8))
+    (tmp_path / "folder").mkdir()
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    res = subprocess.CompletedProcess(argv, code, "", capsys.readouterr().err)
+    line = _one_line(res, argv[0], 2)
+    assert message in line, line
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["folder", "s.npz"]   # nothing written or half made
+
+
+@pytest.mark.parametrize("argv", [
+    ["sample", "--device", "cuda" if not torch.cuda.is_available() else "bogus"],
+    ["export", "aoti", "--device", "cuda" if not torch.cuda.is_available() else "bogus", "--out", "pkg"],
+    ["eval", "sweep", "--scales", "0", "nan"],
+    ["eval", "fashion-test:100000", "s.npz"],
+    ["bench", "--guidance", "nan"],
+], ids=" ".join)
+def test_bad_option_values_through_the_real_command_line(tmp_path, argv):
+    message = dict((" ".join(a), m) for a, m in REFUSED)[" ".join(argv)]
+    line = _one_line(_admrt_bounded(argv, tmp_path), argv[0], 2)
+    assert message in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory) -> dict:
+    """tiny-cond and tiny-classifier saved as files (no 'random weights' notice when loaded)."""
+    folder = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    files = {"model": folder / "model.safetensors", "classifier": folder / "classifier.safetensors"}
+    admrt.save_model(admrt.create_model("tiny-cond"), files["model"])
+    admrt.save_model(admrt.create_model("tiny-classifier"), files["classifier"])
+    return files
+
+
+def test_sample_refuses_a_num_beyond_memory_and_takes_the_largest_seed(tmp_path, tiny_files):
+    """--num 10**12 was a MemoryError traceback (or the OOM killer): refused, naming --num and the
+    memory it needs, before anything is written. Seeds run 0..2**64-1 (refused beyond, above)."""
+    base = ["sample", "--model", tiny_files["model"], "--classifier", tiny_files["classifier"], "--steps", "ddim2",
+            "--backend", "eager", "--device", "cpu", "--no-progress"]
+    res = _admrt_bounded(base + ["--num", 10 ** 12, "--out", tmp_path / "big"], tmp_path)
+    line = _one_line(res, "sample", 2)
+    assert line.startswith("admrt sample: --num=1000000000000: 1000000000000 images of 16x16x3 (HxWxC) need "), line
+    assert not (tmp_path / "big").exists()
+    res = _admrt_bounded(base + ["--num", 2, "--seed", 2 ** 64 - 1, "--out", tmp_path / "last"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "last" / "run.json").read_text())["seed"] == -1   # the int64 of the same bits
+
+
+@pytest.fixture(scope="module")
+def bad_weights(tmp_path_factory) -> dict:
+    """Files that are not weights a feature network loads: missing, text, cut short, a torch file
+    of other tensors, a pickle whose payload would create a file."""
+    from admrt.evaluation.features import BUNDLED_FASHION_FEATURES
+
+    folder = tmp_path_factory.mktemp("weights")
+    (folder / "notes.safetensors").write_text("hello")
+    (folder / "cut.safetensors").write_bytes(BUNDLED_FASHION_FEATURES.read_bytes()[:3000])
+    torch.save({"a": torch.zeros(2)}, folder / "other.pth")
+    (folder / "evil.pt").write_bytes(_code_pickle(folder / "PWNED"))
+    return {"folder": folder, "missing": folder / "missing.pth", "text": folder / "notes.safetensors",
+            "cut": folder / "cut.safetensors", "other": folder / "other.pth", "evil": folder / "evil.pt"}
+
+
+def _code_pickle(target: Path) -> bytes:
+    """A torch file whose pickle would call os.system to create `target` if unpickled unsafely."""
+    import io
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {target}",))
+    buf = io.BytesIO()
+    torch.save({"w": Payload()}, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("option,kind,message", [
+    ("--feature-weights", "missing", "fashion feature network '{path}' not found"),
+    ("--feature-weights", "text", "{path}: not a .safetensors file"),
+    ("--feature-weights", "other", "{path}: not a .safetensors file"),
+    ("--feature-weights", "cut", "path='{path}': cannot read the safetensors file (truncated or corrupted?)"),
+    ("--inception-weights", "missing", "inception weights '{path}' not found"),
+    ("--inception-weights", "text", "path='{path}': cannot read the safetensors file"),
+    ("--inception-weights", "cut", "path='{path}': cannot read the safetensors file"),
+    ("--inception-weights", "other", "{path}: not pytorch-fid's pt_inception-2015-12-05 layout"),
+    ("--inception-weights", "evil", "path='{path}': not a weights file admrt loads safely"),
+])
+def test_eval_names_a_bad_weights_file_in_one_line(tmp_path, bad_weights, option, kind, message):
+    """Each was a SafetensorError traceback (or torch's advice to load the file with
+    weights_only=False, i.e. to run its code); exit 1 as for every bad file."""
+    path = bad_weights[kind]
+    extra = ["--features", "inception"] if option == "--inception-weights" else []
+    res = _admrt_bounded(["eval", *extra, option, path, "--cache-dir", tmp_path / "cache", "fashion-test",
+                          tmp_path / "s.npz"], tmp_path)
+    line = _one_line(res, "eval", 1)
+    assert message.format(path=path) in line and "weights_only" not in line, line
+    assert not (bad_weights["folder"] / "PWNED").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_pickle_with_code_is_not_a_weights_file_and_is_never_run(tmp_path):
+    (tmp_path / "evil.pt").write_bytes(_code_pickle(tmp_path / "PWNED"))
+    with pytest.raises(ValueError) as err:
+        admrt.load_model(tmp_path / "evil.pt", preset="tiny-cond")
+    assert str(err.value) == (f"path='{tmp_path / 'evil.pt'}': not a weights file admrt loads safely: it holds "
+                              "Python objects other than tensors (code a pickle would run; admrt never runs it)")
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_write_that_fails_without_a_file_name_is_named(tmp_path, capsys):
+    """A full disk is `[Errno 28] No space left on device` with no file: atomic_write names the file,
+    and the CLI's one line shows it."""
+    import errno
+
+    from admrt.cli import error_line
+    from admrt.io import atomic_write
+
+    def full(tmp):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    target = tmp_path / "out" / "results.json"
+    with pytest.raises(OSError) as err:
+        atomic_write(target, full)
+    assert error_line(err.value) == f"{target}: No space left on device"
+    assert list((tmp_path / "out").iterdir()) == []   # no temporary file left
+
+
+def test_one_cache_root_for_the_compile_cache_the_eval_cache_and_tensorrt(tmp_path, monkeypatch):
+    """$ADMRT_CACHE_DIR, else $XDG_CACHE_HOME/admrt, else ~/.cache/admrt: the eval cache honoured
+    only XDG and TensorRT's engines neither."""
+    from admrt.engine.cache import CompileCache
+    from admrt.evaluation.evaluator import Evaluator
+    from admrt.io import cache_root
+
+    pytest.importorskip("onnx")
+    from admrt.export.tensorrt import default_cache_dir as tensorrt_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for admrt_dir, xdg, want in ((tmp_path / "a", tmp_path / "x", tmp_path / "a"),
+                                 (None, tmp_path / "x", tmp_path / "x" / "admrt"),
+                                 (None, None, tmp_path / "home" / ".cache" / "admrt")):
+        for name, value in (("ADMRT_CACHE_DIR", admrt_dir), ("XDG_CACHE_HOME", xdg)):
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, str(value))
+        assert cache_root() == want
+        assert CompileCache().root == want
+        assert Evaluator(None).cache_dir == want / "eval"
+        assert tensorrt_dir() == want / "tensorrt"
+
+
+def test_a_killed_export_leaves_no_staging_folder_after_the_next_export(tmp_path):
+    """SIGKILL of `admrt export onnx` mid-export left `.OUT.XXXX.tmp` beside --out for ever (19 MB
+    to over 1 GB): the next export of OUT removes it (its process is gone), and succeeds."""
+    out = tmp_path / "stack.onnx"
+    cmd = [sys.executable, "-m", "admrt.cli", "export", "onnx", "--model", "tiny-cond", "--classifier", "none",
+           "--upsampler", "none", "--steps", "ddim2", "--no-check", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_bounded)
+    start = time.time()
+    while not list(tmp_path.glob(".stack.onnx.*.tmp")) and proc.poll() is None and time.time() - start < 120:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    stale = list(tmp_path.glob(".stack.onnx.*.tmp"))
+    assert len(stale) == 1 and not out.exists(), stale
+    other = tmp_path / ".stack.onnx.1.abcdefgh.tmp"   # a live process's (pid 1): kept
+    other.mkdir()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=_bounded)
+    assert res.returncode == 0, res.stderr
+    assert (out / "denoiser.onnx").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, out.name])
