@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from admrt.cli import CommandError, Interrupted
+from admrt.cli import CommandError, Interrupted, device_value, int_in, nonempty, positive_int, seed_value
 from admrt.io import atomic_write
 from admrt.core import RunFolder
 
@@ -44,16 +44,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(class = file-name prefix before the first '_')")
     p.add_argument("--data-root", default=None, help="folder of the Fashion-MNIST IDX .gz files "
                    "(default /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--limit", type=positive_int, default=None, help="use only the first N training images")
     p.add_argument("--preset", default=None, help="model preset (default: the bundled one of the task)")
     p.add_argument("--gd-flags", default=None, metavar="FLAGS",
                    help="the network and diffusion as guided-diffusion's image_train.py / classifier_train.py / "
                         "super_res_train.py flags give them (\"--image_size 64 --num_channels 128 ... --use_kl "
                         "True\"), instead of --preset; its training flags (lr, batch_size, ...) are not read: "
                         "pass admrt's options (docs/migration.md)")
-    p.add_argument("--steps", type=int, default=10000, help="optimizer steps in all (a resumed run may raise it)")
-    p.add_argument("--batch-size", type=int, default=128, help="global batch per optimizer step")
-    p.add_argument("--microbatch", type=int, default=0,
+    p.add_argument("--steps", type=positive_int, default=10000, help="optimizer steps in all (a resumed run may raise it)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="global batch per optimizer step")
+    p.add_argument("--microbatch", type=int_in(0, 2 ** 63 - 1, "an int"), default=0,
                    help="per-process microbatch (gradient accumulation); 0: the whole per-process batch")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -70,9 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-random-crop", action="store_true", help="no random resized crops (also for the classifier)")
     p.add_argument("--unnoised", action="store_true", help="classifier on clean images at t = 0")
     p.add_argument("--fused-kernels", action="store_true", help="use the fused Triton kernels")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data order, timesteps, noise and init")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    p.add_argument("--out", required=True, help="the run folder (run.json, checkpoints, log.csv, grids); "
+    p.add_argument("--seed", type=seed_value, default=0, help="seed of the data order, timesteps, noise and init")
+    p.add_argument("--device", type=device_value, default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--out", type=nonempty, required=True, help="the run folder (run.json, checkpoints, log.csv, grids); "
                    "rerunning the same command resumes from its latest checkpoint")
     p.add_argument("--resume", default=None, help="continue the run of a checkpoint: a state_*.safetensors file or "
                    "a run folder (its latest); into an empty --out it forks that run (default: --out's own run)")

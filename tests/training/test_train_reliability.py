@@ -35,11 +35,11 @@ def _admrt(*argv) -> subprocess.CompletedProcess:
                           timeout=300, preexec_fn=_bounded)
 
 
-def _refused(res: subprocess.CompletedProcess, command: str, *parts: str) -> str:
-    """The one stderr line of a refused command (exit 1), holding every part (beside the note on
-    tiny-cond's random weights)."""
+def _refused(res: subprocess.CompletedProcess, command: str, *parts: str, code: int = 1) -> str:
+    """The one stderr line of a refused command (exit 1; 2 for the option parser's), holding every
+    part (beside the note on tiny-cond's random weights)."""
     lines = [ln for ln in res.stderr.strip().splitlines() if "using RANDOM weights" not in ln]
-    assert res.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"admrt {command}: "), res.stderr
+    assert res.returncode == code and len(lines) == 1 and lines[0].startswith(f"admrt {command}: "), res.stderr
     assert all(p in lines[0] for p in parts), lines[0]
     return lines[0]
 
@@ -53,7 +53,10 @@ def _run(*argv) -> subprocess.CompletedProcess:
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        rc = main([str(a) for a in argv])
+        try:
+            rc = main([str(a) for a in argv])
+        except SystemExit as exc:  # the option parser's refusal
+            rc = exc.code
     return subprocess.CompletedProcess(argv, rc, "", err.getvalue())
 
 
@@ -86,7 +89,9 @@ def test_rejected_train_commands_write_nothing(tmp_path, images, trained):
     pickle.write_bytes(b"\x80\x04N.")
     cases = [(["--batch-size", "100000"], ["--batch-size=100000", "GiB of activations", "--microbatch"]),
              (["--microbatch", "3"], ["--microbatch=3: expected a divisor of the per-process batch 4"]),
-             (["--device", "bogus"], ["--device='bogus'"]),
+             (["--device", "bogus"], ["--device=bogus: not a device; expected one of cpu"]),
+             (["--out", ""], ["--out='': expected a value"]),
+             (["--batch-size", "0"], ["--batch-size=0: expected a positive int"]),
              (["--resume", bad], [f"{bad}: not a readable .safetensors file", "expected a training-state file"]),
              (["--resume", pickle], [f"{pickle}: not a readable .safetensors file"]),
              (["--resume", trained / "model_000001.safetensors"], ["a model's weights, not a training state"]),
@@ -94,7 +99,8 @@ def test_rejected_train_commands_write_nothing(tmp_path, images, trained):
     for argv, parts in cases:
         out = tmp_path / "new" / "run"
         run = _admrt if "100000" in argv else _run  # the memory case in a child of bounded memory
-        line = _refused(run(*TRAIN, "--data", images, "--steps", "2", "--out", out, *argv), "train", *parts)
+        code = 2 if argv[0] in ("--device", "--out", "--batch-size") and argv[1] != "100000" else 1
+        line = _refused(run(*TRAIN, "--data", images, "--steps", "2", "--out", out, *argv), "train", *parts, code=code)
         assert "weights_only" not in line and not (tmp_path / "new").exists(), (argv, line)
 
 
