@@ -381,6 +381,8 @@ PYBIND11_MODULE(core, m) {
            "-> (images uint8 NHWC, labels | None, base_images | None, samples float32 NCHW | None, seeds)")
       .def("validate", &admrt::Context::validate, py::arg("classes"), py::arg("guidance"),
            py::arg("seeds") = std::vector<uint64_t>{}, py::arg("num") = py::none())
+      .def("check_num", &admrt::Context::check_num, py::arg("num"),
+           "ValueError unless num is positive and a run of num images fits in this machine's memory.")
       .def("cancel", &admrt::Context::cancel, "Stop a running sample() at its next step boundary (thread-safe).")
       .def("steps_per_batch", &admrt::Context::steps_per_batch)
       .def("uses_graph", &admrt::Context::uses_graph, py::arg("role") = "model")
