@@ -557,8 +557,8 @@ class _SampleGrid:
             return
         imgs = np.asarray(res.images)  # (2K, H, W, C) uint8
         grid = np.concatenate([np.concatenate(list(imgs[r * k:(r + 1) * k]), axis=1) for r in range(2)])
-        Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(
-            self.out / f"grid_{trainer.step:06d}.png")
+        image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+        atomic_write(self.out / f"grid_{trainer.step:06d}.png", lambda tmp: image.save(tmp, format="PNG"))
 
 
 def main(argv=None) -> int:

@@ -141,3 +141,30 @@ def test_abandon_removes_what_the_command_made_and_never_work(tmp_path):
     folder.check_record(RECORD, finished=0)  # a record there before this command: kept
     folder.abandon()
     assert sorted(p.name for p in out.iterdir()) == ["run.json"]  # the .lock it made is gone too
+
+
+def test_a_sample_run_stopped_before_its_first_shard_leaves_nothing(tmp_path):
+    """run_samples (both front ends) abandons a run that finished nothing: no run.json, .lock or
+    empty shards/ left, and the folder it made is gone; a run with finished shards keeps them."""
+    import admrt
+    from admrt import core
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    ctx = admrt.Engine(admrt.create_model("tiny-cond"), backend="eager").context(steps="ddim2", batch_size=1)
+
+    def stop_at(step):
+        def progress(done, total):
+            if done == step:
+                raise KeyboardInterrupt
+        return progress
+
+    out = tmp_path / "new" / "r"
+    kwargs = dict(out=str(out), command="test", num=3, shard_size=1)
+    with pytest.raises(KeyboardInterrupt):
+        core.run_samples(ctx, progress=stop_at(1), **kwargs)
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(KeyboardInterrupt):
+        core.run_samples(ctx, progress=stop_at(2 * ctx.steps_per_batch() + 1), **kwargs)
+    assert sorted(p.name for p in out.iterdir()) == ["run.json", "shards"]
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard_00000.npz", "shard_00001.npz"]
