@@ -184,11 +184,20 @@ def _check_fits(args, preset, cfg, device: torch.device, world: int) -> None:
     otherwise allocate until the kernel kills the process)."""
     micro = cfg.microbatch or cfg.batch_size // world
     per_image, free = _activation_bytes(preset, cfg), _available_bytes(device)
-    if per_image is None or free is None or micro * per_image <= free:
+    if per_image is None or free is None:
         return
     gib = lambda n: f"{n / 2 ** 30:.1f} GiB"  # noqa: E731
+    # Every step draws the whole global batch's noise on the CPU (Trainer.global_randomness) and
+    # holds this process's images, noise and x_t: about 4 image-sized fp32 tensors per image.
+    c = preset.model
+    batch_bytes = 4 * c.in_channels * c.image_size ** 2 * 4 * cfg.batch_size
+    if batch_bytes > free:
+        raise CommandError(f"--batch-size={cfg.batch_size}: a step's images and noise alone take about "
+                           f"{gib(batch_bytes)}; {device.type} has {gib(free)} free: pass a smaller --batch-size")
+    if micro * per_image + batch_bytes <= free:
+        return
     flag = "--microbatch" if cfg.microbatch else "--batch-size"
-    fits = max(1, free // per_image)
+    fits = max(1, (free - batch_bytes) // per_image)
     raise CommandError(f"{flag}={cfg.microbatch or cfg.batch_size}: a step of {micro} images per process keeps "
                        f"about {gib(micro * per_image)} of activations ({per_image / 2 ** 20:.1f} MiB per image of "
                        f"preset {preset.name!r}); {device.type} has {gib(free)} free: pass --microbatch "
