@@ -6,8 +6,12 @@ The output folder is a run folder (engine/csrc/runfolder.h, bound as admrt.core.
 OUT/run.json records the task, preset, data and every training setting; rerunning the same
 command continues from the latest checkpoint, a command with other settings is refused (naming
 them) while OUT holds checkpoints, and `--resume CKPT` continues a checkpoint's run (into an
-empty --out, it forks it). A non-finite loss or weights stop the run with an error naming the
-step; Ctrl-C writes a checkpoint of the last finished step and exits 130.
+empty --out, it forks it). A folder holding another command's work (an `admrt sample` run) or
+checkpoints without their run.json is refused. Every argument, the --resume file (read as a
+training state, one line if it is not one) and the memory a step needs (measured on the meta
+device) are checked before OUT is touched; a run that fails before its first checkpoint removes
+what it made (RunFolder.abandon). A non-finite loss or weights stop the run with an error naming
+the step; Ctrl-C writes a checkpoint of the last finished step and exits 130.
 
     admrt train diffusion --data fashion-mnist --preset fashion16-cond --steps 8000 \
         --batch-size 256 --lr 2e-4 --ema 0.9999 --dtype bf16 --out runs/base
