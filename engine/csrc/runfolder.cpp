@@ -510,7 +510,9 @@ std::string run_samples(Context& ctx, const SampleRun& run) {
   try {
     return sample_shards(ctx, run, labels, guidance, shard_size, out);
   } catch (...) {
-    if (run.rank == 0) folder.abandon();
+    // (Over several processes another rank may still be writing shards: the record stays, and
+    // is replaced by the next run if none was finished.)
+    if (run.world == 1) folder.abandon();
     throw;
   }
 }
