@@ -283,7 +283,7 @@ struct Manifest {
 // Bounds of the manifest's numbers: generous for any real model, small enough that nothing sized
 // from them overflows or allocates without bound.
 constexpr int64_t kMaxBatch = 1 << 16, kMaxImageSize = 1 << 14, kMaxChannels = 1 << 12,
-                  kMaxClasses = 1 << 20, kMaxDiffusionSteps = 1 << 20;
+                  kMaxClasses = 1 << 20, kMaxDiffusionSteps = 1 << 20, kMaxImageElements = int64_t{1} << 28;
 
 // A manifest schedule entry: the tables of one respacing, each finite and in range.
 Schedule manifest_schedule(const Manifest& mf, const json::Value& v, const std::string& field) {
@@ -410,6 +410,9 @@ Stage load_stage(const Manifest& mf, const fs::path& folder, const std::string& 
   stage.kind = mf.one_of(m, field, "kind", {expected});
   const int64_t c = mf.integer(m, field, "in_channels", 1, kMaxChannels);
   const int64_t size = mf.integer(m, field, "image_size", 1, kMaxImageSize);
+  if (c * size * size > kMaxImageElements)
+    mf.bad(field + ".image_size", m.at("image_size", field),
+           cat("in_channels x image_size^2 at most ", kMaxImageElements, " (in_channels is ", c, ")"));
   stage.image_shape = {c, size, size};
   stage.out_channels = mf.integer(m, field, "out_channels", 1, stage.kind == "classifier" ? kMaxClasses : kMaxChannels);
   stage.num_classes = mf.optional_integer(m, field, "num_classes", 1, kMaxClasses);

@@ -164,6 +164,8 @@ BAD_MANIFESTS = [
     ("table too short", lambda m: m["models"]["model"]["schedules"]["ddim3"]["tables"]["log_betas"].pop(),
      "models.model.schedules.ddim3.tables."),
     ("image_size 0", _set(["models", "model", "image_size"], 0), "models.model.image_size=0: expected an integer"),
+    ("image too large", _set(["models", "model", "image_size"], 16384),
+     "models.model.image_size=16384: expected in_channels x image_size^2 at most 268435456"),
     ("image_size text", _set(["models", "model", "image_size"], "8"), "models.model.image_size=\"8\": expected"),
     ("out_channels 7", _set(["models", "model", "out_channels"], 7),
      "models.model.out_channels=7: expected in_channels (3) or twice it"),
