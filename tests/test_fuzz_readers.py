@@ -547,3 +547,29 @@ def test_eval_refuses_malformed_npz_in_one_line(tmp_path, content, expected):
         assert res.returncode == 2 or res.returncode == 1, res.stderr[-2000:]
         line = res.stderr.strip()
         assert "\n" not in line and line.startswith(f"admrt eval: {bad}: {expected}"), res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("text,error", [
+    ("[" * 256 + "]" * 256, None),                                   # the limit itself reads
+    ("[" * 257 + "]" * 257, "line 1 (byte 256): nested deeper than 256 levels"),
+    ('{"a":\n [01]}', "line 2 (byte 8): bad number (a leading zero)"),
+    ("[+1]", "line 1 (byte 1): expected a value"),
+    ("[1e999]", "line 1 (byte 1): number 1e999 is beyond the range of a double"),
+    ("[1e-999, -0, NaN, -Infinity]", None),                          # as Python's json reads them
+    ('["caf\u00e9 \\ud83d\\ude00"]', None),
+    (b'["\xff"]', "line 1 (byte 2): not UTF-8 text"),
+    (b'["\xed\xa0\x80"]', "line 1 (byte 2): not UTF-8 text"),      # an encoded surrogate
+    ('["\\ud800"]', "a lone surrogate \\u escape (not UTF-8 text)"),
+    ('["a\tb"]', "line 1 (byte 3): a control character inside a string"),
+])
+def test_json_reader_is_strict_and_names_line_and_byte(tmp_path, text, error):
+    """The C++ JSON reader (manifests, run records): JSON's grammar, UTF-8, 256 levels; a refusal
+    names the file, line and byte. Before: no depth limit (SIGSEGV), +1, 01, control characters and
+    bytes that are not UTF-8 were read."""
+    path = tmp_path / "m.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    ((_, status, message),) = run_read_check(READ_CHECK, "json", [path], 60)
+    if error is None:
+        assert status == "ok", message
+    else:
+        assert status == "error" and message.startswith(f"{path}: not valid JSON at ") and error in message, message
