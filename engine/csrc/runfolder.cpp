@@ -145,7 +145,7 @@ std::string plural(int64_t n, const std::string& what) {
   return std::to_string(n) + " " + what + (n == 1 ? "" : "s");
 }
 
-// A kind's work as a refusal lists it: "3 shards, samples_4x16x16x3.npz" / "2 checkpoints".
+// A kind's work as a refusal lists it: "3 shards, 1 samples file" / "2 checkpoints".
 std::string work_text(const Work& w, const std::string& kind) {
   if (kind == "train") return plural(w.checkpoints, "checkpoint");
   std::string text = w.shards ? plural(w.shards, "shard") : "";
@@ -161,8 +161,6 @@ std::string kind_of(const json::Value& record) {
 }
 
 std::string program_of(const std::string& kind) { return "`admrt " + kind + "`"; }
-
-std::string errno_text() { return std::strerror(errno); }
 
 }  // namespace
 
@@ -191,10 +189,11 @@ void RunFolder::lock() {
       made_now = false;
       fd = ::open(path.c_str(), O_RDWR | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
     }
-    if (fd < 0 && errno == ELOOP)
+    const int error = errno;
+    if (fd < 0 && error == ELOOP)
       throw RunFolderError(path.string() + ": a symbolic link, not a lock file; admrt does not follow links "
                            "there (remove it, or use another --out)");
-    if (fd < 0) throw RunFolderError(path.string() + ": cannot be opened (" + errno_text() + ")");
+    if (fd < 0) throw RunFolderError(path.string() + ": cannot be opened (" + std::strerror(error) + ")");
     struct stat st {};
     if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
       ::close(fd);
