@@ -166,9 +166,11 @@ def test_program_resumes_and_shares_the_run_folder_with_admrt_sample(stack, tmp_
     res = _program(*other)
     assert res.returncode == 1 and "holds a run with other arguments (seed: 3 -> 4)" in res.stderr
     assert "holds a run with other arguments (seed: 3 -> 4)" in cli_error(["sample", *other])
-    # The record names the exported weights (a package re-exported with others is not resumed into).
+    # The record fingerprints the verified units that run, not only the weights the manifest claims
+    # (a package re-exported with others, or with one unit swapped, is not resumed into).
     record = json.loads((tmp_path / "r" / "run.json").read_text())
-    assert record["weights"] == json.loads((pkg / "manifest.json").read_text())["weights"]
+    manifest_weights = json.loads((pkg / "manifest.json").read_text())["weights"]
+    assert record["weights"] == core.Stack.load_package(str(pkg)).weights != manifest_weights
     assert record["weights"].startswith("sha256:") and record["device"] == "cpu"
     # One process per run folder, whichever front end holds it.
     from admrt.core import RunFolder
@@ -287,11 +289,11 @@ def _manifest(change):
 @pytest.mark.parametrize("case,edit,args,message", [
     ("missing package", None, ["--package", "{tmp}/nope"], "no such package folder"),
     ("corrupted unit", lambda p: (p / "denoiser.pt2").write_bytes(b"not a zip"), [],
-     "denoiser.pt2: cannot be loaded as an AOTInductor package"),
+     "denoiser.pt2: content differs from manifest.json's sha256"),
     ("missing unit", lambda p: (p / "upsampler.pt2").unlink(), [], "upsampler.pt2: missing"),
     ("not json", lambda p: (p / "manifest.json").write_text("{"), [], "not valid JSON"),
     ("other format version", _manifest(lambda m: m.update(format_version=99)), [],
-     "format_version 99, but this admrt reads version 1"),
+     f"format_version 99, but this admrt reads version {core.PACKAGE_FORMAT_VERSION}"),
     ("wrong device", None, ["--device", "cuda"], "the package {pkg} was compiled for 'cpu'"),
     ("class out of range", None, ["--classes", "3,10"], r"classes: [10] out of range; expected ids in [0, 10)"),
     ("batch above the bound", None, ["--batch-size", MAX_BATCH + 1], "exported for batches of 1..8"),
