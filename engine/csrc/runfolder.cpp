@@ -457,6 +457,7 @@ std::string run_samples(Context& ctx, const SampleRun& run) {
                                 ": expected 0 <= rank < world size");
   if (run.world > 1 && (!run.broadcast_error || !run.barrier))
     throw std::invalid_argument("run_samples: a run over several processes needs broadcast_error and barrier");
+  ctx.check_num(run.num);  // before the labels below are sized by it (--num 10**12)
   const int64_t batch = ctx.params().batch_size;
   const int64_t shard_size = run.shard_size ? run.shard_size : 4 * batch;
   std::vector<int64_t> labels;  // of the whole run: classes cycled, else 0, 1, ... cycling

@@ -168,3 +168,30 @@ def test_a_sample_run_stopped_before_its_first_shard_leaves_nothing(tmp_path):
         core.run_samples(ctx, progress=stop_at(2 * ctx.steps_per_batch() + 1), **kwargs)
     assert sorted(p.name for p in out.iterdir()) == ["run.json", "shards"]
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard_00000.npz", "shard_00001.npz"]
+
+
+def test_run_samples_checks_num_before_sizing_anything_by_it(tmp_path):
+    """run_samples built its per-image labels before validating num, so a front end that passed
+    --num 10**12 on (a library caller, or a CLI without its own check) allocated until killed: it
+    is refused in one line naming num, under an address-space bound, with nothing written."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import resource, sys
+        import admrt
+        from admrt import core
+        ctx = admrt.Engine(admrt.create_model("tiny-cond"), backend="eager").context(steps="ddim2", batch_size=1)
+        limit = 3 << 30
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        try:
+            core.run_samples(ctx, out={str(tmp_path / "r")!r}, command="test", num=10 ** 12)
+        except ValueError as e:
+            print(e)
+            sys.exit(3)
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert res.stdout.startswith("num=1000000000000: ") and len(res.stdout.splitlines()) == 1, res.stdout
+    assert not (tmp_path / "r").exists()
