@@ -236,7 +236,8 @@ def _edit_header(rng, header: str) -> str:
     kind = rng.randrange(5)
     d = header
     if kind == 0:
-        return d.replace(d[d.index("'shape'"):d.rindex(")") + 1] if "'shape'" in d else "", "'shape': " + rng.choice(SHAPES))
+        old = d[d.index("'shape'"):d.rindex(")") + 1] if "'shape'" in d else ""
+        return d.replace(old, "'shape': " + rng.choice(SHAPES))
     if kind == 1:
         i = d.index("'descr'")
         j = d.index(",", i)

@@ -59,8 +59,8 @@ def save_batch(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray |
 # What a damaged or hostile file can raise from zipfile, zlib and numpy's header reader; each is
 # turned into one ValueError line naming the file (the CLI's one-line error).
 _READ_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, NotImplementedError,
-                RuntimeError, struct.error, OverflowError, UnicodeDecodeError, SyntaxError, TypeError, tokenize.TokenError,
-                KeyError, IndexError, MemoryError, ValueError)
+                RuntimeError, struct.error, OverflowError, UnicodeDecodeError, SyntaxError, TypeError,
+                tokenize.TokenError, KeyError, IndexError, MemoryError, ValueError)
 _EXPECTED = "expected an .npz as np.savez writes it (a zip of .npy arrays)"
 
 

@@ -29,7 +29,8 @@ class Parser {
  private:
   [[noreturn]] void fail(const std::string& why) const {
     const size_t at = std::min(i_, s_.size());
-    const size_t line = 1 + static_cast<size_t>(std::count(s_.begin(), s_.begin() + static_cast<std::ptrdiff_t>(at), '\n'));
+    const auto end = s_.begin() + static_cast<std::ptrdiff_t>(at);
+    const size_t line = 1 + static_cast<size_t>(std::count(s_.begin(), end, '\n'));
     throw std::runtime_error(source_ + ": not valid JSON at line " + std::to_string(line) + " (byte " +
                              std::to_string(at) + "): " + why);
   }

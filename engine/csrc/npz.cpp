@@ -146,13 +146,15 @@ std::string header_field(const std::string& header, const std::string& key, cons
 // the bytes present before anything is allocated.
 at::Tensor parse_npy(const std::string& s, size_t at, size_t size, const std::string& path) {
   auto damaged = [&](const std::string& why) { return std::runtime_error(path + ": damaged .npy data (" + why + ")"); };
-  if (size < 10 || s.compare(at, 6, "\x93NUMPY") != 0) throw std::runtime_error(path + ": damaged .npz (not .npy data)");
+  if (size < 10 || s.compare(at, 6, "\x93NUMPY") != 0)
+    throw std::runtime_error(path + ": damaged .npz (not .npy data)");
   const int major = static_cast<uint8_t>(s[at + 6]);
   if (major < 1 || major > 3) throw damaged("format version " + std::to_string(major) + "; expected 1, 2 or 3");
   const size_t offset = major == 1 ? 10 : 12;
   if (size < offset) throw damaged("truncated header");
   const uint64_t header_len = get(s, at + 8, major == 1 ? 2 : 4, path);
-  if (header_len > size - offset) throw damaged("header of " + std::to_string(header_len) + " bytes past the member's end");
+  if (header_len > size - offset)
+    throw damaged("header of " + std::to_string(header_len) + " bytes past the member's end");
   const std::string header = s.substr(at + offset, header_len);
   std::string descr = header_field(header, "descr", path);
   if (descr.size() < 2 || (descr.front() != '\'' && descr.front() != '"') || descr.back() != descr.front())

@@ -9,9 +9,10 @@
 //
 // Each line is "<status>\t<message>" in the order of the files: status "ok" (the message
 // summarises what was read), "error" (the reader refused the file with std::runtime_error or
-// std::invalid_argument; the message is e.what() with \\, newline, CR and tab written as \\\\, \\n, \\r, \\t) or "unexpected"
-// (any other exception: a bug). A crash or a hang is the other kind of bug; the exit status is
-// 0 when every file was read or refused, 1 when one was unexpected, 2 for bad arguments.
+// std::invalid_argument; the message is e.what(), its backslashes, newlines, CRs and tabs written
+// as two characters each: \\ \n \r \t) or "unexpected" (any other exception: a bug). A crash or a
+// hang is the other kind of bug; the exit status is 0 when every file was read or refused, 1 when
+// one was unexpected, 2 for bad arguments.
 #include <exception>
 #include <iostream>
 #include <stdexcept>
