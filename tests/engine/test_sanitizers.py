@@ -10,6 +10,8 @@ from the normal build:
     cmake --build /tmp/build-asan -j2
     ADMRT_SANITIZED_BUILD=/tmp/build-asan python -m pytest -q tests/engine/test_sanitizers.py
 
+The package suites (tests/engine/test_package_safety.py, tests/export/test_aoti.py) also run with
+the instrumented admrt-sample in place of the installed one (a few minutes: they export packages).
 Optionally ADMRT_SANITIZED_PACKAGE names an exported package (`admrt export aoti`) for a full
 sampling run of the sanitized admrt-sample. Leak detection is off (libtorch's static allocations
 are never freed); any other sanitizer report is fatal (exit code 86) and fails the test."""
@@ -104,3 +106,24 @@ def test_sampling_a_package_under_sanitizers(tmp_path):
     with np.load(final) as z:
         assert np.array_equal(z["arr_0"], images)
     assert json.loads((out / "run.json").read_text())
+
+
+RUNNER = """
+import sys, resource
+resource.setrlimit = lambda *a: None   # the suites bound memory with RLIMIT_AS; ASan needs terabytes of it
+import admrt.engine
+admrt.engine.sample_program = sys.argv[1]  # before the test modules import it
+import pytest
+sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", *sys.argv[2:]]))
+"""
+
+
+def test_package_suites_with_the_sanitized_program(tmp_path):
+    """The package tests (damaged, swapped, escaping and malformed packages; sampling, resuming and
+    sharing run folders across the cascade) with the instrumented admrt-sample."""
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, "-c", RUNNER, _program("admrt-sample"),
+                          str(root / "tests/engine/test_package_safety.py"), str(root / "tests/export/test_aoti.py"),
+                          "-k", "not embedding and not torchrun"],
+                         capture_output=True, text=True, timeout=3000, env=ENV, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-3000:]
