@@ -318,8 +318,8 @@ def test_eval_refuses_batches_of_other_sizes_or_channels(tmp_path, cli_error):
     assert "reference images are 16x16x1 (HxWxC) and the samples 16x16x3" in line
     assert "16x16x1 (HxWxC) and the samples 32x32x1" in cli_error(["eval", *cache, tmp_path / "gray.npz",
                                                                    tmp_path / "big.npz"])
-    assert "fashion-test:SIZE with SIZE a positive int" in cli_error(["eval", *cache, "fashion-test:0",
-                                                                      tmp_path / "gray.npz"])
+    assert "fashion-test:SIZE with SIZE the images' side in pixels, from 1 to 256" in cli_error(
+        ["eval", *cache, "fashion-test:0", tmp_path / "gray.npz"], code=2)
     from admrt.evaluation.evaluator import Evaluator
     with pytest.raises(ValueError, match=r"expected uint8 \(N, H, W, 1\|3\) images, got shape \(12, 16, 16\)"):
         Evaluator(None).evaluate(gray[..., 0], gray)
