@@ -483,12 +483,10 @@ def result_path(out: Path, args) -> Path:
 
 def write_results(results: dict, out: Path, args) -> Path:
     """Write a configuration's results atomically (a run stopped mid-write leaves no half file)."""
-    path = result_path(out, args)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1, default=str))
-    tmp.replace(path)
-    return path
+    from admrt.io import atomic_write
+
+    text = json.dumps(results, indent=1, default=str)
+    return atomic_write(result_path(out, args), lambda tmp: Path(tmp).write_text(text))
 
 
 def run(args) -> int:

@@ -18,6 +18,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from admrt.io import atomic_write
+
 from .evaluator import EvalResult, Evaluator, ReferenceStatistics
 
 
@@ -129,7 +131,8 @@ def write_report(rows: Sequence[SweepRow], out_dir: str | os.PathLike, meta: dic
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plot_tradeoff(rows, out / "tradeoff.png")
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": [r.to_dict() for r in rows]}, indent=1))
+    results = json.dumps({"meta": meta, "rows": [r.to_dict() for r in rows]}, indent=1)
+    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(results))
     lines = [f"# {title}", ""]
     if meta.get("description"):
         lines += [meta["description"], ""]
@@ -140,9 +143,7 @@ def write_report(rows: Sequence[SweepRow], out_dir: str | os.PathLike, meta: dic
             lines.append(f"**{sampler_label(r.sampler)}, scale {r.scale:g}**  \n![{r.grid}]({r.grid})\n")
     lines += ["## How this was made", "", "```", meta.get("command", ""), "```", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items() if k not in ("command", "description")]
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
 
 
 def save_grid(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None, num_classes: int,
@@ -167,10 +168,7 @@ def save_grid(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | 
             tile = images[s].repeat(scale, 0).repeat(scale, 1)
             canvas[pad + i * hh: pad + i * hh + h * scale, pad + j * ww: pad + j * ww + w * scale] = tile
     img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 _COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
@@ -202,7 +200,7 @@ def plot_tradeoff(rows: Sequence[SweepRow], path: str | os.PathLike) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return Path(path)
 
@@ -272,5 +270,4 @@ def _plot_pil(series, scales, samplers, path: Path) -> Path:
         d.line([lx, ph + 12, lx + 20, ph + 12], fill=color, width=3)
         d.text((lx + 26, ph + 12), sampler_label(s), fill="black", font=font, anchor="lm")
         lx += 130
-    img.save(path)
-    return path
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
