@@ -180,6 +180,7 @@ def _run_tensorrt(args) -> int:
     import tempfile
 
     from .onnx import export_onnx
+    from .stack import staging_prefix
     from .tensorrt import export_tensorrt, require_tensorrt
 
     require_tensorrt()   # before minutes of export
@@ -187,7 +188,9 @@ def _run_tensorrt(args) -> int:
         raise CommandError(f"--min-batch={args.min_batch}, --opt-batch={args.opt_batch}, --max-batch="
                            f"{args.max_batch}: expected 1 <= min <= opt <= max")
     loaded, up_steps = _load_stack(args, "cpu")   # the ONNX is exported and checked on the CPU
-    with tempfile.TemporaryDirectory(prefix="admrt-onnx-") as tmp:
+    out = Path(args.out)
+    # the intermediate ONNX is staged beside --out too: a killed export's is removed by the next one
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=staging_prefix(out), suffix=".tmp") as tmp:
         onnx_dir = Path(tmp) / "onnx"
         export_onnx(loaded.model, loaded.classifier, loaded.upsampler, out=onnx_dir, steps=args.steps,
                     upsampler_steps=up_steps, dtype=args.dtype, opset=args.opset, fused_ops=args.fused_ops,
