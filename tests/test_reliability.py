@@ -444,6 +444,7 @@ REFUSED = [
     (["eval", "sweep", "--batch-size", "0"], "--batch-size=0: expected a positive int"),
     (["eval", "sweep", "--out", "s.npz"], "--out='s.npz': not a folder"),
     (["eval", "sweep", "--merge", "/nonexistent", "--out", "merged"], "--merge /nonexistent: No such file or directory"),
+    (["eval", "sweep", "--reference", "missing.npz"], "--reference='missing.npz': no such file"),
     (["bench", "--guidance", "nan"], "--guidance=nan: expected a finite number"),
 ]
 if not torch.cuda.is_available():

@@ -17,6 +17,7 @@ import json
 import shlex
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -49,8 +50,6 @@ def step_plan(text: str) -> str:
 def check_output_file(flag: str, path) -> None:
     """Refuse, before any work, an output file that cannot be written: a folder, or a parent that
     cannot be created or written (the test file made here is removed)."""
-    from pathlib import Path
-
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{flag}={str(path)!r}: a folder; expected a file name")
@@ -60,8 +59,6 @@ def check_output_file(flag: str, path) -> None:
 def check_output_folder(flag: str, path) -> None:
     """Refuse, before any work, a report folder that is a file or cannot be created or written.
     Nothing is left: a parent made for the check is removed again."""
-    from pathlib import Path
-
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag}={str(path)!r}: not a folder")
@@ -71,7 +68,6 @@ def check_output_folder(flag: str, path) -> None:
 def _check_folder_writable(flag: str, folder, shown: str) -> None:
     import os
     import tempfile
-    from pathlib import Path
 
     folder = Path(folder)
     missing = []
@@ -247,8 +243,6 @@ def run_metrics(args) -> int:
     print(f"Recall: {result.recall:.4f}")
     print(f"({result.num_samples} samples, {result.num_reference} reference images, {time.time() - t0:.1f}s)")
     if args.json:
-        from pathlib import Path
-
         from admrt.io import atomic_write
         text = json.dumps(result.to_dict(), indent=1)
         atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
@@ -257,7 +251,6 @@ def run_metrics(args) -> int:
 
 def merge_reports(dirs, out, title) -> int:
     import shutil
-    from pathlib import Path
 
     from .sweep import load_rows, save_grid, write_report
     rows, metas = [], []
@@ -303,9 +296,12 @@ def run_sweep_cli(args) -> int:
     try:   # every argument before any work or write
         config = SweepConfig(scales=tuple(args.scales), samplers=tuple(args.samplers),
                              num_samples=tuple(args.num_samples), batch_size=args.batch_size, seed=args.seed)
-        fashion_size(args.reference, 1)
+        is_fashion = fashion_size(args.reference, 1) is not None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if not is_fashion and not Path(args.reference).is_file():
+        raise UsageError(f"--reference={args.reference!r}: no such file; expected a reference batch .npz or "
+                         "fashion-test[:SIZE]")
     check_output_folder("--out", args.out)
     _threads(args)
     import torch
