@@ -248,22 +248,6 @@ def _int64(seed: int) -> int:
     return seed - 2 ** 64 if seed >= 2 ** 63 else seed
 
 
-def check_memory(num: int, image_shape) -> None:
-    """Refuse a --num whose final array (held in memory to write the final .npz) cannot fit this
-    machine's memory, before anything is written."""
-    per_image = int(np.prod(image_shape)) + 8   # uint8 image + int64 label
-    need = num * per_image
-    try:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return
-    if need > have:
-        c, h, w = image_shape
-        raise UsageError(f"--num={num}: {num} images of {h}x{w}x{c} (HxWxC) need {need / 2 ** 30:.3g} "
-                         f"GiB of memory for the final .npz, this machine has {have / 2 ** 30:.3g} GiB; sample "
-                         "fewer per run (several --out folders)")
-
-
 def _run(args, device, rank, world, dist) -> int:
     from admrt import core
 
@@ -289,8 +273,6 @@ def _run(args, device, rank, world, dist) -> int:
                                "pass --classifier, or --guidance 0")
         extra = _extra_record(args, loaded, device, engine.backend_name)
     classes = args.classes or []
-    stack = engine.stack
-    check_memory(args.num, stack.stage("upsampler" if stack.has_upsampler else "model").image_shape)
     try:
         ctx = engine.context(steps=args.steps, upsampler_steps=args.upsampler_steps, batch_size=args.batch_size,
                              eta=args.eta, noise=args.noise, method=args.method, clip_denoised=args.clip_denoised,
@@ -298,6 +280,10 @@ def _run(args, device, rank, world, dist) -> int:
                              guidance_every=args.guidance_every)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise CommandError(str(exc).split("\n")[0]) from None
+    try:   # the driver's num check (positive; the images fit this machine's memory) before anything is written
+        ctx.check_num(args.num)
+    except ValueError as exc:
+        raise UsageError(f"--{exc}") from None
 
     bar = None
 
