@@ -41,7 +41,7 @@ from typing import Optional
 
 import numpy as np
 
-from admrt.cli import CommandError
+from admrt.cli import CommandError, device_value
 
 log = logging.getLogger("admrt.serve")
 
@@ -502,7 +502,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--package", default=None, help="an exported package folder (admrt export aoti) instead of models")
     add_backend_arguments(p)
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="default fp32")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--device", type=device_value, default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--steps", default=None,
                    help=f"the step plans served, space-separated, sharing one method (default {DEFAULT_STEPS}); "
                         "the first is a request's default")

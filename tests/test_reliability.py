@@ -446,6 +446,7 @@ REFUSED = [
     (["eval", "sweep", "--merge", "/nonexistent", "--out", "merged"], "--merge /nonexistent: No such file or directory"),
     (["eval", "sweep", "--reference", "missing.npz"], "--reference='missing.npz': no such file"),
     (["bench", "--guidance", "nan"], "--guidance=nan: expected a finite number"),
+    (["serve", "--device", "bogus"], "--device=bogus: not a device"),
 ]
 if not torch.cuda.is_available():
     REFUSED += [(["sample", "--device", "cuda"], f"--device=cuda: {NO_CUDA}; available: cpu"),
