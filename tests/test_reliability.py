@@ -633,3 +633,31 @@ def test_a_killed_export_leaves_no_staging_folder_after_the_next_export(tmp_path
     assert res.returncode == 0, res.stderr
     assert (out / "denoiser.onnx").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, out.name])
+
+
+@pytest.mark.parametrize("text", ["[" * 100000 + "]" * 100000, '{"rows": [{"sampler": "ddim5"}]}', '{"rows": 3}', "\xff"],
+                         ids=["deep", "missing-fields", "rows-not-a-list", "not-utf8"])
+def test_sweep_merge_of_a_malformed_results_json_is_one_line(tmp_path, capsys, text):
+    """--merge DIR read DIR/results.json with json.loads: a deep one raised RecursionError (a
+    traceback); each malformed one is one line naming the file (exit 2), nothing made."""
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "results.json").write_text(text, encoding="utf-8", errors="surrogateescape")
+    capsys.readouterr()
+    code = main(["eval", "sweep", "--merge", str(tmp_path / "r"), "--out", str(tmp_path / "merged")])
+    res = subprocess.CompletedProcess([], code, "", capsys.readouterr().err)
+    line = _one_line(res, "eval", 2)
+    assert "results.json is not a sweep's results" in line, line
+    assert not (tmp_path / "merged").exists()
+
+
+def test_a_damaged_reference_cache_file_is_recomputed_not_a_traceback(tmp_path):
+    """A truncated eval cache .npz raised zipfile.BadZipFile out of Evaluator._read_cache (a traceback);
+    it is logged and ignored, so the statistics are recomputed."""
+    from types import SimpleNamespace
+
+    from admrt.evaluation.evaluator import Evaluator
+
+    path = tmp_path / "ref.npz"
+    np.savez(path, version=np.int64(1), k=np.int64(3), mu=np.zeros(4))
+    path.write_bytes(path.read_bytes()[:60])
+    assert Evaluator._read_cache(SimpleNamespace(k=3), path) is None

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -159,7 +160,7 @@ class Evaluator:
                 return ReferenceStatistics(FIDStatistics(z["mu"], z["sigma"]),
                                            FIDStatistics(z["mu_s"], z["sigma_s"]),
                                            z["features"], z["radii"], self.k)
-        except (OSError, KeyError, ValueError) as e:
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:  # damaged: recompute
             log.warning("ignoring unreadable cache file %s (%s); recomputing", path, e)
             return None
 

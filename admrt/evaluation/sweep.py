@@ -104,11 +104,15 @@ def run_sweep(engine, evaluator: Evaluator, reference: ReferenceStatistics, conf
 
 def load_rows(results_json: str | os.PathLike) -> tuple[list[SweepRow], dict]:
     """The rows and meta of a results.json written by `write_report`."""
-    data = json.loads(Path(results_json).read_text())
     fields = EvalResult.__dataclass_fields__
-    rows = [SweepRow(r["sampler"], float(r["scale"]), EvalResult(**{k: r[k] for k in fields}),
-                     float(r["seconds"]), r.get("grid", "")) for r in data["rows"]]
-    return rows, data.get("meta", {})
+    try:
+        data = json.loads(Path(results_json).read_text())
+        rows = [SweepRow(r["sampler"], float(r["scale"]), EvalResult(**{k: r[k] for k in fields}),
+                         float(r["seconds"]), r.get("grid", "")) for r in data["rows"]]
+        return rows, data.get("meta", {})
+    except (ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:  # malformed, too deep or foreign
+        reason = str(e).splitlines()[0][:120] if str(e) else "malformed"
+        raise ValueError(f"{type(e).__name__}: {reason}") from None
 
 
 # ----------------------------------------------------------------------------------------------
