@@ -14,6 +14,11 @@
 #include <sstream>
 #include <stdexcept>
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+
 namespace admrt {
 namespace {
 
@@ -95,18 +100,62 @@ std::string npy_header(const at::Tensor& a) {
 
 // Writes `path` through a temporary file beside it (write(out) fills it), renamed into place
 // when complete.
-void write_atomic_with(const std::string& path, const std::function<void(std::ofstream&)>& write) {
+// An output stream over a file descriptor (writes go straight to write(2); errors set badbit and
+// keep errno).
+class FdBuf final : public std::streambuf {
+ public:
+  explicit FdBuf(int fd) : fd_(fd) {}
+  int error = 0;  // errno of the first failed write
+
+ protected:
+  std::streamsize xsputn(const char* data, std::streamsize n) override {
+    std::streamsize done = 0;
+    while (done < n) {
+      const ssize_t w = ::write(fd_, data + done, static_cast<size_t>(n - done));
+      if (w < 0 && errno == EINTR) continue;
+      if (w <= 0) {
+        error = w < 0 ? errno : EIO;
+        return done;
+      }
+      done += w;
+    }
+    return done;
+  }
+  int_type overflow(int_type c) override {
+    if (traits_type::eq_int_type(c, traits_type::eof())) return traits_type::not_eof(c);
+    const char ch = traits_type::to_char_type(c);
+    return xsputn(&ch, 1) == 1 ? c : traits_type::eof();
+  }
+
+ private:
+  int fd_;
+};
+
+void write_atomic_with(const std::string& path, const std::function<void(std::ostream&)>& write) {
   namespace fs = std::filesystem;
   const fs::path target(path);
   if (target.has_parent_path()) fs::create_directories(target.parent_path());
+  // The temporary file is made anew and never opened through a link planted at its name (another
+  // user's link in OUT would otherwise have its target truncated and written).
   const fs::path tmp = target.parent_path() / ("." + target.filename().string() + ".tmp");
-  std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-  if (out) write(out);
-  out.close();
   std::error_code ec;
-  if (!out) {
+  fs::remove(tmp, ec);  // a stale file or link of that name (remove never follows a link)
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+  if (fd < 0) throw std::runtime_error(path + ": could not be written: " + std::strerror(errno));
+  FdBuf buf(fd);
+  std::ostream out(&buf);
+  try {
+    write(out);
+  } catch (...) {
+    ::close(fd);
     fs::remove(tmp, ec);
-    throw std::runtime_error(path + ": could not be written (disk full or not writable)");
+    throw;
+  }
+  int error = out ? 0 : (buf.error ? buf.error : EIO);
+  if (::close(fd) != 0 && error == 0) error = errno;
+  if (error != 0) {
+    fs::remove(tmp, ec);
+    throw std::runtime_error(path + ": could not be written: " + std::strerror(error));
   }
   fs::rename(tmp, target, ec);
   if (ec) {
@@ -283,7 +332,7 @@ void write_npz_impl(const std::string& path, const std::vector<at::Tensor>& arra
   put32(end, zip64 ? static_cast<uint32_t>(kMax32) : static_cast<uint32_t>(cd_offset));
   put16(end, 0);
 
-  write_atomic_with(path, [&](std::ofstream& out) {
+  write_atomic_with(path, [&](std::ostream& out) {
     for (const Entry& e : entries) {
       std::string local;
       const uint32_t size32 = e.zip64 ? static_cast<uint32_t>(kMax32) : static_cast<uint32_t>(e.size);
@@ -322,7 +371,7 @@ void write_npz_zip64(const std::string& path, const std::vector<at::Tensor>& arr
 }
 
 void write_atomic(const std::string& path, const std::string& bytes) {
-  write_atomic_with(path, [&](std::ofstream& out) { out.write(bytes.data(), static_cast<std::streamsize>(bytes.size())); });
+  write_atomic_with(path, [&](std::ostream& out) { out.write(bytes.data(), static_cast<std::streamsize>(bytes.size())); });
 }
 
 std::vector<at::Tensor> read_npz(const std::string& path) {

@@ -195,3 +195,23 @@ def test_run_samples_checks_num_before_sizing_anything_by_it(tmp_path):
     assert res.returncode == 3, res.stderr[-2000:]
     assert res.stdout.startswith("num=1000000000000: ") and len(res.stdout.splitlines()) == 1, res.stdout
     assert not (tmp_path / "r").exists()
+
+
+def test_atomic_writes_never_follow_a_link_planted_at_the_temporary_name(tmp_path):
+    """write_atomic (run.json, shards, the final .npz) opened OUT/.NAME.tmp with std::ofstream, which
+    followed a link planted there and truncated its target; the temporary file is now made anew
+    (O_EXCL | O_NOFOLLOW), the link replaced, the target untouched."""
+    import numpy as np
+    import torch
+
+    from admrt import core
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".x.npz.tmp").symlink_to(victim)
+    core.write_npz(str(out / "x.npz"), [torch.arange(6, dtype=torch.uint8).reshape(2, 3)])
+    assert victim.read_text() == "keep me"
+    assert (np.load(out / "x.npz")["arr_0"] == np.arange(6).reshape(2, 3)).all()
+    assert sorted(p.name for p in out.iterdir()) == ["x.npz"]
