@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from admrt.cli import (SEED_MAX, CommandError, Interrupted, OptionValueError, UsageError, device_value, nonempty,
-                       positive_int, seed_value)
+from admrt.cli import (SEED_MAX, CommandError, Interrupted, OptionValueError, UsageError, device_value, finite_float,
+                       nonempty, positive_int, seed_value)
 from admrt.distributed import leaving_process_group
 from admrt.io import atomic_write, device_description, file_fingerprint
 from admrt.core import Method
@@ -73,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "guided-diffusion's --use_ddim")
     p.add_argument("--upsampler-steps", default=None, help="steps of the upsampler stage (default: --steps; "
                         f"{DEFAULT_STACK_UPSAMPLER_STEPS} (DDPM) for the bundled stack)")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--guidance", type=finite_float, default=None,
                    help="classifier scale (default 1.0 with a classifier, 0 without)")
     p.add_argument("--classes", type=class_list, default=None,
                    help="comma-separated labels, cycled over --num images (default 0,1,2,... cycling)")

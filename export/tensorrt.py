@@ -41,7 +41,7 @@ from typing import Optional, Sequence
 import onnx
 import torch
 
-from admrt.io import hash_file
+from admrt.io import atomic_write, hash_file
 
 from . import require_tensorrt
 from .stack import staging_folder
@@ -124,14 +124,6 @@ def engine_cache_key(onnx_path: str | os.PathLike, trt_version: str, gpu_name: s
 
 def _engine_file(cache_dir: Path, onnx_path: Path, key: str) -> Path:
     return cache_dir / f"{onnx_path.stem}-{key}.engine"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 @functools.lru_cache(maxsize=None)
@@ -222,8 +214,9 @@ def build_engine(onnx_path: str | os.PathLike, *, min_batch: int = 1, opt_batch:
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"{onnx_path}: TensorRT could not build an engine (see the TensorRT log above)")
-    _write_atomic(timing_cache_path, bytes(config.get_timing_cache().serialize()))
-    _write_atomic(engine_path, bytes(serialized))
+    timing_cache = bytes(config.get_timing_cache().serialize())
+    atomic_write(timing_cache_path, lambda tmp: Path(tmp).write_bytes(timing_cache))
+    atomic_write(engine_path, lambda tmp: Path(tmp).write_bytes(bytes(serialized)))
     log.info("%s: built %s (batch %s..%s, plugins: %s)", onnx_path.name, engine_path, batch.min, batch.max, plugins)
     return engine_path
 

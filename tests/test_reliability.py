@@ -167,7 +167,6 @@ def test_train_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint(tmp
 @pytest.mark.parametrize("argv,message", [
     (["--classes", "3,12"], "classes: [12] out of range; expected ids in [0, 10)"),
     (["--steps", "ddimx"], "steps='ddimx': expected 'ddimN'"),
-    (["--guidance", "nan"], "guidance=nan: expected finite scales"),
     (["--eta", "nan"], "eta=nan: expected a finite eta >= 0"),
     (["--classifier", "none", "--guidance", "2"], "--guidance=2.0: guidance needs a --classifier"),
     (["--model", "nope"], "--model='nope': not a file, a bundled model or a preset name"),
@@ -181,12 +180,16 @@ def test_sample_rejects_bad_arguments_before_writing_anything(tmp_path, cli_erro
 
 def test_sample_corrected_command_runs_where_a_rejected_one_was(tmp_path, cli_error):
     out = tmp_path / "run"
-    cli_error(SAMPLE + ["--guidance", "nan", "--out", out])
+    cli_error(SAMPLE + ["--eta", "nan", "--out", out])
     assert main(SAMPLE + ["--out", str(out)]) == 0
     json.loads((out / "run.json").read_text())  # valid JSON (no NaN)
-    # A run that finished nothing (killed before its first shard) does not block another one.
+    # Its final samples file is finished work even with the shards gone: not replaced by another run.
     for shard in (out / "shards").iterdir():
         shard.unlink()
+    assert "holds a run with other arguments (seed: 0 -> 5)" in cli_error(SAMPLE + ["--seed", "5", "--out", out])
+    # A run that finished nothing (killed before its first shard) does not block another one.
+    for done in out.glob("samples_*.npz"):
+        done.unlink()
     assert main(SAMPLE + ["--seed", "5", "--out", str(out)]) == 0
     assert json.loads((out / "run.json").read_text())["seed"] == 5
 
@@ -447,6 +450,7 @@ REFUSED = [
     (["eval", "sweep", "--reference", "missing.npz"], "--reference='missing.npz': no such file"),
     (["bench", "--guidance", "nan"], "--guidance=nan: expected a finite number"),
     (["serve", "--device", "bogus"], "--device=bogus: not a device"),
+    (["sample", "--guidance", "nan"], "--guidance=nan: expected a finite number"),
 ]
 if not torch.cuda.is_available():
     REFUSED += [(["sample", "--device", "cuda"], f"--device=cuda: {NO_CUDA}; available: cpu"),
@@ -635,13 +639,13 @@ def test_a_killed_export_leaves_no_staging_folder_after_the_next_export(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, out.name])
 
 
-@pytest.mark.parametrize("text", ["[" * 100000 + "]" * 100000, '{"rows": [{"sampler": "ddim5"}]}', '{"rows": 3}', "\xff"],
+@pytest.mark.parametrize("text", ["[" * 100000 + "]" * 100000, '{"rows": [{"sampler": "ddim5"}]}', '{"rows": 3}', b"\xff"],
                          ids=["deep", "missing-fields", "rows-not-a-list", "not-utf8"])
 def test_sweep_merge_of_a_malformed_results_json_is_one_line(tmp_path, capsys, text):
     """--merge DIR read DIR/results.json with json.loads: a deep one raised RecursionError (a
     traceback); each malformed one is one line naming the file (exit 2), nothing made."""
     (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "results.json").write_text(text, encoding="utf-8", errors="surrogateescape")
+    (tmp_path / "r" / "results.json").write_bytes(text if isinstance(text, bytes) else text.encode())
     capsys.readouterr()
     code = main(["eval", "sweep", "--merge", str(tmp_path / "r"), "--out", str(tmp_path / "merged")])
     res = subprocess.CompletedProcess([], code, "", capsys.readouterr().err)

@@ -109,25 +109,6 @@ def _check_arguments(args) -> None:
             raise CommandError(f"{flag}={value!r}: expected {expected}")
     if Path(args.out).is_file():
         raise CommandError(f"--out={args.out!r}: a file, not a folder")
-    if not args.out:
-        raise CommandError("--out='': expected a folder name")
-
-
-def _device(args, default: torch.device) -> torch.device:
-    """--device as a torch.device that this torch can use, or a one-line refusal."""
-    if not args.device:
-        return default
-    try:
-        device = torch.device(args.device)
-    except (RuntimeError, ValueError):
-        raise CommandError(f"--device={args.device!r}: expected cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CommandError(f"--device={args.device!r}: this torch has no usable CUDA device; pass --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise CommandError(f"--device={args.device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
-    if device.type not in ("cpu", "cuda"):
-        raise CommandError(f"--device={args.device!r}: expected cpu, cuda or cuda:N")
-    return device
 
 
 def _check_batch(args, cfg, world: int) -> None:
@@ -187,17 +168,21 @@ def _check_fits(args, preset, cfg, device: torch.device, world: int) -> None:
     activations alone would not fit in the device's free memory (--batch-size 100000 would
     otherwise allocate until the kernel kills the process)."""
     micro = cfg.microbatch or cfg.batch_size // world
+    gib = lambda n: f"{n / 2 ** 30:.1f} GiB"  # noqa: E731
+    # Every step draws the whole global batch's noise on the CPU (Trainer.global_randomness) and
+    # holds this process's images, noise and x_t: about 4 image-sized fp32 tensors per image, in
+    # host memory. Checked first: it needs no activation estimate.
+    c = preset.model
+    batch_bytes = 4 * c.in_channels * c.image_size ** 2 * 4 * cfg.batch_size
+    host_free = _available_bytes(torch.device("cpu"))
+    if host_free is not None and batch_bytes > host_free:
+        raise CommandError(f"--batch-size={cfg.batch_size}: a step's images and noise alone take about "
+                           f"{gib(batch_bytes)}; this machine has {gib(host_free)} free: pass a smaller --batch-size")
     per_image, free = _activation_bytes(preset, cfg), _available_bytes(device)
     if per_image is None or free is None:
         return
-    gib = lambda n: f"{n / 2 ** 30:.1f} GiB"  # noqa: E731
-    # Every step draws the whole global batch's noise on the CPU (Trainer.global_randomness) and
-    # holds this process's images, noise and x_t: about 4 image-sized fp32 tensors per image.
-    c = preset.model
-    batch_bytes = 4 * c.in_channels * c.image_size ** 2 * 4 * cfg.batch_size
-    if batch_bytes > free:
-        raise CommandError(f"--batch-size={cfg.batch_size}: a step's images and noise alone take about "
-                           f"{gib(batch_bytes)}; {device.type} has {gib(free)} free: pass a smaller --batch-size")
+    if device.type != "cpu":
+        batch_bytes = 0  # the activations live on the GPU, the batch in host memory (checked above)
     if micro * per_image + batch_bytes <= free:
         return
     flag = "--microbatch" if cfg.microbatch else "--batch-size"
@@ -335,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
                            f"has {n_classes}")
 
     rank, world, device = init_distributed()
-    device = _device(args, device)
+    device = torch.device(args.device) if args.device else device  # checked by the parser (device_value)
     _check_batch(args, cfg, world)
     _check_resume(args, cfg, len(dataset))
     _check_fits(args, preset, cfg, device, world)

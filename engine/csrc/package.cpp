@@ -62,6 +62,17 @@ std::string first_line(const std::string& text) { return text.substr(0, text.fin
 constexpr const char* kScratchPrefix = "admrt-aoti-units-";
 constexpr const char* kScratchLock = ".owner.lock";
 
+// TMPDIR is pointed at a package's scratch folder while its units load (Scratch::load): reads and
+// that swap are serialised by this mutex, so a package made in another thread never takes another
+// package's scratch folder for the temporary root. (A getenv of TMPDIR elsewhere in the process,
+// outside admrt, during a load is not covered: torch's loader offers no other way to choose where
+// it extracts.)
+std::mutex& tmpdir_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+// The temporary root as the user set it; call with tmpdir_mutex() held.
 fs::path temp_root() {
   for (const char* name : {"TMPDIR", "TMP", "TEMP", "TEMPDIR"})
     if (const char* v = std::getenv(name); v && *v) return v;
@@ -93,7 +104,10 @@ void remove_stale_scratch(const fs::path& root) {
 class Scratch {
  public:
   Scratch() {
-    const fs::path root = temp_root();
+    const fs::path root = [] {
+      std::lock_guard<std::mutex> lock(tmpdir_mutex());
+      return temp_root();
+    }();
     remove_stale_scratch(root);
     std::string tmpl = (root / (std::string(kScratchPrefix) + "XXXXXX")).string();
     if (!::mkdtemp(tmpl.data())) return;  // unwritable: torch's own place
@@ -112,8 +126,7 @@ class Scratch {
 
   // Constructs a loader with TMPDIR set to the folder (restored afterwards).
   std::unique_ptr<AOTIModelPackageLoader> load(const std::string& path, bool single_threaded, at::Device device) {
-    static std::mutex env_mutex;  // loads of several packages in one process
-    std::lock_guard<std::mutex> lock(env_mutex);
+    std::lock_guard<std::mutex> lock(tmpdir_mutex());  // loads of several packages in one process
     const char* old = std::getenv("TMPDIR");
     const std::string saved = old ? old : "";
     if (!dir_.empty()) ::setenv("TMPDIR", dir_.c_str(), 1);

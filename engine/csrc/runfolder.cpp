@@ -330,7 +330,7 @@ bool RunFolder::check_record(const json::Value& record, int64_t finished, const 
     if (previous != record) write_atomic(path.string(), text);
     return finished > 0;
   }
-  if (finished > 0) {
+  if (finished > 0 || work.of(kind) > 0) {  // a samples file whose shards were deleted is finished work too
     std::string diff;
     for (size_t i = 0; i < changed.size() && i < 6; ++i) {
       const std::string& k = changed[i];

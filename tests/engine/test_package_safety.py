@@ -245,6 +245,7 @@ def test_killed_runs_leave_no_extracted_units_behind(package, tmp_path):
         deadline = time.monotonic() + 60
         while not list(tmp.rglob("*.so")) and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.1)
+        assert list(tmp.rglob("*.so")), "the units were not extracted under TMPDIR (the folder the test watches)"
         time.sleep(0.5)  # sampling
         assert proc.poll() is None
         proc.send_signal(signal.SIGKILL)

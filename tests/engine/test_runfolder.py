@@ -215,3 +215,18 @@ def test_atomic_writes_never_follow_a_link_planted_at_the_temporary_name(tmp_pat
     assert victim.read_text() == "keep me"
     assert (np.load(out / "x.npz")["arr_0"] == np.arange(6).reshape(2, 3)).all()
     assert sorted(p.name for p in out.iterdir()) == ["x.npz"]
+
+
+def test_a_samples_file_is_finished_work_even_when_its_shards_are_gone(tmp_path):
+    """run_samples counted only shards as finished work: with shards/ emptied, a rerun with other
+    arguments replaced run.json and overwrote the samples file of the same name. It is refused."""
+    out = tmp_path / "r"
+    folder = RunFolder(out, "test")
+    folder.lock()
+    first = {"command": "sample", "seed": 0}
+    folder.check_record(first, finished=0)
+    _touch(out / "samples_4x16x16x1.npz")
+    with pytest.raises(RunFolderError, match=r"holds a run with other arguments \(seed: 0 -> 1\)"):
+        folder.check_record({"command": "sample", "seed": 1}, finished=0)
+    assert json.loads((out / "run.json").read_text()) == first
+    folder.unlock()

@@ -195,3 +195,20 @@ def test_checkpoints_without_run_json_are_refused_unless_resume_names_them(tmp_p
     res = _run(*base, "--resume", trained)  # named: its own settings were checked against this command's
     assert res.returncode == 0 and "resuming from step 1" in res.stderr, res.stderr
     assert json.loads((trained / "run.json").read_text())["command"] == "train"
+
+
+def test_the_batch_memory_check_holds_without_an_activation_estimate(monkeypatch):
+    """_check_fits returned before its batch check whenever the activation estimate failed (an op
+    without a meta kernel), so --batch-size 10**8 could allocate until killed again."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from admrt.cli import CommandError
+    from admrt.presets import get_preset
+    from admrt.training import cli as train_cli
+
+    monkeypatch.setattr(train_cli, "_activation_bytes", lambda preset, cfg: None)
+    cfg = SimpleNamespace(microbatch=0, batch_size=10 ** 8)
+    with pytest.raises(CommandError, match=r"--batch-size=100000000: a step's images and noise alone take about"):
+        train_cli._check_fits(SimpleNamespace(), get_preset("fashion16-cond"), cfg, torch.device("cpu"), 1)
