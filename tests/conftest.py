@@ -28,6 +28,21 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def images(tmp_path) -> Path:
+    """A folder of 8 labelled 16x16 RGB images (class = file-name prefix): `admrt train --data` of
+    the reliability tests."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i % 4}_{i}.png")
+    return folder
+
+
+@pytest.fixture
 def cli_error(capsys):
     """Run `admrt ARGV` in-process and return the error line after checking the CLI's error path:
     exit code 1 (or `code`), no traceback, the last stderr line `admrt <command>: ...`."""

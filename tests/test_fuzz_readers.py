@@ -20,7 +20,6 @@ import io
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import textwrap
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from child_limits import address_space
 
 from admrt.engine import sample_program
 
@@ -336,8 +336,7 @@ def corpus(kind: str, folder: Path, count: int, seed: int = SEED) -> list[Path]:
 # ------------------------------------------------------------------------------------------------
 # Running the readers
 
-def _limit_memory():
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
+_limit_memory = address_space(MEMORY)
 
 
 def run_read_check(program: str, mode: str, paths: list[Path], seconds: float, env=None, memory_bound=True):
@@ -358,10 +357,17 @@ def run_read_check(program: str, mode: str, paths: list[Path], seconds: float, e
         if res.returncode not in (0, 1) or len(lines) != len(batch):
             culprit = batch[min(len(lines), len(batch) - 1)]
             pytest.fail(f"{program} {mode} died (rc {res.returncode}) on {culprit}: {res.stderr[-3000:]}")
-        for path, line in zip(batch, lines):
-            status, _, message = line.partition("\t")
-            results.append((path, status, _unescape(message)))
+        results += _parsed(batch, lines)
     return results
+
+
+def _parsed(batch, lines) -> list:
+    """(path, status, message) of each case from the readers' output lines: STATUS<TAB>MESSAGE."""
+    parsed = []
+    for path, line in zip(batch, lines):
+        status, _, message = line.partition("\t")
+        parsed.append((path, status, _unescape(message)))
+    return parsed
 
 
 def _unescape(message: str) -> str:
@@ -438,9 +444,7 @@ def run_python_reader(paths: list[Path], seconds: float):
         if res.returncode != 0 or len(lines) != len(batch):
             culprit = batch[min(len(lines), len(batch) - 1)]
             pytest.fail(f"the eval reader died (rc {res.returncode}) on {culprit}: {res.stderr[-3000:]}")
-        for path, line in zip(batch, lines):
-            status, _, message = line.partition("\t")
-            results.append((path, status, _unescape(message)))
+        results += _parsed(batch, lines)
     return results
 
 

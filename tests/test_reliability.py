@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from child_limits import address_space
 
 import admrt
 from admrt.cli import main
@@ -23,17 +23,6 @@ SAMPLE = ["sample", "--model", "tiny-cond", "--classifier", "tiny-classifier", "
           "--shard-size", "2", "--steps", "ddim2", "--device", "cpu", "--no-progress", "--backend", "eager"]
 TRAIN = ["train", "diffusion", "--preset", "tiny-cond", "--batch-size", "4", "--eval-images", "0", "--log-every",
          "1", "--device", "cpu", "--no-progress"]
-
-
-@pytest.fixture
-def images(tmp_path) -> Path:
-    """A folder of 8 labelled 16x16 RGB images (class = file-name prefix), the data of TRAIN."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i % 4}_{i}.png")
-    return folder
 
 
 def _files(folder: Path) -> dict:
@@ -405,9 +394,7 @@ LIMIT_AS = 4 * 2 ** 30   # a refusal runs in well under 2 GiB of address space (
 NO_CUDA = "this torch is built without CUDA" if not torch.backends.cuda.is_built() else "no CUDA device is visible"
 
 
-def _bounded():
-    import resource
-    resource.setrlimit(resource.RLIMIT_AS, (LIMIT_AS, LIMIT_AS))
+_bounded = address_space(LIMIT_AS)
 
 
 def _admrt_bounded(argv, cwd) -> subprocess.CompletedProcess:

@@ -54,8 +54,6 @@ namespace {
 namespace fs = std::filesystem;
 using torch::inductor::AOTIModelPackageLoader;
 
-std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
-
 // ---------------------------------------------------------------------------------------------
 // Where units are extracted.
 

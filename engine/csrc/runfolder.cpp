@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "npz.h"
+#include "text.h"
 
 namespace admrt {
 
@@ -81,8 +82,6 @@ std::string normal_path(const std::string& out) {
   return s.empty() ? "." : s;
 }
 
-// The first line of an error message (c10 errors append a C++ stack).
-std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
 
 // The first top-level field holding a non-finite number, if any.
 bool finite(const json::Value& v) {

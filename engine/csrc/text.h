@@ -14,4 +14,7 @@ std::string cat(const Args&... args) {
   return s.str();
 }
 
+// The first line of an error message (c10 errors append a C++ stack).
+inline std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
+
 }  // namespace admrt

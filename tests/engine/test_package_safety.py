@@ -10,7 +10,6 @@ One package of a tiny base model is exported once per module (one AOT compile, u
 import hashlib
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -20,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from child_limits import address_space
 
 import admrt
 from admrt.config import ModelConfig
@@ -33,8 +33,7 @@ BASE = ModelConfig(kind="unet", image_size=8, model_channels=32, out_channels=6,
 MEMORY = 3 << 30  # address-space bound of every child: a normal run needs under 2 GiB
 
 
-def _bounded():
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
+_bounded = address_space(MEMORY)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +72,15 @@ def _refused(res, prefix, message, code=1):
     return lines[0]
 
 
+def _refused_by_both_front_ends(pkg, out, message):
+    """admrt-sample and `admrt sample --package` each refuse the package in one line holding
+    message, and write nothing to out."""
+    _refused(_program("--package", pkg, "--num", 2, "--out", out, "--no-progress"), "admrt-sample: ", message)
+    assert not out.exists()
+    _refused(_cli("--package", pkg, "--num", 2, "--out", out), "admrt sample: ", message)
+    assert not out.exists()
+
+
 def _edit(pkg, change):
     m = json.loads((pkg / "manifest.json").read_text())
     change(m)
@@ -99,10 +107,7 @@ def test_a_damaged_unit_is_refused_naming_it_in_both_front_ends(pkg, tmp_path):
     _flip(pkg / "denoiser.pt2")  # 4 KB flipped inside the compiled library: it loaded and sampled before
     out = tmp_path / "out"
     want = "denoiser.pt2: content differs from manifest.json's sha256 (damaged or replaced); re-export the package"
-    _refused(_program("--package", pkg, "--num", 2, "--out", out, "--no-progress"), "admrt-sample: ", want)
-    assert not out.exists()
-    _refused(_cli("--package", pkg, "--num", 2, "--out", out), "admrt sample: ", want)
-    assert not out.exists()
+    _refused_by_both_front_ends(pkg, out, want)
 
 
 def test_a_resume_over_a_swapped_unit_is_refused(pkg, tmp_path):
@@ -199,10 +204,7 @@ def test_a_unit_of_the_wrong_shape_is_refused_at_load(pkg, tmp_path):
     _edit(pkg, lambda m: m["models"]["model"].update(out_channels=3, variance="fixed_small"))
     out = tmp_path / "out"
     want = "denoiser.pt2: gives shape [1, 6, 8, 8] for a batch of 1, but manifest.json's model entry says [1, 3, 8, 8]"
-    _refused(_program("--package", pkg, "--num", 2, "--out", out, "--no-progress"), "admrt-sample: ", want)
-    assert not out.exists()
-    _refused(_cli("--package", pkg, "--num", 2, "--out", out), "admrt sample: ", want)
-    assert not out.exists()
+    _refused_by_both_front_ends(pkg, out, want)
 
 
 def test_num_too_large_is_refused_before_allocation(package, tmp_path):

@@ -8,16 +8,14 @@ taking the machine."""
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from child_limits import address_space
 
-import admrt
 
 TRAIN = ["train", "diffusion", "--preset", "tiny-cond", "--batch-size", "4", "--eval-images", "0", "--log-every",
          "1", "--device", "cpu", "--no-progress"]
@@ -26,8 +24,7 @@ SAMPLE = ["sample", "--model", "tiny-cond", "--num", "3", "--batch-size", "2", "
 MEMORY = 4 << 30  # a normal tiny run here maps under 3 GiB
 
 
-def _bounded():
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
+_bounded = address_space(MEMORY)
 
 
 def _admrt(*argv) -> subprocess.CompletedProcess:
@@ -58,16 +55,6 @@ def _run(*argv) -> subprocess.CompletedProcess:
         except SystemExit as exc:  # the option parser's refusal
             rc = exc.code
     return subprocess.CompletedProcess(argv, rc, "", err.getvalue())
-
-
-@pytest.fixture
-def images(tmp_path) -> Path:
-    folder = tmp_path / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i % 4}_{i}.png")
-    return folder
 
 
 @pytest.fixture
