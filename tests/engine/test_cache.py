@@ -96,8 +96,10 @@ def test_a_failed_build_leaves_no_entry(tmp_path):
     assert cache.get_or_build("x", {"k": 1}, _builder(calls), _load, what="u") == b"compiled" and len(calls) == 1
 
 
-def _worker(tmp_path, name, sleep):
-    """A process that builds key {"k": 1} (sleeping `sleep` s inside the build) and prints what it loaded."""
+def _worker(tmp_path, name, sleep, after=None):
+    """A process that builds key {"k": 1} (sleeping `sleep` s inside the build, once the worker named
+    `after` is about to ask the cache too) and prints what it loaded."""
+    ready = str(tmp_path / f"{after}.ready") if after else ""
     code = textwrap.dedent(f"""
         import time, sys
         from pathlib import Path
@@ -106,8 +108,12 @@ def _worker(tmp_path, name, sleep):
             with open({str(tmp_path / 'builds')!r}, 'a') as f:
                 f.write({name!r} + '\\n')
             (folder / 'unit.bin').write_bytes(b'partial')
+            deadline = time.time() + 120
+            while {ready!r} and not Path({ready!r}).exists() and time.time() < deadline:
+                time.sleep(0.05)   # a process start (importing torch) can take longer than the sleep below
             time.sleep({sleep})
             (folder / 'unit.bin').write_bytes(b'from ' + {name!r}.encode())
+        Path({str(tmp_path)!r}, {name + '.ready'!r}).touch()
         out = CompileCache({str(tmp_path / 'cache')!r}).get_or_build(
             'x', {{'k': 1}}, build, lambda f: (f / 'unit.bin').read_bytes(), what='u')
         print(out.decode())
@@ -132,7 +138,7 @@ def test_a_killed_compile_leaves_nothing_a_later_run_takes(tmp_path):
 
 
 def test_two_processes_on_one_key_compile_once(tmp_path):
-    first = _worker(tmp_path, "first", 3)
+    first = _worker(tmp_path, "first", 3, after="second")
     deadline = time.time() + 60
     while not (tmp_path / "builds").exists() and time.time() < deadline:
         time.sleep(0.1)
